@@ -1,0 +1,1 @@
+"""Studies: compare, ablate, sweep and benchmark; their tables and plotly figures."""

@@ -1,0 +1,39 @@
+"""mtl_opt: multi-task gradient aggregation behind one interface.
+
+A Jacobian ``G`` (one row per task) goes in, one update direction comes out::
+
+    import mtl_opt
+    agg = mtl_opt.get_aggregator("came_grad")      # rho=0.5, kappa=1.5, nu=0.2
+    direction = agg(G)                              # (K, d) -> (d,)
+
+Importing this package loads torch, numpy and scipy only; studies (pandas, plotly, Ray) load
+their dependencies when they run.
+"""
+
+from mtl_opt.aggregator import AggregationResult, GradientAggregator, GramianAggregator
+from mtl_opt.registry import (
+    aggregator_class,
+    available_aggregators,
+    describe_aggregators,
+    get_aggregator,
+    parse_method_spec,
+    register_aggregator,
+)
+
+# Importing the methods package registers every built-in method.
+from mtl_opt import methods  # noqa: E402,F401  (registration side effect)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AggregationResult",
+    "GradientAggregator",
+    "GramianAggregator",
+    "aggregator_class",
+    "available_aggregators",
+    "describe_aggregators",
+    "get_aggregator",
+    "parse_method_spec",
+    "register_aggregator",
+    "__version__",
+]

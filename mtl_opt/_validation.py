@@ -1,0 +1,118 @@
+"""Input checks at the library boundary: one clear error naming the problem."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_jacobian(G: object) -> None:
+    """Shape and dtype of a Jacobian ``G`` (K, d); cheap (no pass over the data, no host sync)."""
+    if not isinstance(G, Tensor):
+        raise TypeError(f"the Jacobian must be a torch.Tensor of shape (K, d), got {type(G).__name__}")
+    if G.dim() != 2:
+        raise ValueError(
+            f"the Jacobian must have shape (K, d) (one row per task), got shape {tuple(G.shape)}"
+        )
+    if G.shape[0] == 0:
+        raise ValueError("the Jacobian has K = 0 rows: there is no task to aggregate")
+    if G.shape[1] == 0:
+        raise ValueError("the Jacobian has d = 0 columns: there is no parameter to update")
+    if G.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"the Jacobian must be a floating-point tensor, got dtype {G.dtype}")
+
+
+def check_finite_rows(G: Tensor) -> None:
+    """Raise naming the first task row of ``G`` that holds a NaN or an infinity (one host sync)."""
+    finite_rows = torch.isfinite(G).all(dim=1)
+    if not bool(finite_rows.all()):
+        bad = [i for i, ok in enumerate(finite_rows.tolist()) if not ok]
+        raise ValueError(f"the Jacobian is not finite: task row(s) {bad} contain NaN or inf")
+
+
+def gramian_of(G: Tensor) -> Tensor:
+    """``M = G Gᵀ`` as a float64 CPU tensor, checked finite.
+
+    The product runs on ``G``'s device in ``G``'s dtype (float16/bfloat16 are upcast to float32),
+    and the K × K result is the call's one device-to-host transfer. A non-finite entry anywhere in
+    row ``i`` makes ``M_ii`` non-finite, so checking ``M`` checks ``G`` without another pass.
+    """
+    work = G if G.dtype in (torch.float32, torch.float64) else G.float()
+    M = (work @ work.T).to(device="cpu", dtype=torch.float64)
+    diag = torch.diagonal(M)
+    if not bool(torch.isfinite(M).all()):
+        bad = [i for i, ok in enumerate(torch.isfinite(diag).tolist()) if not ok]
+        if bad:
+            raise ValueError(
+                f"the Jacobian is not finite: task row(s) {bad} contain NaN or inf "
+                f"(or their squared norm overflows {G.dtype})"
+            )
+        raise ValueError(f"the Gramian G Gᵀ overflows {G.dtype}; rescale the losses")
+    return 0.5 * (M + M.T)
+
+
+def check_gramian(M: object) -> Tensor:
+    """A user-supplied Gramian: square, finite, symmetric; returned as float64 CPU."""
+    if not isinstance(M, Tensor):
+        raise TypeError(f"the Gramian must be a torch.Tensor of shape (K, K), got {type(M).__name__}")
+    if M.dim() != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"the Gramian must be square (K, K), got shape {tuple(M.shape)}")
+    if M.shape[0] == 0:
+        raise ValueError("the Gramian has K = 0 rows: there is no task to aggregate")
+    M64 = M.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(M64).all()):
+        raise ValueError("the Gramian is not finite (NaN or inf entries)")
+    scale = float(M64.abs().max())
+    if float((M64 - M64.T).abs().max()) > 1e-6 * max(scale, 1e-300):
+        raise ValueError("the Gramian is not symmetric")
+    return 0.5 * (M64 + M64.T)
+
+
+def check_task_vector(values: object, n_tasks: int, name: str) -> Tensor:
+    """A length-K vector of finite numbers (losses, task weights), returned as float64 CPU."""
+    if isinstance(values, Tensor):
+        t = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+    elif isinstance(values, Sequence) or hasattr(values, "__array__"):
+        try:
+            t = torch.as_tensor(
+                [float(v.detach()) if isinstance(v, Tensor) else float(v) for v in values],  # type: ignore[union-attr]
+                dtype=torch.float64,
+            )
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be a sequence of {n_tasks} numbers: {exc}") from None
+    else:
+        raise TypeError(f"{name} must be a tensor or a sequence of {n_tasks} numbers, got {type(values).__name__}")
+    if t.numel() != n_tasks:
+        raise ValueError(f"{name} has {t.numel()} entries but there are {n_tasks} tasks")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} must be finite, got {t.tolist()}")
+    return t
+
+
+def check_range(name: str, value: object, *, low: float | None = None, high: float | None = None,
+                low_inclusive: bool = True, high_inclusive: bool = True, owner: str = "") -> float:
+    """A real hyperparameter within bounds; returns it as float."""
+    where = f"{owner}: " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}{name} must be a real number, got {value!r}")
+    v = float(value)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise ValueError(f"{where}{name} must be finite, got {value!r}")
+    if low is not None and (v < low or (v == low and not low_inclusive)):
+        op = ">=" if low_inclusive else ">"
+        raise ValueError(f"{where}{name} must be {op} {low}, got {value!r}")
+    if high is not None and (v > high or (v == high and not high_inclusive)):
+        op = "<=" if high_inclusive else "<"
+        raise ValueError(f"{where}{name} must be {op} {high}, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value: object, choices: Sequence[str], owner: str = "") -> str:
+    where = f"{owner}: " if owner else ""
+    if value not in choices:
+        raise ValueError(f"{where}{name} must be one of {list(choices)}, got {value!r}")
+    return str(value)

@@ -1,0 +1,207 @@
+"""The aggregator interface: a Jacobian in, one update direction out.
+
+Tasks ``i = 1..K`` have gradients ``g_i`` over the same ``d`` shared parameters, stacked as the
+Jacobian ``G`` of shape ``(K, d)``. An aggregator maps ``G`` to one direction of shape ``(d,)``.
+
+Most methods only need the Gramian ``M = G Gᵀ`` (K × K) to find coefficients ``β`` and then return
+``d = βᵀ G``; they subclass :class:`GramianAggregator` and implement :meth:`GramianAggregator.weights`.
+That costs two passes over ``G`` (one matmul for ``M``, one for ``βᵀG``); everything
+method-specific is a K × K problem solved in float64 on the CPU.
+
+Call-time context
+-----------------
+Some methods need more than the Jacobian: MGDA's loss normalisation needs the task losses, and a
+training loop may pass per-step task weights (the CAME-Grad authors call
+``optimizer.step([loss_lm, loss_cls], task_weights=[1, 4])``). Both travel as keyword arguments of
+:meth:`GradientAggregator.aggregate` / ``__call__``. A method that cannot use a piece of context it
+was given raises :class:`ValueError` rather than ignoring it (see ``uses_losses`` and
+``accepts_task_weights``).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from mtl_opt._validation import (
+    check_finite_rows,
+    check_gramian,
+    check_jacobian,
+    check_task_vector,
+    gramian_of,
+)
+
+__all__ = ["AggregationResult", "GradientAggregator", "GramianAggregator"]
+
+
+@dataclass(frozen=True)
+class AggregationResult:
+    """What one aggregation produced.
+
+    Attributes:
+        direction: the update direction, shape ``(d,)``, dtype and device of ``G``.
+        weights: the coefficients ``β`` with ``direction = βᵀ G`` (float64, CPU), or ``None`` for
+            methods that are not a Gramian weighting.
+        gramian: ``M = G Gᵀ`` (float64, CPU) when the method computed it, else ``None``.
+    """
+
+    direction: Tensor
+    weights: Tensor | None = None
+    gramian: Tensor | None = None
+
+
+class GradientAggregator:
+    """Base class of every aggregator: ``agg(G) -> d``.
+
+    Subclasses implement :meth:`_aggregate`. Hyperparameters are constructor keywords, stored as
+    attributes of the same name, so ``repr`` and :meth:`hyperparameters` show them.
+
+    Class attributes:
+        uses_losses: the method can use the task losses passed at call time.
+        requires_losses: the method cannot run without them.
+        accepts_task_weights: the method has a notion of per-task weights that a call may override.
+    """
+
+    uses_losses: ClassVar[bool] = False
+    requires_losses: ClassVar[bool] = False
+    accepts_task_weights: ClassVar[bool] = False
+
+    # ----------------------------------------------------------------------------------------
+    # Public API
+    # ----------------------------------------------------------------------------------------
+    def __call__(
+        self, G: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None
+    ) -> Tensor:
+        """Aggregate the Jacobian ``G`` (K, d) into one direction (d,) of the same dtype/device."""
+        return self.aggregate(G, losses=losses, task_weights=task_weights).direction
+
+    def aggregate(
+        self, G: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None
+    ) -> AggregationResult:
+        """Like ``__call__`` but also returns the weights and Gramian when the method has them."""
+        self._validate_jacobian(G)
+        losses_t, weights_t = self._check_context(G.shape[0], losses, task_weights)
+        return self._aggregate(G, losses=losses_t, task_weights=weights_t)
+
+    def reset(self) -> None:
+        """Forget all state accumulated over calls (random generators are re-seeded)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """State accumulated over calls (not hyperparameters). Empty for stateless methods."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        if state:
+            raise ValueError(
+                f"{type(self).__name__} is stateless but got state keys {sorted(state)}"
+            )
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The constructor keywords and their current values, in signature order."""
+        names = [
+            p.name
+            for p in inspect.signature(type(self).__init__).parameters.values()
+            if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+        return {name: getattr(self, name) for name in names if hasattr(self, name)}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={_short_repr(v)}" for k, v in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+    # ----------------------------------------------------------------------------------------
+    # For subclasses
+    # ----------------------------------------------------------------------------------------
+    def _validate_jacobian(self, G: Tensor) -> None:
+        """Shape, dtype and finiteness (the latter costs one pass over ``G`` and a host sync)."""
+        check_jacobian(G)
+        check_finite_rows(G)
+
+    def _aggregate(
+        self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
+    ) -> AggregationResult:
+        raise NotImplementedError
+
+    def _check_context(
+        self, n_tasks: int, losses: Tensor | None, task_weights: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        name = type(self).__name__
+        if losses is not None:
+            losses = check_task_vector(losses, n_tasks, "losses")
+            if not self.uses_losses:
+                # Losses are harmless extra information; methods that do not use them ignore them
+                # by design (every method is called the same way by mtl_backward).
+                losses = None
+        elif self.requires_losses:
+            raise ValueError(
+                f"{self!r} needs the task losses: call it with losses=... "
+                "(mtl_backward and MultiTaskOptimizer pass them automatically)"
+            )
+        if task_weights is not None:
+            if not self.accepts_task_weights:
+                raise ValueError(
+                    f"{name} has no per-task weights to override; scale the losses instead "
+                    "or use a method that takes task weights (ls, came_grad)"
+                )
+            task_weights = check_task_vector(task_weights, n_tasks, "task_weights")
+        return losses, task_weights
+
+
+class GramianAggregator(GradientAggregator):
+    """An aggregator that is a weighting of the rows: ``d = weights(G Gᵀ) @ G``.
+
+    Subclasses implement :meth:`_weights`, which receives the Gramian as a float64 CPU tensor and
+    returns ``β`` (K,) float64. The Gramian is the only device-to-host transfer of a call.
+    """
+
+    def weights(
+        self, M: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None
+    ) -> Tensor:
+        """Coefficients ``β`` (K,) for the Gramian ``M`` (K, K); float64 on the CPU."""
+        M64 = check_gramian(M)
+        losses_t, weights_t = self._check_context(M64.shape[0], losses, task_weights)
+        return self._checked_weights(M64, losses_t, weights_t)
+
+    def _validate_jacobian(self, G: Tensor) -> None:
+        # Finiteness is checked on the Gramian's diagonal inside gramian_of: no extra pass.
+        check_jacobian(G)
+
+    def _aggregate(
+        self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
+    ) -> AggregationResult:
+        M64 = gramian_of(G)
+        beta = self._checked_weights(M64, losses, task_weights)
+        direction = beta.to(device=G.device, dtype=G.dtype, non_blocking=True) @ G
+        return AggregationResult(direction=direction, weights=beta, gramian=M64)
+
+    def _checked_weights(
+        self, M64: Tensor, losses: Tensor | None, task_weights: Tensor | None
+    ) -> Tensor:
+        beta = self._weights(M64, losses=losses, task_weights=task_weights)
+        if beta.shape != (M64.shape[0],):
+            raise RuntimeError(
+                f"{type(self).__name__} returned weights of shape {tuple(beta.shape)}, "
+                f"expected ({M64.shape[0]},)"
+            )
+        if not bool(torch.isfinite(beta).all()):
+            raise RuntimeError(
+                f"{type(self).__name__} produced non-finite weights {beta.tolist()} "
+                f"for the Gramian {M64.tolist()}"
+            )
+        return beta
+
+    def _weights(
+        self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
+    ) -> Tensor:
+        raise NotImplementedError
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return repr(value.tolist())
+    return repr(value)

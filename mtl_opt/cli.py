@@ -1,0 +1,83 @@
+"""``mtl-opt``: the one command.
+
+Each subcommand lives in its own module exposing ``configure(parser)`` (adds the arguments; must
+import nothing heavy) and ``run(args) -> int``. The module is imported only to build the parser;
+its heavy dependencies (pandas, plotly, Ray) are imported inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "methods": ("mtl_opt.cli", "list every registered method with its hyperparameters and defaults"),
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mtl-opt methods``."""
+    parser.add_argument("--format", choices=["table", "markdown"], default="table",
+                        help="plain table (default) or a Markdown table")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mtl-opt methods``: print the registered methods."""
+    import mtl_opt
+
+    rows = [
+        (
+            info.name,
+            info.cls.__name__,
+            ", ".join(f"{k}={v!r}" for k, v in info.defaults.items()) or "-",
+            info.summary,
+        )
+        for info in mtl_opt.describe_aggregators()
+    ]
+    header = ("name", "class", "hyperparameters (defaults)", "summary")
+    if args.format == "markdown":
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for row in rows:
+            print("| " + " | ".join(f"`{c}`" if i < 2 else c for i, c in enumerate(row)) + " |")
+        return 0
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtl-opt",
+        description="Multi-task gradient aggregation: list methods, compare them, ablate and "
+        "sweep CAME-Grad, train the radiology report generation workload.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.configure(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        # Bad options and bad input: one clear line, no traceback.
+        print(f"mtl-opt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

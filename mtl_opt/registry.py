@@ -1,0 +1,163 @@
+"""Methods by name: ``get_aggregator("came_grad", kappa=2.0)``.
+
+Method modules register their class with :func:`register_aggregator`; importing
+:mod:`mtl_opt` imports :mod:`mtl_opt.methods`, which registers every built-in method.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from mtl_opt.aggregator import GradientAggregator
+
+__all__ = [
+    "MethodInfo",
+    "aggregator_class",
+    "available_aggregators",
+    "describe_aggregators",
+    "get_aggregator",
+    "parse_method_spec",
+    "register_aggregator",
+]
+
+_REGISTRY: dict[str, type[GradientAggregator]] = {}
+A = TypeVar("A", bound=type[GradientAggregator])
+
+
+def register_aggregator(name: str) -> Callable[[A], A]:
+    """Class decorator that makes a method available as ``get_aggregator(name)``."""
+    if not name or not name.replace("_", "").isalnum() or name != name.lower():
+        raise ValueError(f"method names are lower-case identifiers, got {name!r}")
+
+    def decorate(cls: A) -> A:
+        if not (isinstance(cls, type) and issubclass(cls, GradientAggregator)):
+            raise TypeError(f"{cls!r} is not a GradientAggregator subclass")
+        existing = _REGISTRY.get(name)
+        if existing is not None and existing is not cls:
+            raise ValueError(f"method name {name!r} is already registered to {existing.__name__}")
+        _REGISTRY[name] = cls
+        cls.method_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return decorate
+
+
+def available_aggregators() -> list[str]:
+    """The registered method names, in registration order."""
+    return list(_REGISTRY)
+
+
+def aggregator_class(name: str) -> type[GradientAggregator]:
+    """The class registered under ``name``; unknown names raise with the closest matches."""
+    if not isinstance(name, str):
+        raise TypeError(f"a method name must be a string, got {type(name).__name__}")
+    key = name.strip().lower().replace("-", "_")
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        close = difflib.get_close_matches(key, list(_REGISTRY), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown method {name!r}{hint} (available: {', '.join(_REGISTRY)})"
+        ) from None
+
+
+def get_aggregator(name: str, /, **hyperparameters: Any) -> GradientAggregator:
+    """Build the method registered under ``name`` with the given hyperparameters."""
+    cls = aggregator_class(name)
+    params = _constructor_parameters(cls)
+    unknown = sorted(set(hyperparameters) - set(params))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {unknown} for method {name!r}; "
+            f"it takes {', '.join(params) or 'none'}"
+        )
+    return cls(**hyperparameters)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    cls: type[GradientAggregator]
+    defaults: dict[str, Any]
+    summary: str
+
+
+def describe_aggregators() -> list[MethodInfo]:
+    """Every registered method with its hyperparameters' defaults and a one-line summary."""
+    infos = []
+    for name, cls in _REGISTRY.items():
+        params = _constructor_parameters(cls)
+        defaults = {
+            k: (p.default if p.default is not inspect.Parameter.empty else "<required>")
+            for k, p in params.items()
+        }
+        doc = inspect.getdoc(cls) or ""
+        infos.append(MethodInfo(name, cls, defaults, doc.splitlines()[0] if doc else ""))
+    return infos
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """Parse ``"came_grad:kappa=2,nu=0.5"`` into ``("came_grad", {"kappa": 2, "nu": 0.5})``.
+
+    Values are Python literals (numbers, strings, ``None``, ``True``, lists such as
+    ``task_weights=[1,4]``); bare words are strings. The name and keys are checked against the
+    registry so a typo fails before any work starts.
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a method spec must be a non-empty string like 'cagrad:c=0.5', got {spec!r}")
+    name, _, rest = spec.strip().partition(":")
+    cls = aggregator_class(name)
+    params = _constructor_parameters(cls)
+    hyper: dict[str, Any] = {}
+    for item in _split_top_level(rest):
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"in method spec {spec!r}: expected key=value, got {item!r}")
+        if key not in params:
+            raise ValueError(
+                f"in method spec {spec!r}: unknown hyperparameter {key!r} for {name}; "
+                f"it takes {', '.join(params) or 'none'}"
+            )
+        hyper[key] = _parse_value(raw.strip())
+    return aggregator_class(name).method_name, hyper  # type: ignore[attr-defined]
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets."""
+    items, depth, current = [], 0, []
+    for ch in text:
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        if ch == "," and depth == 0:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    if "".join(current).strip():
+        items.append("".join(current))
+    return [i for i in (s.strip() for s in items) if i]
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    sig = inspect.signature(cls.__init__)
+    return {
+        k: p
+        for k, p in sig.parameters.items()
+        if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }

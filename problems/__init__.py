@@ -1,0 +1,1 @@
+"""Synthetic Pareto problems with known fronts, and the radiology report generation workload."""

@@ -1,0 +1,1 @@
+"""Radiology report generation (RRG): data, model, labeler, metrics and training."""
