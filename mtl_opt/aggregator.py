@@ -87,6 +87,42 @@ class GradientAggregator:
         losses_t, weights_t = self._check_context(G.shape[0], losses, task_weights)
         return self._aggregate(G, losses=losses_t, task_weights=weights_t)
 
+    def aggregate_batch(
+        self, G: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None
+    ) -> Tensor:
+        """Directions of ``B`` independent problems: ``G`` (B, K, d) -> (B, d).
+
+        Used by studies that run many starts and seeds at once. ``losses`` is (B, K) when given;
+        ``task_weights`` (K,) is shared by the batch. Each batch entry is treated as its own run:
+        stateful methods keep state per entry (the batch size must then stay fixed between
+        calls until :meth:`reset`). The default loops over the batch; methods override
+        :meth:`_aggregate_batch` (or, for Gramian methods, :meth:`GramianAggregator._batch_weights`)
+        with a vectorised form.
+        """
+        if not isinstance(G, Tensor) or G.dim() != 3:
+            shape = tuple(G.shape) if isinstance(G, Tensor) else type(G).__name__
+            raise ValueError(f"a batch of Jacobians must have shape (B, K, d), got {shape}")
+        if G.shape[0] == 0:
+            raise ValueError("the batch of Jacobians is empty (B = 0)")
+        self._validate_jacobian(G[0])
+        if not isinstance(self, GramianAggregator):
+            check_finite_rows(G.reshape(-1, G.shape[-1]))
+        B, K = G.shape[0], G.shape[1]
+        losses_t = None
+        if losses is not None:
+            if not isinstance(losses, Tensor) or tuple(losses.shape) != (B, K):
+                got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                raise ValueError(f"batched losses must have shape (B, K) = {(B, K)}, got {got}")
+            losses_t = losses.detach().to(device="cpu", dtype=torch.float64)
+            if not bool(torch.isfinite(losses_t).all()):
+                raise ValueError("the losses must be finite")
+            if not self.uses_losses:
+                losses_t = None
+        elif self.requires_losses:
+            self._check_context(K, None, None)  # raises the standard message
+        _, weights_t = self._check_context(K, None, task_weights)
+        return self._aggregate_batch(G, losses=losses_t, task_weights=weights_t)
+
     def reset(self) -> None:
         """Forget all state accumulated over calls (random generators are re-seeded)."""
 
@@ -126,6 +162,17 @@ class GradientAggregator:
         self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
     ) -> AggregationResult:
         raise NotImplementedError
+
+    def _aggregate_batch(
+        self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
+    ) -> Tensor:
+        rows = [
+            self._aggregate(
+                G[b], losses=None if losses is None else losses[b], task_weights=task_weights
+            ).direction
+            for b in range(G.shape[0])
+        ]
+        return torch.stack(rows) if rows else G.new_zeros((0, G.shape[-1]))
 
     def _check_context(
         self, n_tasks: int, losses: Tensor | None, task_weights: Tensor | None
@@ -178,6 +225,64 @@ class GramianAggregator(GradientAggregator):
         beta = self._checked_weights(M64, losses, task_weights)
         direction = beta.to(device=G.device, dtype=G.dtype, non_blocking=True) @ G
         return AggregationResult(direction=direction, weights=beta, gramian=M64)
+
+    def batch_weights(
+        self, M: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None
+    ) -> Tensor:
+        """Weights of ``B`` independent problems: Gramians (B, K, K) -> (B, K), float64 CPU."""
+        if not isinstance(M, Tensor) or M.dim() != 3 or M.shape[1] != M.shape[2]:
+            shape = tuple(M.shape) if isinstance(M, Tensor) else type(M).__name__
+            raise ValueError(f"a batch of Gramians must have shape (B, K, K), got {shape}")
+        M64 = M.detach().to(device="cpu", dtype=torch.float64)
+        if not bool(torch.isfinite(M64).all()):
+            raise ValueError("the Gramians are not finite (NaN or inf entries)")
+        K = M64.shape[1]
+        losses_t = None
+        if losses is not None:
+            losses_t = losses.detach().to(device="cpu", dtype=torch.float64)
+            if tuple(losses_t.shape) != (M64.shape[0], K):
+                raise ValueError(f"batched losses must have shape {(M64.shape[0], K)}, got {tuple(losses_t.shape)}")
+        _, weights_t = self._check_context(K, None, task_weights)
+        return self._checked_batch_weights(0.5 * (M64 + M64.transpose(1, 2)), losses_t, weights_t)
+
+    def _aggregate_batch(
+        self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
+    ) -> Tensor:
+        work = G if G.dtype in (torch.float32, torch.float64) else G.float()
+        M = (work @ work.transpose(1, 2)).to(device="cpu", dtype=torch.float64)
+        diag = torch.diagonal(M, dim1=1, dim2=2)
+        if not bool(torch.isfinite(M).all()):
+            bad = torch.nonzero(~torch.isfinite(diag)).tolist()
+            raise ValueError(
+                f"the Jacobians are not finite: (batch, task) entries {bad[:10]} contain NaN or inf"
+            )
+        M = 0.5 * (M + M.transpose(1, 2))
+        beta = self._checked_batch_weights(M, losses, task_weights)
+        return torch.einsum("bk,bkd->bd", beta.to(device=G.device, dtype=G.dtype), G)
+
+    def _checked_batch_weights(
+        self, M64: Tensor, losses: Tensor | None, task_weights: Tensor | None
+    ) -> Tensor:
+        beta = self._batch_weights(M64, losses=losses, task_weights=task_weights)
+        if beta.shape != M64.shape[:2]:
+            raise RuntimeError(
+                f"{type(self).__name__} returned batch weights of shape {tuple(beta.shape)}, "
+                f"expected {tuple(M64.shape[:2])}"
+            )
+        if not bool(torch.isfinite(beta).all()):
+            raise RuntimeError(f"{type(self).__name__} produced non-finite batch weights")
+        return beta
+
+    def _batch_weights(
+        self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
+    ) -> Tensor:
+        """Default: one :meth:`_weights` call per batch entry. Override with a vectorised form;
+        stateful methods must override it to keep one state per batch entry."""
+        rows = [
+            self._weights(M[b], losses=None if losses is None else losses[b], task_weights=task_weights)
+            for b in range(M.shape[0])
+        ]
+        return torch.stack(rows) if rows else M.new_zeros(M.shape[:2])
 
     def _checked_weights(
         self, M64: Tensor, losses: Tensor | None, task_weights: Tensor | None
