@@ -102,6 +102,6 @@ class PCGrad(GramianAggregator):
         safe = np.where(diag > 0, diag, 1.0)
         for i in range(K):
             for j in orders[i]:
-                dot = np.einsum("bk,bk->b", C[:, i, :], Mn[:, :, j])
+                dot = (C[:, i, :] * Mn[:, :, j]).sum(axis=1)
                 C[:, i, j] -= np.where((dot < 0) & (diag[:, j] > 0), dot / safe[:, j], 0.0)
         return torch.from_numpy(C.sum(axis=1))

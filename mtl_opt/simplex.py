@@ -74,13 +74,7 @@ def min_norm_weights(M: Tensor | np.ndarray) -> Tensor:
         row is zero the uniform weights are returned.
     """
     Ms, batched = _as_batch(M, "min_norm_weights")
-    B, K = Ms.shape[0], Ms.shape[1]
-    if K == 1:
-        out = np.ones((B, 1))
-    elif K == 2:
-        out = _min_norm_2(Ms)
-    else:
-        out = np.stack([_min_norm_general(Ms[b]) for b in range(B)])
+    out = min_norm_batch_np(Ms)
     result = torch.from_numpy(np.ascontiguousarray(out))
     return result if batched else result[0]
 
@@ -218,15 +212,29 @@ def _conflict_averse(M: Tensor | np.ndarray, c: float) -> tuple[Tensor, Tensor]:
     if not np.isfinite(c) or c < 0:
         raise ValueError(f"the conflict-averse radius factor c must be finite and >= 0, got {c!r}")
     Ms, batched = _as_batch(M, "conflict_averse_weights")
-    B, K = Ms.shape[0], Ms.shape[1]
-    if K <= 2:
-        w, coef = _conflict_averse_small(Ms, c)
-    else:
-        pairs = [_conflict_averse_general(Ms[b], c) for b in range(B)]
-        w = np.stack([p[0] for p in pairs])
-        coef = np.stack([p[1] for p in pairs])
+    w, coef = conflict_averse_batch_np(Ms, c)
     w_t, coef_t = torch.from_numpy(np.ascontiguousarray(w)), torch.from_numpy(np.ascontiguousarray(coef))
     return (w_t, coef_t) if batched else (w_t[0], coef_t[0])
+
+
+def conflict_averse_batch_np(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Unchecked fast path for callers that already hold a symmetric float64 batch (B, K, K):
+    ``(w*, γ)`` as numpy arrays (see :func:`conflict_averse_weights` / ``_coefficients``)."""
+    B, K = M.shape[0], M.shape[1]
+    if K <= 2:
+        return _conflict_averse_small(M, c)
+    pairs = [_conflict_averse_general(M[b], c) for b in range(B)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def min_norm_batch_np(M: np.ndarray) -> np.ndarray:
+    """Unchecked fast path of :func:`min_norm_weights` for a symmetric float64 batch (B, K, K)."""
+    B, K = M.shape[0], M.shape[1]
+    if K == 1:
+        return np.ones((B, 1))
+    if K == 2:
+        return _min_norm_2(M)
+    return np.stack([_min_norm_general(M[b]) for b in range(B)])
 
 
 def _coefficients(M: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -297,45 +305,47 @@ def _cone_nnls(M: np.ndarray) -> tuple[np.ndarray, float]:
 def _conflict_averse_small(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
     """K ≤ 2, vectorised: the optimum is a vertex or the edge's stationary point; keep the best.
 
-    On the edge ``w = (w1, 1 − w1)``: the affine min-norm coefficients ``a1 = (M22 − M12)/D``
-    (``D = M11 + M22 − 2M12``), the shift direction ``e = ε(1, −1)`` with ``ε = (M22 − M11)/(2D)``,
-    ``m² = (M11 M22 − M12²)/D``, ``κ² = ε² D``; stationarity ``‖x(t)‖ = s t`` is the quadratic
-    ``m² + κ² t² = s² t²``, so ``t = m/√(s² − κ²)`` (no stationary point when ``s ≤ κ``) and
-    ``w1 = a1 + t ε``. Convexity of ``F`` on the edge makes the smallest of the (at most three)
-    candidate values the minimum.
+    On the edge ``w = (w1, 1 − w1)``, with ``D = M11 + M22 − 2M12``: the affine min-norm
+    coefficients ``a1 = (M22 − M12)/D``, the shift direction ``e = ε(1, −1)`` with
+    ``ε = (M22 − M11)/(2D)``, ``m² = (M11 M22 − M12²)/D`` and ``κ² = ε² D``. Stationarity
+    ``‖x(t)‖ = s t`` is the quadratic ``m² + κ² t² = s² t²``, so
+    ``t² = m²/(s² − κ²) = 4(M11 M22 − M12²)/(4Ds² − (M22 − M11)²)`` (no stationary point when
+    ``s ≤ κ``), ``w1 = a1 + t ε``, ``r = ‖g_w‖ = s t`` and ``F = w·b + s² t``. Convexity of ``F``
+    on the edge makes the smallest of the (at most three) candidate values the minimum.
     """
     B, K = M.shape[0], M.shape[1]
-    b = M.sum(axis=2) / K
-    g0sq = np.clip(b.sum(axis=1) / K, 0.0, None)
-    s = c * np.sqrt(g0sq)
     if K == 1:
+        m11 = M[:, 0, 0]
+        s = c * np.sqrt(np.maximum(m11, 0.0))
         w = np.ones((B, 1))
         return w, _coefficients(M, w, s)
     m11, m22, m12 = M[:, 0, 0], M[:, 1, 1], M[:, 0, 1]
+    b1, b2 = 0.5 * (m11 + m12), 0.5 * (m12 + m22)
+    s = c * np.sqrt(np.maximum(0.5 * (b1 + b2), 0.0))
+    r1, r2 = np.sqrt(np.maximum(m11, 0.0)), np.sqrt(np.maximum(m22, 0.0))
+    F1, F2 = b1 + s * r1, b2 + s * r2
     D = m11 + m22 - 2.0 * m12
-    ok = D > 1e-15 * np.maximum(np.maximum(m11, m22), 1e-300)
-    Dsafe = np.where(ok, D, 1.0)
-    a1 = (m22 - m12) / Dsafe
-    eps = (m22 - m11) / (2.0 * Dsafe)
-    msq = np.clip((m11 * m22 - m12 * m12) / Dsafe, 0.0, None)
-    ksq = eps * eps * D
-    ok &= s * s > ksq
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.sqrt(msq / np.where(ok, s * s - ksq, 1.0))
-    w1_edge = np.where(ok, a1 + t * eps, 0.0)
-    ok &= (w1_edge > 0.0) & (w1_edge < 1.0)
-
-    def F(w1: np.ndarray) -> np.ndarray:
-        w2 = 1.0 - w1
-        quad = np.clip(w1 * w1 * m11 + 2 * w1 * w2 * m12 + w2 * w2 * m22, 0.0, None)
-        return w1 * b[:, 0] + w2 * b[:, 1] + s * np.sqrt(quad)
-
-    ones, zeros = np.ones(B), np.zeros(B)
-    vals = np.stack([F(ones), F(zeros), np.where(ok, F(w1_edge), np.inf)], axis=1)
-    choice = np.argmin(vals, axis=1)
-    w1 = np.choose(choice, [ones, zeros, w1_edge])
+    dm = m22 - m11
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        den = 4.0 * D * s * s - dm * dm
+        t = np.sqrt(np.maximum(4.0 * (m11 * m22 - m12 * m12), 0.0) / den)
+        w1e = (m22 - m12 + 0.5 * t * dm) / D
+        Fe = b2 + w1e * (b1 - b2) + s * s * t
+    ok = (D > 1e-15 * np.maximum(m11, m22)) & (den > 0.0) & (w1e > 0.0) & (w1e < 1.0)
+    Fe = np.where(ok, Fe, np.inf)
+    pick1 = (F1 <= F2) & (F1 <= Fe)
+    pick2 = ~pick1 & (F2 <= Fe)
+    w1 = np.where(pick1, 1.0, np.where(pick2, 0.0, w1e))
+    r = np.where(pick1, r1, np.where(pick2, r2, s * t))
     w = np.stack([w1, 1.0 - w1], axis=1)
-    return w, _coefficients(M, w, s)
+    live = (r * r > ZERO_NORM_RTOL * np.maximum(m11, m22)) & (s > 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(live, s / r, 0.0)
+    coef = 0.5 + factor[:, None] * w
+    at_origin = ~live & (s > 0.0)
+    if at_origin.any():
+        coef[at_origin] += _cone_projection(M[at_origin])
+    return w, coef
 
 
 def _ca_on_support(
