@@ -13,7 +13,9 @@ from mtl_opt.simplex import conflict_averse_batch_np
 
 @register_aggregator("cagrad")
 class CAGrad(GramianAggregator):
-    """CAGrad (Liu et al. 2021, "Conflict-Averse Gradient Descent for Multi-task Learning").
+    """CAGrad (Liu et al. 2021): the best worst-task improvement within a ball around the mean.
+
+    "Conflict-Averse Gradient Descent for Multi-task Learning" (NeurIPS 2021).
 
     With ``g0 = (1/K) Σ_i g_i`` the mean gradient and ``φ = c²‖g0‖²``, the weights solve the dual
     of "maximise the worst task improvement within a ball around g0":

@@ -16,7 +16,9 @@ from mtl_opt.simplex import conflict_averse_batch_np
 
 @register_aggregator("came_grad")
 class CAMEGrad(GramianAggregator):
-    """CAME-Grad ("The Double Dilemma in Multi-Task Radiology Report Generation", ICML 2026).
+    """CAME-Grad: conflict-averse rectification, energy injection, adaptive fusion (ICML 2026).
+
+    "The Double Dilemma in Multi-Task Radiology Report Generation" (arXiv 2605.22635).
 
     Three stages per step, on task gradients ``g_i`` with task weights ``ω_i``:
 

@@ -16,8 +16,10 @@ _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 @register_aggregator("mgda")
 class MGDA(GramianAggregator):
-    """MGDA (Désidéri 2012; Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective
-    Optimization"): the min-norm point of the convex hull of the (normalised) task gradients.
+    """MGDA (Désidéri 2012; Sener & Koltun 2018): the exact min-norm point of the gradients' hull.
+
+    Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization" (NeurIPS 2018): the
+    min-norm point of the convex hull of the (normalised) task gradients.
 
     With scales ``s_i`` and normalised rows ``ĝ_i = g_i / s_i`` (normalised Gramian
     ``M̂ = D M D``, ``D = diag(1/s_i)``), the weights are the exact solution of

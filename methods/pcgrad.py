@@ -17,7 +17,9 @@ _ORDERS = ("random", "fixed")
 
 @register_aggregator("pcgrad")
 class PCGrad(GramianAggregator):
-    """PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning", Algorithm 1).
+    """PCGrad (Yu et al. 2020): project each gradient off the ones it conflicts with, then sum.
+
+    "Gradient Surgery for Multi-Task Learning" (NeurIPS 2020), Algorithm 1.
 
     Each task gradient ``g_i`` is projected off every *other* task's original gradient ``g_j``
     it conflicts with, visiting the other tasks in turn::
