@@ -1,8 +1,8 @@
 """Timing of the Gramian aggregators' K × K work: ``python -m mtl_opt.bench_methods``.
 
 Measures ``_batch_weights`` (what one batched study step costs on top of the two matmuls) for
-B independent problems at K = 2, and single problems at larger K, taking the minimum over
-repeats (robust to a shared machine). Speed is measured here, never asserted in tests.
+B independent problems at K = 2 and 3 (the vectorised solvers), and single problems at larger K,
+taking the minimum over repeats (robust to a shared machine). Speed is measured here, never asserted in tests.
 """
 
 from __future__ import annotations
@@ -36,13 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="*", default=["ls", "pcgrad", "mgda", "cagrad", "came_grad"])
     parser.add_argument("--batch", nargs="*", type=int, default=[1, 64, 1024])
-    parser.add_argument("--tasks", nargs="*", type=int, default=[3, 5, 8])
+    parser.add_argument("--tasks", nargs="*", type=int, default=[4, 8],
+                        help="numbers of tasks timed on a single problem")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"{'method':<10} {'K':>2} {'B':>5} {'us/call':>9}")
     for name in args.methods:
-        for B in args.batch:
-            print(f"{name:<10} {2:>2} {B:>5} {time_batch_weights(name, B, 2):9.1f}")
+        for K in (2, 3):
+            for B in args.batch:
+                print(f"{name:<10} {K:>2} {B:>5} {time_batch_weights(name, B, K):9.1f}")
         for K in args.tasks:
             print(f"{name:<10} {K:>2} {1:>5} {time_batch_weights(name, 1, K, number=5, repeat=5):9.1f}")
     return 0

@@ -13,7 +13,11 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
 
 * ``K = 1``: the only point of the simplex.
 * ``K = 2``: closed forms, vectorised over a batch (no Python loop over the batch).
-* ``K ≥ 3``: the min-norm point comes from a non-negative least-squares problem (Lawson–Hanson
+* ``K = 3``: vectorised over the batch too: the optimum lies in the relative interior of one of
+  the triangle's 7 faces, where it is that face's stationary point (closed form on vertices and
+  edges, a bordered 4 × 4 solve on the triangle); the best candidate is kept and must pass the
+  KKT test below, and an entry that fails it is re-solved by the general method.
+* ``K ≥ 4`` (and the K = 3 fallback): the min-norm point comes from a non-negative least-squares problem (Lawson–Hanson
   active set, :func:`scipy.optimize.nnls`): with ``M = LLᵀ``, ``v* = argmin_{v≥0}
   ‖Lᵀv‖² + (1 − 1ᵀv)²`` gives ``α* = v*/1ᵀv*`` (the KKT conditions of the NNLS problem are those of
   the min-norm problem scaled by ``1ᵀv*``). The support is then re-solved exactly (bordered
@@ -223,6 +227,8 @@ def conflict_averse_batch_np(M: np.ndarray, c: float) -> tuple[np.ndarray, np.nd
     B, K = M.shape[0], M.shape[1]
     if K <= 2:
         return _conflict_averse_small(M, c)
+    if K == 3:
+        return _conflict_averse_3(M, c)
     pairs = [_conflict_averse_general(M[b], c) for b in range(B)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
@@ -234,6 +240,8 @@ def min_norm_batch_np(M: np.ndarray) -> np.ndarray:
         return np.ones((B, 1))
     if K == 2:
         return _min_norm_2(M)
+    if K == 3:
+        return _min_norm_3(M)
     return np.stack([_min_norm_general(M[b]) for b in range(B)])
 
 
@@ -443,3 +451,116 @@ def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.nd
         f"conflict-averse solver could not certify an optimum (KKT check failed) for c={c} and "
         f"the Gramian {M.tolist()}"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# K = 3, vectorised over the batch: every face of the triangle, in closed form
+# ------------------------------------------------------------------------------------------------
+_PAIRS_3 = ((0, 1), (0, 2), (1, 2))
+
+
+def _normalised(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale = np.max(np.diagonal(M, axis1=1, axis2=2), axis=1)
+    safe = np.where(scale > 0, scale, 1.0)
+    return M / safe[:, None, None], scale
+
+
+def _triangle_systems(A: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Affine min-norm coefficients ``a`` (and shift direction ``e`` for right-hand side ``−b``)
+    of the whole triangle from the bordered 4 × 4 system; ``ok`` marks well-posed entries."""
+    B = A.shape[0]
+    Bm = np.zeros((B, 4, 4))
+    Bm[:, :3, :3] = A
+    Bm[:, :3, 3] = 1.0
+    Bm[:, 3, :3] = 1.0
+    ok = np.abs(np.linalg.det(Bm)) > 1e-10
+    Bm[~ok] = np.eye(4)
+    rhs = np.zeros((B, 4, 2))
+    rhs[:, 3, 0] = 1.0
+    if b is not None:
+        rhs[:, :3, 1] = -b
+    sol = np.linalg.solve(Bm, rhs)
+    return sol[:, :3, 0], (sol[:, :3, 1] if b is not None else None), ok
+
+
+def _min_norm_3(M: np.ndarray) -> np.ndarray:
+    """Exact min-norm weights at K = 3 for a batch: the best of the affine minimisers of the 7
+    faces (vertices, clipped edge closed forms, the triangle's bordered solve), then the KKT test;
+    an entry that fails it (ill-conditioned face) is re-solved by the general solver."""
+    B = M.shape[0]
+    A, scale = _normalised(M)
+    cands = [np.broadcast_to(np.eye(3)[i], (B, 3)) for i in range(3)]
+    for i, j in _PAIRS_3:
+        pair = A[:, [i, j]][:, :, [i, j]]
+        gamma = _min_norm_2(pair)
+        w = np.zeros((B, 3))
+        w[:, i], w[:, j] = gamma[:, 0], gamma[:, 1]
+        cands.append(w)
+    a, _, ok = _triangle_systems(A, None)
+    ok &= (a >= 0).all(axis=1)
+    cands.append(np.where(ok[:, None], a, cands[0]))
+    W = np.stack(cands, axis=1)  # (B, 7, 3)
+    values = np.einsum("bci,bij,bcj->bc", W, A, W)
+    alpha = W[np.arange(B), np.argmin(values, axis=1)]
+    alpha = np.clip(alpha, 0.0, None)
+    alpha /= alpha.sum(axis=1, keepdims=True)
+    grad = np.einsum("bij,bj->bi", A, alpha)
+    f = np.einsum("bi,bi->b", alpha, grad)
+    bad = (grad.min(axis=1) < f - _KKT_RTOL) & (scale > 0)
+    for idx in np.flatnonzero(bad):
+        alpha[idx] = _min_norm_general(M[idx])
+    alpha[scale <= 0] = 1.0 / 3.0
+    return alpha
+
+
+def _conflict_averse_3(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact conflict-averse weights at K = 3 for a batch: the best stationary point over the
+    7 faces (vertices; on edge (i, j) ``t² = (M_ii M_jj − M_ij²)/(D s² − (b_j − b_i)²)``,
+    ``w_i = (M_jj − M_ij)/D + t (b_j − b_i)/D``; on the triangle ``w = a + t e`` from the bordered
+    system), then the KKT test of ``F``; failing entries go to the general solver."""
+    B = M.shape[0]
+    A, scale = _normalised(M)
+    b = A.sum(axis=2) / 3.0
+    s = c * np.sqrt(np.maximum(b.sum(axis=1) / 3.0, 0.0))
+    s2 = s * s
+    cands, values = [], []
+    for i in range(3):
+        cands.append(np.broadcast_to(np.eye(3)[i], (B, 3)))
+        values.append(b[:, i] + s * np.sqrt(np.maximum(A[:, i, i], 0.0)))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for i, j in _PAIRS_3:
+            mii, mjj, mij = A[:, i, i], A[:, j, j], A[:, i, j]
+            D = mii + mjj - 2.0 * mij
+            db = b[:, j] - b[:, i]
+            den = D * s2 - db * db
+            t = np.sqrt(np.maximum(mii * mjj - mij * mij, 0.0) / den)
+            wi = (mjj - mij + t * db) / D
+            ok = (D > 1e-15 * np.maximum(mii, mjj)) & (den > 0) & (wi > 0) & (wi < 1)
+            w = np.zeros((B, 3))
+            w[:, i], w[:, j] = np.where(ok, wi, 1.0), np.where(ok, 1.0 - wi, 0.0)
+            cands.append(w)
+            values.append(np.where(ok, wi * b[:, i] + (1 - wi) * b[:, j] + s2 * t, np.inf))
+        a, e, ok = _triangle_systems(A, b)
+        msq = np.maximum(np.einsum("bi,bij,bj->b", a, A, a), 0.0)
+        ksq = np.maximum(np.einsum("bi,bij,bj->b", e, A, e), 0.0)
+        t = np.sqrt(msq / (s2 - ksq))
+        w = a + t[:, None] * e
+        ok &= (s2 > ksq) & (w > 0).all(axis=1)
+        cands.append(np.where(ok[:, None], w, cands[0]))
+        values.append(np.where(ok, np.einsum("bi,bi->b", w, b) + s2 * t, np.inf))
+    W = np.stack(cands, axis=1)
+    best = np.argmin(np.stack(values, axis=1), axis=1)
+    w = W[np.arange(B), best]
+    w = np.clip(w, 0.0, None)
+    w /= w.sum(axis=1, keepdims=True)
+    coef = _coefficients(M, w, s * np.sqrt(scale))
+    # KKT test where the optimum is away from the origin (the enumeration covers the rest).
+    r2 = np.einsum("bi,bij,bj->b", w, A, w)
+    live = (r2 > ZERO_NORM_RTOL) & (s > 0) & (scale > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        grad = b + (s / np.sqrt(np.where(live, r2, 1.0)))[:, None] * np.einsum("bij,bj->bi", A, w)
+    viol = np.einsum("bi,bi->b", w, grad) - grad.min(axis=1)
+    bad = live & (viol > _KKT_RTOL * (1.0 + s))
+    for idx in np.flatnonzero(bad):
+        w[idx], coef[idx] = _conflict_averse_general(M[idx], c)
+    return w, coef
