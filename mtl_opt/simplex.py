@@ -17,12 +17,13 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
   the triangle's 7 faces, where it is that face's stationary point (closed form on vertices and
   edges, a bordered 4 × 4 solve on the triangle); the best candidate is kept and must pass the
   KKT test below, and an entry that fails it is re-solved by the general method.
-* ``K ≥ 4`` (and the K = 3 fallback): the min-norm point comes from a non-negative least-squares problem (Lawson–Hanson
-  active set, :func:`scipy.optimize.nnls`): with ``M = LLᵀ``, ``v* = argmin_{v≥0}
-  ‖Lᵀv‖² + (1 − 1ᵀv)²`` gives ``α* = v*/1ᵀv*`` (the KKT conditions of the NNLS problem are those of
-  the min-norm problem scaled by ``1ᵀv*``). The support is then re-solved exactly (bordered
-  equality-constrained system) and the KKT conditions are verified:
-  ``(Mα)_i ≥ αᵀMα − tol`` for every ``i`` (which bounds the objective gap by ``2·tol``).
+* ``K ≥ 4`` (and the K = 3 fallback): the min-norm point comes from a non-negative
+  least-squares problem (Lawson–Hanson active set, :func:`scipy.optimize.nnls`): with
+  ``M = LLᵀ``, ``v* = argmin_{v≥0} ‖Lᵀv‖² + (1 − 1ᵀv)²`` gives ``α* = v*/1ᵀv*`` (the KKT
+  conditions of the NNLS problem are those of the min-norm problem scaled by ``1ᵀv*``). The
+  support is then re-solved exactly (bordered equality-constrained system) and the KKT
+  conditions are verified: ``(Mα)_i ≥ αᵀMα − tol`` for every ``i`` (which bounds the objective
+  gap by ``2·tol``).
   The conflict-averse problem is reduced to a one-dimensional root: for ``t ≥ 0`` let
   ``x(t) = proj_C(−t g0)`` (``C`` the convex hull of the rows; a min-norm problem on the shifted
   Gramian of the rows ``g_i + t g0``); the optimum is ``x* = x(t*)`` with ``‖x(t*)‖ = s t*``
@@ -32,14 +33,19 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
   ``t* = m / √(s² − κ²)`` — and the result is accepted only when it passes the KKT test of
   ``F``: ``w ≥ 0`` and ``∇F_i = b_i + s(Mw)_i/r ≥ wᵀ∇F − tol`` for all ``i`` (``r = ‖Gᵀw‖``),
   which bounds ``F(w) − F* ≤ tol``. When the optimum has ``r = 0`` (the origin is in the hull),
-  optimality is certified exactly by ``‖proj_{cone(rows)}(−g0)‖ ≤ s`` (an NNLS problem).
+  optimality is certified exactly by ``‖proj_{cone(rows)}(−g0)‖ ≤ s`` (an NNLS problem); the
+  returned direction is then the primal optimum closest to ``g0`` (see
+  :func:`conflict_averse_coefficients`).
 
 A solver that cannot certify its answer raises :class:`RuntimeError`; it never returns an
 unverified point. Precision: the Gramian squares the rows, so a combination ``‖Gᵀw‖`` near zero
 is only known to about ``√(ε · max_i M_ii)`` (``ε`` the float64 unit roundoff); the min-norm
 objective ``αᵀMα`` is exact to ``~1e-10 · max_i M_ii``, and ``F`` to that plus
-``c‖g0‖ · √(ε · max_i M_ii)`` when its optimum is near the origin. All arithmetic is float64 on the CPU; tolerances are relative to
-``max_i M_ii``.
+``c‖g0‖ · √(ε · max_i M_ii)`` when its optimum is near the origin. All arithmetic is float64
+on the CPU; tolerances are relative to ``max_i M_ii``.
+
+``min_norm_batch_np`` and ``conflict_averse_batch_np`` are the unchecked numpy entry points
+(symmetric float64 ``(B, K, K)`` in, numpy out) used by the methods' batched paths.
 """
 
 from __future__ import annotations
@@ -51,8 +57,10 @@ from torch import Tensor
 
 __all__ = [
     "ZERO_NORM_RTOL",
+    "conflict_averse_batch_np",
     "conflict_averse_coefficients",
     "conflict_averse_weights",
+    "min_norm_batch_np",
     "min_norm_weights",
 ]
 
@@ -105,10 +113,17 @@ def conflict_averse_coefficients(M: Tensor | np.ndarray, c: float) -> Tensor:
     """Row coefficients ``γ`` of the conflict-averse direction ``u = g0 + c‖g0‖ · g_w/‖g_w‖``.
 
     ``u = γᵀG`` with ``γ = 1/K + (c‖g0‖/r) w*`` and ``r = ‖g_w*‖ = √(w*ᵀMw*)`` (``w*`` from
-    :func:`conflict_averse_weights`); this is on the scale of the *mean* gradient. When
-    ``r² ≤ ZERO_NORM_RTOL · max_i M_ii`` (the optimum sits at the origin) or ``c‖g0‖ = 0`` the
-    second term is taken as zero and ``u = g0``: the direction ``g_w/‖g_w‖`` is undefined there and
-    the original CAGrad code's ``c/(‖g_w‖ + 1e-8)`` likewise adds (almost) nothing.
+    :func:`conflict_averse_weights`); this is on the scale of the *mean* gradient. By strong
+    duality ``u`` solves CAGrad's primal problem ``max_d min_i g_i·d  s.t.  ‖d − g0‖ ≤ c‖g0‖``.
+
+    Edge cases: ``c‖g0‖ = 0`` gives ``u = g0`` (the ball is a point). When the optimum sits at
+    the origin (``r² ≤ ZERO_NORM_RTOL · max_i M_ii``) the unit vector ``g_w/‖g_w‖`` is undefined
+    and every ``d`` of the ball with ``g_i·d ≥ 0`` for all ``i`` is primal-optimal; the one closest
+    to ``g0`` is returned: ``u = proj_{d: Gd ≥ 0}(g0) = g0 + Gᵀv*`` with
+    ``v* = argmin_{v≥0} ‖g0 + Gᵀv‖`` (an NNLS problem; ``u`` lies in the ball by the optimality
+    certificate). The original CAGrad code returns ``≈ g0`` there (``c/(‖g_w‖ + 1e-8)`` times a
+    zero vector), which is not primal-optimal when some ``g_i·g0 < 0``; the two agree when no task
+    conflicts with ``g0`` (e.g. a zero row beside agreeing rows).
     """
     w, coef = _conflict_averse(M, c)
     return coef
