@@ -28,12 +28,15 @@ class CAGrad(GramianAggregator):
     (``rescale=0``). The factor ``K`` puts it on the scale of the *sum* of task gradients.
 
     The original code solves for ``w`` with scipy's SLSQP; here it is exact (see
-    :func:`mtl_opt.simplex.conflict_averse_weights`): a closed form at K = 2 (stationarity on the
-    edge is a quadratic equation), and beyond it a support found by a bracketed root search whose
-    closed-form solution is accepted only if it passes the KKT test
-    ``∇F_i ≥ w*ᵀ∇F − tol`` for all ``i`` (``∇F = M1/K + √φ Mw*/‖g_w*‖``), which bounds the
-    objective gap by ``tol = 1e-10·(1 + √φ/‖g_max‖)·max_i ‖g_i‖²``; an optimum at ``g_w* = 0`` is
-    certified by ``‖proj_{cone(rows)}(−g0)‖ ≤ √φ``.
+    :mod:`mtl_opt.simplex`). K = 2: closed form (stationarity on the edge is a quadratic
+    equation), best of the edge point and the two vertices. K = 3: the same over the triangle's
+    seven faces, vectorised over batches. Every K ≥ 3 answer off the origin is accepted only if
+    it passes the KKT test ``∇F_i ≥ w*ᵀ∇F − tol`` for all ``i``
+    (``∇F = M1/K + √φ Mw*/‖g_w*‖``), which bounds the objective gap ``F(w*) − F* ≤ tol`` with
+    ``tol = 1e-10·(1 + √φ/max_i‖g_i‖)·max_i‖g_i‖²``; K ≥ 4 (and any K = 3 entry failing the
+    test) uses a bracketed root search for the support with a closed-form root. An optimum at
+    ``g_w* = 0`` is certified by ``‖proj_{cone(rows)}(−g0)‖ ≤ √φ``. The tests also check a zero
+    duality gap: ``min_i g_i·d`` equals ``F(w*)`` for the returned ``d``.
 
     Edge cases: ``φ = 0`` gives ``d = K g0 / R``; so ``g0 = 0`` gives ``d = 0``. When
     ``‖g_w*‖ = 0`` (to rounding: ``‖g_w*‖² ≤ 1e-14·max_i‖g_i‖²``; the origin of the hull is

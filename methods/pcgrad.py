@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -51,9 +52,9 @@ class PCGrad(GramianAggregator):
 
     def __init__(self, seed: int | None = None, order: str = "random") -> None:
         self.order = check_choice("order", order, _ORDERS, owner="PCGrad")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"PCGrad: seed must be an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self._seed_used = (
             int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         )
