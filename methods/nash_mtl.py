@@ -170,7 +170,7 @@ class NashMTL(GramianAggregator):
                 f"NashMTL was last called with {self._alpha.shape[0]} tasks and now gets {K}; "
                 "call reset() between runs with different numbers of tasks"
             )
-        if self._step % self.update_weights_every == 0:
+        if self._alpha is None or self._step % self.update_weights_every == 0:
             if self.solver == "exact":
                 alpha, info = nash_exact_single(M_np, self._alpha)
             else:
@@ -191,7 +191,7 @@ class NashMTL(GramianAggregator):
                 f"NashMTL keeps one state per batch entry: it was last called with (B, K) = "
                 f"{self._batch_alpha.shape} and now gets {(B, K)}; call reset() first"
             )
-        if self._batch_step % self.update_weights_every == 0:
+        if self._batch_alpha is None or self._batch_step % self.update_weights_every == 0:
             if self.solver == "exact":
                 alpha, info = nash_exact(M_np, self._batch_alpha)
             else:
