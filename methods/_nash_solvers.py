@@ -249,29 +249,32 @@ def nash_exact_single(
             alpha = np.array([beta / math.sqrt(a), beta / math.sqrt(c)])
             return alpha, {"iterations": 0, "residual": abs(beta * beta * denom - 1.0)}
     diag = M.diagonal()
-    if K < 3 or not bool((diag > 0.0).all()):
+    if K < 3 or not diag.min() > 0.0:
         alpha, info = nash_exact(M[None], None if alpha0 is None else alpha0[None])
         return alpha[0], info
     if K <= _PURE_PYTHON_MAX_K:
         return _nash_exact_lists(M, alpha0)
+    lapack = _lapack()
     inv_norm = 1.0 / np.sqrt(diag)
-    C = M * inv_norm[:, None]
-    C *= inv_norm
+    C = M * np.outer(inv_norm, inv_norm)
     C.flat[:: K + 1] = 1.0
     sigma = RIDGE
-    if _lapack().dpotrf(C)[1] != 0:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
+    if lapack.dpotrf(C)[1] != 0:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
         sigma = RIDGE + max(0.0, -float(np.linalg.eigvalsh(C)[0]))
-    C.flat[:: K + 1] += sigma
-    if alpha0 is not None and bool(np.all(alpha0 > 0)) and bool(np.all(np.isfinite(alpha0))):
+    C.flat[:: K + 1] = 1.0 + sigma
+    if alpha0 is not None and alpha0.min() > 0.0 and math.isfinite(alpha0.sum()):
         beta = alpha0 / inv_norm
     else:
         beta = np.ones(K)
-    beta = beta * np.sqrt(K / float(beta @ C @ beta))
-    lapack = _lapack()
+    Cb = C @ beta
+    scale = math.sqrt(K / float(beta @ Cb))
+    beta *= scale
+    Cb *= scale
     absC = None
     r = beta
     for it in range(MAX_NEWTON_ITERATIONS + 1):
-        Cb = C @ beta
+        if it:
+            Cb = C @ beta
         r = beta * Cb
         r -= 1.0
         worst = float(np.abs(r).max())
@@ -285,8 +288,7 @@ def nash_exact_single(
                 return beta * inv_norm, {"iterations": it, "residual": worst}
         if it == MAX_NEWTON_ITERATIONS:
             break
-        H = C * beta[:, None]
-        H *= beta
+        H = C * np.outer(beta, beta)
         H.flat[:: K + 1] += 1.0
         factor, info = lapack.dpotrf(H)
         if info != 0:
