@@ -443,8 +443,9 @@ class NashSCAProblem:
     Facts of the original implementation (Navon et al., 2022, public code) that are kept:
 
     * the Gramian is divided by its Frobenius norm before solving;
-    * one variable ``α ≥ 0`` (K); parameters: the normalised Gramian ``Ĝ`` and the point
-      ``α_t`` of the previous iterate, at which the concave part is linearised;
+    * one variable ``α ≥ 0`` (K); the data enter as cvxpy Parameters (in the original: the
+      normalised Gramian ``Ĝ``, the previous iterate ``α_t`` at which the concave part is
+      linearised, and the normalisation factor), so the Problem is built once and re-solved;
     * constraints ``−log α_i − log (Ĝα)_i ≤ 0`` for every task, i.e. ``α_i (Ĝα)_i ≥ 1``
       (each task's utility at least matches its bargaining "price" ``1/α_i``);
     * objective ``min Σ_i (Ĝα)_i + ∇φ(α_t)ᵀ(α − α_t)`` with
@@ -467,7 +468,11 @@ class NashSCAProblem:
       raises, raises :class:`NashSolverError` naming the status.
     * The residual rule uses the scale-free ``max_i |α̂_i (Ĝα̂)_i − 1| < residual_tol`` (1e-6);
       the original compares ``‖Ĝα_t − 1/α_t‖`` with 1e-3, mixing normalised and unnormalised
-      quantities, so in practice its loop ends on the step rule or the iteration budget.
+      quantities, so in practice its loop ends on the step rule or the iteration budget. Both
+      rules are checked after each solve and the newest iterate is returned (the original
+      returns the linearisation point ``α_t``, within 1e-6 of it when the step rule fires).
+      Running out of ``optim_niter`` iterations is not an error (it is the original's budget);
+      ``info["residual"]`` reports how far from the Nash equations the result is.
     * The Gramian is the regularised one of :func:`cosine_form` and zero-gradient tasks are left
       out, exactly as in the exact solver, so both solvers target the same equations.
     * The linearisation of ``log (Ĝα)_i`` needs positive utilities at the start point. Where the
