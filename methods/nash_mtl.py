@@ -40,8 +40,8 @@ class NashMTL(GramianAggregator):
       generally each task's gradient can be rescaled on its own (``g_i → s_i g_i``,
       ``α_i → α_i/s_i``) without changing the direction: only the unit gradients matter.
     * ``K = 1``: ``α = 1/‖g‖`` (the unit gradient). ``K = 2``: closed form
-      ``α_i = 1/(‖g_i‖ √(1 + cos θ))``, the sum of the two unit gradients divided by
-      ``√(1 + cos θ)``.
+      ``α_i = 1/(‖g_i‖ √(1 + cos θ))`` (``1 + cos θ + σ`` with the ridge below): the direction
+      is the sum of the two unit gradients divided by ``√(1 + cos θ)``.
 
     Solvers (``solver=``):
 
@@ -67,7 +67,8 @@ class NashMTL(GramianAggregator):
       task gradients. Both solvers solve the slightly regularised ``(M + σ diag(M)) α = 1/α``
       with ``σ = 1e-9`` (plus, only when rounding made the cosine matrix indefinite, its most
       negative eigenvalue; ``σ = 0`` when fewer than two tasks bargain), which always has one
-      solution and keeps the per-task scale invariance. On a non-degenerate problem this changes ``α`` by a relative ~1e-9.
+      solution and keeps the per-task scale invariance. On a non-degenerate problem this
+      changes ``α`` by a relative ~1e-9.
     * Identical or positively collinear rows: an ordinary solution (e.g. two identical rows give
       ``α_i = 1/(√2 ‖g‖)``, direction ``√2 g/‖g‖``).
     * Exactly opposing rows (``g_2 = −c g_1``, or any Pareto-stationary set of rows): no Nash
