@@ -35,9 +35,14 @@ embedding gradients or custom autograd functions that read values in their backw
 ``parallel="auto"`` the call then falls back to K separate backward passes, warns once with
 :class:`BatchedJacobianFallbackWarning` and records the reason in the result. The two paths give
 the same gradients to rounding. ``parallel=True`` forces the batched call (its failure raises),
-``parallel=False`` the loop. Because a failed batched call may have consumed part of the graph,
-``"auto"`` keeps the graph alive during the batched attempt (``retain_graph=True``); it is freed
-when the caller drops the losses.
+``parallel=False`` the loop.
+
+Memory: a failed batched call may already have freed part of the graph, so ``"auto"`` keeps the
+graph's saved tensors during its batched attempt (``retain_graph=True``); they are freed only
+when the caller drops the losses, so a loop that rebinds ``losses`` after the next forward holds
+two graphs at once. :class:`mtl_opt.MultiTaskOptimizer` settles ``"auto"`` on its first step and
+then passes ``parallel=True`` or ``False``, which never retain the graph unless asked; a
+hand-written loop can do the same with ``result.batched``.
 
 Representation-level aggregation (MGDA-UB)
 ------------------------------------------
