@@ -494,6 +494,15 @@ def mtl_backward(
     h = loss_weights(aggregator, K, task_weights)
     values = _loss_values(L)
     feats = _features_list(features) if features is not None else []
+    if feats:
+        # Checked before any work so that a stateful aggregator is not advanced by a failing call.
+        below = {id(p) for p in _reachable_leaves(feats)}
+        for name, p in shared:
+            if id(p) not in below:
+                raise ValueError(
+                    f"{name} is not reached through the features: features= must be the output "
+                    "of the shared parameters"
+                )
 
     # Parameters outside shared and task groups that the losses reach: they get Σ h_i ∇L_i.
     given = {id(p) for _, p in shared} | {id(p) for g in groups for _, p in g}
