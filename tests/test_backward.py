@@ -370,6 +370,9 @@ def _bad_cases():
          ValueError, r"shared parameter #6 \(shape \(3,\)\) is not reached"),
         ("unreached module param", lambda n, x, y: dict(shared_params=nn.ModuleDict({"trunk": n.trunk, "extra": nn.Linear(2, 2)})),
          ValueError, "'extra.weight'.*not reached"),
+        ("shared on two devices", lambda n, x, y: dict(
+            shared_params=[*n.trunk.parameters(), nn.Parameter(torch.ones(2, device="meta"))]),
+         ValueError, "several devices"),
         ("shared twice", lambda n, x, y: dict(shared_params=[*n.trunk.parameters(), n.trunk[0].weight]),
          ValueError, "given twice"),
         ("shared and task", lambda n, x, y: dict(task_params=[[n.head_a.weight, n.trunk[0].weight], n.head_b]),
@@ -377,6 +380,8 @@ def _bad_cases():
         ("no shared", lambda n, x, y: dict(shared_params=[]), ValueError, "no shared parameters"),
         ("frozen shared", lambda n, x, y: dict(shared_params=[torch.ones(2)]), ValueError, "does not require grad"),
         ("task_params length", lambda n, x, y: dict(task_params=[n.head_a]), ValueError, "1 groups but there are 2"),
+        ("task_params swapped", lambda n, x, y: dict(task_params=[n.head_b, n.head_a]), ValueError,
+         r"task 0 parameter 'weight' \(shape \(2, 6\)\) is not reached by the loss of task 0 \(nor are 1 more"),
         ("task_params module", lambda n, x, y: dict(task_params=n.head_a), TypeError, "sequence of K"),
         ("task weights refused", lambda n, x, y: dict(task_weights=[1, 4]), ValueError, "no per-task weights"),
         ("task weights length", lambda n, x, y: dict(aggregator=LinearScalarization(), task_weights=[1, 4, 2]),
