@@ -488,7 +488,7 @@ def _task_grads(
             "passes instead (same result, slower). Pass parallel=False to skip the batched "
             "attempt.",
             BatchedJacobianFallbackWarning,
-            stacklevel=4,
+            stacklevel=3,  # the caller of mtl_backward
         )
         result = _looped_grads(loss_list, first, heads, owners, h, retain_graph)
         result.fallback_reason = reason

@@ -168,8 +168,9 @@ def test_auto_falls_back_on_a_model_that_breaks_batching(custom, dtype):
     expected_heads = torch.autograd.grad(
         losses[0] + losses[1], [*net.head_a.parameters(), *net.head_b.parameters()], retain_graph=True
     )
-    with pytest.warns(BatchedJacobianFallbackWarning, match="separate backward passes"):
+    with pytest.warns(BatchedJacobianFallbackWarning, match="separate backward passes") as record:
         result = mtl_backward(losses, net.shared(), UnitNormSum())
+    assert record[0].filename == __file__  # the warning points at the caller's line
     assert result.batched is False and result.fallback_reason
     torch.testing.assert_close(flat_grad(net.shared()), UnitNormSum()(G), **tol(dtype))
     for p, e in zip([*net.head_a.parameters(), *net.head_b.parameters()], expected_heads):
@@ -408,3 +409,18 @@ def test_bad_input_raises_one_clear_error(case):
     with pytest.raises(exc, match=pattern):
         mtl_backward(kwargs.pop("losses"), kwargs.pop("shared_params"), kwargs.pop("aggregator"), **kwargs)
     assert all(p.grad is None for p in net.parameters()), "nothing may be written on error"
+
+
+def test_batched_and_loop_agree_under_autocast():
+    results = {}
+    for parallel in (True, False):
+        net, (x, y) = TwoHeadNet(), batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = net.losses(x, y)
+        r = mtl_backward(losses, net.trunk, UnitNormSum(), task_params=[net.head_a, net.head_b],
+                         parallel=parallel)
+        assert r.batched is parallel
+        results[parallel] = grads_of(net)
+    for name, g in results[True].items():
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, results[False][name], rtol=1e-2, atol=1e-3, msg=name)
