@@ -424,3 +424,23 @@ def test_batched_and_loop_agree_under_autocast():
     for name, g in results[True].items():
         assert g.dtype == torch.float32
         torch.testing.assert_close(g, results[False][name], rtol=1e-2, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_three_tasks_with_mgda_and_came_grad(parallel):
+    """K = 3 (a third loss straight on the trunk's output, no head of its own)."""
+    for agg in (MGDA(), CAMEGrad(task_weights=torch.tensor([1.0, 4.0, 0.5]))):
+        net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+        z = net.features(x)
+        losses = [*net.losses_from(z, y), z.pow(2).mean()]
+        shared = list(net.trunk.parameters())
+        G = explicit_jacobian(losses, shared)
+        h = mtl_opt.loss_weights(agg, 3)
+        expected = torch.autograd.grad(h[0] * losses[0] + h[1] * losses[1], list(net.head_a.parameters()),
+                                       retain_graph=True)
+        r = mtl_backward(losses, shared, agg, parallel=parallel)
+        torch.testing.assert_close(flat_grad(shared), agg(G, losses=torch.stack(losses).detach()))
+        assert r.gramian.shape == (3, 3) and r.batched is parallel
+        assert torch.equal(r.loss_weights, h)
+        for p, e in zip(net.head_a.parameters(), expected):
+            torch.testing.assert_close(p.grad, e)
