@@ -25,9 +25,8 @@ per-task weights (linear scalarization's ``weights``, CAME-Grad's ``task_weights
 Every shared or task parameter must be reached by some loss (else ``ValueError`` naming it).
 Everything is *accumulated* into ``.grad`` exactly like ``.backward()`` (added to an existing
 ``.grad``; gradients are written dense, also for sparse embeddings), and nothing is written
-unless the whole call succeeds. With
-``LinearScalarization(w)`` every parameter therefore receives what
-``(w * losses).sum().backward()`` would give it, to rounding.
+unless the whole call succeeds. With ``LinearScalarization(w)`` every parameter therefore
+receives what ``(w * losses).sum().backward()`` would give it, to rounding.
 
 One backward pass
 -----------------
@@ -36,12 +35,12 @@ All per-task gradients (shared, task and other parameters) come from ONE batched
 K vector-Jacobian products with ``vmap``; task and other parameters then combine their K rows
 with ``h``. The batched call holds K rows of every input's gradient and the concatenated
 ``G``; the per-task loop copies each task's gradients straight into ``G`` (peak: one task's
-gradients plus ``G``). Some graphs cannot be batched (operations without a batching rule, such as sparse
-embedding gradients or custom autograd functions that read values in their backward); with
-``parallel="auto"`` the call then falls back to K separate backward passes, warns once with
-:class:`BatchedJacobianFallbackWarning` and records the reason in the result. The two paths give
-the same gradients to rounding. ``parallel=True`` forces the batched call (its failure raises),
-``parallel=False`` the loop.
+gradients plus ``G``). Some graphs cannot be batched (operations without a batching rule, such
+as sparse embedding gradients or custom autograd functions that read values in their backward);
+with ``parallel="auto"`` the call then falls back to K separate backward passes, warns with
+:class:`BatchedJacobianFallbackWarning` and records the reason in the result. The two paths
+give the same gradients to rounding. ``parallel=True`` forces the batched call (its failure
+raises), ``parallel=False`` the loop.
 
 Memory: a failed batched call may already have freed part of the graph, so ``"auto"`` keeps the
 graph's saved tensors during its batched attempt (``retain_graph=True``); they are freed only
@@ -61,6 +60,14 @@ MGDA-UB ("Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018): s
 ``∇_θ L_i = (∂z/∂θ)ᵀ ∇_z L_i``, weights chosen on ``Z`` approximate those chosen on ``G`` (for
 MGDA they minimise an upper bound of ``‖βᵀ G‖``), they are not the parameter-level weights. It
 needs every effect of the shared parameters on the losses to pass through ``z``.
+
+Limits
+------
+The gradients come from ``torch.autograd.grad``, not ``.backward()``: hooks that only
+``.backward()`` fires (``register_post_accumulate_grad_hook``, DistributedDataParallel's
+gradient all-reduce) do not run, and tensor hooks on the inputs see K-row batched gradients on
+the batched path. Under DDP the per-rank Jacobians are therefore not averaged; aggregate them
+yourself or train on one process.
 """
 
 from __future__ import annotations
