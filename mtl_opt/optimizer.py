@@ -46,6 +46,7 @@ from mtl_opt.backward import (
     MTLBackwardResult,
     Params,
     Parallel,
+    _check_unique,
     _param_list,
     mtl_backward,
 )
@@ -121,9 +122,10 @@ class MultiTaskOptimizer:
 
     def _check_params_in_optimizer(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        named = _param_list(self.shared_params, "shared parameter")
-        for i, g in enumerate(self.task_params or []):
-            named += _param_list(g, f"task {i} parameter")
+        groups = [_param_list(self.shared_params, "shared parameter")]
+        groups += [_param_list(g, f"task {i} parameter") for i, g in enumerate(self.task_params or [])]
+        _check_unique(groups)
+        named = [pair for group in groups for pair in group]
         missing = [name for name, p in named if id(p) not in held]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

@@ -177,6 +177,9 @@ def test_parameters_missing_from_the_optimizer_raise():
         MultiTaskOptimizer(object(), UnitNormSum(), net.trunk)
     with pytest.raises(TypeError, match="GradientAggregator"):
         MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), "came_grad", net.trunk)
+    with pytest.raises(ValueError, match="given twice"):
+        MultiTaskOptimizer(torch.optim.SGD(net.parameters(), lr=0.1), UnitNormSum(), net.trunk,
+                           task_params=[net.head_a, [*net.head_b.parameters(), net.trunk[0].bias]])
     _, opt = make(UnitNormSum())
     with pytest.raises(ValueError, match="need the losses"):
         opt.step(task_weights=[1, 4])
