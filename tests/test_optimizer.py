@@ -261,6 +261,7 @@ def test_readme_shows_the_tested_quickstart():
     readme = (HERE.parent / "README.md").read_text()
     marker = "<!-- tested: tests/readme_quickstart.py -->"
     blocks = re.findall(re.escape(marker) + r"\s*```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README.md must show the quick start after the marker " + marker
     assert readme.count(marker) == len(blocks), "every marker must be followed by a python block"
     for block in blocks:
         assert block == QUICKSTART.read_text()
