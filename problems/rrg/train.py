@@ -34,7 +34,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -47,11 +47,19 @@ from .model import MODEL_SIZES, RRGModel, model_config_for_size
 
 __all__ = [
     "RRGConfig",
+    "RRGSetup",
+    "build_datasets",
+    "build_model",
+    "conflict_figures",
     "conflict_of_gradients",
+    "conflict_study",
     "evaluate_rrg",
     "load_run",
     "measure_conflict",
+    "prepare_run",
+    "task_gradients",
     "train_rrg",
+    "train_steps",
 ]
 
 OPTIMIZERS = ("adamw", "adam", "sgd")
@@ -59,6 +67,8 @@ AGGREGATE_AT = ("parameters", "representation")
 DEFAULT_IMAGE_SIZE = {"tiny": 32, "small": 128, "base": 224}
 #: The CAME-Grad authors' task weights: report loss 1, classification loss ``cls_weight = 4``.
 AUTHORS_TASK_WEIGHTS = (1.0, 4.0)
+DEFAULT_STEPS = 200
+CHECKPOINT_FORMAT = "mtl_opt.rrg/1"
 
 
 @dataclass
@@ -169,8 +179,8 @@ class RRGConfig:
             if len(self.task_weights) != k:
                 raise ValueError(f"task_weights has {len(self.task_weights)} entries for {k} tasks "
                                  f"(report, classification{', contrastive' if self.contrastive else ''})")
-            if not all(math.isfinite(w) and w >= 0 for w in self.task_weights):
-                raise ValueError(f"task_weights must be finite and >= 0, got {self.task_weights}")
+            if not all(math.isfinite(w) and w > 0 for w in self.task_weights):
+                raise ValueError(f"task_weights must be finite and > 0, got {self.task_weights}")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
@@ -272,10 +282,20 @@ def _autocast(cfg: RRGConfig, device: torch.device):
 
 
 def _amp_dtype(cfg: RRGConfig, device: torch.device) -> torch.dtype:
-    if cfg.amp_dtype == "bfloat16" or (cfg.amp_dtype == "auto" and device.type == "cuda"
-                                        and torch.cuda.is_bf16_supported()):
+    """bfloat16 (the default, where the GPU supports it) or float16 when asked for explicitly.
+
+    float16 autocast runs without loss scaling here (a loss scale would have to pass through the
+    aggregator, and not every method is scale-equivariant), so small gradients may underflow;
+    it is therefore never chosen automatically.
+    """
+    if cfg.amp_dtype == "float16":
+        return torch.float16
+    if cfg.amp_dtype == "bfloat16":
         return torch.bfloat16
-    return torch.float16
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU does not support bfloat16 autocast: drop --amp, or pass "
+                         "--amp-dtype float16 (no loss scaling: small gradients may underflow)")
+    return torch.bfloat16
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,32 +313,56 @@ def task_gradients(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor
     return torch.stack(rows)
 
 
-def conflict_of_gradients(G: Tensor, weights: Sequence[float] | None = None,
-                          combined: Tensor | None = None) -> dict[str, float]:
-    """Drift and magnitude figures of a Jacobian ``G`` (K, d), K ≥ 2.
+def conflict_figures(M: Tensor, weights: Sequence[float], *, row_scale: Sequence[float] | None = None,
+                     combined_norm: float | None = None) -> dict[str, float]:
+    """Drift and magnitude figures from the Gramian ``M = G Gᵀ`` (K × K) of the task gradients.
 
-    Returns ``drift_cos = cos(g_1, g_2)`` (report vs classification), ``norm_ratio =
-    ‖g_2‖/‖g_1‖``, the per-task norms ``grad_norm_i``, ``joint_norm = ‖Σ ω_i g_i‖`` and, when the
-    applied update ``combined`` (d,) is given, ``diffusion = ‖combined‖ / ‖Σ ω_i g_i‖``.
+    ``row_scale`` ``s`` says the rows of ``G`` are ``s_i g_i`` (losses scaled before
+    differentiation); the figures are of the unscaled ``g_i``. With ``ω = weights``:
+
+    * ``drift_cos = ⟨g_1, g_2⟩ / (‖g_1‖ ‖g_2‖)`` (report vs classification);
+    * ``norm_ratio = ‖g_2‖ / ‖g_1‖``; ``grad_norm_i = ‖g_i‖``; ``joint_norm = ‖Σ ω_i g_i‖``;
+    * with ``combined_norm = ‖g_combined‖`` (the update applied to the encoder):
+      ``diffusion = ‖g_combined‖ / ‖Σ ω_i g_i‖``.
+
+    Undefined ratios (a zero norm) are NaN, on purpose: the log shows that they are undefined.
     """
-    G64 = G.detach().double()
-    M = (G64 @ G64.T).cpu()
-    norms = M.diagonal().clamp(min=0).sqrt()
-    w = torch.ones(G.shape[0], dtype=torch.float64) if weights is None else torch.tensor(list(weights), dtype=torch.float64)
-    joint = float((w @ M @ w).clamp(min=0).sqrt())
+    M64 = M.detach().to(device="cpu", dtype=torch.float64)
+    K = M64.shape[0]
+    if K < 2:
+        raise ValueError("drift needs at least two tasks")
+    if row_scale is not None:
+        s = torch.tensor(list(row_scale), dtype=torch.float64)
+        if bool((s <= 0).any()):
+            raise ValueError(f"row scales must be positive, got {list(row_scale)}")
+        M64 = M64 / (s[:, None] * s[None, :])
+    w = torch.tensor(list(weights), dtype=torch.float64)
+    norms = M64.diagonal().clamp(min=0).sqrt()
+    joint = float((w @ M64 @ w).clamp(min=0).sqrt())
     denom = float(norms[0] * norms[1])
+    nan = float("nan")
     out = {
-        "drift_cos": float(M[0, 1]) / denom if denom > 0 else float("nan"),
-        "norm_ratio": float(norms[1] / norms[0]) if norms[0] > 0 else float("nan"),
-        "joint_norm": joint,
+        "drift_cos": float(M64[0, 1]) / denom if denom > 0 else nan,
+        "norm_ratio": float(norms[1] / norms[0]) if float(norms[0]) > 0 else nan,
     }
     for i, n in enumerate(norms.tolist()):
         out[f"grad_norm_{i + 1}"] = n
-    if combined is not None:
-        c = float(combined.detach().double().norm())
-        out["combined_norm"] = c
-        out["diffusion"] = c / joint if joint > 0 else float("nan")
+    out["joint_norm"] = joint
+    if combined_norm is not None:
+        out["combined_norm"] = float(combined_norm)
+        out["diffusion"] = float(combined_norm) / joint if joint > 0 else nan
     return out
+
+
+def conflict_of_gradients(G: Tensor, weights: Sequence[float] | None = None,
+                          combined: Tensor | None = None) -> dict[str, float]:
+    """:func:`conflict_figures` of a Jacobian ``G`` (K, d) of unscaled task gradients; ``combined``
+    (d,) is the applied update. ``weights`` default to ones."""
+    G64 = G.detach().double()
+    M = G64 @ G64.T
+    w = [1.0] * G.shape[0] if weights is None else list(weights)
+    c = None if combined is None else float(combined.detach().double().norm())
+    return conflict_figures(M, w, combined_norm=c)
 
 
 @torch.no_grad()
@@ -327,15 +371,16 @@ def _shared_grad(params: Sequence[Tensor]) -> Tensor:
                       for p in params])
 
 
-def measure_conflict(model: RRGModel, batches: Iterator[dict[str, Any]] | Sequence[dict[str, Any]],
-                     n_batches: int, *, task_weights: Sequence[float] | None = None,
+def measure_conflict(model: RRGModel, batches: Iterable[dict[str, Any]], n_batches: int, *,
+                     task_weights: Sequence[float] | None = None,
                      device: str | torch.device = "cpu") -> dict[str, float]:
     """Mean and spread of the report/classification gradient conflict on the shared encoder.
 
-    Over ``n_batches`` batches (dicts from :func:`collate_rrg`), computes per batch ``G`` on the
-    encoder's parameters and reports the mean and standard deviation of ``drift_cos`` and of
-    ``norm_ratio = ‖g_cls‖/‖g_report‖`` (unweighted gradients), and the mean weighted ratio
-    ``ω_2‖g_cls‖ / (ω_1‖g_report‖)``. The model's parameters are left unchanged.
+    Over ``n_batches`` batches (dicts from ``collate_rrg``), computes per batch the Jacobian of
+    the two losses on the encoder's parameters and reports the mean and standard deviation of
+    ``drift_cos`` and of ``norm_ratio = ‖g_cls‖/‖g_report‖`` (unweighted gradients), the share
+    of conflicting batches (cos < 0) and the mean weighted ratio ``ω_2‖g_cls‖ / (ω_1‖g_report‖)``.
+    The model's parameters and ``.grad`` are left unchanged.
     """
     if n_batches < 1:
         raise ValueError(f"n_batches must be >= 1, got {n_batches}")
@@ -392,6 +437,7 @@ def _make_optimizer(cfg: RRGConfig, model: RRGModel) -> torch.optim.Optimizer:
 
 
 def build_model(cfg: RRGConfig, tokenizer: Any) -> RRGModel:
+    """The :class:`RRGModel` of ``cfg.model_size`` for ``tokenizer``'s vocabulary."""
     model_cfg = model_config_for_size(
         cfg.model_size, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
         bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, contrastive=cfg.contrastive,
@@ -400,138 +446,227 @@ def build_model(cfg: RRGConfig, tokenizer: Any) -> RRGModel:
     return RRGModel(model_cfg)
 
 
-def _default_out() -> Path:
-    return Path("runs") / time.strftime("rrg-%Y%m%d-%H%M%S")
+@dataclass
+class RRGSetup:
+    """Everything a run is made of, built by :func:`prepare_run`."""
+
+    cfg: RRGConfig
+    device: torch.device
+    datasets: dict[str, Any]
+    tokenizer: Any
+    model: RRGModel
+    method: str
+    hyperparameters: dict[str, Any]
+    aggregator: Any
+    task_weights: list[float]
+    task_weights_mode: str
+    optimizer: torch.optim.Optimizer
+    mto: Any
+    loader: Any
+    total_steps: int
 
 
-def train_rrg(config: RRGConfig, *, callback: Callable[[int, dict[str, float]], None] | None = None,
-              verbose: bool = False) -> dict[str, Any]:
-    """Train and evaluate one RRG run; returns ``{"run_dir", "final", "eval", "n_parameters"}``.
-
-    ``callback(step, metrics)`` is called at every log interval with the logged row (a sweep
-    can report from it). See the module docstring for the run folder's contents.
-    """
+def prepare_run(cfg: RRGConfig) -> RRGSetup:
+    """Validate ``cfg`` and build data, tokenizer, model, method and optimizers (seeded)."""
     import mtl_opt
-    from . import data as rrg_data
+
     from .tokenizer import ReportTokenizer
 
-    cfg = config
     cfg.validate()
     _seed_everything(cfg.seed)
     device = torch.device(cfg.device)
-    out_dir = Path(cfg.out) if cfg.out else _default_out()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    say = print if verbose else (lambda *a, **k: None)
-
+    if cfg.amp:
+        _amp_dtype(cfg, device)  # raises before any work when the GPU cannot do it
     datasets = build_datasets(cfg)
     if len(datasets["train"]) == 0:
         raise ValueError("the training split is empty")
     tok_dataset = "synthetic" if cfg.data == "synthetic" else cfg.dataset
     tokenizer = ReportTokenizer.fit(dataset_reports(datasets["train"]), dataset=tok_dataset)
     model = build_model(cfg, tokenizer).to(device)
-    n_params = model.n_parameters()
-    say(f"model {cfg.model_size}: {n_params['total']:,} parameters; vocabulary {tokenizer.vocab_size}")
-
     name, hyper = mtl_opt.parse_method_spec(cfg.method)
     aggregator = mtl_opt.get_aggregator(name, **hyper)
     weights = cfg.resolved_task_weights()
-    weights_mode = "aggregator" if aggregator.accepts_task_weights else "loss_scale"
+    mode = "aggregator" if aggregator.accepts_task_weights else "loss_scale"
     optimizer = _make_optimizer(cfg, model)
-    shared = model.shared_parameters()
-    mto = mtl_opt.MultiTaskOptimizer(optimizer, aggregator, shared)
-
+    mto = mtl_opt.MultiTaskOptimizer(optimizer, aggregator, model.shared_parameters(),
+                                     task_params=model.task_parameters())
     loader = make_loader(datasets["train"], tokenizer, cfg, shuffle=True, seed=cfg.seed)
-    total_steps = (cfg.epochs * len(loader)) if cfg.epochs is not None else (200 if cfg.steps is None else cfg.steps)
+    if cfg.epochs is not None:
+        total = cfg.epochs * len(loader)
+    else:
+        total = DEFAULT_STEPS if cfg.steps is None else cfg.steps
+    return RRGSetup(cfg, device, datasets, tokenizer, model, name, hyper, aggregator, weights, mode,
+                    optimizer, mto, loader, total)
 
+
+def train_steps(setup: RRGSetup, n_steps: int, *,
+                on_log: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Run ``n_steps`` optimisation steps; returns the logged rows (every ``log_every`` steps,
+    the first and the last).
+
+    Each step: forward under autocast (CUDA + ``amp``), the K task losses, then
+    ``MultiTaskOptimizer.step`` (the method aggregates the encoder's Jacobian; the heads get
+    their own task's gradient). At parameter level the logged drift/diffusion come from the
+    step's own Gramian at no extra cost; at representation level the encoder's Jacobian is
+    computed separately on logged steps.
+    """
+    cfg, model, mto, device = setup.cfg, setup.model, setup.mto, setup.device
+    weights = setup.task_weights
+    w_t = torch.tensor(weights, dtype=torch.float64)
+    scale_losses = setup.task_weights_mode == "loss_scale"
+    shared = model.shared_parameters()
+    rows: list[dict[str, float]] = []
+    model.train()
+    step, t0 = 0, time.perf_counter()
+    epoch = 0
+    while step < n_steps:
+        for batch in setup.loader:
+            if step >= n_steps:
+                break
+            batch = _to_device(batch, device)
+            log_now = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == n_steps
+            with _autocast(cfg, device):
+                out = model(batch["images"], batch["tokens"], batch["classes"])
+            losses = [out[n] for n in model.task_names]
+            G_enc = None
+            if log_now and cfg.aggregate_at == "representation":
+                G_enc = task_gradients(losses, shared)
+            step_losses = [w * l for w, l in zip(weights, losses)] if scale_losses else losses
+            kwargs: dict[str, Any] = {}
+            if not scale_losses:
+                kwargs["task_weights"] = w_t
+            if cfg.aggregate_at == "representation":
+                kwargs["features"] = out["memory"]
+            mto.zero_grad()
+            if cfg.grad_clip > 0:
+                result = mto.backward(step_losses, **kwargs)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                combined = float(_shared_grad(shared).double().norm()) if log_now else None
+                mto.step()
+            else:
+                # Without clipping the encoder's .grad is the method's direction (parameter
+                # level) or its pull-back through the features (representation level).
+                result = mto.step(step_losses, **kwargs)
+                combined = float(_shared_grad(shared).double().norm()) if log_now else None
+            step += 1
+            if not log_now:
+                continue
+            loss_vals = result.losses / (w_t if scale_losses else 1.0)
+            row: dict[str, float] = {"step": step, "epoch": epoch,
+                                     "time_s": round(time.perf_counter() - t0, 4)}
+            for n, v in zip(model.task_names, loss_vals.tolist()):
+                row[f"loss_{n}"] = v
+            row["loss_weighted"] = float((w_t * loss_vals).sum())
+            if G_enc is None:
+                row.update(conflict_figures(result.gramian, weights,
+                                            row_scale=weights if scale_losses else None,
+                                            combined_norm=combined))
+            else:
+                row.update(conflict_of_gradients(G_enc, weights))
+                row["combined_norm"] = combined
+                row["diffusion"] = combined / row["joint_norm"] if row["joint_norm"] > 0 else float("nan")
+            if result.weights is not None:
+                for i, b in enumerate(result.weights.tolist()):
+                    row[f"beta_{i + 1}"] = b
+            rows.append(row)
+            if on_log is not None:
+                on_log(row)
+        epoch += 1
+    return rows
+
+
+def _default_out() -> Path:
+    return Path("runs") / time.strftime("rrg-%Y%m%d-%H%M%S")
+
+
+def train_rrg(config: RRGConfig, *, callback: Callable[[int, dict[str, float]], None] | None = None,
+              verbose: bool = False) -> dict[str, Any]:
+    """Train and evaluate one RRG run; returns ``{"run_dir", "final", "history", "eval",
+    "n_parameters"}``.
+
+    ``callback(step, metrics)`` is called at every log interval with the logged row (a sweep
+    reports from it). See the module docstring for the run folder's contents. All options are
+    checked before any work starts.
+    """
+    cfg = config
+    cfg.validate()
+    out_dir = Path(cfg.out) if cfg.out else _default_out()
+    say = print if verbose else (lambda *a, **k: None)
+    setup = prepare_run(cfg)
+    model, tokenizer = setup.model, setup.tokenizer
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_params = model.n_parameters()
+    say(f"model {cfg.model_size}: {n_params['total']:,} parameters ({n_params['encoder']:,} shared); "
+        f"vocabulary {tokenizer.vocab_size}; method {setup.aggregator!r}; "
+        f"task weights {setup.task_weights} ({setup.task_weights_mode}); {setup.total_steps} steps "
+        f"on {setup.device}")
     config_record = {
-        "rrg": cfg.to_dict(), "model": model.cfg.to_dict(), "method": {"name": name, **hyper},
-        "task_weights": weights, "task_weights_mode": weights_mode, "total_steps": total_steps,
-        "task_names": list(model.task_names), "n_parameters": n_params,
+        "rrg": cfg.to_dict(), "model": model.cfg.to_dict(),
+        "method": {"name": setup.method, **setup.hyperparameters, "repr": repr(setup.aggregator)},
+        "task_weights": setup.task_weights, "task_weights_mode": setup.task_weights_mode,
+        "total_steps": setup.total_steps, "task_names": list(model.task_names),
+        "n_parameters": n_params,
         "tokenizer": {"vocab_size": tokenizer.vocab_size, "max_length": tokenizer.max_length},
+        "dataset_sizes": {k: len(v) for k, v in setup.datasets.items()},
         "torch": torch.__version__,
     }
     (out_dir / "config.json").write_text(json.dumps(config_record, indent=2, default=str))
 
     csv_path = out_dir / "metrics.csv"
-    csv_file = csv_path.open("w", newline="")
-    writer: csv.DictWriter | None = None
-    rows: list[dict[str, float]] = []
-    step, epoch, t0 = 0, 0, time.perf_counter()
-    w_t = torch.tensor(weights, dtype=torch.float64)
-    model.train()
-    try:
-        while step < total_steps:
-            for batch in loader:
-                if step >= total_steps:
-                    break
-                batch = _to_device(batch, device)
-                log_now = (step + 1) % cfg.log_every == 0 or step == 0 or step + 1 == total_steps
-                with _autocast(cfg, device):
-                    out = model(batch["images"], batch["tokens"], batch["classes"])
-                losses = [out[n] for n in model.task_names]
-                loss_vals = torch.stack([l.detach().float() for l in losses])
-                if not bool(torch.isfinite(loss_vals).all()):
-                    raise FloatingPointError(
-                        f"non-finite loss at step {step}: {dict(zip(model.task_names, loss_vals.tolist()))}")
-                G = task_gradients(losses, shared) if log_now else None
-                step_losses = losses if weights_mode == "aggregator" else [w * l for w, l in zip(weights, losses)]
-                mto.zero_grad()
-                kwargs: dict[str, Any] = {}
-                if weights_mode == "aggregator":
-                    kwargs["task_weights"] = w_t
-                if cfg.aggregate_at == "representation":
-                    kwargs["features"] = out["memory"]
-                if cfg.grad_clip > 0:
-                    mto.backward(step_losses, **kwargs)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    combined = _shared_grad(shared) if log_now else None
-                    optimizer.step()
-                else:
-                    mto.step(step_losses, **kwargs)
-                    combined = _shared_grad(shared) if log_now else None
-                step += 1
-                if log_now:
-                    row: dict[str, float] = {"step": step, "epoch": epoch,
-                                             "time_s": round(time.perf_counter() - t0, 4)}
-                    for n, v in zip(model.task_names, loss_vals.tolist()):
-                        row[f"loss_{n}"] = v
-                    row["loss_weighted"] = float((w_t * loss_vals.double().cpu()).sum())
-                    row.update(conflict_of_gradients(G, weights, combined))
-                    rows.append(row)
-                    if writer is None:
-                        writer = csv.DictWriter(csv_file, fieldnames=list(row))
-                        writer.writeheader()
-                    writer.writerow(row)
-                    csv_file.flush()
-                    say(_format_row(row))
-                    if callback is not None:
-                        callback(step, dict(row))
-            epoch += 1
-    finally:
-        csv_file.close()
+    with csv_path.open("w", newline="") as csv_file:
+        writer: list[csv.DictWriter] = []
 
-    train_time = time.perf_counter() - t0
-    eval_ds = datasets[cfg.eval_split]
+        def on_log(row: dict[str, float]) -> None:
+            if not writer:
+                writer.append(csv.DictWriter(csv_file, fieldnames=list(row)))
+                writer[0].writeheader()
+            writer[0].writerow(row)
+            csv_file.flush()
+            say(_format_row(row))
+            if callback is not None:
+                callback(int(row["step"]), dict(row))
+
+        t0 = time.perf_counter()
+        rows = train_steps(setup, setup.total_steps, on_log=on_log)
+        train_time = time.perf_counter() - t0
+
     ckpt = {
-        "format": "mtl_opt.rrg/1",
+        "format": CHECKPOINT_FORMAT,
         "config": cfg.to_dict(),
         "model_config": model.cfg.to_dict(),
         "model": model.state_dict(),
         "tokenizer": tokenizer.state_dict(),
-        "aggregator": aggregator.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
+        "optimizer": setup.mto.state_dict(),
+        "step": setup.total_steps,
     }
     torch.save(ckpt, out_dir / "checkpoint.pt")
+    eval_ds = setup.datasets[cfg.eval_split]
+    t1 = time.perf_counter()
     result = evaluate_rrg(model, tokenizer, eval_ds, cfg, split=cfg.eval_split)
+    result["eval_time_s"] = time.perf_counter() - t1
     result["train_time_s"] = train_time
-    result["steps"] = step
+    result["steps"] = setup.total_steps
     (out_dir / "eval.json").write_text(json.dumps(_public(result), indent=2))
     _write_samples(out_dir / "samples.md", result["samples"], cfg.n_report_samples)
-    say(f"eval ({cfg.eval_split}): " + ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items()))
+    say(f"eval ({cfg.eval_split}, {result['n']} studies): "
+        + ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items()))
     say(f"run folder: {out_dir}")
     return {"run_dir": str(out_dir), "final": rows[-1] if rows else {}, "history": rows,
             "eval": _public(result), "n_parameters": n_params}
+
+
+def conflict_study(cfg: RRGConfig, n_batches: int = 10) -> dict[str, Any]:
+    """Train ``cfg.steps`` steps (0: measure at initialisation) and :func:`measure_conflict` over
+    ``n_batches`` training batches. Returns the measurement with the steps and data options."""
+    steps = cfg.steps if cfg.steps is not None else 0
+    setup = prepare_run(cfg)
+    if steps:
+        train_steps(setup, steps)
+    loader = make_loader(setup.datasets["train"], setup.tokenizer, cfg, shuffle=True, seed=cfg.seed + 1)
+    result = measure_conflict(setup.model, loader, n_batches, task_weights=setup.task_weights,
+                              device=setup.device)
+    setup.model.zero_grad(set_to_none=True)
+    return {"steps": steps, "synthetic": dict(cfg.synthetic), **result}
 
 
 def _format_row(row: dict[str, float]) -> str:
@@ -625,7 +760,7 @@ def load_run(checkpoint: str | os.PathLike, *, device: str = "cpu") -> tuple[RRG
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "mtl_opt.rrg/1":
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{str(path)!r} is not an mtl-opt RRG checkpoint")
     cfg = RRGConfig.from_dict(ckpt["config"])
     cfg.device = device
