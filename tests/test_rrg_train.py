@@ -23,7 +23,7 @@ from mtl_opt.problems.rrg.train import (
     train_steps,
 )
 
-SMALL = dict(n_train=128, n_val=16, n_test=16, batch_size=16, log_every=10)
+SMALL = dict(n_train=128, n_val=16, n_test=16, batch_size=16, log_every=10, lr=3e-3)
 
 
 def _first_last(history, key):

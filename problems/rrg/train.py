@@ -29,6 +29,7 @@ The module imports only torch and the library; pandas and plotly are never neede
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -229,21 +230,23 @@ class RRGConfig:
 # ------------------------------------------------------------------------------------------------
 def build_datasets(cfg: RRGConfig) -> dict[str, Any]:
     """The train/val/test datasets of ``cfg`` (synthetic splits use distinct seeds)."""
-    from . import data as rrg_data
-
     size = cfg.resolved_image_size()
     if cfg.data == "synthetic":
+        from .synthetic import SyntheticCXR
+
         splits = {"train": cfg.n_train, "val": cfg.n_val, "test": cfg.n_test}
         return {
-            split: rrg_data.SyntheticCXR(n, image_size=size, views=cfg.views,
-                                         seed=cfg.seed * 1000 + i, **cfg.synthetic)
+            split: SyntheticCXR(n, image_size=size, views=cfg.views, seed=cfg.seed * 1000 + i,
+                                **cfg.synthetic)
             for i, (split, n) in enumerate(splits.items())
         }
+    from .r2gen import R2GenDataset
+
     if cfg.synthetic:
         raise ValueError("synthetic data options were given but --data is a folder")
     return {
-        split: rrg_data.R2GenDataset(cfg.data, dataset=cfg.dataset, split=split, image_size=size,
-                                     labels_file=cfg.labels_file, skip_bad=cfg.skip_bad)
+        split: R2GenDataset(cfg.data, dataset=cfg.dataset, split=split, image_size=size,
+                            labels_file=cfg.labels_file, skip_bad=cfg.skip_bad)
         for split in ("train", "val", "test")
     }
 
@@ -251,6 +254,8 @@ def build_datasets(cfg: RRGConfig) -> dict[str, Any]:
 def dataset_reports(ds: Any) -> list[str]:
     """The report texts of a dataset (its ``reports`` attribute when it has one)."""
     reports = getattr(ds, "reports", None)
+    if callable(reports):
+        reports = reports()
     if reports is not None:
         return list(reports)
     return [ds[i]["report"] for i in range(len(ds))]
@@ -259,12 +264,12 @@ def dataset_reports(ds: Any) -> list[str]:
 def make_loader(ds: Any, tokenizer: Any, cfg: RRGConfig, *, shuffle: bool, seed: int = 0):
     from torch.utils.data import DataLoader
 
-    from . import data as rrg_data
+    from .r2gen import collate_rrg
 
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
         ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=g if shuffle else None,
-        collate_fn=lambda batch: rrg_data.collate_rrg(batch, tokenizer),
+        collate_fn=functools.partial(collate_rrg, tokenizer=tokenizer),
         num_workers=cfg.num_workers, pin_memory=torch.device(cfg.device).type == "cuda",
         drop_last=False,
     )
