@@ -201,3 +201,62 @@ def test_data_folder_without_annotation_fails(tmp_path, capsys):
 def test_eval_of_missing_checkpoint_fails(tmp_path, capsys):
     assert main(["rrg", "eval", "--checkpoint", str(tmp_path / "nothing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _write_iu_folder(root: Path, n: int = 6, bad: bool = False) -> None:
+    """A tiny IU X-Ray folder in the R2Gen layout, images drawn by the synthetic set."""
+    import numpy as np
+    from PIL import Image
+
+    from mtl_opt.problems.rrg.synthetic import SyntheticCXR
+
+    ds = SyntheticCXR(3 * n, image_size=32, views=2, seed=3)
+    (root / "images").mkdir(parents=True)
+    annotation = {"train": [], "val": [], "test": []}
+    for i in range(3 * n):
+        item = ds[i]
+        paths = []
+        for v in range(2):
+            rel = f"CXR{i}/{v}.png"
+            (root / "images" / f"CXR{i}").mkdir(exist_ok=True)
+            pixels = (item["image"][v, 0].numpy() * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / "images" / rel)
+            paths.append(rel)
+        split = ("train", "val", "test")[i // n]
+        annotation[split].append({"id": f"CXR{i}", "report": item["report"], "image_path": paths,
+                                  "split": split})
+    if bad:
+        annotation["train"].append({"id": "broken", "report": "no acute disease .",
+                                    "image_path": ["missing/0.png", "missing/1.png"], "split": "train"})
+    (root / "annotation.json").write_text(json.dumps(annotation))
+
+
+def test_training_on_an_r2gen_folder_with_skip_bad(tmp_path, capsys):
+    root = tmp_path / "iu"
+    _write_iu_folder(root, bad=True)
+    out = tmp_path / "run"
+    base = ["rrg", "train", "--data", str(root), "--dataset", "iu_xray", "--steps", "3",
+            "--batch-size", "4", "--no-meteor", "--quiet", "--out", str(out)]
+    # Without --skip-bad the broken study stops the run before training, naming the study.
+    assert main(base) == 2
+    assert "broken" in capsys.readouterr().err
+    assert not (out / "checkpoint.pt").exists()
+    with pytest.warns(UserWarning, match="skipped 1 malformed"):
+        assert main([*base, "--skip-bad"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset_sizes"] == {"train": 6, "val": 6, "test": 6}
+    assert [s[0] for s in config["skipped_studies"]["train"]] == ["broken"]
+    assert config["model"]["max_views"] == 2
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["n"] == 6 and "METEOR" not in ev["metrics"]
+
+
+def test_epochs_set_the_number_of_steps():
+    cfg = RRGConfig(epochs=2, **{**SMALL, "n_train": 40})
+    setup = prepare_run(cfg)
+    assert setup.total_steps == 2 * 3  # 40 studies in batches of 16
+
+
+def test_unknown_synthetic_option_fails(tmp_path, capsys):
+    assert main(["rrg", "train", "--synthetic", "undercal=0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown synthetic data option" in capsys.readouterr().err

@@ -167,7 +167,12 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     from .train import build_datasets, evaluate_rrg, load_run
 
+    import torch
+
     model, tokenizer, cfg, _ = load_run(args.checkpoint, device=args.device)
+    if torch.device(args.device).type != "cuda" and cfg.amp:
+        print("the run was trained with --amp; evaluating in float32 on the CPU", file=sys.stderr)
+        cfg.amp = False
     cfg.validate()
     split = args.split or cfg.eval_split
     if args.beam_size is not None:
@@ -179,7 +184,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     datasets = build_datasets(cfg)
     result = evaluate_rrg(model, tokenizer, datasets[split], cfg, split=split)
     record = {"split": split, "n": result["n"], "metrics": result["metrics"],
-              "checkpoint": str(args.checkpoint)}
+              "checkpoint": str(args.checkpoint), "device": args.device, "amp": cfg.amp,
+              "beam_size": cfg.beam_size}
     text = json.dumps(record, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -189,7 +189,22 @@ class RRGConfig:
             raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
         if self.amp and device.type != "cuda":
             raise ValueError("--amp needs a CUDA device (no mixed precision on the CPU)")
-        if self.data != "synthetic":
+        if self.data == "synthetic":
+            import inspect
+
+            from .synthetic import SyntheticCXR
+
+            knobs = set(inspect.signature(SyntheticCXR.__init__).parameters) - {"self", "n", "image_size", "views", "seed"}
+            unknown = sorted(set(self.synthetic) - knobs)
+            if unknown:
+                raise ValueError(f"unknown synthetic data option(s) {unknown}; the synthetic set takes "
+                                 f"{', '.join(sorted(knobs))}")
+            if self.views not in (1, 2):
+                raise ValueError(f"synthetic studies have 1 or 2 views, got {self.views}")
+        else:
+            if self.synthetic:
+                raise ValueError(f"synthetic data options {sorted(self.synthetic)} were given but "
+                                 f"--data is a folder ({self.data!r})")
             root = Path(self.data)
             if not root.is_dir():
                 raise FileNotFoundError(f"data folder {self.data!r} does not exist")
@@ -242,8 +257,6 @@ def build_datasets(cfg: RRGConfig) -> dict[str, Any]:
         }
     from .r2gen import R2GenDataset
 
-    if cfg.synthetic:
-        raise ValueError("synthetic data options were given but --data is a folder")
     return {
         split: R2GenDataset(cfg.data, dataset=cfg.dataset, split=split, image_size=size,
                             labels_file=cfg.labels_file, skip_bad=cfg.skip_bad)
@@ -613,9 +626,14 @@ def train_rrg(config: RRGConfig, *, callback: Callable[[int, dict[str, float]], 
         "n_parameters": n_params,
         "tokenizer": {"vocab_size": tokenizer.vocab_size, "max_length": tokenizer.max_length},
         "dataset_sizes": {k: len(v) for k, v in setup.datasets.items()},
+        "skipped_studies": {k: [list(x) for x in getattr(v, "skipped", [])]
+                            for k, v in setup.datasets.items()},
         "torch": torch.__version__,
     }
     (out_dir / "config.json").write_text(json.dumps(config_record, indent=2, default=str))
+    n_skipped = sum(len(v) for v in config_record["skipped_studies"].values())
+    if n_skipped:
+        say(f"skipped {n_skipped} malformed studies (listed in config.json)")
 
     csv_path = out_dir / "metrics.csv"
     with csv_path.open("w", newline="") as csv_file:
