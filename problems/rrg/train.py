@@ -672,7 +672,7 @@ def train_rrg(config: RRGConfig, *, callback: Callable[[int, dict[str, float]], 
     (out_dir / "eval.json").write_text(json.dumps(_public(result), indent=2))
     _write_samples(out_dir / "samples.md", result["samples"], cfg.n_report_samples)
     say(f"eval ({cfg.eval_split}, {result['n']} studies): "
-        + ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items()))
+        + ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items() if "/" not in k))
     say(f"run folder: {out_dir}")
     return {"run_dir": str(out_dir), "final": rows[-1] if rows else {}, "history": rows,
             "eval": _public(result), "n_parameters": n_params}
