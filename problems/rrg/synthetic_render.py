@@ -47,7 +47,7 @@ EFFUSION_HEIGHT = {"small": 0.12, "moderate": 0.28, "large": 0.45}
 PNEUMOTHORAX_RIM = {"small": 0.06, "moderate": 0.12, "large": 0.20}
 LOBE_Y = {"upper": -0.15, "middle": 0.0, "lower": 0.14}
 
-TISSUE, LUNG, BONE, FLUID, METAL, AIR = 0.38, 0.13, 0.60, 0.56, 0.97, 0.03
+TISSUE, LUNG, BONE, FLUID, METAL, AIR = 0.38, 0.13, 0.60, 0.50, 0.97, 0.03
 
 
 @dataclass
@@ -197,10 +197,6 @@ def render_frontal(study: Study, size: int, noise: float = 0.02) -> np.ndarray:
             meniscus = level - 0.06 * lateral**2
             fluid = lung_masks[s] & (y > meniscus)
             img[fluid] = FLUID
-            # Blunt the costophrenic angle: fill the lateral lung corner.
-            corner = (y > bottom - 0.08) & (np.abs(x - lx) > ax * 0.5) & (np.abs(x - lx) < ax * 1.05) \
-                & ((x - lx) * (1 if s == 1 else -1) > 0) & (_ellipse(x, y, 0.5, 0.56, 0.45, 0.52) < 1)
-            img[corner & (y < bottom + 0.02)] = FLUID
     if "pneumothorax" in f:
         g = f["pneumothorax"]
         for s in _sides(g.side):
