@@ -131,7 +131,7 @@ def render_frontal(study: Study, size: int, noise: float = 0.02) -> np.ndarray:
     rib_band = np.zeros_like(x, dtype=bool)
     rib_tops = 0.22 + 0.065 * np.arange(9)
     fracture = study.findings.get("fracture")
-    fracture_rib = None if fracture is None else 3 + int(rng.integers(0, 4))
+    fracture_rib = None if fracture is None else 3 + int(np.random.default_rng([study.anatomy_seed, 7]).integers(0, 4))
     for k, top in enumerate(rib_tops):
         curve = top + 0.10 * (np.abs(x - 0.5) - 0.1) ** 1.0 - 0.03 * np.cos(np.pi * (x - 0.5) * 3)
         band = (np.abs(y - curve) < 0.011) & (np.abs(x - 0.5) > 0.05) & (np.abs(x - 0.5) < 0.36)
@@ -169,7 +169,8 @@ def render_frontal(study: Study, size: int, noise: float = 0.02) -> np.ndarray:
             bx = lx + g.position[0] * ax
             by = ly + LOBE_Y[g.lobe] + g.position[1] * ay * 0.3
             blob = np.exp(-((x - bx) ** 2 / (2 * 0.06**2) + (y - by) ** 2 / (2 * 0.05**2)))
-            texture = 0.8 + 0.4 * (_smooth_field(rng, x, y, 12, 0.02) > 0)
+            texture_rng = np.random.default_rng([study.anatomy_seed, 8, s])
+            texture = 0.8 + 0.4 * (_smooth_field(texture_rng, x, y, 12, 0.02) > 0)
             img[lung_masks[s]] += (amp * blob * texture)[lung_masks[s]]
     if "atelectasis" in f:
         g = f["atelectasis"]
