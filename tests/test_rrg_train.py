@@ -260,3 +260,14 @@ def test_epochs_set_the_number_of_steps():
 def test_unknown_synthetic_option_fails(tmp_path, capsys):
     assert main(["rrg", "train", "--synthetic", "undercal=0.5", "--out", str(tmp_path / "x")]) == 2
     assert "unknown synthetic data option" in capsys.readouterr().err
+
+
+def test_training_module_imports_without_pandas_plotly_or_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, mtl_opt.problems.rrg.train, mtl_opt.problems.rrg.cli, mtl_opt.cli; "
+            "mtl_opt.cli.build_parser(); "
+            "print(','.join(m for m in ('pandas', 'plotly', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
