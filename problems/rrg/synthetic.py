@@ -37,6 +37,28 @@ truth; the defaults give the realistic disagreement listed beside each knob.
 * ``label_noise`` (0.02): probability each drawn observation's classification label is flipped
   (annotation noise), No Finding recomputed from the flipped labels.
 
+Measured on 3000 studies (``seed=0``), reading the reports with :class:`CheXpertLabeler` and
+comparing "report says positive" with "image label is 1" over the nine drawn observations other
+than Lung Opacity (precision / recall), one knob at a time from no disagreement:
+
+================================  =========  ======  ==================================
+setting                           precision  recall  other effect
+================================  =========  ======  ==================================
+no disagreement                   1.000      1.000   labels = truth, reports exact
+``undercall=0.3``                 1.000      0.627
+``overcall=0.1``                  0.691      1.000   27 % of reports gain an uncertain
+``view_bias=1.0``                 0.865      0.978   AP cardiomegaly / effusion errors
+``hedge=0.5``                     1.000      0.488   31 % of reports carry an uncertain
+``nuisance=3.0``                  1.000      1.000   7.6 sentences per report (4.6)
+``label_noise=0.1``               1.000      1.000   9.6 % of label cells flipped
+defaults                          0.778      0.733   2.2 % of label cells flipped
+================================  =========  ======  ==================================
+
+At the defaults 56 % of the studies are normal, 98 % of the reports contain a negation, 27 % a
+hedge ("possible", "cannot exclude", "may", "questionable", "borderline", "concerning for", "rule
+out"), a report has 5.6 sentences and 0.69 positive observations on average. What each knob does
+to the gradient conflict between the report and classification tasks is measured with the model.
+
 Items are dicts ``{"id", "image" (V, 1, H, W) float in [0, 1], "report", "labels" (14,)}``;
 :meth:`SyntheticCXR.study` returns the truth behind one item and :meth:`SyntheticCXR.true_labels`
 the noise-free labels.
