@@ -443,3 +443,13 @@ def test_r2gen_file_level_errors(tmp_path):
     with pytest.warns(UserWarning):
         with pytest.raises(ValueError, match="no usable studies"):
             R2GenDataset(root, skip_bad=True)
+
+
+def test_rrg_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, mtl_opt.problems.rrg; "
+            "print(','.join(m for m in ('PIL', 'pandas', 'plotly', 'pycocoevalcap') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == ""
