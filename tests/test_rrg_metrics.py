@@ -44,6 +44,14 @@ def test_partial_overlap_matches_hand_computation():
     assert out["CIDEr"] == 0.0  # idf over a one-report set is log(1/1) = 0
 
 
+def test_empty_generated_reports_are_scored_not_rejected():
+    out = nlg_metrics(REFS, ["", REFS[1], ""], meteor=False)
+    assert 0.0 < out["BLEU_1"] < 1.0 and out["ROUGE_L"] == pytest.approx(1 / 3)
+    ce = clinical_efficacy(["Mild cardiomegaly.", "The lungs are clear."], ["", ""])
+    # No Finding: tp 1 (the normal study), fp 1 (the cardiomegaly study) -> F1 2/3.
+    assert ce["f1/No Finding"] == pytest.approx(2 / 3) and ce["f1/Cardiomegaly"] == 0.0
+
+
 def test_disjoint_reports_score_zero_bleu():
     out = nlg_metrics(REFS, ["alpha beta gamma", "delta epsilon", "zeta eta theta"], meteor=False)
     assert out["BLEU_1"] == pytest.approx(0.0, abs=1e-6)
