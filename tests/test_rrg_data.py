@@ -385,6 +385,24 @@ def test_r2gen_mimic_one_view_and_labels_files(tmp_path):
         R2GenDataset(root, dataset="mimic_cxr", image_size=8, labels_file=str(tmp_path / "short.json"))
 
 
+def test_r2gen_promptmrg_annotation_labels(tmp_path):
+    root, studies = _iu_root(tmp_path)
+    for k, s in enumerate(studies):
+        s["labels"] = [0] * 13 + [1] if k != 1 else [3, 1, 2] + [0] * 11
+    _write(root, {"train": studies})
+    ds = R2GenDataset(root, image_size=8, labels_file="annotation")
+    assert ds[1]["labels"][:3].tolist() == [-1.0, 1.0, 0.0] and torch.isnan(ds[1]["labels"][3:]).all()
+    assert ds[0]["labels"][-1] == 1 and "annotation" in ds.label_source
+    studies[2]["labels"] = [4] * 14
+    del studies[0]["labels"]
+    _write(root, {"train": studies})
+    with pytest.raises(MalformedStudyError, match=r"'CXR0_IM-0000'.*has no 'labels'"):
+        R2GenDataset(root, image_size=8, labels_file="annotation")
+    with pytest.warns(UserWarning, match="skipped 2"):
+        ds = R2GenDataset(root, image_size=8, labels_file="annotation", skip_bad=True)
+    assert [sid for sid, _ in ds.skipped] == ["CXR0_IM-0000", "CXR2_IM-0002"] and len(ds) == 1
+
+
 @pytest.mark.parametrize(
     ("breakage", "match"),
     [
