@@ -117,6 +117,14 @@ def test_synthetic_items_shapes_ranges_and_determinism():
     assert SyntheticCXR(100, seed=1, views=2)[2]["report"] == item["report"]
 
 
+def test_synthetic_image_cache_returns_the_same_images():
+    plain = SyntheticCXR(3, image_size=32, views=2, seed=8)
+    cached = SyntheticCXR(3, image_size=32, views=2, seed=8, cache_images=True)
+    first = cached[1]["image"]
+    first.zero_()  # a caller writing into its batch must not corrupt the cache
+    assert torch.equal(cached[1]["image"], plain[1]["image"]) and len(cached._cache) == 1
+
+
 def test_synthetic_argument_checks():
     with pytest.raises(ValueError, match="n must"):
         SyntheticCXR(0)
