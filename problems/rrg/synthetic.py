@@ -23,8 +23,9 @@ truth; the defaults give the realistic disagreement listed beside each knob.
 * ``undercall`` (0.10): probability the reader misses a present finding and writes the normal
   sentence instead ("no pleural effusion"); doubled for small/mild findings, halved for
   large/severe ones. Lowers report recall against the labels.
-* ``overcall`` (0.03): probability the reader reports an absent finding; half of these are
-  hedged ("cannot exclude a small left pleural effusion"). Lowers report precision.
+* ``overcall`` (0.03): probability the reader reports an absent finding (any but devices,
+  fractures and masses); half of these are hedged ("cannot exclude a small left pleural
+  effusion"). Lowers report precision.
 * ``view_bias`` (0.5): on AP views the heart is drawn 12 % wider (magnification); with this
   probability the reader calls that heart enlarged although the true CTR is normal, and misses a
   small or moderate effusion layering on the supine film. View-dependent over- and under-calling.
