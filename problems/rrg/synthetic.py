@@ -235,9 +235,9 @@ class SyntheticCXR(Dataset):
             _set_no_finding(labels)
         return labels
 
-    def reader_calls(self, index: int) -> list[ReaderCall]:
+    def reader_calls(self, index: int, study: Study | None = None) -> list[ReaderCall]:
         """What the simulated reader reports about each finding of study ``index``."""
-        study = self.study(index)
+        study = self.study(index) if study is None else study
         rng = self._rng(self._check_index(index), 1)
         calls = []
         for name in DEFAULT_PREVALENCE:
@@ -279,7 +279,7 @@ class SyntheticCXR(Dataset):
         """The report the simulated reader writes for study ``index``."""
         index = self._check_index(index)
         study = self.study(index)
-        calls = self.reader_calls(index)
+        calls = self.reader_calls(index, study)
         rng = self._rng(index, 3)
         return write_report(study, calls, rng, nuisance=self.nuisance, hedge=self.hedge)
 
