@@ -150,7 +150,7 @@ class ParetoProblem:
             ref = self.pareto_front(self.front_resolution).to(dtype=F.dtype, device=F.device)
             self._front_cache = ref
         flat = F.reshape(-1, F.shape[-1])
-        d = torch.cdist(flat, ref).min(dim=1).values
+        d = torch.cdist(flat, ref, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
         return d.reshape(F.shape[:-1])
 
     # ------------------------------------------------------------------ description
@@ -191,7 +191,7 @@ def curve_distance(F: Tensor, curve: Callable[[Tensor], Tensor],
     hi_t = torch.zeros_like(best)
     for a, b in regions:
         t = torch.linspace(a, b, n, dtype=torch.float64)
-        d, j = torch.cdist(flat, curve(t)).min(dim=1)
+        d, j = torch.cdist(flat, curve(t), compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
         better = d < best
         best = torch.where(better, d, best)
         lo_t = torch.where(better, t[(j - 1).clamp(min=0)], lo_t)
