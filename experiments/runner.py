@@ -226,6 +226,9 @@ class _Recorder:
         self.known_front = problem.has_known_front
 
     def record(self, step: int, x: Tensor) -> None:
+        finite_x = torch.isfinite(x.detach()).all(-1)
+        if not bool(finite_x.all()):
+            raise _NonFinite(step, (~finite_x).nonzero().flatten().tolist())
         F, J = self.problem.losses_and_jacobian(x.detach())
         blocked = self.problem.blocked_coordinates(x.detach(), J)
         if blocked is not None:
@@ -403,7 +406,9 @@ def run_methods(
             for m, agg, uses_losses in gram_groups:
                 sl = slice(m * n_runs, (m + 1) * n_runs)
                 t0 = time.perf_counter()
-                beta[sl] = agg._checked_batch_weights(M64[sl], F64[sl] if uses_losses else None, None)
+                # The methods' vectorised weights, unchecked in the loop: a non-finite weight
+                # makes x non-finite, which the next record reports naming the method.
+                beta[sl] = agg._batch_weights(M64[sl], losses=F64[sl] if uses_losses else None, task_weights=None)
                 agg_time[m] += time.perf_counter() - t0
             b = beta if on_cpu else beta.to(dev, non_blocking=True)
             direction = (b.unsqueeze(-2) @ J).squeeze(-2)
