@@ -82,20 +82,23 @@ def _parse_seeds(text: str) -> list[int]:
     return seeds
 
 
-def _resolve_starts(text: str, problems: dict[str, Any]) -> dict[str, Any]:
+def _resolve_starts(text: str, problems: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Starts per problem and their labels (indices into the protocol's list)."""
     import torch
 
     text = str(text).strip()
-    out = {}
+    out, labels = {}, {}
     for name, prob in problems.items():
         base = prob.protocol_starts()
         if text == "all":
             out[name] = base
+            labels[name] = list(range(len(base)))
         elif text.startswith("random:"):
             raw = text.split(":", 1)[1]
             if not raw.isdigit() or int(raw) < 1:
                 raise ValueError(f"--starts {text!r}: expected random:N with N >= 1")
             out[name] = prob.initial_points(int(raw), seed=1)
+            labels[name] = list(range(int(raw)))
         else:
             try:
                 idx = [int(i) for i in text.split(",") if i.strip()]
@@ -107,7 +110,8 @@ def _resolve_starts(text: str, problems: dict[str, Any]) -> dict[str, Any]:
             if bad:
                 raise ValueError(f"--starts: indices {bad} are out of range for {name}'s {len(base)} protocol starts")
             out[name] = base[torch.tensor(idx)]
-    return out
+            labels[name] = idx
+    return out, labels
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
     seeds = _parse_seeds(args.seeds)
-    starts = _resolve_starts(args.starts, problems)
+    starts, start_labels = _resolve_starts(args.starts, problems)
     steps, lrs, record_every = {}, {}, None
     for name, prob in problems.items():
         d = SUITE_DEFAULTS.get(prob.name, FALLBACK)
@@ -157,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     comp = run_comparison(list(problems), method_specs, starts=starts, seeds=seeds,
                           optimizer=args.optimizer, steps=steps, lr=lrs, record_every=record_every,
-                          device=args.device, progress=progress)
+                          device=args.device, progress=progress, start_labels=start_labels)
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.done()

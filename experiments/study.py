@@ -84,6 +84,7 @@ def run_comparison(
     record_every: int | None = None,
     device: str = "cpu",
     progress: Callable[[str, int, int], Any] | None = None,
+    start_labels: Mapping[str, Sequence[int]] | None = None,
 ) -> Comparison:
     """Run every method on every problem (all runs of one problem in one batch).
 
@@ -97,6 +98,8 @@ def run_comparison(
             and ``lr`` may be per-problem mappings.
         record_every: history interval (default: ``steps // 200``, at least 1).
         progress: ``progress(problem, step, steps)`` as runs advance.
+        start_labels: per problem, the label of each start in the ``start`` column (e.g. its
+            index in the protocol's list when ``starts`` is a subset of it); default 0..S-1.
 
     Every option is checked (problems built, methods parsed, starts shaped) before any run.
     """
@@ -125,18 +128,25 @@ def run_comparison(
         else:
             p_starts = starts
         S = _check_starts(prob, p_starts)
-        plan.append((name, prob, S, int(p_steps), float(p_lr), rec))
+        labels_s = list(range(S.shape[0]))
+        if start_labels is not None and name in start_labels:
+            labels_s = [int(i) for i in start_labels[name]]
+            if len(labels_s) != S.shape[0]:
+                raise ValueError(f"{name}: {len(labels_s)} start labels for {S.shape[0]} starts")
+        plan.append((name, prob, S, int(p_steps), float(p_lr), rec, labels_s))
 
     runs: list[RunResult] = []
-    for name, prob, S, p_steps, p_lr, rec in plan:
+    for name, prob, S, p_steps, p_lr, rec, labels_s in plan:
         cb = None
         if progress is not None:
             def cb(step: int, _metrics: dict, _name: str = name, _steps: int = p_steps) -> None:
                 progress(_name, step, _steps)
         results = run_methods(prob, list(methods), starts=S, seeds=seeds, optimizer=optimizer,
                               lr=p_lr, steps=p_steps, record_every=rec, callback=cb, device=device)
+        relabel = torch.tensor(labels_s)
         for r in results:
             r.problem = name
+            r.start_index = relabel[r.start_index]
         runs.extend(results)
 
     final = final_table(runs)
@@ -146,7 +156,7 @@ def run_comparison(
                .reset_index().sort_values("mean_rank", kind="stable").reset_index(drop=True))
     config = {
         "problems": [{"name": name, "options": prob.options(), "steps": s, "lr": l, "record_every": rec,
-                      "starts": S.tolist()} for name, prob, S, s, l, rec in plan],
+                      "start_labels": lab, "starts": S.tolist()} for name, prob, S, s, l, rec, lab in plan],
         "methods": labels,
         "seeds": list(seeds),
         "optimizer": optimizer,

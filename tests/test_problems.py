@@ -194,3 +194,15 @@ def test_bad_problem_options_fail_clearly():
         "quadratic", {"imbalance": 1000, "n_tasks": 3})
     with pytest.raises(ValueError, match="expected key=value"):
         parse_problem_spec("quadratic:imbalance")
+
+
+def test_toy_torch_and_numpy_paths_agree():
+    """On the CPU the toy's closed form runs in NumPy; the torch path (other devices) must agree."""
+    problem = Toy()
+    x = 8 * (2 * _rand((64, 2), seed=5) - 1)
+    F_np, J_np = problem.losses_and_jacobian(x)
+    F_t, J_t = problem._closed_form(x, torch, torch.tanh, torch.log, torch.clamp)
+    torch.testing.assert_close(F_np, F_t, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(J_np, J_t, rtol=1e-13, atol=1e-13)
+    F32, J32 = problem.losses_and_jacobian(x.float())
+    assert F32.dtype == torch.float32 and J32.dtype == torch.float32
