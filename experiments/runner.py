@@ -119,7 +119,12 @@ def method_from_spec(method: str | GradientAggregator) -> tuple[str, GradientAgg
     import mtl_opt
 
     name, hyper = mtl_opt.parse_method_spec(method)
-    agg = mtl_opt.get_aggregator(name, **hyper)
+    # Built with torch's global generator seeded 0 (and restored after), so that methods
+    # whose randomness is seeded from it at construction (PCGrad without seed=) draw the same
+    # orders in every study; pass e.g. "pcgrad:seed=3" to vary them.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        agg = mtl_opt.get_aggregator(name, **hyper)
     label = name if not hyper else name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in hyper.items())
     return label, agg
 

@@ -98,6 +98,14 @@ def test_noise_is_seeded_per_run():
     assert not torch.allclose(d.x, c.x)
 
 
+def test_randomised_methods_are_reproducible_from_specs():
+    a = run_method("quadratic_many", "pcgrad", steps=30, lr=1e-2, record_every=30)
+    b = run_method("quadratic_many", "pcgrad", steps=30, lr=1e-2, record_every=30)
+    torch.testing.assert_close(a.x, b.x, rtol=0, atol=0)
+    c = run_method("quadratic_many", "pcgrad:seed=5", steps=30, lr=1e-2, record_every=30)
+    assert not torch.equal(a.x, c.x)
+
+
 def test_bounds_conflicts_and_stationarity_on_zdt1():
     r = run_method("zdt1", "nash_mtl", steps=300, lr=3e-2, record_every=100)
     assert float(r.x.min()) >= 0 and float(r.x.max()) <= 1
