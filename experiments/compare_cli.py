@@ -62,8 +62,89 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="output folder (default runs/compare-<UTC timestamp>)")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
                         help="run a published protocol exactly (fixes problems, starts, steps, lr, optimizer)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="rerun a study from the config.json it wrote (only --out, --quiet and "
+                        "--no-figures may be given with it)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _from_options(args: argparse.Namespace) -> tuple:
+    import mtl_opt
+    from mtl_opt.experiments.runner import OPTIMIZERS, method_from_spec
+    from mtl_opt.problems import problem_from_spec
+
+    protocol = PROTOCOLS.get(args.protocol) if args.protocol else None
+    if protocol is not None:
+        clashes = [opt for opt, given in (("--problems", args.problems), ("--steps", args.steps),
+                                          ("--lr", args.lr), ("--starts", args.starts != "all"),
+                                          ("--optimizer", args.optimizer != "adam")) if given]
+        if clashes:
+            raise ValueError(f"--protocol {args.protocol} fixes {', '.join(clashes)}; drop them or drop --protocol")
+    problem_specs = protocol["problems"] if protocol else (args.problems or list(DEFAULT_PROBLEMS))
+    method_specs = args.methods or mtl_opt.available_aggregators()
+    labels = [method_from_spec(m)[0] for m in method_specs]  # raises on unknown names / bad values
+    problems = {}
+    for spec in problem_specs:
+        prob = problem_from_spec(spec)
+        problems[spec if ":" in spec else prob.name] = prob
+    if len(problems) != len(problem_specs):
+        raise ValueError(f"--problems lists a problem twice: {problem_specs}")
+    if args.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {args.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    seeds = _parse_seeds(args.seeds)
+    starts, start_labels = _resolve_starts(args.starts, problems)
+    steps, lrs, record_every = {}, {}, None
+    for name, prob in problems.items():
+        d = SUITE_DEFAULTS.get(prob.name, FALLBACK)
+        steps[name] = protocol["steps"] if protocol else (args.steps if args.steps is not None else int(d["steps"]))
+        lrs[name] = protocol["lr"] if protocol else (args.lr if args.lr is not None else float(d["lr"]))
+    if protocol:
+        record_every = protocol["record_every"]
+    return problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every
+
+
+def _from_config(args: argparse.Namespace) -> tuple:
+    """The study a config.json describes: problems with their options, starts, steps and lr."""
+    import torch
+
+    from mtl_opt.experiments.runner import method_from_spec
+    from mtl_opt.problems import get_problem
+
+    given = [name for name, value in (("--problems", args.problems), ("--methods", args.methods),
+                                      ("--steps", args.steps), ("--lr", args.lr), ("--protocol", args.protocol),
+                                      ("--starts", args.starts != "all"), ("--seeds", args.seeds != "0"),
+                                      ("--optimizer", args.optimizer != "adam"), ("--device", args.device != "cpu"))
+             if value]
+    if given:
+        raise ValueError(f"--config fixes the study; drop {', '.join(given)}")
+    try:
+        config = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        entries = config["problems"]
+        problems, starts, start_labels, steps, lrs = {}, {}, {}, {}, {}
+        for e in entries:
+            prob = get_problem(e["name"] if ":" not in e["spec"] else e["spec"].split(":", 1)[0], **e["options"])
+            key = e["spec"]
+            problems[key] = prob
+            starts[key] = torch.tensor(e["starts"], dtype=torch.float64)
+            start_labels[key] = list(e["start_labels"])
+            steps[key] = int(e["steps"])
+            lrs[key] = float(e["lr"])
+        method_specs = list(config["methods"])
+        seeds = [int(v) for v in config["seeds"]]
+        args.optimizer = config["optimizer"]
+        args.device = config["device"]
+        args.protocol = config.get("protocol")
+        args.starts = config.get("starts", "all")
+        record_every = {e["spec"]: int(e["record_every"]) for e in entries}
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{args.config} is not a config.json written by mtl-opt compare: {exc!r}") from None
+    labels = [method_from_spec(m)[0] for m in method_specs]
+    return problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -120,37 +201,12 @@ def run(args: argparse.Namespace) -> int:
     from mtl_opt.problems import problem_from_spec
 
     # ---------------------------------------------------------------- validate everything first
-    protocol = PROTOCOLS.get(args.protocol) if args.protocol else None
-    if protocol is not None:
-        clashes = [opt for opt, given in (("--problems", args.problems), ("--steps", args.steps),
-                                          ("--lr", args.lr), ("--starts", args.starts != "all"),
-                                          ("--optimizer", args.optimizer != "adam")) if given]
-        if clashes:
-            raise ValueError(f"--protocol {args.protocol} fixes {', '.join(clashes)}; drop them or drop --protocol")
-    problem_specs = protocol["problems"] if protocol else (args.problems or list(DEFAULT_PROBLEMS))
-    method_specs = args.methods or mtl_opt.available_aggregators()
-    labels = [method_from_spec(m)[0] for m in method_specs]  # raises on unknown names / bad values
-    problems = {}
-    for spec in problem_specs:
-        prob = problem_from_spec(spec)
-        problems[spec if ":" in spec else prob.name] = prob
-    if len(problems) != len(problem_specs):
-        raise ValueError(f"--problems lists a problem twice: {problem_specs}")
-    if args.optimizer not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {args.optimizer!r}; choose one of {list(OPTIMIZERS)}")
-    if args.steps is not None and args.steps < 1:
-        raise ValueError(f"--steps must be >= 1, got {args.steps}")
-    if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
-        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
-    seeds = _parse_seeds(args.seeds)
-    starts, start_labels = _resolve_starts(args.starts, problems)
-    steps, lrs, record_every = {}, {}, None
-    for name, prob in problems.items():
-        d = SUITE_DEFAULTS.get(prob.name, FALLBACK)
-        steps[name] = protocol["steps"] if protocol else (args.steps if args.steps is not None else int(d["steps"]))
-        lrs[name] = protocol["lr"] if protocol else (args.lr if args.lr is not None else float(d["lr"]))
-    if protocol:
-        record_every = protocol["record_every"]
+    if args.config is not None:
+        problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every = \
+            _from_config(args)
+    else:
+        problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every = \
+            _from_options(args)
     out = args.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S", time.gmtime())
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} exists and is not empty; choose another --out")
@@ -168,7 +224,6 @@ def run(args: argparse.Namespace) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     config = {
-        "command": "mtl-opt compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "mtl-opt compare",
         "protocol": args.protocol,
         "problems": [{"spec": spec, **entry} for spec, entry in zip(problems, comp.config["problems"])],
         "methods": labels,

@@ -81,7 +81,7 @@ def run_comparison(
     steps: int | Mapping[str, int] = 1000,
     *,
     lr: float | Mapping[str, float] = 1e-3,
-    record_every: int | None = None,
+    record_every: int | Mapping[str, int] | None = None,
     device: str = "cpu",
     progress: Callable[[str, int, int], Any] | None = None,
     start_labels: Mapping[str, Sequence[int]] | None = None,
@@ -96,7 +96,8 @@ def run_comparison(
         seeds: one run per start and seed (the seed drives noisy problems' gradient noise).
         optimizer, steps, lr: as in :func:`~mtl_opt.experiments.runner.run_method`; ``steps``
             and ``lr`` may be per-problem mappings.
-        record_every: history interval (default: ``steps // 200``, at least 1).
+        record_every: history interval, or a per-problem mapping (default: ``steps // 200``,
+            at least 1).
         progress: ``progress(problem, step, steps)`` as runs advance.
         start_labels: per problem, the label of each start in the ``start`` column (e.g. its
             index in the protocol's list when ``starts`` is a subset of it); default 0..S-1.
@@ -121,7 +122,8 @@ def run_comparison(
     for name, prob in zip(names, probs):
         p_steps = steps[name] if isinstance(steps, Mapping) else steps
         p_lr = lr[name] if isinstance(lr, Mapping) else lr
-        rec = record_every if record_every is not None else max(1, int(p_steps) // 200) if isinstance(p_steps, int) else 1
+        p_rec = record_every[name] if isinstance(record_every, Mapping) else record_every
+        rec = p_rec if p_rec is not None else (max(1, p_steps // 200) if isinstance(p_steps, int) else 1)
         _check_settings(optimizer, p_lr, p_steps, rec, seeds, device)
         if isinstance(starts, Mapping):
             p_starts = starts.get(name)

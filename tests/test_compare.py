@@ -221,6 +221,23 @@ def test_cli_compare_end_to_end(tmp_path, capsys):
     assert "| method |" in (out / "summary.md").read_text()
 
 
+def test_cli_reruns_from_its_config(tmp_path, capsys):
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert main(["compare", "--problems", "toy", "quadratic_noisy", "--methods", "pcgrad", "nash_mtl",
+                 "--steps", "15", "--seeds", "2x", "--starts", "1,3", "--lr", "0.01", "--out", str(first),
+                 "--quiet", "--no-figures"]) == 0
+    assert main(["compare", "--config", str(first / "config.json"), "--out", str(second), "--quiet",
+                 "--no-figures"]) == 0
+    a = (first / "final.csv").read_text().splitlines()
+    b = (second / "final.csv").read_text().splitlines()
+    drop = a[0].split(",").index("time_per_step_us")
+    assert [r.split(",")[:drop] for r in a] == [r.split(",")[:drop] for r in b]
+    assert not list(second.glob("*.html"))
+    assert main(["compare", "--config", str(first / "config.json"), "--steps", "3", "--out",
+                 str(tmp_path / "c")]) == 2
+    assert "--config fixes the study" in capsys.readouterr().err
+
+
 def test_cli_protocol_rejects_conflicting_options(tmp_path, capsys):
     assert main(["compare", "--protocol", "nash-toy", "--steps", "10", "--out", str(tmp_path / "x")]) == 2
     assert "fixes --steps" in capsys.readouterr().err
