@@ -60,6 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for x and the Jacobians (default cpu)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default runs/compare-<UTC timestamp>)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes to spread the batches over (default 1); results do not depend "
+                        "on it; pays off only for long studies on idle cores")
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
                         help="run a published protocol exactly (fixes problems, starts, steps, lr, optimizer)")
     parser.add_argument("--config", type=Path, default=None,
@@ -213,11 +216,16 @@ def run(args: argparse.Namespace) -> int:
 
     from mtl_opt.experiments.study import run_comparison
 
+    workers = args.workers
+    if workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {workers}")
+
     progress = None if args.quiet else _Progress(steps)
     t0 = time.perf_counter()
     comp = run_comparison(list(problems), method_specs, starts=starts, seeds=seeds,
                           optimizer=args.optimizer, steps=steps, lr=lrs, record_every=record_every,
-                          device=args.device, progress=progress, start_labels=start_labels)
+                          device=args.device, progress=progress, start_labels=start_labels,
+                          workers=workers)
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.done()

@@ -85,6 +85,7 @@ def run_comparison(
     device: str = "cpu",
     progress: Callable[[str, int, int], Any] | None = None,
     start_labels: Mapping[str, Sequence[int]] | None = None,
+    workers: int = 1,
 ) -> Comparison:
     """Run every method on every problem (all runs of one problem in one batch).
 
@@ -101,6 +102,11 @@ def run_comparison(
         progress: ``progress(problem, step, steps)`` as runs advance.
         start_labels: per problem, the label of each start in the ``start`` column (e.g. its
             index in the protocol's list when ``starts`` is a subset of it); default 0..S-1.
+        workers: processes to spread the work over. With ``workers > 1`` each problem's methods
+            are split into groups of similar cost, every (problem, group) batch runs in a spawned
+            process, and the results are identical to ``workers=1`` (runs are independent and
+            their noise depends only on their seed). Each process pays torch's import (seconds),
+            so it only pays off for long studies on otherwise idle cores.
 
     Every option is checked (problems built, methods parsed, starts shaped) before any run.
     """
@@ -137,20 +143,20 @@ def run_comparison(
                 raise ValueError(f"{name}: {len(labels_s)} start labels for {S.shape[0]} starts")
         plan.append((name, prob, S, int(p_steps), float(p_lr), rec, labels_s))
 
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     runs: list[RunResult] = []
-    for name, prob, S, p_steps, p_lr, rec, labels_s in plan:
-        cb = None
-        if progress is not None:
-            def cb(step: int, _metrics: dict, _name: str = name, _steps: int = p_steps) -> None:
-                progress(_name, step, _steps)
-        results = run_methods(prob, list(methods), starts=S, seeds=seeds, optimizer=optimizer,
-                              lr=p_lr, steps=p_steps, record_every=rec, callback=cb, device=device)
-        relabel = torch.tensor(labels_s)
-        for r in results:
-            r.problem = name
-            r.start_index = relabel[r.start_index]
-        runs.extend(results)
-
+    if workers == 1:
+        for name, prob, S, p_steps, p_lr, rec, labels_s in plan:
+            cb = None
+            if progress is not None:
+                def cb(step: int, _metrics: dict, _name: str = name, _steps: int = p_steps) -> None:
+                    progress(_name, step, _steps)
+            results = run_methods(prob, list(methods), starts=S, seeds=seeds, optimizer=optimizer,
+                                  lr=p_lr, steps=p_steps, record_every=rec, callback=cb, device=device)
+            runs.extend(_relabel(results, name, labels_s))
+    else:
+        runs = _run_parallel(plan, list(methods), seeds, optimizer, device, workers, progress)
     final = final_table(runs)
     problems_by_name = {name: prob for name, prob, *_ in plan}
     summary = summary_table(runs, problems_by_name)
@@ -166,6 +172,90 @@ def run_comparison(
     }
     return Comparison(final=final, summary=summary, overall=overall, runs=runs,
                       problems=problems_by_name, config=config)
+
+
+def _relabel(results: list[RunResult], name: str, labels_s: Sequence[int]) -> list[RunResult]:
+    relabel = torch.tensor(list(labels_s))
+    for r in results:
+        r.problem = name
+        r.start_index = relabel[r.start_index]
+    return results
+
+
+#: Rough relative cost of a method's step (for splitting methods over workers); others count 2.
+_METHOD_COST = {"ls": 1.0, "pcgrad": 1.5, "mgda": 2.0, "nash_mtl": 2.0, "cagrad": 3.0, "came_grad": 4.5}
+
+
+def _split_methods(methods: list[str], groups: int) -> list[list[int]]:
+    """Indices of ``methods`` in ``groups`` bins of similar total cost (greedy, largest first)."""
+    cost = [_METHOD_COST.get(str(m).split(":", 1)[0].strip().lower(), 2.0) for m in methods]
+    bins: list[list[int]] = [[] for _ in range(min(groups, len(methods)))]
+    load = [0.0] * len(bins)
+    for i in sorted(range(len(methods)), key=lambda i: -cost[i]):
+        b = load.index(min(load))
+        bins[b].append(i)
+        load[b] += cost[i]
+    return [sorted(b) for b in bins if b]
+
+
+_WORKER_COUNTERS: Any = None
+
+
+def _init_worker(counters: Any) -> None:
+    global _WORKER_COUNTERS
+    _WORKER_COUNTERS = counters
+    torch.set_num_threads(1)
+
+
+def _run_task(task_id: int, prob: ParetoProblem, methods: list[str], kwargs: dict[str, Any]) -> list[RunResult]:
+    def cb(step: int, _metrics: dict) -> None:
+        _WORKER_COUNTERS[task_id] = step
+
+    return run_methods(prob, methods, callback=cb, **kwargs)
+
+
+def _run_parallel(plan: list, methods: list[str], seeds: Sequence[int], optimizer: str, device: str,
+                  workers: int, progress: Callable[[str, int, int], Any] | None) -> list[RunResult]:
+    import multiprocessing as mp
+    import time as _time
+    from concurrent.futures import ProcessPoolExecutor
+
+    tasks = []
+    for p_index, (name, prob, S, p_steps, p_lr, rec, labels_s) in enumerate(plan):
+        groups = _split_methods(methods, workers) if len(plan) < workers * 2 else [list(range(len(methods)))]
+        for g in groups:
+            tasks.append((p_index, g, dict(starts=S, seeds=tuple(seeds), optimizer=optimizer, lr=p_lr,
+                                           steps=p_steps, record_every=rec, device=device)))
+    # the longest batches first so that the pool finishes together
+    order = sorted(range(len(tasks)), key=lambda t: -plan[tasks[t][0]][3] * sum(
+        _METHOD_COST.get(methods[i].split(":", 1)[0], 2.0) for i in tasks[t][1]))
+    # spawn: safe with torch and BLAS thread pools (the caller's __main__ must be importable)
+    ctx = mp.get_context("spawn")
+    counters = ctx.Array("q", len(tasks), lock=False)
+    total = sum(plan[p][3] for p, _, _ in tasks)
+    label = f"{len(tasks)} batches on {workers} processes"
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(counters,)) as pool:
+        futures = {t: pool.submit(_run_task, t, plan[tasks[t][0]][1], [methods[i] for i in tasks[t][1]],
+                                  tasks[t][2]) for t in order}
+        while True:
+            done = all(f.done() for f in futures.values())
+            if progress is not None:
+                progress(label, min(total, sum(counters[t] for t in range(len(tasks)))), total)
+            if done:
+                break
+            _time.sleep(0.25)
+        results_by_task = {t: f.result() for t, f in futures.items()}
+    runs: list[RunResult] = []
+    for p_index, (name, *_rest) in enumerate(plan):
+        labels_s = plan[p_index][6]
+        by_method: dict[int, RunResult] = {}
+        for t, (pi, group, _) in enumerate(tasks):
+            if pi == p_index:
+                for i, r in zip(group, results_by_task[t]):
+                    by_method[i] = r
+        runs.extend(_relabel([by_method[i] for i in range(len(methods))], name, labels_s))
+    return runs
 
 
 def final_table(runs: Sequence[RunResult]) -> "pd.DataFrame":

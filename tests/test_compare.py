@@ -238,6 +238,16 @@ def test_cli_reruns_from_its_config(tmp_path, capsys):
     assert "--config fixes the study" in capsys.readouterr().err
 
 
+def test_parallel_workers_give_identical_results():
+    from mtl_opt.experiments.study import run_comparison
+
+    kw = dict(seeds=(0, 1), steps=25, lr=1e-2)
+    one = run_comparison(["toy", "quadratic_noisy"], ["ls", "pcgrad", "mgda"], **kw)
+    two = run_comparison(["toy", "quadratic_noisy"], ["ls", "pcgrad", "mgda"], workers=2, **kw)
+    cols = [c for c in one.final.columns if c != "time_per_step_us"]
+    assert one.final[cols].equals(two.final[cols])
+
+
 def test_cli_protocol_rejects_conflicting_options(tmp_path, capsys):
     assert main(["compare", "--protocol", "nash-toy", "--steps", "10", "--out", str(tmp_path / "x")]) == 2
     assert "fixes --steps" in capsys.readouterr().err
