@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mtl_opt.problems import ParetoProblem, Toy
+from mtl_opt.problems import Toy
 
 if TYPE_CHECKING:  # pragma: no cover
     import plotly.graph_objects as go

@@ -190,31 +190,33 @@ def _read_csv(path):
 
 def test_cli_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
-    code = main(["compare", "--problems", "toy", "zdt1", "quadratic:imbalance=100", "--methods", "ls",
+    code = main(["compare", "--problems", "toy", "zdt1", "dtlz2", "quadratic:imbalance=100", "--methods", "ls",
                  "mgda", "came_grad:kappa=2,nu=0.5", "--steps", "20", "--seeds", "0,3", "--starts", "0,2",
                  "--out", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     assert f"outputs in {out}" in printed and "hypervolume" in printed
     for name in ("config.json", "final.csv", "summary.csv", "summary.md", "index.html",
-                 "trajectories_toy.html", "objectives_toy.html", "objectives_zdt1.html", "convergence.html"):
+                 "trajectories_toy.html", "objectives_toy.html", "objectives_zdt1.html", "objectives_dtlz2.html",
+                 "objectives_quadratic_imbalance_100.html", "convergence.html"):
         assert (out / name).is_file(), name
     header, rows = _read_csv(out / "final.csv")
     assert header[:4] == ["method", "problem", "start", "seed"]
     assert header[4:6] == ["x_0", "x_1"] and "x_9" in header and "x_10" not in header
     assert header[header.index("loss_1"):header.index("loss_2") + 1] == ["loss_1", "loss_2"]
     assert {"stationarity", "front_distance"} <= set(header)
-    assert len(rows) == 3 * 3 * 2 * 2  # methods × problems × starts × seeds
+    assert "loss_3" in header  # DTLZ2's third task
+    assert len(rows) == 3 * 4 * 2 * 2  # methods × problems × starts × seeds
     starts = {r[header.index("start")] for r in rows}
     assert starts == {"0", "2"}  # indices into the protocol's list
     assert {r[header.index("seed")] for r in rows} == {"0", "3"}
     assert {r[0] for r in rows} == {"ls", "mgda", "came_grad:kappa=2,nu=0.5"}
     s_header, s_rows = _read_csv(out / "summary.csv")
-    assert {"hypervolume", "igd", "rank"} <= set(s_header) and len(s_rows) == 9
+    assert {"hypervolume", "igd", "rank"} <= set(s_header) and len(s_rows) == 12
     config = json.loads((out / "config.json").read_text())
     assert config["methods"] == ["ls", "mgda", "came_grad:kappa=2,nu=0.5"]
     assert config["seeds"] == [0, 3] and config["problems"][0]["steps"] == 20
-    assert config["problems"][2]["options"]["imbalance"] == 100
+    assert config["problems"][3]["options"]["imbalance"] == 100
     index = (out / "index.html").read_text()
     links = set(re.findall(r'href="([^"]+\.html)"', index))
     assert links == {p.name for p in out.glob("*.html")} - {"index.html"}
