@@ -1,0 +1,228 @@
+"""Workloads: what one sweep trial or one ablation cell trains.
+
+Sweeps and ablations do not know about any particular problem. They hand a :class:`Workload` a
+method name, its hyperparameters and the training settings, and receive ``callback(step, metrics)``
+calls as training goes (metrics: a flat mapping of names to numbers, e.g. ``loss_1 .. loss_K``,
+``stationarity``, ``front_distance``). Two adapters exist:
+
+* :class:`SyntheticWorkload` — any problem of :func:`mtl_opt.problems.get_problem` ("toy",
+  "zdt1", ...), trained by :func:`mtl_opt.experiments.runner.run_method`;
+* :class:`FunctionWorkload` — any function ``fn(config, callback=...)`` whose ``config`` is a plain
+  dict; this is the shape of the radiology workload's ``train_rrg(config, callback=...)``, and of a
+  user's own training loop.
+
+:func:`get_workload` maps a ``--problem`` name to a workload; :func:`register_workload` adds a name
+(the extension point the radiology workload plugs into: ``register_workload("rrg", factory)``).
+Workload objects travel to Ray workers by pickling, so they hold names and options, not models.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "FunctionWorkload",
+    "SyntheticWorkload",
+    "TrainingSettings",
+    "Workload",
+    "available_workloads",
+    "get_workload",
+    "normalise_metrics",
+    "register_workload",
+]
+
+Callback = Callable[[int, Mapping[str, Any]], None]
+
+#: Training options that a search space may name besides the method's own hyperparameters.
+TRAINING_KNOBS = ("lr",)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The settings of one run that are not searched: shared by every trial of a sweep."""
+
+    method: str = "came_grad"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    steps: int = 1000
+    record_every: int = 100
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.record_every, int) or self.record_every < 1:
+            raise ValueError(f"record_every must be a positive integer, got {self.record_every!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not self.seeds:
+            raise ValueError("at least one seed is needed")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+
+
+def normalise_metrics(step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Plain floats, plus ``loss_mean`` (mean of ``loss_1..loss_K``); non-finite values raise."""
+    row: dict[str, float] = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"metric {key!r} at step {step} is not a number: {value!r}")
+        value = float(value)
+        if not math.isfinite(value):
+            raise FloatingPointError(f"metric {key!r} is {value} at step {step}: the run diverged")
+        row[str(key)] = value
+    losses = [v for k, v in row.items() if k.startswith("loss_") and k[5:].isdigit()]
+    if losses and "loss_mean" not in row:
+        row["loss_mean"] = sum(losses) / len(losses)
+    return row
+
+
+class Workload(ABC):
+    """Something a sweep trial can train: a problem, a method and settings in, metrics out."""
+
+    name: str = ""
+
+    @abstractmethod
+    def run(self, settings: TrainingSettings, hyperparameters: Mapping[str, Any],
+            callback: Callback) -> None:
+        """Train once; call ``callback(step, metrics)`` as training goes (metrics averaged over
+        ``settings.seeds``). Raise on failure; never return silently without reporting."""
+
+    def tunable_names(self, method: str) -> list[str]:
+        """The names a search space may use: the method's hyperparameters and ``lr``."""
+        from mtl_opt.registry import aggregator_class
+
+        params = inspect.signature(aggregator_class(method).__init__).parameters
+        names = [k for k, p in params.items()
+                 if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return names + list(TRAINING_KNOBS)
+
+    def default_metric(self) -> str:
+        return "loss_mean"
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class SyntheticWorkload(Workload):
+    """A synthetic Pareto problem (``mtl_opt.problems``) trained by the study runner."""
+
+    def __init__(self, problem: str, **options: Any):
+        from mtl_opt.problems import get_problem
+
+        get_problem(problem, **options)  # fail now on an unknown problem or option
+        self.problem = problem
+        self.options = dict(options)
+        self.name = problem
+
+    def default_metric(self) -> str:
+        from mtl_opt.problems import get_problem
+
+        has_front = callable(getattr(get_problem(self.problem, **self.options), "pareto_front", None))
+        return "front_distance" if has_front else "loss_mean"
+
+    def run(self, settings: TrainingSettings, hyperparameters: Mapping[str, Any],
+            callback: Callback) -> None:
+        from mtl_opt.experiments.runner import run_method
+        from mtl_opt.problems import get_problem
+        from mtl_opt.registry import get_aggregator
+
+        run_method(
+            get_problem(self.problem, **self.options),
+            get_aggregator(settings.method, **dict(hyperparameters)),
+            seeds=tuple(settings.seeds),
+            optimizer=settings.optimizer,
+            lr=float(settings.lr),
+            steps=settings.steps,
+            record_every=settings.record_every,
+            callback=callback,
+            device=settings.device,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "synthetic", "options": self.options}
+
+
+class FunctionWorkload(Workload):
+    """Any training function ``fn(config, callback=...)`` with a plain-dict ``config``.
+
+    ``config`` holds the training settings (``method``, ``seeds``, ``optimizer``, ``lr``, ``steps``,
+    ``record_every``, ``device``), ``hyperparameters`` (the method's keywords, fixed ones and
+    searched ones merged) and ``options`` (this workload's own, fixed options). The function must
+    call ``callback(step, metrics)`` as it trains.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, name: str | None = None,
+                 options: Mapping[str, Any] | None = None, metric: str = "loss_mean",
+                 extra_tunable: tuple[str, ...] = ()):
+        if not callable(fn):
+            raise TypeError(f"a FunctionWorkload needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "function")
+        self.options = dict(options or {})
+        self.metric = metric
+        self.extra_tunable = tuple(extra_tunable)
+
+    def default_metric(self) -> str:
+        return self.metric
+
+    def tunable_names(self, method: str) -> list[str]:
+        return super().tunable_names(method) + list(self.extra_tunable)
+
+    def run(self, settings: TrainingSettings, hyperparameters: Mapping[str, Any],
+            callback: Callback) -> None:
+        config = {
+            "method": settings.method,
+            "hyperparameters": dict(hyperparameters),
+            "seeds": list(settings.seeds),
+            "optimizer": settings.optimizer,
+            "lr": float(settings.lr),
+            "steps": settings.steps,
+            "record_every": settings.record_every,
+            "device": settings.device,
+            "options": dict(self.options),
+        }
+        self.fn(config, callback=callback)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "function", "options": self.options}
+
+
+_WORKLOADS: dict[str, Callable[..., Workload]] = {}
+
+
+def register_workload(name: str, factory: Callable[..., Workload]) -> None:
+    """Make ``--problem NAME`` build ``factory(**options)`` instead of a synthetic problem."""
+    if not name or name != name.lower():
+        raise ValueError(f"workload names are lower-case, got {name!r}")
+    _WORKLOADS[name] = factory
+
+
+def available_workloads() -> list[str]:
+    """Names registered with :func:`register_workload` (synthetic problems come on top)."""
+    return list(_WORKLOADS)
+
+
+def get_workload(problem: str | Workload, **options: Any) -> Workload:
+    """A workload object for ``--problem``: a registered workload name, else a synthetic problem."""
+    if isinstance(problem, Workload):
+        if options:
+            raise ValueError("problem options are given to the Workload's constructor, not here")
+        return problem
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"--problem must name a problem, got {problem!r}")
+    key = problem.strip().lower()
+    if key in _WORKLOADS:
+        return _WORKLOADS[key](**options)
+    return SyntheticWorkload(key, **options)
