@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrialRecord", "best_trial", "build_tables", "last_attempt", "records_from_results"]
+__all__ = ["TrialRecord", "best_trial", "build_tables", "error_text", "last_attempt", "records_from_results"]
 
 # Bookkeeping columns Tune adds to every report; kept out of the tables.
 _TUNE_COLUMNS = {
@@ -89,7 +89,8 @@ def build_tables(
     trial_rows, curve_rows = [], []
     for rec in records:
         rows, n_attempts = last_attempt(rec.rows)
-        attempts = max(n_attempts, rec.failures + 1)
+        # Each failure ends one attempt; a trial that did not end in an error had one more.
+        attempts = max(n_attempts, rec.failures + (0 if rec.error is not None else 1))
         if rec.error is not None:
             status = "ERROR"
         elif rows and bool(rows[-1].get("completed", False)):
@@ -142,7 +143,7 @@ def best_trial(trials: Any, *, metric: str, mode: str) -> dict[str, Any] | None:
     return None
 
 
-def _error_text(error: BaseException | None) -> str | None:
+def error_text(error: BaseException | None) -> str | None:
     if error is None:
         return None
     cause = getattr(error, "cause", None)
@@ -165,7 +166,7 @@ def records_from_results(result_grid: Any, failures: Mapping[str, int] | None = 
         if trial_id is None:
             trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
         config = {k: v for k, v in (result.config or {}).items() if not k.startswith("_")}
-        records.append(TrialRecord(str(trial_id), config, rows, _error_text(result.error),
+        records.append(TrialRecord(str(trial_id), config, rows, error_text(result.error),
                                    failures.get(str(trial_id), 0)))
     return records
 

@@ -179,13 +179,21 @@ def _progress_callback(metric: str, total: int, echo: bool) -> Any:
 
         @staticmethod
         def _error(trial: Any) -> str:
-            from mtl_opt.experiments.sweep_table import _error_text
+            from mtl_opt.experiments.sweep_table import error_text
 
-            try:
-                err = trial.get_pickled_error() or trial.get_error()
+            err = None
+            try:  # the local copy is written before callbacks run; storage is synced later
+                import cloudpickle
+
+                local = trial.pickled_error_file
+                if local and os.path.isfile(local):
+                    with open(local, "rb") as f:
+                        err = cloudpickle.load(f)
+                if err is None:
+                    err = trial.get_pickled_error()
             except Exception:  # noqa: BLE001 - best effort; the table has the error too
                 err = None
-            return _error_text(err) or "see the trial's error.txt"
+            return error_text(err) or "see the trial's error.txt"
 
         def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             n = self.failures[trial.trial_id] = self.failures.get(trial.trial_id, 0) + 1
