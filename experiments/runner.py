@@ -1,0 +1,462 @@
+"""Batched optimisation runs of aggregation methods on synthetic Pareto problems.
+
+Every run (method × start × seed) is one row of a single parameter tensor ``x`` of shape
+``(runs, dim)``. Adam and SGD are element-wise, so one torch optimizer over that tensor *is* the
+independent runs; one call of the problem's (closed-form or autograd) Jacobian gives every run's
+``(K, dim)`` Jacobian, one batched matmul gives the Gramians, and each method turns its slice of
+Gramians into weights with its vectorised ``_batch_weights``. The Python cost of a step is
+therefore paid once for all runs, not once per run.
+
+One step, for every run at once::
+
+    F, J = problem.losses_and_jacobian(x)          # (N, K), (N, K, dim)
+    J[blocked] = 0                                  # coordinates an active bound blocks
+    J += σ ε                                        # noisy problems, ε seeded per run's seed
+    M = J Jᵀ                                        # (N, K, K)
+    β = method.batch_weights(M)                     # per method slice, float64
+    x.grad = βᵀ J;  optimizer.step();  x ← clamp(x, bounds)
+
+Recorded (every ``record_every`` steps and at the end): the losses, Pareto stationarity
+``‖α*ᵀ J‖`` with ``α* = argmin_{α∈Δ} ‖αᵀJ‖`` (the min-norm element of the convex hull of the
+task gradients, on the coordinates no active bound blocks, from the clean gradients), the
+distance of ``F`` to the true front (where known) and ``x`` (for ``dim ≤ 10``). Counted at every
+step: whether some pair of task gradients conflicts (``g_i·g_j < 0``, an off-diagonal entry of
+``M`` below zero).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtl_opt.aggregator import GradientAggregator, GramianAggregator
+from mtl_opt.problems import ParetoProblem, problem_from_spec
+
+__all__ = [
+    "OPTIMIZERS",
+    "RunResult",
+    "method_from_spec",
+    "pareto_stationarity",
+    "run_method",
+    "run_methods",
+]
+
+OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
+MAX_RECORDED_DIM = 10
+
+Callback = Callable[[int, dict[str, float]], Any]
+
+
+@dataclass
+class RunResult:
+    """The outcome of one method on one problem over ``S`` starts × ``R`` seeds.
+
+    Runs are ordered start-major: run ``s·R + r`` started from ``starts[s]`` with ``seeds[r]``.
+
+    Attributes:
+        problem: the problem's name; ``problem_options`` its constructor options.
+        method: the method's label (its spec string, e.g. ``"came_grad:kappa=2"``).
+        start_index, seed: (runs,) the start's index in ``starts`` and the run's seed.
+        x: (runs, dim) final points; losses: (runs, K) final losses.
+        stationarity: (runs,) final Pareto stationarity.
+        front_distance: (runs,) final distance to the true front, or ``None`` when unknown.
+        conflict_share: (runs,) share of steps whose task gradients conflicted.
+        time_per_step: seconds per optimisation step of this method (its own aggregation time
+            plus an equal share of the batch's common work).
+        history: ``{"step": [..], "losses": (T, runs, K), "stationarity": (T, runs),
+            "front_distance": (T, runs) or None, "x": (T, runs, dim) or None}``.
+    """
+
+    problem: str
+    problem_options: dict[str, Any]
+    method: str
+    starts: Tensor
+    seeds: tuple[int, ...]
+    start_index: Tensor
+    seed: Tensor
+    x: Tensor
+    losses: Tensor
+    stationarity: Tensor
+    front_distance: Tensor | None
+    conflict_share: Tensor
+    time_per_step: float
+    steps: int
+    optimizer: str
+    lr: float
+    history: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_runs(self) -> int:
+        return int(self.x.shape[0])
+
+    def summary(self) -> dict[str, float]:
+        """Means over runs: ``loss_1..loss_K``, ``stationarity``, ``front_distance``."""
+        return _mean_metrics(self.losses, self.stationarity, self.front_distance)
+
+
+def _mean_metrics(F: Tensor, stat: Tensor, dist: Tensor | None) -> dict[str, float]:
+    means = F.mean(0).tolist()
+    out = {f"loss_{i + 1}": float(v) for i, v in enumerate(means)}
+    out["stationarity"] = float(stat.mean())
+    if dist is not None:
+        out["front_distance"] = float(dist.mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------- validation
+def method_from_spec(method: str | GradientAggregator) -> tuple[str, GradientAggregator]:
+    """``(label, aggregator)`` from a spec string like ``"cagrad:c=0.4"`` or an aggregator."""
+    if isinstance(method, GradientAggregator):
+        return _label_of(method), method
+    if not isinstance(method, str):
+        raise TypeError(f"a method must be a spec string like 'mgda' or a GradientAggregator, got {type(method).__name__}")
+    import mtl_opt
+
+    name, hyper = mtl_opt.parse_method_spec(method)
+    agg = mtl_opt.get_aggregator(name, **hyper)
+    label = name if not hyper else name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in hyper.items())
+    return label, agg
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(_fmt(i) for i in v) + "]"
+    return str(v)
+
+
+def _label_of(agg: GradientAggregator) -> str:
+    name = getattr(type(agg), "method_name", type(agg).__name__)
+    try:
+        import inspect
+
+        sig = inspect.signature(type(agg).__init__).parameters
+        changed = {k: v for k, v in agg.hyperparameters().items()
+                   if k in sig and sig[k].default is not inspect.Parameter.empty and _differs(v, sig[k].default)}
+    except Exception:  # pragma: no cover - hyperparameters are plain attributes
+        changed = {}
+    return name if not changed else name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in changed.items())
+
+
+def _differs(a: Any, b: Any) -> bool:
+    try:
+        return bool(a != b)
+    except Exception:
+        return True
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _check_settings(optimizer: str, lr: float, steps: int, record_every: int,
+                    seeds: Sequence[int], device: str | torch.device) -> tuple[torch.device, tuple[int, ...]]:
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a finite number > 0, got {lr!r}")
+    _check_int("steps", steps, 1)
+    _check_int("record_every", record_every, 1)
+    if isinstance(seeds, (int, str)) or not isinstance(seeds, Sequence) or len(seeds) == 0:
+        raise ValueError(f"seeds must be a non-empty sequence of integers, got {seeds!r}")
+    seeds_t = tuple(_check_int("each seed", s, 0) for s in seeds)
+    if len(set(seeds_t)) != len(seeds_t):
+        raise ValueError(f"seeds must be distinct, got {list(seeds_t)}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was asked for but CUDA is not available")
+    return dev, seeds_t
+
+
+def _check_starts(problem: ParetoProblem, starts: Tensor | Sequence | None) -> Tensor:
+    if starts is None:
+        return problem.protocol_starts().to(torch.float64)
+    S = torch.as_tensor(starts, dtype=torch.float64)
+    if S.dim() == 1 and S.numel() == problem.dim:
+        S = S.unsqueeze(0)
+    if S.dim() != 2 or S.shape[1] != problem.dim or S.shape[0] == 0:
+        raise ValueError(f"starts must have shape (S, {problem.dim}) for {problem.name}, got {tuple(S.shape)}")
+    if not bool(torch.isfinite(S).all()):
+        raise ValueError("starts must be finite")
+    if problem.bounds is not None:
+        lo, hi = problem.bounds
+        if bool(((S < lo) | (S > hi)).any()):
+            raise ValueError(f"starts must lie inside {problem.name}'s bounds [{float(lo.min())}, {float(hi.max())}]")
+    return S
+
+
+# ---------------------------------------------------------------------------------- metrics
+def pareto_stationarity(J: Tensor) -> Tensor:
+    """``min_{α∈Δ} ‖αᵀ J‖`` for Jacobians ``J`` (B, K, d) -> (B,), float64 CPU.
+
+    The norm of the min-norm element of the convex hull of the task gradients: zero exactly at
+    Pareto-stationary points (MGDA's criterion, Désidéri 2012; Sener & Koltun 2018).
+    """
+    from mtl_opt.simplex import min_norm_weights
+
+    J64 = J.detach().to(device="cpu", dtype=torch.float64)
+    M = J64 @ J64.transpose(-1, -2)
+    M = 0.5 * (M + M.transpose(-1, -2))
+    alpha = min_norm_weights(M)
+    d = (alpha.unsqueeze(-2) @ J64).squeeze(-2)
+    return torch.linalg.vector_norm(d, dim=-1)
+
+
+class _Recorder:
+    def __init__(self, problem: ParetoProblem, n_methods: int, n_runs: int, record_x: bool) -> None:
+        self.problem, self.n_methods, self.n_runs = problem, n_methods, n_runs
+        self.record_x = record_x
+        self.steps: list[int] = []
+        self.losses: list[Tensor] = []
+        self.stat: list[Tensor] = []
+        self.dist: list[Tensor] = []
+        self.xs: list[Tensor] = []
+        self.known_front = problem.has_known_front
+
+    def record(self, step: int, x: Tensor) -> None:
+        F, J = self.problem.losses_and_jacobian(x.detach())
+        blocked = self.problem.blocked_coordinates(x.detach(), J)
+        if blocked is not None:
+            J = J.masked_fill(blocked.unsqueeze(-2), 0.0)
+        F = F.to(device="cpu", dtype=torch.float64)
+        if not bool(torch.isfinite(F).all()) or not bool(torch.isfinite(J).all()):
+            bad = (~torch.isfinite(F).all(-1)).nonzero().flatten().tolist()
+            raise _NonFinite(step, bad)
+        self.steps.append(step)
+        self.losses.append(F)
+        self.stat.append(pareto_stationarity(J))
+        if self.known_front:
+            self.dist.append(self.problem.front_distance(F))
+        if self.record_x:
+            self.xs.append(x.detach().to(device="cpu", dtype=torch.float64).clone())
+
+    def slice_metrics(self, m: int, t: int = -1) -> dict[str, float]:
+        sl = slice(m * self.n_runs, (m + 1) * self.n_runs)
+        return _mean_metrics(self.losses[t][sl], self.stat[t][sl], self.dist[t][sl] if self.known_front else None)
+
+    def history(self, m: int) -> dict[str, Any]:
+        sl = slice(m * self.n_runs, (m + 1) * self.n_runs)
+        return {
+            "step": list(self.steps),
+            "losses": torch.stack([f[sl] for f in self.losses]),
+            "stationarity": torch.stack([s[sl] for s in self.stat]),
+            "front_distance": torch.stack([d[sl] for d in self.dist]) if self.known_front else None,
+            "x": torch.stack([x[sl] for x in self.xs]) if self.record_x else None,
+        }
+
+
+class _NonFinite(RuntimeError):
+    def __init__(self, step: int, rows: list[int]) -> None:
+        super().__init__(step, rows)
+        self.step, self.rows = step, rows
+
+
+# ---------------------------------------------------------------------------------- the runs
+def run_method(
+    problem: ParetoProblem | str,
+    method: GradientAggregator | str,
+    *,
+    starts: Tensor | Sequence | None = None,
+    seeds: Sequence[int] = (0,),
+    optimizer: str = "adam",
+    lr: float = 1e-3,
+    steps: int = 1000,
+    record_every: int = 100,
+    callback: Callback | None = None,
+    device: str | torch.device = "cpu",
+) -> RunResult:
+    """Run one method from every start with every seed, all runs batched; see the module doc.
+
+    Args:
+        problem: a problem object or a spec such as ``"zdt1"`` or ``"quadratic:imbalance=100"``.
+        method: a :class:`~mtl_opt.GradientAggregator` or a spec such as ``"came_grad:kappa=2"``.
+        starts: (S, dim) starting points; ``None`` uses the problem's protocol starts.
+        seeds: one run per start and seed; a seed drives the run's gradient noise.
+        optimizer: ``"adam"`` or ``"sgd"`` (torch's, default settings but ``lr``).
+        lr: learning rate > 0.
+        steps: number of optimisation steps ≥ 1.
+        record_every: history interval (the start and the end are always recorded).
+        callback: ``callback(step, metrics)`` at every record, with the means over runs of
+            ``loss_1..loss_K``, ``stationarity`` and (when the front is known) ``front_distance``.
+        device: where ``x`` and the Jacobians live (the K×K solves run on the CPU).
+
+    Everything is validated before the first step.
+    """
+    wrapped = None
+    if callback is not None:
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+
+        def wrapped(step: int, by_method: dict[str, dict[str, float]]) -> None:
+            callback(step, next(iter(by_method.values())))
+
+    return run_methods(problem, [method], starts=starts, seeds=seeds, optimizer=optimizer, lr=lr,
+                       steps=steps, record_every=record_every, callback=wrapped, device=device)[0]
+
+
+def run_methods(
+    problem: ParetoProblem | str,
+    methods: Sequence[GradientAggregator | str],
+    *,
+    starts: Tensor | Sequence | None = None,
+    seeds: Sequence[int] = (0,),
+    optimizer: str = "adam",
+    lr: float = 1e-3,
+    steps: int = 1000,
+    record_every: int = 100,
+    callback: Callable[[int, dict[str, dict[str, float]]], Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> list[RunResult]:
+    """:func:`run_method` for several methods in one batch (one parameter tensor, one optimizer).
+
+    ``callback(step, {label: metrics})`` receives every method's means. Methods are reset
+    before the run; a method given twice must be given as two objects (or two specs).
+    """
+    prob = problem_from_spec(problem)
+    if isinstance(methods, (str, GradientAggregator)) or not isinstance(methods, Sequence) or not methods:
+        raise ValueError("methods must be a non-empty list of method specs or aggregators")
+    parsed = [method_from_spec(m) for m in methods]
+    labels = [lab for lab, _ in parsed]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"methods must be distinct, got {labels}")
+    aggs = [agg for _, agg in parsed]
+    if len({id(a) for a in aggs}) != len(aggs):
+        raise ValueError("the same aggregator object was given twice; pass separate objects")
+    dev, seeds_t = _check_settings(optimizer, lr, steps, record_every, seeds, device)
+    S0 = _check_starts(prob, starts)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+
+    n_m, n_s, n_r = len(aggs), S0.shape[0], len(seeds_t)
+    n_runs = n_s * n_r  # per method
+    N, K, d = n_m * n_runs, prob.n_tasks, prob.dim
+    for agg in aggs:
+        agg.reset()
+
+    x0 = S0.repeat_interleave(n_r, dim=0)  # (S*R, d), start-major
+    x = x0.repeat(n_m, 1).to(device=dev).clone().requires_grad_(True)
+    opt = _make_optimizer(optimizer, x, float(lr))
+    noise_std = float(prob.gradient_noise_std)
+    gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds_t] if noise_std > 0 else []
+    bounded = prob.bounds is not None
+    if bounded:
+        lo, hi = (b.to(device=dev, dtype=x.dtype) for b in prob.bounds)
+    gram_groups: list[tuple[int, GramianAggregator, bool]] = []
+    general: list[tuple[int, GradientAggregator]] = []
+    for m, agg in enumerate(aggs):
+        if isinstance(agg, GramianAggregator):
+            gram_groups.append((m, agg, agg.uses_losses))
+        else:
+            general.append((m, agg))
+    any_losses = any(agg.uses_losses for agg in aggs)
+
+    recorder = _Recorder(prob, n_m, n_runs, d <= MAX_RECORDED_DIM)
+    conflicts = torch.zeros(N, dtype=torch.long, device=dev)
+    agg_time = [0.0] * n_m
+    record_time = 0.0
+    beta = torch.zeros((N, K), dtype=torch.float64)
+    on_cpu = dev.type == "cpu"
+
+    def do_record(step: int) -> None:
+        try:
+            recorder.record(step, x)
+        except _NonFinite as exc:
+            who = sorted({labels[r // n_runs] for r in exc.rows}) or labels
+            raise RuntimeError(
+                f"{prob.name}: runs of {', '.join(who)} diverged (non-finite losses or gradients) "
+                f"by step {exc.step}; lower the learning rate"
+            ) from None
+        if callback is not None:
+            callback(step, {lab: recorder.slice_metrics(m) for m, lab in enumerate(labels)})
+
+    t_start = time.perf_counter()
+    for k in range(steps):
+        if k % record_every == 0:
+            t0 = time.perf_counter()
+            do_record(k)
+            record_time += time.perf_counter() - t0
+        with torch.no_grad():
+            F, J = prob.losses_and_jacobian(x.detach())
+            if bounded:
+                blocked = ((x <= lo) & (J >= 0).all(dim=-2)) | ((x >= hi) & (J <= 0).all(dim=-2))
+                J = J.masked_fill(blocked.unsqueeze(-2), 0.0)
+            if gens:
+                eps = torch.stack([torch.randn((n_s, K, d), generator=g, device=dev, dtype=J.dtype)
+                                   for g in gens], dim=1).reshape(1, n_runs, K, d)
+                J = (J.reshape(n_m, n_runs, K, d) + noise_std * eps).reshape(N, K, d)
+            M = J @ J.transpose(-1, -2)
+            conflicts += (M < 0).flatten(1).any(1)
+            M64 = M if on_cpu else M.to("cpu")
+            F64 = (F if on_cpu else F.to("cpu")) if any_losses else None
+            for m, agg, uses_losses in gram_groups:
+                sl = slice(m * n_runs, (m + 1) * n_runs)
+                t0 = time.perf_counter()
+                beta[sl] = agg._checked_batch_weights(M64[sl], F64[sl] if uses_losses else None, None)
+                agg_time[m] += time.perf_counter() - t0
+            b = beta if on_cpu else beta.to(dev, non_blocking=True)
+            direction = (b.unsqueeze(-2) @ J).squeeze(-2)
+            for m, agg in general:
+                sl = slice(m * n_runs, (m + 1) * n_runs)
+                t0 = time.perf_counter()
+                direction[sl] = agg.aggregate_batch(J[sl], losses=F[sl] if agg.uses_losses else None)
+                agg_time[m] += time.perf_counter() - t0
+        x.grad = direction
+        opt.step()
+        if bounded:
+            with torch.no_grad():
+                x.clamp_(min=lo, max=hi)
+    t0 = time.perf_counter()
+    do_record(steps)
+    record_time += time.perf_counter() - t0
+    total = time.perf_counter() - t_start - record_time
+    shared = max(total - sum(agg_time), 0.0)
+
+    conflict_share = conflicts.to("cpu", torch.float64) / steps
+    start_index = torch.arange(n_s).repeat_interleave(n_r)
+    seed_col = torch.tensor(seeds_t).repeat(n_s)
+    x_final = x.detach().to("cpu", torch.float64)
+    results = []
+    for m, label in enumerate(labels):
+        sl = slice(m * n_runs, (m + 1) * n_runs)
+        results.append(RunResult(
+            problem=prob.name,
+            problem_options=prob.options(),
+            method=label,
+            starts=S0.clone(),
+            seeds=seeds_t,
+            start_index=start_index.clone(),
+            seed=seed_col.clone(),
+            x=x_final[sl].clone(),
+            losses=recorder.losses[-1][sl].clone(),
+            stationarity=recorder.stat[-1][sl].clone(),
+            front_distance=recorder.dist[-1][sl].clone() if recorder.known_front else None,
+            conflict_share=conflict_share[sl].clone(),
+            time_per_step=(shared / n_m + agg_time[m]) / steps,
+            steps=steps,
+            optimizer=optimizer,
+            lr=float(lr),
+            history=recorder.history(m),
+        ))
+    return results
+
+
+def _make_optimizer(name: str, x: Tensor, lr: float) -> torch.optim.Optimizer:
+    """torch's Adam (the fused kernel where this torch build has it: one op per step) or SGD."""
+    if name == "adam":
+        try:
+            return torch.optim.Adam([x], lr=lr, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # pragma: no cover - older torch / devices
+            return torch.optim.Adam([x], lr=lr)
+    return torch.optim.SGD([x], lr=lr)
