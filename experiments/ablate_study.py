@@ -39,7 +39,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtl_opt.experiments.workloads import TrainingSettings, Workload, get_workload, normalise_metrics
+from mtl_opt.experiments.workloads import TrainingSettings, Workload, get_workload
 
 __all__ = ["INTERACTION", "VARIANTS", "ablate", "configure", "run"]
 
@@ -55,22 +55,6 @@ VARIANTS: dict[str, tuple[dict[str, bool], str]] = {
 BASELINE = "linear"
 INTERACTION = "interaction rectify x inject"
 STAGE_FLAGS = ("rectify", "inject", "fuse")
-
-
-def _final_metrics(workload: Workload, settings: TrainingSettings,
-                   hyper: Mapping[str, Any]) -> dict[str, float]:
-    """Train once (one seed) and return the last reported metrics."""
-    last: dict[str, float] = {}
-
-    def callback(step: int, metrics: Mapping[str, Any]) -> None:
-        last.clear()
-        last.update(normalise_metrics(int(step), metrics))
-        last["step"] = float(step)
-
-    workload.run(settings, hyper, callback)
-    if not last:
-        raise RuntimeError(f"{workload.name!r} finished without reporting any metric")
-    return last
 
 
 def summarise(runs: Any, *, metric: str, confidence: float) -> Any:
@@ -92,7 +76,8 @@ def summarise(runs: Any, *, metric: str, confidence: float) -> Any:
         diff = paired_difference(values[name].tolist(), base, confidence=confidence)
         rows.append({"variant": name, "description": description, **flags, "n_seeds": diff.n,
                      "mean": mean, "std": std, "diff_vs_linear": diff.mean, "diff_std": diff.std,
-                     "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p_value": diff.p_value})
+                     "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p_value": diff.p_value,
+                     "note": _note(name, diff.std)})
     needed = ("+rectify+inject", "+rectify", "inject only")
     if all(n in values.columns for n in needed):
         joint = (values["+rectify+inject"] + values[BASELINE]).tolist()
@@ -104,8 +89,18 @@ def summarise(runs: Any, *, metric: str, confidence: float) -> Any:
                      "description": "(+rectify+inject) - (+rectify) - (inject only) + linear",
                      "rectify": None, "inject": None, "fuse": None, "n_seeds": diff.n,
                      "mean": mean, "std": std, "diff_vs_linear": diff.mean, "diff_std": diff.std,
-                     "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p_value": diff.p_value})
+                     "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p_value": diff.p_value,
+                     "note": _note(INTERACTION, diff.std)})
     return pd.DataFrame(rows)
+
+
+DEGENERATE_NOTE = "no spread over seeds: the interval is a point and the p-value a limit"
+
+
+def _note(name: str, diff_std: float) -> str:
+    if name == BASELINE:
+        return "baseline"
+    return DEGENERATE_NOTE if diff_std == 0.0 else ""
 
 
 def bar_figure(summary: Any, *, metric: str, confidence: float, title: str) -> Any:
@@ -187,29 +182,29 @@ def ablate(
         record_every = max(1, min(100, steps // 10))
     metric = metric or workload.default_metric()
 
-    rows = []
     started = time.perf_counter()
-    total = len(chosen) * len(seed_list)
     if verbose:
         print(f"ablate: {method_name} on {workload.name}, {len(chosen)} variants x {len(seed_list)} "
               f"seeds, {steps} steps, {optimizer} lr={lr:g}, metric {metric} ({mode})", flush=True)
+    settings = TrainingSettings(method=method_name, method_options=method_options, seeds=seed_list,
+                                optimizer=optimizer, lr=lr, steps=steps, record_every=record_every,
+                                device=device)
+    finals = workload.finals_per_seed(
+        settings, {v: {**method_options, **VARIANTS[v][0]} for v in chosen})
+    rows = []
     for variant in chosen:
-        flags = VARIANTS[variant][0]
-        hyper = {**method_options, **flags}
         for seed in seed_list:
-            settings = TrainingSettings(method=method_name, method_options=method_options,
-                                        seeds=(seed,), optimizer=optimizer, lr=lr, steps=steps,
-                                        record_every=record_every, device=device)
-            final = _final_metrics(workload, settings, hyper)
+            final = finals[variant][seed]
             if metric not in final:
                 raise KeyError(f"metric {metric!r} is not reported by {workload.name!r}; "
-                               f"it reports {sorted(k for k in final if k != 'step')}")
+                               f"it reports {sorted(final)}")
             rows.append({"variant": variant, "seed": seed, **final})
-            if verbose:
-                print(f"  [{len(rows)}/{total}] {variant:<16} seed {seed}: {metric}={final[metric]:.6g}",
-                      flush=True)
     runs = pd.DataFrame(rows)
     summary = summarise(runs, metric=metric, confidence=confidence)
+    if verbose and (runs.groupby("variant")[metric].nunique() == 1).all():
+        print(f"ablate: warning: every variant gave the same {metric} on every seed; on a "
+              "deterministic problem the seeds only drive gradient noise (try a noisy problem "
+              "such as quadratic_noisy, or compare starts with mtl-opt compare)", flush=True)
     elapsed = time.perf_counter() - started
     how = (f"{method_name} ({', '.join(f'{k}={v}' for k, v in method_options.items()) or 'defaults'}) "
            f"on {workload.name}, {steps} steps, {optimizer} lr={lr:g}, seeds {list(seed_list)}, "

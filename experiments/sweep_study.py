@@ -158,7 +158,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------
 # The driver
 # ------------------------------------------------------------------------------------------------
-def _progress_callback(metric: str, total: int, echo: bool) -> Any:
+def _progress_callback(metric: str, total: int, steps: int, echo: bool) -> Any:
     from ray import tune
 
     class Progress(tune.Callback):
@@ -167,6 +167,16 @@ def _progress_callback(metric: str, total: int, echo: bool) -> Any:
         def __init__(self) -> None:
             self.failures: dict[str, int] = {}
             self.done = 0
+            self.status: dict[str, str] = {}  # Tune's status of each trial at the last step
+            self.finished: set[str] = set()
+
+        def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+            self.status = {t.trial_id: t.status for t in trials}
+
+        def unfinished(self) -> set[str]:
+            """Trials Tune had not finished when the sweep ended (it was interrupted)."""
+            return {tid for tid, st in self.status.items()
+                    if st not in ("TERMINATED", "ERROR") and tid not in self.finished}
 
         def _say(self, text: str) -> None:
             if echo:
@@ -202,16 +212,19 @@ def _progress_callback(metric: str, total: int, echo: bool) -> Any:
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
             n = self.failures[trial.trial_id] = self.failures.get(trial.trial_id, 0) + 1
+            self.finished.add(trial.trial_id)
             self.done += 1
             self._say(f"[{self.done}/{total}] trial {trial.trial_id} ({self._label(trial)}) FAILED "
                       f"after {n} attempt(s): {self._error(trial)}")
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+            self.finished.add(trial.trial_id)
             self.done += 1
             res = trial.last_result or {}
             value = res.get(metric)
             shown = f"{value:.5g}" if isinstance(value, float) else str(value)
-            how = "" if res.get("completed") else f" (stopped early at step {res.get('step')})"
+            done = res.get("completed") or int(res.get("step", 0)) >= steps
+            how = "" if done else f" (stopped early at step {res.get('step')})"
             self._say(f"[{self.done}/{total}] trial {trial.trial_id} ({self._label(trial)}): "
                       f"{metric}={shown}{how}")
 
@@ -268,11 +281,14 @@ def _write_outputs(out: Path, trials: Any, curves: Any, searched: list[str], met
         "parallel.html": figs.parallel_figure(trials, searched, metric),
         "curves.html": figs.curves_figure(curves, trials, searched, metric),
     }
+    n_ok = int(((trials["status"] != "ERROR") & trials[metric].notna()).sum())
+    needs = {"heatmap.html": "two searched hyperparameters", "heatmap_facets.html": "three",
+             "parallel.html": "", "curves.html": ""}
     for name, fig in figures.items():
         if fig is None:
             if echo:
-                print(f"  ({name} not drawn: needs successful trials"
-                      f"{' and a third searched axis' if 'facets' in name else ''})")
+                why = "no trial reported the metric" if n_ok == 0 else f"it needs {needs[name]}"
+                print(f"  ({name} not drawn: {why})")
             continue
         fig.write_html(out / name, include_plotlyjs="directory")
 
@@ -402,7 +418,7 @@ def sweep(
     with ray_session(address, num_cpus=num_cpus, probe_timeout=probe_timeout) as session:
         check_trial_resources(session.resources, cpus_per_trial, gpus_per_trial)
         trainable = tune.with_resources(sweep_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
-        progress = _progress_callback(metric, total, echo)
+        progress = _progress_callback(metric, total, settings.steps, echo)
         run_config = tune.RunConfig(
             name=EXPERIMENT_NAME, storage_path=str(storage), verbose=0, callbacks=[progress],
             failure_config=tune.FailureConfig(max_failures=int(saved["max_failures"])),
@@ -436,8 +452,9 @@ def sweep(
             results = tuner.fit()
     elapsed = time.perf_counter() - started
 
-    records = records_from_results(results, progress.failures)
-    trials, curves = build_tables(records, searched=searched, metric=metric, mode=mode)
+    records = records_from_results(results, progress.failures, unfinished=progress.unfinished())
+    trials, curves = build_tables(records, searched=searched, metric=metric, mode=mode,
+                                  steps=settings.steps)
     best = best_trial(trials, metric=metric, mode=mode)
     if out is not None or resume is not None:
         _write_outputs(out_dir, trials, curves, searched, metric, mode, best, echo)
@@ -447,6 +464,9 @@ def sweep(
               + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())), flush=True)
         for _, row in trials[trials["status"] == "ERROR"].iterrows():
             print(f"  FAILED {row['trial_id']} after {row['attempts']} attempt(s): {row['error']}",
+                  file=sys.stderr, flush=True)
+        if (trials["status"] == "INTERRUPTED").any():
+            print(f"sweep interrupted: continue it with `mtl-opt sweep --resume {out_dir}`",
                   file=sys.stderr, flush=True)
         if best is not None:
             cfg = ", ".join(f"{k}={_plain(best[k])}" for k in searched)

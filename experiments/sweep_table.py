@@ -7,8 +7,9 @@ every attempt one after the other, so steps repeat. Here each trial becomes a
 failed), and :func:`build_tables` turns records into two pandas tables:
 
 * ``trials`` — one row per trial: ``trial_id``, ``status`` (``COMPLETED``, ``STOPPED`` by the
-  early-stopping scheduler, ``ERROR``), ``attempts``, ``error``, the searched hyperparameters,
-  ``steps_done``, the final value of every metric, and ``<metric>_best`` over the run;
+  early-stopping scheduler, ``ERROR``, ``INTERRUPTED`` when the sweep ended before it), ``attempts``,
+  ``error``, the searched hyperparameters, ``steps_done``, the final value of every metric, and
+  ``<metric>_best`` over the run;
 * ``curves`` — one row per trial and step of the last attempt (earlier attempts dropped; within an
   attempt a repeated step keeps its last report).
 
@@ -41,6 +42,7 @@ class TrialRecord:
     rows: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     failures: int = 0
+    interrupted: bool = False  # Tune had not finished it when the sweep ended
 
 
 def last_attempt(rows: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], int]:
@@ -80,8 +82,13 @@ def build_tables(
     searched: Sequence[str],
     metric: str,
     mode: str,
+    steps: int | None = None,
 ) -> tuple[Any, Any]:
-    """``(trials, curves)`` pandas tables from trial records (see the module docstring)."""
+    """``(trials, curves)`` pandas tables from trial records (see the module docstring).
+
+    A trial is ``COMPLETED`` when its last report says so or reached ``steps`` (a scheduler may
+    stop a trial at its last step, before the trial's own final report), ``STOPPED`` otherwise.
+    """
     import pandas as pd
 
     if mode not in ("min", "max"):
@@ -93,7 +100,10 @@ def build_tables(
         attempts = max(n_attempts, rec.failures + (0 if rec.error is not None else 1))
         if rec.error is not None:
             status = "ERROR"
-        elif rows and bool(rows[-1].get("completed", False)):
+        elif rec.interrupted:
+            status = "INTERRUPTED"
+        elif rows and (bool(rows[-1].get("completed", False))
+                       or (steps is not None and int(rows[-1]["step"]) >= steps)):
             status = "COMPLETED"
         elif rows:
             status = "STOPPED"
@@ -153,9 +163,14 @@ def error_text(error: BaseException | None) -> str | None:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
-def records_from_results(result_grid: Any, failures: Mapping[str, int] | None = None) -> list[TrialRecord]:
-    """Trial records from a Ray Tune ``ResultGrid`` (one per trial, in trial order)."""
+def records_from_results(result_grid: Any, failures: Mapping[str, int] | None = None, *,
+                         unfinished: Iterable[str] = ()) -> list[TrialRecord]:
+    """Trial records from a Ray Tune ``ResultGrid`` (one per trial, in trial order).
+
+    ``failures`` counts failed attempts per trial id; ``unfinished`` names trials that Tune had not
+    finished (an interrupted sweep)."""
     failures = dict(failures or {})
+    unfinished = set(unfinished)
     records = []
     for result in result_grid:
         df = result.metrics_dataframe
@@ -167,13 +182,15 @@ def records_from_results(result_grid: Any, failures: Mapping[str, int] | None = 
             trial_id = (result.metrics or {}).get("trial_id") or _trial_id_from_path(result.path)
         config = {k: v for k, v in (result.config or {}).items() if not k.startswith("_")}
         records.append(TrialRecord(str(trial_id), config, rows, error_text(result.error),
-                                   failures.get(str(trial_id), 0)))
+                                   failures.get(str(trial_id), 0), str(trial_id) in unfinished))
     return records
 
 
 def _trial_id_from_path(path: str | None) -> str:
+    """Tune names trial folders ``<trainable>_<experiment id>_<index>_<params>_<date>``."""
     import os
+    import re
 
     base = os.path.basename(str(path or "unknown"))
-    parts = base.split("_")
-    return "_".join(parts[1:3]) if len(parts) >= 3 else base
+    match = re.search(r"([0-9a-f]{5}_\d{5})", base)
+    return match.group(1) if match else base

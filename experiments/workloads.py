@@ -111,12 +111,40 @@ class Workload(ABC):
     def default_metric(self) -> str:
         return "loss_mean"
 
+    def finals_per_seed(self, settings: TrainingSettings,
+                        variants: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+        """Final metrics of each variant (name -> hyperparameters) for each seed of ``settings``.
+
+        The default trains every variant and seed on its own with :meth:`run` and keeps the last
+        report; workloads that can batch runs override it.
+        """
+        out: dict[str, dict[int, dict[str, float]]] = {}
+        for name, hyper in variants.items():
+            out[name] = {}
+            for seed in settings.seeds:
+                last: dict[str, float] = {}
+
+                def callback(step: int, metrics: Mapping[str, Any], last: dict = last) -> None:
+                    last.clear()
+                    last.update(normalise_metrics(int(step), metrics))
+
+                one = TrainingSettings(**{**settings.__dict__, "seeds": (seed,)})
+                self.run(one, hyper, callback)
+                if not last:
+                    raise RuntimeError(f"{self.name!r} finished without reporting any metric")
+                out[name][int(seed)] = last
+        return out
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name}
 
 
 class SyntheticWorkload(Workload):
-    """A synthetic Pareto problem (``mtl_opt.problems``) trained by the study runner."""
+    """A synthetic Pareto problem (``mtl_opt.problems``) trained by the batched study runner.
+
+    Seeds of one configuration run as one batch (:func:`mtl_opt.experiments.runner.run_method`);
+    an ablation's variants and seeds run as one batch too (:meth:`finals_per_seed`).
+    """
 
     def __init__(self, problem: str, **options: Any):
         from mtl_opt.problems import get_problem
@@ -126,20 +154,21 @@ class SyntheticWorkload(Workload):
         self.options = dict(options)
         self.name = problem
 
-    def default_metric(self) -> str:
+    def _build(self) -> Any:
         from mtl_opt.problems import get_problem
 
-        has_front = callable(getattr(get_problem(self.problem, **self.options), "pareto_front", None))
-        return "front_distance" if has_front else "loss_mean"
+        return get_problem(self.problem, **self.options)
+
+    def default_metric(self) -> str:
+        return "front_distance" if self._build().has_known_front else "loss_mean"
 
     def run(self, settings: TrainingSettings, hyperparameters: Mapping[str, Any],
             callback: Callback) -> None:
         from mtl_opt.experiments.runner import run_method
-        from mtl_opt.problems import get_problem
         from mtl_opt.registry import get_aggregator
 
         run_method(
-            get_problem(self.problem, **self.options),
+            self._build(),
             get_aggregator(settings.method, **dict(hyperparameters)),
             seeds=tuple(settings.seeds),
             optimizer=settings.optimizer,
@@ -149,6 +178,30 @@ class SyntheticWorkload(Workload):
             callback=callback,
             device=settings.device,
         )
+
+    def finals_per_seed(self, settings: TrainingSettings,
+                        variants: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+        from mtl_opt.experiments.runner import run_methods
+        from mtl_opt.registry import get_aggregator
+
+        aggs = [get_aggregator(settings.method, **dict(h)) for h in variants.values()]
+        results = run_methods(self._build(), aggs, seeds=tuple(settings.seeds),
+                              optimizer=settings.optimizer, lr=float(settings.lr),
+                              steps=settings.steps, record_every=settings.record_every,
+                              device=settings.device)
+        out: dict[str, dict[int, dict[str, float]]] = {}
+        for name, res in zip(variants, results):
+            out[name] = {}
+            for seed in settings.seeds:
+                mask = res.seed == seed  # every start run with this seed
+                metrics: dict[str, Any] = {
+                    f"loss_{k + 1}": res.losses[mask, k].mean() for k in range(res.losses.shape[1])
+                }
+                metrics["stationarity"] = res.stationarity[mask].mean()
+                if res.front_distance is not None:
+                    metrics["front_distance"] = res.front_distance[mask].mean()
+                out[name][int(seed)] = normalise_metrics(settings.steps, metrics)
+        return out
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "synthetic", "options": self.options}
