@@ -1,0 +1,209 @@
+"""``mtl-opt rrg``: train, evaluate, and measure task conflict on the RRG workload.
+
+* ``mtl-opt rrg train``: train the multi-task model with any registered method and write a run
+  folder (see :mod:`mtl_opt.problems.rrg.train`).
+* ``mtl-opt rrg eval --checkpoint RUN``: re-evaluate a saved run.
+* ``mtl-opt rrg conflict``: the mean report/classification gradient cosine and norm ratio on the
+  shared encoder over N batches (optionally after some training), to measure how much a data
+  setting makes the tasks disagree.
+
+Only argparse is imported here; torch and the workload load inside :func:`run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from typing import Any
+
+
+def _task_weights(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.replace("[", "").replace("]", "").split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"task weights must be comma-separated numbers, got {text!r}")
+    if not values:
+        raise argparse.ArgumentTypeError("task weights must not be empty")
+    return values
+
+
+def _key_value(text: str) -> tuple[str, Any]:
+    key, eq, raw = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        value = ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        value = raw.strip()
+    return key.strip(), value
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, steps_default: int | None) -> None:
+    p.add_argument("--method", default="came_grad",
+                   help="method spec, e.g. came_grad:kappa=1.5,nu=0.2 (default came_grad with the "
+                        "authors' rho=0.5, kappa=1.5, nu=0.2)")
+    p.add_argument("--task-weights", type=_task_weights, default=None,
+                   help="weights of report, classification[, contrastive] (default 1,4[,1]: the "
+                        "authors' cls_weight=4)")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (default) or a folder in the R2Gen layout (annotation.json)")
+    p.add_argument("--dataset", choices=["iu_xray", "mimic_cxr"], default="iu_xray",
+                   help="layout of the --data folder (default iu_xray)")
+    p.add_argument("--labels-file", default=None, help="CheXpert labels of the folder's reports")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="skip unreadable dataset entries (they are listed) instead of failing")
+    p.add_argument("--synthetic", type=_key_value, action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the synthetic data set (repeatable), e.g. its disagreement knobs")
+    p.add_argument("--n-train", type=int, default=512, help="synthetic training studies")
+    p.add_argument("--n-val", type=int, default=64, help="synthetic validation studies")
+    p.add_argument("--n-test", type=int, default=64, help="synthetic test studies")
+    p.add_argument("--views", type=int, default=1, help="views per synthetic study")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="pixels per side (default 32 tiny, 128 small, 224 base)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=steps_default, help="training steps")
+    length.add_argument("--epochs", type=int, default=None, help="training epochs (instead of --steps)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
+    p.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0: off)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bfloat16 where supported)")
+    p.add_argument("--amp-dtype", choices=["auto", "bfloat16", "float16"], default="auto")
+    p.add_argument("--model-size", choices=["tiny", "small", "base"], default="tiny")
+    p.add_argument("--contrastive", action="store_true",
+                   help="add image-report contrastive alignment as a third task")
+    p.add_argument("--aggregate-at", choices=["parameters", "representation"], default="parameters",
+                   help="aggregate the Jacobian over the encoder's parameters (default) or its "
+                        "output features (MGDA-UB)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mtl-opt rrg``: the ``train``, ``eval`` and ``conflict`` sub-subcommands."""
+    sub = parser.add_subparsers(dest="rrg_command", metavar="ACTION", required=True)
+
+    t = sub.add_parser("train", help="train the multi-task RRG model and evaluate it",
+                       description="Train the multi-task report generation model with one method.")
+    _add_run_options(t, steps_default=None)
+    t.add_argument("--log-every", type=int, default=10, help="log losses, drift, diffusion every N steps")
+    t.add_argument("--eval-split", choices=["val", "test"], default="test")
+    t.add_argument("--eval-max-samples", type=int, default=None)
+    t.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy)")
+    t.add_argument("--max-gen-length", type=int, default=None)
+    t.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    t.add_argument("--samples", type=int, default=5, help="generated reports written to samples.md")
+    t.add_argument("--out", default=None, help="run folder (default runs/rrg-<time>)")
+    t.add_argument("--quiet", action="store_true")
+
+    e = sub.add_parser("eval", help="re-evaluate a saved run",
+                       description="Re-evaluate a saved RRG run from its checkpoint.")
+    e.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run folder")
+    e.add_argument("--split", choices=["val", "test"], default=None, help="default: the run's eval split")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--beam-size", type=int, default=None)
+    e.add_argument("--eval-max-samples", type=int, default=None)
+    e.add_argument("--no-meteor", action="store_true")
+    e.add_argument("--out", default=None, help="write the metrics here (default: print only)")
+
+    c = sub.add_parser("conflict", help="measure report/classification gradient conflict",
+                       description="Mean cosine and norm ratio of the two tasks' encoder gradients "
+                                   "over N batches, after --steps of training with --method.")
+    _add_run_options(c, steps_default=0)
+    c.add_argument("--batches", type=int, default=10, help="batches to average over")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table line")
+
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.rrg_command == "train":
+        return _run_train(args)
+    if args.rrg_command == "eval":
+        return _run_eval(args)
+    return _run_conflict(args)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from .train import RRGConfig
+
+    synthetic = dict(args.synthetic)
+    cfg = RRGConfig(
+        method=args.method, task_weights=args.task_weights, data=args.data, dataset=args.dataset,
+        labels_file=args.labels_file, skip_bad=args.skip_bad, synthetic=synthetic,
+        n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, views=args.views,
+        image_size=args.image_size, steps=args.steps, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        optimizer=args.optimizer, grad_clip=args.grad_clip, device=args.device, amp=args.amp,
+        amp_dtype=args.amp_dtype, model_size=args.model_size, contrastive=args.contrastive,
+        aggregate_at=args.aggregate_at, seed=args.seed, num_workers=args.num_workers,
+    )
+    return cfg
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import train_rrg
+
+    cfg = _config_from_args(args)
+    cfg.log_every = args.log_every
+    cfg.eval_split = args.eval_split
+    cfg.eval_max_samples = args.eval_max_samples
+    cfg.beam_size = args.beam_size
+    cfg.max_gen_length = args.max_gen_length
+    cfg.meteor = not args.no_meteor
+    cfg.n_report_samples = args.samples
+    cfg.out = args.out
+    result = train_rrg(cfg, verbose=not args.quiet)
+    if args.quiet:
+        print(result["run_dir"])
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .train import build_datasets, evaluate_rrg, load_run
+
+    import torch
+
+    model, tokenizer, cfg, _ = load_run(args.checkpoint, device=args.device)
+    if torch.device(args.device).type != "cuda" and cfg.amp:
+        print("the run was trained with --amp; evaluating in float32 on the CPU", file=sys.stderr)
+        cfg.amp = False
+    cfg.validate()
+    split = args.split or cfg.eval_split
+    if args.beam_size is not None:
+        cfg.beam_size = args.beam_size
+    if args.eval_max_samples is not None:
+        cfg.eval_max_samples = args.eval_max_samples
+    if args.no_meteor:
+        cfg.meteor = False
+    datasets = build_datasets(cfg)
+    result = evaluate_rrg(model, tokenizer, datasets[split], cfg, split=split)
+    record = {"split": split, "n": result["n"], "metrics": result["metrics"],
+              "checkpoint": str(args.checkpoint), "device": args.device, "amp": cfg.amp,
+              "beam_size": cfg.beam_size}
+    text = json.dumps(record, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"metrics written to {args.out}", file=sys.stderr)
+    print(text)
+    return 0
+
+
+def _run_conflict(args: argparse.Namespace) -> int:
+    from .train import conflict_study
+
+    cfg = _config_from_args(args)
+    if args.batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    result = conflict_study(cfg, n_batches=args.batches)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    return 0

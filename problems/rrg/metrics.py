@@ -1,0 +1,234 @@
+"""Report generation metrics as the field computes them.
+
+**NLG metrics** use the coco-caption implementations (the ``pycocoevalcap`` package, as R2Gen and
+PromptMRG do): BLEU-1..4 (corpus BLEU with the "closest" reference length), METEOR 1.5 (the Java
+jar, ``-l en -norm``), ROUGE-L (LCS F-measure, beta 1.2) and CIDEr (CIDEr-D, n=4, sigma=6, idf over
+the references of the evaluated set). R2Gen and PromptMRG score the strings as they come out of
+their tokenizers, without coco-caption's PTB tokenizer; ``tokenization="none"`` does the same
+(pass text cleaned with :func:`~mtl_opt.problems.rrg.tokenizer.clean_report`, as the tokenizer's
+``decode`` produces). ``tokenization="ptb"`` runs coco-caption's Stanford PTB tokenizer (Java) and
+drops punctuation, as the COCO caption evaluation does.
+
+**Clinical efficacy** (CE) labels reference and generated reports with the report labeler and
+counts an observation as predicted when its label is ``1`` (uncertain, negative and blank all count
+as "not positive", as in R2Gen's ``compute_ce.py`` and PromptMRG's CheXbert metrics). Reported:
+micro and macro precision/recall/F1 over the 14 observations (R2Gen; a 0/0 ratio counts 0, as
+scikit-learn's default), the example-based precision/recall/F1 averaged over reports (PromptMRG's
+``ce_*``), and per-observation F1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .observations import N_OBSERVATIONS, OBSERVATIONS
+
+NLG_KEYS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def _require_pycocoevalcap() -> None:
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "NLG metrics need the coco-caption scorers: pip install 'mtl-opt[rrg]' (pycocoevalcap)"
+        ) from exc
+
+
+def _require_java(what: str) -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise RuntimeError(f"{what} runs a Java program and no `java` executable is on PATH; "
+                           "install a Java runtime (8 or newer) or pass meteor=False")
+    return java
+
+
+def _check_pairs(references: Sequence[str], hypotheses: Sequence[str]) -> None:
+    if isinstance(references, str) or isinstance(hypotheses, str):
+        raise TypeError("references and hypotheses must be sequences of strings, not one string")
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} references but {len(hypotheses)} hypotheses")
+    if len(references) == 0:
+        raise ValueError("no reports to score")
+    for name, seq in (("reference", references), ("hypothesis", hypotheses)):
+        for i, s in enumerate(seq):
+            if not isinstance(s, str):
+                raise TypeError(f"{name} {i} is {type(s).__name__}, not str")
+    for i, r in enumerate(references):
+        if not r.split():
+            raise ValueError(f"reference {i} is empty; every reference needs at least one word")
+
+
+def _meteor(gts: dict, res: dict, timeout: float) -> float:
+    """coco-caption's METEOR 1.5 with a watchdog: a stuck or dead JVM raises instead of hanging."""
+    _require_java("METEOR")
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    try:
+        scorer = Meteor()
+    except OSError as exc:
+        raise RuntimeError(f"could not start METEOR's Java process: {exc}") from exc
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["score"] = scorer.compute_score(gts, res)[0]
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            result["error"] = exc
+
+    worker = threading.Thread(target=work, name="meteor", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    proc = scorer.meteor_p
+    if worker.is_alive():
+        proc.kill()
+        worker.join(5.0)
+        raise TimeoutError(f"METEOR's Java process gave no answer within {timeout:.0f} s and was killed "
+                           "(check that `java -jar meteor-1.5.jar` runs here and has 2 GB of heap)")
+    if "error" in result:
+        proc.kill()
+        stderr = b""
+        with contextlib.suppress(Exception):
+            stderr = proc.stderr.read() if proc.stderr else b""
+        raise RuntimeError("METEOR's Java process failed: "
+                           f"{result['error']!r}; stderr: {stderr.decode(errors='replace')[-500:]}")
+    return float(result["score"])
+
+
+def _ptb_tokenize(texts: Sequence[str], timeout: float) -> list[str]:
+    _require_java("the PTB tokenizer")
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    jar_dir = os.path.dirname(os.path.abspath(ptbtokenizer.__file__))
+    punct = set(ptbtokenizer.PUNCTUATIONS)
+    cmd = ["java", "-cp", ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR,
+           "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
+    text = "\n".join(t.replace("\n", " ") for t in texts)
+    try:
+        out = subprocess.run(cmd, input=text.encode(), cwd=jar_dir, capture_output=True,
+                             timeout=timeout, check=True).stdout.decode()
+    except subprocess.TimeoutExpired as exc:
+        raise TimeoutError(f"the PTB tokenizer gave no answer within {timeout:.0f} s") from exc
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"the PTB tokenizer failed: {exc.stderr.decode(errors='replace')[-500:]}") from exc
+    lines = out.split("\n")
+    if len(lines) < len(texts):
+        raise RuntimeError(f"the PTB tokenizer returned {len(lines)} lines for {len(texts)} texts")
+    return [" ".join(w for w in line.rstrip().split(" ") if w not in punct) for line in lines[: len(texts)]]
+
+
+def nlg_metrics(references: Sequence[str], hypotheses: Sequence[str], *, tokenization: str = "none",
+                meteor: bool = True, timeout: float = 300.0) -> dict[str, float]:
+    """Corpus BLEU-1..4, METEOR, ROUGE-L and CIDEr of ``hypotheses`` against one reference each.
+
+    Keys: ``BLEU_1 .. BLEU_4, METEOR, ROUGE_L, CIDEr`` (``METEOR`` omitted when ``meteor=False``).
+    ``tokenization``: ``"none"`` (lower-cased, whitespace-split, as R2Gen/PromptMRG) or ``"ptb"``.
+    ``timeout`` bounds each Java call (METEOR, PTB tokenizer) in seconds.
+    Note that CIDEr's idf comes from the evaluated references, so a set of one report scores 0.
+    """
+    _require_pycocoevalcap()
+    _check_pairs(references, hypotheses)
+    if tokenization == "none":
+        refs = [" ".join(r.lower().split()) for r in references]
+        hyps = [" ".join(h.lower().split()) for h in hypotheses]
+    elif tokenization == "ptb":
+        toks = _ptb_tokenize([*references, *hypotheses], timeout)
+        refs, hyps = toks[: len(references)], toks[len(references):]
+    else:
+        raise ValueError(f"tokenization must be 'none' or 'ptb', got {tokenization!r}")
+    gts = {i: [r] for i, r in enumerate(refs)}
+    res = {i: [h] for i, h in enumerate(hyps)}
+
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    out: dict[str, float] = {}
+    with contextlib.redirect_stdout(io.StringIO()):  # coco-caption's BLEU prints its length ratios
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    for k, v in zip(NLG_KEYS[:4], bleu):
+        out[k] = float(v)
+    if meteor:
+        out["METEOR"] = _meteor(gts, res, timeout)
+    out["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    out["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    return out
+
+
+def _as_labels(x: Any, labeler: Any, what: str) -> np.ndarray:
+    if isinstance(x, str):
+        raise TypeError(f"{what} must be a sequence of reports, not one string")
+    if isinstance(x, (list, tuple)) and all(isinstance(t, str) for t in x):
+        return np.asarray(labeler.label(list(x)), dtype=np.float64)
+    a = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float64)
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim != 2 or a.shape[1] != N_OBSERVATIONS:
+        raise ValueError(f"{what} must be report strings or a label array (n, {N_OBSERVATIONS}); "
+                         f"got shape {a.shape}")
+    return a
+
+
+def _safe_div(a: np.ndarray | float, b: np.ndarray | float) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return np.divide(a, b, out=np.zeros(np.broadcast(a, b).shape), where=b > 0)
+
+
+def clinical_efficacy(references: Sequence[str] | np.ndarray, hypotheses: Sequence[str] | np.ndarray,
+                      labeler: Any = None) -> dict[str, float]:
+    """CE precision/recall/F1 of generated vs reference reports (positive = label 1).
+
+    Each argument is a list of report strings (labelled with ``labeler``, default
+    :class:`~mtl_opt.problems.rrg.labeler.CheXpertLabeler`) or a label array (n, 14) with
+    1/0/-1/NaN. With ``tp, fp, fn`` counted per observation c over reports:
+
+    * micro: ``P = Σtp / (Σtp + Σfp)``, ``R = Σtp / (Σtp + Σfn)``, ``F1 = 2PR / (P + R)``;
+    * macro: the mean over the 14 observations of the per-observation P, R and F1
+      (F1_c = 2 tp_c / (2 tp_c + fp_c + fn_c)), 0 where undefined (scikit-learn's convention);
+    * example-based (PromptMRG): the same ratios per report, averaged over reports.
+    """
+    if labeler is None:
+        from .labeler import CheXpertLabeler
+
+        labeler = CheXpertLabeler()
+    ref = _as_labels(references, labeler, "references")
+    hyp = _as_labels(hypotheses, labeler, "hypotheses")
+    if ref.shape != hyp.shape:
+        raise ValueError(f"reference labels {ref.shape} and generated labels {hyp.shape} differ in shape")
+    if ref.shape[0] == 0:
+        raise ValueError("no reports to score")
+    r = ref == 1.0
+    h = hyp == 1.0
+    tp = (r & h).sum(0).astype(np.float64)
+    fp = (~r & h).sum(0).astype(np.float64)
+    fn = (r & ~h).sum(0).astype(np.float64)
+    out: dict[str, float] = {}
+    p_mi = _safe_div(tp.sum(), tp.sum() + fp.sum())
+    r_mi = _safe_div(tp.sum(), tp.sum() + fn.sum())
+    out["precision_micro"] = float(p_mi)
+    out["recall_micro"] = float(r_mi)
+    out["f1_micro"] = float(_safe_div(2 * p_mi * r_mi, p_mi + r_mi))
+    p_c = _safe_div(tp, tp + fp)
+    r_c = _safe_div(tp, tp + fn)
+    f_c = _safe_div(2 * tp, 2 * tp + fp + fn)
+    out["precision_macro"] = float(p_c.mean())
+    out["recall_macro"] = float(r_c.mean())
+    out["f1_macro"] = float(f_c.mean())
+    tp_e = (r & h).sum(1).astype(np.float64)
+    fp_e = (~r & h).sum(1).astype(np.float64)
+    fn_e = (r & ~h).sum(1).astype(np.float64)
+    out["precision_example"] = float(_safe_div(tp_e, tp_e + fp_e).mean())
+    out["recall_example"] = float(_safe_div(tp_e, tp_e + fn_e).mean())
+    out["f1_example"] = float(_safe_div(2 * tp_e, 2 * tp_e + fp_e + fn_e).mean())
+    for name, f in zip(OBSERVATIONS, f_c):
+        out[f"f1/{name}"] = float(f)
+    return out
