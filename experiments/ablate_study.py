@@ -189,6 +189,8 @@ def ablate(
     settings = TrainingSettings(method=method_name, method_options=method_options, seeds=seed_list,
                                 optimizer=optimizer, lr=lr, steps=steps, record_every=record_every,
                                 device=device)
+    if out is not None and workload.run_root is None:
+        workload.run_root = str(Path(out).expanduser().resolve() / "runs")
     finals = workload.finals_per_seed(
         settings, {v: {**method_options, **VARIANTS[v][0]} for v in chosen})
     rows = []
@@ -255,7 +257,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["min", "max"], default="min")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--record-every", type=int, default=None)
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="adam",
+    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam",
                         help="Adam normalises gradient scale; compare with sgd to see energy injection")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default="cpu")

@@ -75,7 +75,9 @@ def sweep_trial(config: dict[str, Any]) -> None:
     last: dict[str, Any] = {}
 
     def callback(step: int, metrics: Mapping[str, Any]) -> None:
-        row = normalise_metrics(int(step), metrics)
+        row = normalise_metrics(int(step), metrics, required=(metric,))
+        if metric not in row and workload.final_only(metric):
+            row[metric] = float("nan")  # known only once training has ended
         if metric not in row:
             raise KeyError(
                 f"the sweep's metric {metric!r} is not reported by {workload.name!r}; "
@@ -391,6 +393,9 @@ def sweep(
         _validate_space(dims, workload, settings)
         searched = list(dims)
         metric = metric or workload.default_metric()
+        if scheduler == "asha" and workload.final_only(metric):
+            raise ValueError(f"{metric!r} is known only after training, so ASHA cannot stop trials "
+                             "on it; use --scheduler fifo or a training metric")
         out_dir = Path(out).expanduser().resolve() if out is not None else Path(tempfile.mkdtemp(prefix="mtl-opt-sweep-"))
         out_dir.mkdir(parents=True, exist_ok=True)
         saved = {
@@ -435,6 +440,8 @@ def sweep(
                     raise FileExistsError(
                         f"{out_dir} already holds a sweep; use --resume {out_dir} or another --out"
                     )
+                if workload.run_root is None:
+                    workload.run_root = str(out_dir / "runs")  # where runs write artifacts
                 param_space: dict[str, Any] = {k: d.to_tune() for k, d in dims.items()}
                 param_space.update({
                     "_workload": workload, "_metric": metric, "_cpus_per_trial": cpus_per_trial,
@@ -539,7 +546,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=1000, help="training steps per trial")
     parser.add_argument("--record-every", type=int, default=None,
                         help="steps between reports (default: steps/10, at most 100)")
-    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="adam")
+    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam",
+                        help="torch optimizer of each trial (adamw: rrg only)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--device", default=None,
                         help="torch device of each trial (default: cuda when --gpus-per-trial > 0, else cpu)")

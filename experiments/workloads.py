@@ -7,9 +7,10 @@ calls as training goes (metrics: a flat mapping of names to numbers, e.g. ``loss
 
 * :class:`SyntheticWorkload` — any problem of :func:`mtl_opt.problems.get_problem` ("toy",
   "zdt1", ...), trained by :func:`mtl_opt.experiments.runner.run_method`;
+* :class:`~mtl_opt.experiments.rrg_workload.RRGWorkload` — ``--problem rrg``, the radiology
+  report generation workload (``train_rrg(config, callback=...)``);
 * :class:`FunctionWorkload` — any function ``fn(config, callback=...)`` whose ``config`` is a plain
-  dict; this is the shape of the radiology workload's ``train_rrg(config, callback=...)``, and of a
-  user's own training loop.
+  dict: a user's own training loop.
 
 :func:`get_workload` maps a ``--problem`` name to a workload; :func:`register_workload` adds a name
 (the extension point the radiology workload plugs into: ``register_workload("rrg", factory)``).
@@ -64,12 +65,17 @@ class TrainingSettings:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
 
 
-def normalise_metrics(step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Plain floats, plus ``loss_mean`` (mean of ``loss_1..loss_K``); non-finite values raise."""
+def normalise_metrics(step: int, metrics: Mapping[str, Any], *,
+                      required: tuple[str, ...] = ()) -> dict[str, float]:
+    """Plain floats, plus ``loss_mean`` (mean of ``loss_1..loss_K``).
+
+    A non-finite loss (``loss_*``) or ``required`` metric raises :class:`FloatingPointError` (the
+    run diverged); other metrics may be NaN where they are undefined (e.g. a ratio of zero norms).
+    """
     row: dict[str, float] = {}
     for key, value in metrics.items():
         if hasattr(value, "item"):
@@ -79,9 +85,10 @@ def normalise_metrics(step: int, metrics: Mapping[str, Any]) -> dict[str, float]
         if not isinstance(value, (int, float)):
             raise TypeError(f"metric {key!r} at step {step} is not a number: {value!r}")
         value = float(value)
-        if not math.isfinite(value):
+        key = str(key)
+        if not math.isfinite(value) and (key.startswith("loss_") or key in required):
             raise FloatingPointError(f"metric {key!r} is {value} at step {step}: the run diverged")
-        row[str(key)] = value
+        row[key] = value
     losses = [v for k, v in row.items() if k.startswith("loss_") and k[5:].isdigit()]
     if losses and "loss_mean" not in row:
         row["loss_mean"] = sum(losses) / len(losses)
@@ -110,6 +117,13 @@ class Workload(ABC):
 
     def default_metric(self) -> str:
         return "loss_mean"
+
+    def final_only(self, metric: str) -> bool:
+        """Whether ``metric`` is reported only at the end of a run (not usable by ASHA)."""
+        return False
+
+    #: Folder for run artifacts a workload writes (``None``: the workload's default).
+    run_root: str | None = None
 
     def finals_per_seed(self, settings: TrainingSettings,
                         variants: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
@@ -260,6 +274,15 @@ def register_workload(name: str, factory: Callable[..., Workload]) -> None:
     if not name or name != name.lower():
         raise ValueError(f"workload names are lower-case, got {name!r}")
     _WORKLOADS[name] = factory
+
+
+def _rrg(**options: Any) -> Workload:
+    from mtl_opt.experiments.rrg_workload import RRGWorkload
+
+    return RRGWorkload(**options)
+
+
+register_workload("rrg", _rrg)
 
 
 def available_workloads() -> list[str]:
