@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -269,11 +270,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``mtl-opt ablate``."""
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    try:
+        _ablate_cli(args, variants)
+    except KeyError as exc:  # a metric the workload does not report
+        print(f"mtl-opt ablate: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _ablate_cli(args: argparse.Namespace, variants: list[str] | None) -> None:
     from mtl_opt.experiments.sweep_study import parse_seeds
 
-    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
     ablate(args.problem, args.method, seeds=parse_seeds(args.seeds), metric=args.metric,
            mode=args.mode, steps=args.steps, record_every=args.record_every,
            optimizer=args.optimizer, lr=args.lr, device=args.device, variants=variants,
            confidence=args.confidence, out=args.out)
-    return 0

@@ -397,7 +397,8 @@ def sweep(
             raise ValueError(f"{metric!r} is known only after training, so ASHA cannot stop trials "
                              "on it; use --scheduler fifo or a training metric")
         out_dir = Path(out).expanduser().resolve() if out is not None else Path(tempfile.mkdtemp(prefix="mtl-opt-sweep-"))
-        out_dir.mkdir(parents=True, exist_ok=True)
+        if (out_dir / "ray" / EXPERIMENT_NAME).exists():
+            raise FileExistsError(f"{out_dir} already holds a sweep; use --resume {out_dir} or another --out")
         saved = {
             "problem": workload.name, "problem_options": getattr(workload, "options", {}),
             "workload": workload.describe(),
@@ -410,7 +411,6 @@ def sweep(
             "address": address or os.environ.get("RAY_ADDRESS") or "local",
             "versions": _versions(),
         }
-        (out_dir / "config.json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
 
     total = int(saved["trials"])
     storage = out_dir / "ray"
@@ -422,6 +422,9 @@ def sweep(
     started = time.perf_counter()
     with ray_session(address, num_cpus=num_cpus, probe_timeout=probe_timeout) as session:
         check_trial_resources(session.resources, cpus_per_trial, gpus_per_trial)
+        if resume is None:  # written once Ray is up and can host the trials
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "config.json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
         trainable = tune.with_resources(sweep_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
         progress = _progress_callback(metric, total, settings.steps, echo)
         run_config = tune.RunConfig(
@@ -436,10 +439,6 @@ def sweep(
                     raise FileNotFoundError(f"no sweep to resume in {out_dir} (no {experiment})")
                 tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True)
             else:
-                if (storage / EXPERIMENT_NAME).exists():
-                    raise FileExistsError(
-                        f"{out_dir} already holds a sweep; use --resume {out_dir} or another --out"
-                    )
                 if workload.run_root is None:
                     workload.run_root = str(out_dir / "runs")  # where runs write artifacts
                 param_space: dict[str, Any] = {k: d.to_tune() for k, d in dims.items()}
@@ -570,6 +569,14 @@ _SEARCH_OPTIONS = ("problem", "method", "space", "samples", "seeds", "metric", "
 
 def run(args: argparse.Namespace) -> int:
     """``mtl-opt sweep``."""
+    try:
+        return _run(args)
+    except (ConnectionError, FileExistsError) as exc:
+        print(f"mtl-opt sweep: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         defaults = argparse.ArgumentParser()
         configure(defaults)
