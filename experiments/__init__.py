@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+__all__ = ["ablate", "sweep"]
+
 _LAZY = {
     "sweep": ("mtl_opt.experiments.sweep_study", "sweep"),
     "ablate": ("mtl_opt.experiments.ablate_study", "ablate"),

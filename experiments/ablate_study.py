@@ -252,7 +252,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="problem name, optionally with options: toy, zdt1:dim=10, rrg, ... (default: toy)")
     parser.add_argument("--method", default="came_grad",
                         help="CAME-Grad with the shared hyperparameters, e.g. 'came_grad:kappa=2,rho=0.3'")
-    parser.add_argument("--seeds", default="5", help="a count (5) or a list (0,1,2); at least 2 (default: 5)")
+    parser.add_argument("--seeds", default="5x",
+                        help="comma-separated seeds, or a count such as '5x' for 0..4; at least 2 "
+                        "(default 5x)")
     parser.add_argument("--metric", default=None,
                         help="metric compared (default: front_distance where the front is known, else loss_mean)")
     parser.add_argument("--mode", choices=["min", "max"], default="min")
@@ -265,7 +267,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--confidence", type=float, default=0.95)
-    parser.add_argument("--out", default="results/ablate", help="output folder (default: results/ablate)")
+    parser.add_argument("--out", default=None, help="output folder (default runs/ablate-<UTC timestamp>)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -280,9 +282,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ablate_cli(args: argparse.Namespace, variants: list[str] | None) -> None:
-    from mtl_opt.experiments.sweep_study import parse_seeds
+    from mtl_opt.experiments.sweep_study import _default_out, parse_seeds
 
     ablate(args.problem, args.method, seeds=parse_seeds(args.seeds), metric=args.metric,
            mode=args.mode, steps=args.steps, record_every=args.record_every,
            optimizer=args.optimizer, lr=args.lr, device=args.device, variants=variants,
-           confidence=args.confidence, out=args.out)
+           confidence=args.confidence, out=args.out or _default_out("ablate"))

@@ -99,7 +99,8 @@ def sweep_trial(config: dict[str, Any]) -> None:
 # Small parsers shared with the CLI
 # ------------------------------------------------------------------------------------------------
 def parse_seeds(text: str | int | Sequence[int]) -> tuple[int, ...]:
-    """``"3"`` or ``3`` -> (0, 1, 2); ``"0,4,7"`` or ``[0, 4, 7]`` -> (0, 4, 7)."""
+    """Seeds as ``mtl-opt compare`` reads them: ``"0,4,7"`` -> (0, 4, 7); ``"3"`` -> (3,);
+    a count ``"3x"`` -> (0, 1, 2). From Python an ``int`` is a count and a list is used as is."""
     if isinstance(text, bool):
         raise ValueError(f"seeds must be a count or a list of integers, got {text!r}")
     if isinstance(text, int):
@@ -107,16 +108,15 @@ def parse_seeds(text: str | int | Sequence[int]) -> tuple[int, ...]:
             raise ValueError(f"the number of seeds must be >= 1, got {text}")
         return tuple(range(text))
     if isinstance(text, str):
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        if len(parts) == 1 and "," not in text:
-            try:
-                return parse_seeds(int(parts[0]))
-            except ValueError:
-                raise ValueError(f"--seeds takes a count (3) or a list (0,1,2), got {text!r}") from None
+        raw = text.strip()
         try:
-            seeds = tuple(int(p) for p in parts)
+            if raw.lower().endswith("x"):
+                return parse_seeds(int(raw[:-1]))
+            seeds = tuple(int(p) for p in raw.split(",") if p.strip())
         except ValueError:
-            raise ValueError(f"--seeds takes a count (3) or a list (0,1,2), got {text!r}") from None
+            raise ValueError(
+                f"--seeds takes comma-separated seeds (0,1,2) or a count (3x), got {text!r}"
+            ) from None
     else:
         seeds = tuple(int(s) for s in text)
     if not seeds:
@@ -500,6 +500,10 @@ class _QuietTuneLogs:
             logging.getLogger(n).setLevel(level)
 
 
+def _default_out(study: str) -> str:
+    return str(Path("runs") / time.strftime(f"{study}-%Y%m%d-%H%M%S", time.gmtime()))
+
+
 def _load_saved(out_dir: Path) -> dict[str, Any]:
     path = out_dir / "config.json"
     if not path.is_file():
@@ -534,8 +538,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "--space nu=grid:0,0.2,0.5,1 --space rho=uniform:0,0.9")
     parser.add_argument("--samples", type=int, default=1,
                         help="repeats of the grid, each with fresh random draws (default: 1)")
-    parser.add_argument("--seeds", default="1",
-                        help="seeds per configuration: a count (3) or a list (0,4,7); default 1")
+    parser.add_argument("--seeds", default="0",
+                        help="seeds per configuration, comma-separated, or a count such as '3x' for "
+                        "0,1,2; the metric is their mean (default 0)")
     parser.add_argument("--metric", default=None,
                         help="metric to optimise (default: front_distance where the front is known, "
                         "else loss_mean)")
@@ -557,7 +562,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="GPUs per trial; fractions share one GPU (0.25: four trials per GPU)")
     parser.add_argument("--max-failures", type=int, default=2,
                         help="retries of a trial that raises before it is reported as failed")
-    parser.add_argument("--out", default="results/sweep", help="output folder (default: results/sweep)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default runs/sweep-<UTC timestamp>)")
     parser.add_argument("--resume", default=None, metavar="DIR",
                         help="continue the interrupted sweep whose output folder is DIR")
 
@@ -592,7 +598,7 @@ def _run(args: argparse.Namespace) -> int:
             metric=args.metric, mode=args.mode, scheduler=args.scheduler, steps=args.steps,
             record_every=args.record_every, optimizer=args.optimizer, lr=args.lr, device=args.device,
             address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-            max_failures=args.max_failures, out=args.out,
+            max_failures=args.max_failures, out=args.out or _default_out("sweep"),
         )
     if (table["status"] == "ERROR").all():
         print("sweep: every trial failed (see the error column of trials.csv)", file=sys.stderr)

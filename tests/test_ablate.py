@@ -12,7 +12,7 @@ from mtl_opt.experiments.paired_stats import paired_difference
 
 def test_cli_writes_tables_figure_and_config(tmp_path, capsys):
     out = tmp_path / "abl"
-    code = main(["ablate", "--problem", "quadratic_noisy", "--steps", "30", "--seeds", "3",
+    code = main(["ablate", "--problem", "quadratic_noisy", "--steps", "30", "--seeds", "3x",
                  "--optimizer", "sgd", "--lr", "0.01", "--out", str(out)])
     assert code == 0
     for name in ["ablation.csv", "ablation.md", "ablation.html", "runs.csv", "config.json"]:

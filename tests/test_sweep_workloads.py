@@ -15,10 +15,12 @@ from mtl_opt.experiments.workloads import (
 
 
 def test_seeds_and_problem_specs():
-    assert parse_seeds("3") == (0, 1, 2)
+    # The same reading as mtl-opt compare: a list, or a count written 3x.
+    assert parse_seeds("3x") == (0, 1, 2)
+    assert parse_seeds("3") == (3,)
     assert parse_seeds("0,4,7") == (0, 4, 7)
-    assert parse_seeds([5]) == (5,)
-    for bad in ["0", "a", "1,1"]:
+    assert parse_seeds([5]) == (5,) and parse_seeds(2) == (0, 1)
+    for bad in ["0x", "a", "1,1", ""]:
         with pytest.raises(ValueError):
             parse_seeds(bad)
     assert parse_spec("zdt1:dim=10,noise=0.5") == ("zdt1", {"dim": 10, "noise": 0.5})
@@ -116,3 +118,18 @@ def test_sweep_cli_unreachable_address(capsys, tmp_path):
                  "--out", str(out)]) == 2
     assert "no Ray cluster reachable" in capsys.readouterr().err
     assert not out.exists()  # nothing written for a sweep that could not start
+
+
+def test_study_modules_and_the_cli_parser_stay_light(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, mtl_opt.experiments as e, mtl_opt.experiments.sweep_study, "
+        "mtl_opt.experiments.ablate_study; from mtl_opt.cli import build_parser; build_parser(); "
+        "heavy = [m for m in ('ray', 'plotly', 'pandas') if m in sys.modules]; "
+        "print(','.join(heavy), callable(e.sweep), callable(e.ablate))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True", "True"]
