@@ -119,7 +119,12 @@ def method_from_spec(method: str | GradientAggregator) -> tuple[str, GradientAgg
     import mtl_opt
 
     name, hyper = mtl_opt.parse_method_spec(method)
-    agg = mtl_opt.get_aggregator(name, **hyper)
+    # Built with torch's global generator seeded 0 (and restored after), so that methods
+    # whose randomness is seeded from it at construction (PCGrad without seed=) draw the same
+    # orders in every study; pass e.g. "pcgrad:seed=3" to vary them.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        agg = mtl_opt.get_aggregator(name, **hyper)
     label = name if not hyper else name + ":" + ",".join(f"{k}={_fmt(v)}" for k, v in hyper.items())
     return label, agg
 
@@ -226,6 +231,9 @@ class _Recorder:
         self.known_front = problem.has_known_front
 
     def record(self, step: int, x: Tensor) -> None:
+        finite_x = torch.isfinite(x.detach()).all(-1)
+        if not bool(finite_x.all()):
+            raise _NonFinite(step, (~finite_x).nonzero().flatten().tolist())
         F, J = self.problem.losses_and_jacobian(x.detach())
         blocked = self.problem.blocked_coordinates(x.detach(), J)
         if blocked is not None:
@@ -284,7 +292,8 @@ def run_method(
         method: a :class:`~mtl_opt.GradientAggregator` or a spec such as ``"came_grad:kappa=2"``.
         starts: (S, dim) starting points; ``None`` uses the problem's protocol starts.
         seeds: one run per start and seed; a seed drives the run's gradient noise.
-        optimizer: ``"adam"`` or ``"sgd"`` (torch's, default settings but ``lr``).
+        optimizer: ``"adam"`` or ``"sgd"``: torch's updates with their default settings but
+            ``lr`` (Adam ``betas=(0.9, 0.999)``, ``eps=1e-8``; SGD without momentum).
         lr: learning rate > 0.
         steps: number of optimisation steps ≥ 1.
         record_every: history interval (the start and the end are always recorded).
@@ -346,7 +355,7 @@ def run_methods(
         agg.reset()
 
     x0 = S0.repeat_interleave(n_r, dim=0)  # (S*R, d), start-major
-    x = x0.repeat(n_m, 1).to(device=dev).clone().requires_grad_(True)
+    x = x0.repeat(n_m, 1).to(device=dev).clone()
     opt = _make_optimizer(optimizer, x, float(lr))
     noise_std = float(prob.gradient_noise_std)
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds_t] if noise_std > 0 else []
@@ -366,7 +375,8 @@ def run_methods(
     conflicts = torch.zeros(N, dtype=torch.long, device=dev)
     agg_time = [0.0] * n_m
     record_time = 0.0
-    beta = torch.zeros((N, K), dtype=torch.float64)
+    zero_beta = torch.zeros((n_runs, K), dtype=torch.float64)
+    perf = time.perf_counter
     on_cpu = dev.type == "cpu"
 
     def do_record(step: int) -> None:
@@ -387,36 +397,43 @@ def run_methods(
             t0 = time.perf_counter()
             do_record(k)
             record_time += time.perf_counter() - t0
-        with torch.no_grad():
-            F, J = prob.losses_and_jacobian(x.detach())
-            if bounded:
-                blocked = ((x <= lo) & (J >= 0).all(dim=-2)) | ((x >= hi) & (J <= 0).all(dim=-2))
-                J = J.masked_fill(blocked.unsqueeze(-2), 0.0)
-            if gens:
-                eps = torch.stack([torch.randn((n_s, K, d), generator=g, device=dev, dtype=J.dtype)
-                                   for g in gens], dim=1).reshape(1, n_runs, K, d)
-                J = (J.reshape(n_m, n_runs, K, d) + noise_std * eps).reshape(N, K, d)
-            M = J @ J.transpose(-1, -2)
-            conflicts += (M < 0).flatten(1).any(1)
-            M64 = M if on_cpu else M.to("cpu")
-            F64 = (F if on_cpu else F.to("cpu")) if any_losses else None
-            for m, agg, uses_losses in gram_groups:
-                sl = slice(m * n_runs, (m + 1) * n_runs)
-                t0 = time.perf_counter()
-                beta[sl] = agg._checked_batch_weights(M64[sl], F64[sl] if uses_losses else None, None)
-                agg_time[m] += time.perf_counter() - t0
-            b = beta if on_cpu else beta.to(dev, non_blocking=True)
-            direction = (b.unsqueeze(-2) @ J).squeeze(-2)
-            for m, agg in general:
-                sl = slice(m * n_runs, (m + 1) * n_runs)
-                t0 = time.perf_counter()
-                direction[sl] = agg.aggregate_batch(J[sl], losses=F[sl] if agg.uses_losses else None)
-                agg_time[m] += time.perf_counter() - t0
-        x.grad = direction
-        opt.step()
+        # x carries no autograd graph: the problems return detached Jacobians
+        F, J = prob.losses_and_jacobian(x)
         if bounded:
-            with torch.no_grad():
-                x.clamp_(min=lo, max=hi)
+            blocked = ((x <= lo) & (J >= 0).all(dim=-2)) | ((x >= hi) & (J <= 0).all(dim=-2))
+            J = J.masked_fill(blocked.unsqueeze(-2), 0.0)
+        if gens:
+            eps = torch.stack([torch.randn((n_s, K, d), generator=g, device=dev, dtype=J.dtype)
+                               for g in gens], dim=1).reshape(1, n_runs, K, d)
+            J = (J.reshape(n_m, n_runs, K, d) + noise_std * eps).reshape(N, K, d)
+        M = J @ J.transpose(-1, -2)
+        conflicts += (M < 0).flatten(1).any(1)
+        M64 = M if on_cpu else M.to("cpu")
+        F64 = (F if on_cpu else F.to("cpu")) if any_losses else None
+        Ms = M64.split(n_runs) if n_m > 1 else (M64,)
+        Fs = (F64.split(n_runs) if n_m > 1 else (F64,)) if any_losses else None
+        betas = []
+        for m, agg, uses_losses in gram_groups:
+            t0 = perf()
+            # The methods' vectorised weights, unchecked in the loop: a non-finite weight
+            # makes x non-finite, which the next record reports naming the method.
+            betas.append(agg._batch_weights(Ms[m], losses=Fs[m] if uses_losses else None, task_weights=None))
+            agg_time[m] += perf() - t0
+        if general:
+            for m, _agg in general:
+                betas.insert(m, zero_beta)
+        b = torch.cat(betas) if n_m > 1 else betas[0]
+        if not on_cpu:
+            b = b.to(dev, non_blocking=True)
+        direction = (b.unsqueeze(-2) @ J).squeeze(-2)
+        for m, agg in general:
+            sl = slice(m * n_runs, (m + 1) * n_runs)
+            t0 = perf()
+            direction[sl] = agg.aggregate_batch(J[sl], losses=F[sl] if agg.uses_losses else None)
+            agg_time[m] += perf() - t0
+        opt.step(direction)
+        if bounded:
+            x.clamp_(min=lo, max=hi)
     t0 = time.perf_counter()
     do_record(steps)
     record_time += time.perf_counter() - t0
@@ -452,11 +469,41 @@ def run_methods(
     return results
 
 
-def _make_optimizer(name: str, x: Tensor, lr: float) -> torch.optim.Optimizer:
-    """torch's Adam (the fused kernel where this torch build has it: one op per step) or SGD."""
-    if name == "adam":
-        try:
-            return torch.optim.Adam([x], lr=lr, fused=True)
-        except (RuntimeError, TypeError, ValueError):  # pragma: no cover - older torch / devices
-            return torch.optim.Adam([x], lr=lr)
-    return torch.optim.SGD([x], lr=lr)
+class _Adam:
+    """torch.optim.Adam's update (``betas=(0.9, 0.999)``, ``eps=1e-8``, no weight decay), written
+    out as its six element-wise tensor ops so that a step over all runs costs a few microseconds
+    instead of the optimizer framework's per-call overhead. Same operations in the same order as
+    ``torch.optim.Adam(foreach=False)``; a test checks the two agree bit for bit::
+
+        m ← β₁ m + (1 − β₁) g;  v ← β₂ v + (1 − β₂) g²
+        x ← x − (lr / (1 − β₁ᵗ)) · m / (√v / √(1 − β₂ᵗ) + ε)
+    """
+
+    def __init__(self, x: Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+        self.x, self.lr, self.betas, self.eps = x, lr, betas, eps
+        self.m = torch.zeros_like(x)
+        self.v = torch.zeros_like(x)
+        self.t = 0
+
+    def step(self, g: Tensor) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        self.m.lerp_(g, 1 - b1)
+        self.v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        step_size = self.lr / (1 - b1 ** self.t)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2 ** self.t)).add_(self.eps)
+        self.x.addcdiv_(self.m, denom, value=-step_size)
+
+
+class _SGD:
+    """torch.optim.SGD's update without momentum: ``x ← x − lr · g``."""
+
+    def __init__(self, x: Tensor, lr: float) -> None:
+        self.x, self.lr = x, lr
+
+    def step(self, g: Tensor) -> None:
+        self.x.add_(g, alpha=-self.lr)
+
+
+def _make_optimizer(name: str, x: Tensor, lr: float) -> _Adam | _SGD:
+    return _Adam(x, lr) if name == "adam" else _SGD(x, lr)

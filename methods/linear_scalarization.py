@@ -45,3 +45,9 @@ class LinearScalarization(GramianAggregator):
         if w.numel() != K:
             raise ValueError(f"LinearScalarization has {w.numel()} weights but there are {K} tasks")
         return w.clone()
+
+    def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        """The same weights for every batch entry (vectorised: one tensor, no loop)."""
+        B, K = M.shape[0], M.shape[1]
+        w = self._weights(M[0], losses=None, task_weights=task_weights) if B else torch.ones(K, dtype=torch.float64)
+        return w.expand(B, K).clone()

@@ -16,12 +16,13 @@ active face: see :meth:`ParetoProblem.blocked_coordinates`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ParetoProblem"]
+__all__ = ["ParetoProblem", "curve_distance"]
 
 
 class ParetoProblem:
@@ -149,7 +150,7 @@ class ParetoProblem:
             ref = self.pareto_front(self.front_resolution).to(dtype=F.dtype, device=F.device)
             self._front_cache = ref
         flat = F.reshape(-1, F.shape[-1])
-        d = torch.cdist(flat, ref).min(dim=1).values
+        d = torch.cdist(flat, ref, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
         return d.reshape(F.shape[:-1])
 
     # ------------------------------------------------------------------ description
@@ -172,3 +173,39 @@ def _check_x(x: Tensor, dim: int, name: str) -> None:
 
 
 HALF_PI = math.pi / 2
+
+
+def curve_distance(F: Tensor, curve: Callable[[Tensor], Tensor],
+                   regions: Sequence[tuple[float, float]], n: int = 2001, iters: int = 60) -> Tensor:
+    """Distance from each ``F`` (..., K) to a front given as a curve ``t ↦ curve(t)`` (m,) -> (m, K)
+    over the parameter intervals ``regions``.
+
+    The nearest of ``n`` samples per region brackets the minimiser between its two neighbours;
+    ``iters`` golden-section steps then shrink the bracket to machine precision (the distance
+    is unimodal on a bracket that small for the smooth fronts used here).
+    """
+    K = F.shape[-1]
+    flat = F.reshape(-1, K).to(torch.float64)
+    best = torch.full((flat.shape[0],), float("inf"), dtype=torch.float64)
+    lo_t = torch.zeros_like(best)
+    hi_t = torch.zeros_like(best)
+    for a, b in regions:
+        t = torch.linspace(a, b, n, dtype=torch.float64)
+        d, j = torch.cdist(flat, curve(t), compute_mode="donot_use_mm_for_euclid_dist").min(dim=1)
+        better = d < best
+        best = torch.where(better, d, best)
+        lo_t = torch.where(better, t[(j - 1).clamp(min=0)], lo_t)
+        hi_t = torch.where(better, t[(j + 1).clamp(max=n - 1)], hi_t)
+
+    def dist(tt: Tensor) -> Tensor:
+        return torch.linalg.vector_norm(flat - curve(tt), dim=-1)
+
+    ratio = (math.sqrt(5) - 1) / 2
+    for _ in range(iters):
+        m1 = hi_t - ratio * (hi_t - lo_t)
+        m2 = lo_t + ratio * (hi_t - lo_t)
+        left = dist(m1) < dist(m2)
+        hi_t = torch.where(left, m2, hi_t)
+        lo_t = torch.where(left, lo_t, m1)
+    refined = torch.minimum(dist(0.5 * (lo_t + hi_t)), best)
+    return refined.to(F.dtype).reshape(F.shape[:-1])

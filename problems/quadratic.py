@@ -18,9 +18,9 @@ Variants that stress what CAME-Grad claims to fix:
   run by the study's seed (stochastic gradients).
 * ``n_tasks``: many tasks (the registry's ``quadratic_many`` uses 10).
 
-Distance to the front is measured to a sample of the front: for ``K = 2`` 4001 points evenly
-spaced along the segment of centres (accurate to ~1e-3 of the front's extent); for ``K > 2``
-the ``K`` vertices plus 20 000 seeded Dirichlet(1) mixtures, an upper bound on the true distance.
+Distance to the front: for ``K = 2`` exact (the front is the curve ``t ↦ f((1−t)c₁ + t c₂)``,
+searched by golden section); for ``K > 2`` to a sample of the front (the ``K`` vertices plus
+20 000 seeded Dirichlet(1) mixtures of the centres), an upper bound on the true distance.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from mtl_opt._validation import check_range
-from mtl_opt.problems.base import ParetoProblem, _check_x
+from mtl_opt.problems.base import ParetoProblem, _check_x, curve_distance
 
 __all__ = ["Quadratic"]
 
@@ -65,7 +65,7 @@ class Quadratic(ParetoProblem):
         self.noise = check_range("noise", noise, low=0.0, owner="quadratic")
         self.n_tasks, self.dim, self.seed = n_tasks, dim, seed
         self.gradient_noise_std = self.noise
-        self.front_resolution = 4001 if n_tasks == 2 else 20000
+        self.front_resolution = 20000
         g = torch.Generator().manual_seed(seed)
         Q, _ = torch.linalg.qr(torch.randn((dim, dim), generator=g, dtype=torch.float64))
         lam = torch.logspace(0, math.log10(self.condition), dim, dtype=torch.float64)
@@ -123,6 +123,12 @@ class Quadratic(ParetoProblem):
 
     def pareto_set(self, n: int = 100) -> Tensor:
         return self.pareto_weights(n) @ self.centers
+
+    def front_distance(self, F: Tensor) -> Tensor:
+        if self.n_tasks != 2:
+            return super().front_distance(F)
+        c0, c1 = self.centers[0], self.centers[1]
+        return curve_distance(F, lambda t: self.losses(c0 + t.unsqueeze(-1) * (c1 - c0)), ((0.0, 1.0),))
 
     def pareto_front(self, n: int = 100) -> Tensor:
         return self.losses(self.pareto_set(n))

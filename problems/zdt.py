@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_opt.problems.base import ParetoProblem, _check_x
+from mtl_opt.problems.base import ParetoProblem, _check_x, curve_distance
 
 __all__ = ["ZDT1", "ZDT2", "ZDT3"]
 
@@ -95,6 +95,16 @@ class _ZDT(ParetoProblem):
     def _front_x1(self, n: int) -> Tensor:
         return torch.linspace(0, 1, int(n), dtype=torch.float64)
 
+    def _regions(self) -> tuple[tuple[float, float], ...]:
+        return ((0.0, 1.0),)
+
+    def front_distance(self, F: Tensor) -> Tensor:
+        """Exact distance to the front curve ``(t, f₂(t, g=1))`` (see ``curve_distance``)."""
+        def curve(t: Tensor) -> Tensor:
+            return torch.stack([t, self._f2(t, torch.ones_like(t))], -1)
+
+        return curve_distance(F, curve, self._regions())
+
 
 class ZDT1(_ZDT):
     """ZDT1: convex front ``f₂ = 1 − √f₁``."""
@@ -136,6 +146,9 @@ class ZDT3(_ZDT):
         w = 10 * math.pi
         d1 = -0.5 / s - torch.sin(w * x1) - w * x1 * torch.cos(w * x1)
         return d1, 1 - 0.5 * s
+
+    def _regions(self) -> tuple[tuple[float, float], ...]:
+        return ZDT3_REGIONS
 
     def _front_x1(self, n: int) -> Tensor:
         per = max(int(n) // len(ZDT3_REGIONS), 2)

@@ -1,0 +1,333 @@
+"""``mtl-opt compare``: every method on synthetic Pareto problems with known fronts.
+
+Default suite: all registered methods on ``toy``, ``zdt1``, ``dtlz2`` and ``quadratic``, from
+each problem's protocol starts, sized to finish in about a minute on two cores. Writes a folder
+(default ``runs/compare-<UTC timestamp>``) with ``config.json``, ``final.csv``, ``summary.csv``,
+``summary.md``, plotly figures and ``index.html``.
+
+``--protocol nash-toy`` runs the published Toy protocol (Nash-MTL, Navon et al. 2022): the toy
+with the first loss × 0.1, the five starts, Adam with lr 1e-3, 35 000 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROBLEMS = ("toy", "zdt1", "dtlz2", "quadratic")
+
+#: Per-problem defaults of the default suite (``--steps``/``--lr`` override them for all problems).
+SUITE_DEFAULTS: dict[str, dict[str, float]] = {
+    "toy": {"steps": 3000, "lr": 1e-2},
+    "zdt1": {"steps": 1000, "lr": 5e-3},
+    "zdt2": {"steps": 1000, "lr": 5e-3},
+    "zdt3": {"steps": 1000, "lr": 5e-3},
+    "dtlz2": {"steps": 400, "lr": 1e-2},
+    "quadratic": {"steps": 1000, "lr": 2e-2},
+    "quadratic_imbalanced": {"steps": 1000, "lr": 2e-2},
+    "quadratic_noisy": {"steps": 1000, "lr": 2e-2},
+    "quadratic_many": {"steps": 300, "lr": 2e-2},
+}
+FALLBACK = {"steps": 1000, "lr": 1e-3}
+
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "nash-toy": {"problems": ["toy"], "steps": 35000, "lr": 1e-3, "optimizer": "adam", "starts": "all",
+                 "record_every": 100},
+}
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--problems", nargs="+", metavar="PROBLEM", default=None,
+                        help="problem specs, e.g. toy zdt1 'quadratic:imbalance=1000' "
+                        f"(default: {' '.join(DEFAULT_PROBLEMS)})")
+    parser.add_argument("--methods", nargs="+", metavar="METHOD", default=None,
+                        help="method specs with hyperparameters, e.g. mgda cagrad:c=0.5 "
+                        "came_grad:kappa=2,nu=0.5 (default: every registered method)")
+    parser.add_argument("--starts", default="all",
+                        help="which starts: 'all' (each problem's protocol list), indices into "
+                        "that list such as '0,2,4', or 'random:N' for N seeded uniform starts")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds, or a count such as '3x' for seeds 0,1,2 (default 0)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimisation steps for every problem (default: per problem, see docs)")
+    parser.add_argument("--optimizer", default="adam", help="adam (default) or sgd")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate for every problem "
+                        "(default: per problem)")
+    parser.add_argument("--device", default="cpu", help="torch device for x and the Jacobians (default cpu)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default runs/compare-<UTC timestamp>)")
+    parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
+                        help="run a published protocol exactly (fixes problems, starts, steps, lr, optimizer)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="rerun a study from the config.json it wrote (only --out, --quiet and "
+                        "--no-figures may be given with it)")
+    parser.add_argument("--no-figures", action="store_true", help="write the tables only")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _from_options(args: argparse.Namespace) -> tuple:
+    import mtl_opt
+    from mtl_opt.experiments.runner import OPTIMIZERS, method_from_spec
+    from mtl_opt.problems import problem_from_spec
+
+    protocol = PROTOCOLS.get(args.protocol) if args.protocol else None
+    if protocol is not None:
+        clashes = [opt for opt, given in (("--problems", args.problems), ("--steps", args.steps),
+                                          ("--lr", args.lr), ("--starts", args.starts != "all"),
+                                          ("--optimizer", args.optimizer != "adam")) if given]
+        if clashes:
+            raise ValueError(f"--protocol {args.protocol} fixes {', '.join(clashes)}; drop them or drop --protocol")
+    problem_specs = protocol["problems"] if protocol else (args.problems or list(DEFAULT_PROBLEMS))
+    method_specs = args.methods or mtl_opt.available_aggregators()
+    labels = [method_from_spec(m)[0] for m in method_specs]  # raises on unknown names / bad values
+    problems = {}
+    for spec in problem_specs:
+        prob = problem_from_spec(spec)
+        problems[spec if ":" in spec else prob.name] = prob
+    if len(problems) != len(problem_specs):
+        raise ValueError(f"--problems lists a problem twice: {problem_specs}")
+    if args.optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {args.optimizer!r}; choose one of {list(OPTIMIZERS)}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
+        raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
+    seeds = _parse_seeds(args.seeds)
+    starts, start_labels = _resolve_starts(args.starts, problems)
+    steps, lrs, record_every = {}, {}, None
+    for name, prob in problems.items():
+        d = SUITE_DEFAULTS.get(prob.name, FALLBACK)
+        steps[name] = protocol["steps"] if protocol else (args.steps if args.steps is not None else int(d["steps"]))
+        lrs[name] = protocol["lr"] if protocol else (args.lr if args.lr is not None else float(d["lr"]))
+    if protocol:
+        record_every = protocol["record_every"]
+    return problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every
+
+
+def _from_config(args: argparse.Namespace) -> tuple:
+    """The study a config.json describes: problems with their options, starts, steps and lr."""
+    import torch
+
+    from mtl_opt.experiments.runner import method_from_spec
+    from mtl_opt.problems import get_problem
+
+    given = [name for name, value in (("--problems", args.problems), ("--methods", args.methods),
+                                      ("--steps", args.steps), ("--lr", args.lr), ("--protocol", args.protocol),
+                                      ("--starts", args.starts != "all"), ("--seeds", args.seeds != "0"),
+                                      ("--optimizer", args.optimizer != "adam"), ("--device", args.device != "cpu"))
+             if value]
+    if given:
+        raise ValueError(f"--config fixes the study; drop {', '.join(given)}")
+    try:
+        config = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        entries = config["problems"]
+        problems, starts, start_labels, steps, lrs = {}, {}, {}, {}, {}
+        for e in entries:
+            prob = get_problem(e["name"] if ":" not in e["spec"] else e["spec"].split(":", 1)[0], **e["options"])
+            key = e["spec"]
+            problems[key] = prob
+            starts[key] = torch.tensor(e["starts"], dtype=torch.float64)
+            start_labels[key] = list(e["start_labels"])
+            steps[key] = int(e["steps"])
+            lrs[key] = float(e["lr"])
+        method_specs = list(config["methods"])
+        seeds = [int(v) for v in config["seeds"]]
+        args.optimizer = config["optimizer"]
+        args.device = config["device"]
+        args.protocol = config.get("protocol")
+        args.starts = config.get("starts", "all")
+        record_every = {e["spec"]: int(e["record_every"]) for e in entries}
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{args.config} is not a config.json written by mtl-opt compare: {exc!r}") from None
+    labels = [method_from_spec(m)[0] for m in method_specs]
+    return problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every
+
+
+def _parse_seeds(text: str) -> list[int]:
+    text = str(text).strip()
+    if text.endswith("x") and text[:-1].isdigit():
+        n = int(text[:-1])
+        if n < 1:
+            raise ValueError(f"--seeds {text!r}: the count must be >= 1")
+        return list(range(n))
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers or a count like '3x', got {text!r}") from None
+    if not seeds:
+        raise ValueError("--seeds is empty")
+    return seeds
+
+
+def _resolve_starts(text: str, problems: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[int]]]:
+    """Starts per problem and their labels (indices into the protocol's list)."""
+    import torch
+
+    text = str(text).strip()
+    out, labels = {}, {}
+    for name, prob in problems.items():
+        base = prob.protocol_starts()
+        if text == "all":
+            out[name] = base
+            labels[name] = list(range(len(base)))
+        elif text.startswith("random:"):
+            raw = text.split(":", 1)[1]
+            if not raw.isdigit() or int(raw) < 1:
+                raise ValueError(f"--starts {text!r}: expected random:N with N >= 1")
+            out[name] = prob.initial_points(int(raw), seed=1)
+            labels[name] = list(range(int(raw)))
+        else:
+            try:
+                idx = [int(i) for i in text.split(",") if i.strip()]
+            except ValueError:
+                raise ValueError(f"--starts must be 'all', indices like '0,2' or 'random:N', got {text!r}") from None
+            if not idx:
+                raise ValueError("--starts is empty")
+            bad = [i for i in idx if not 0 <= i < len(base)]
+            if bad:
+                raise ValueError(f"--starts: indices {bad} are out of range for {name}'s {len(base)} protocol starts")
+            out[name] = base[torch.tensor(idx)]
+            labels[name] = idx
+    return out, labels
+
+
+def run(args: argparse.Namespace) -> int:
+    import mtl_opt
+    from mtl_opt.experiments.runner import OPTIMIZERS, method_from_spec
+    from mtl_opt.problems import problem_from_spec
+
+    # ---------------------------------------------------------------- validate everything first
+    if args.config is not None:
+        problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every = \
+            _from_config(args)
+    else:
+        problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every = \
+            _from_options(args)
+    out = args.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S", time.gmtime())
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"output folder {out} exists and is not empty; choose another --out")
+
+    from mtl_opt.experiments.study import run_comparison
+
+    progress = None if args.quiet else _Progress(steps)
+    t0 = time.perf_counter()
+    comp = run_comparison(list(problems), method_specs, starts=starts, seeds=seeds,
+                          optimizer=args.optimizer, steps=steps, lr=lrs, record_every=record_every,
+                          device=args.device, progress=progress, start_labels=start_labels)
+    elapsed = time.perf_counter() - t0
+    if progress is not None:
+        progress.done()
+
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "protocol": args.protocol,
+        "problems": [{"spec": spec, **entry} for spec, entry in zip(problems, comp.config["problems"])],
+        "methods": labels,
+        "starts": args.starts,
+        "seeds": seeds,
+        "optimizer": args.optimizer,
+        "device": args.device,
+        "elapsed_seconds": round(elapsed, 3),
+        "versions": _versions(),
+        "rerun": _rerun_command(args, list(problems), labels, seeds, steps, lrs),
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    comp.final.to_csv(out / "final.csv", index=False)
+    comp.summary.to_csv(out / "summary.csv", index=False)
+    md = ["# mtl-opt compare", "", f"Produced by `{config['rerun']}` in {elapsed:.1f} s "
+          f"(mtl_opt {config['versions']['mtl_opt']}, torch {config['versions']['torch']}).", "",
+          "## Mean rank per method (over hypervolume, IGD and front distance; lower is better)", "",
+          markdown_table(comp.overall, ".3g"), "", "## Per problem", "",
+          markdown_table(comp.summary, ".4g"), "",
+          "Hypervolume reference point per problem: the component-wise maximum of every method's "
+          "final losses and the true front plus 10 % of their range. IGD against pymoo's reference "
+          "front (ZDT, DTLZ2) or 2001 points of the analytic front. `rank`: the mean of the "
+          "method's ranks on that problem over hypervolume, IGD and mean front distance.", ""]
+    (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
+    if not args.no_figures:
+        from mtl_opt.experiments.figures import write_figures
+
+        write_figures(comp, out)
+    cols = ["problem", "method", "hypervolume", "igd", "front_distance_mean", "stationarity_mean",
+            "conflict_share", "time_per_step_us", "rank"]
+    print(comp.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print()
+    print(comp.overall.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\n{len(comp.final)} runs in {elapsed:.1f} s; outputs in {out}"
+          + ("" if args.no_figures else f" (open {out / 'index.html'})"))
+    return 0
+
+
+def markdown_table(df: Any, floatfmt: str = ".4g") -> str:
+    """A pandas DataFrame as a GitHub Markdown table (no extra dependency)."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return format(v, floatfmt)
+        return str(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+class _Progress:
+    """One status line per problem on stderr, updated as records arrive."""
+
+    def __init__(self, steps: dict[str, int]) -> None:
+        self.current: str | None = None
+        self.t0 = time.perf_counter()
+
+    def __call__(self, problem: str, step: int, steps: int) -> None:
+        if problem != self.current:
+            if self.current is not None:
+                sys.stderr.write("\n")
+            self.current = problem
+            self.t0 = time.perf_counter()
+        width = 30
+        filled = int(width * step / max(steps, 1))
+        sys.stderr.write(f"\r{problem:>22s} [{'#' * filled}{'.' * (width - filled)}] "
+                         f"{step}/{steps} steps {time.perf_counter() - self.t0:6.1f}s")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.current is not None:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import torch
+
+    import mtl_opt
+
+    out = {"mtl_opt": mtl_opt.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+           "python": sys.version.split()[0]}
+    try:
+        import pymoo
+
+        out["pymoo"] = pymoo.__version__
+    except Exception:  # pragma: no cover
+        pass
+    return out
+
+
+def _rerun_command(args: argparse.Namespace, problems: list[str], labels: list[str], seeds: list[int],
+                   steps: dict[str, int], lrs: dict[str, float]) -> str:
+    if args.protocol:
+        parts = ["mtl-opt compare", f"--protocol {args.protocol}", "--methods " + " ".join(labels),
+                 "--seeds " + ",".join(map(str, seeds)), f"--device {args.device}"]
+        return " ".join(parts)
+    parts = ["mtl-opt compare", "--problems " + " ".join(f"'{p}'" if ":" in p else p for p in problems),
+             "--methods " + " ".join(f"'{m}'" if ":" in m else m for m in labels),
+             f"--starts {args.starts}", "--seeds " + ",".join(map(str, seeds)), f"--optimizer {args.optimizer}",
+             f"--device {args.device}"]
+    if len(set(steps.values())) == 1:
+        parts.append(f"--steps {next(iter(steps.values()))}")
+    if len(set(lrs.values())) == 1:
+        parts.append(f"--lr {next(iter(lrs.values()))}")
+    return " ".join(parts)
