@@ -47,7 +47,5 @@ class LinearScalarization(GramianAggregator):
         return w.clone()
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        """The same weights for every batch entry (vectorised: one tensor, no loop)."""
-        B, K = M.shape[0], M.shape[1]
-        w = self._weights(M[0], losses=None, task_weights=task_weights) if B else torch.ones(K, dtype=torch.float64)
-        return w.expand(B, K).clone()
+        # The weights do not depend on M: one row, repeated (no loop over the batch).
+        return self._weights(M[0], losses=None, task_weights=task_weights).expand(M.shape[0], -1).clone()
