@@ -10,7 +10,7 @@ from torch import nn
 
 import mtl_opt
 from mtl_opt import BatchedJacobianFallbackWarning, mtl_backward
-from mtl_opt.methods import LinearScalarization
+from mtl_opt.methods import CAMEGrad, LinearScalarization, MGDA, PCGrad
 
 from _mtl_models import (
     FixedWeights,
@@ -78,7 +78,12 @@ def test_ls_with_task_params_and_call_weights_equals_weighted_sum(dtype):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "make", [lambda: FixedWeights([0.3, 1.7]), UnitNormSum, SignAgreement, lambda: LinearScalarization([2.0, 1.0])]
+    "make",
+    [
+        lambda: FixedWeights([0.3, 1.7]), UnitNormSum, SignAgreement, lambda: LinearScalarization([2.0, 1.0]),
+        lambda: CAMEGrad(task_weights=[1, 4]), lambda: MGDA("loss"), lambda: PCGrad(order="fixed"),
+    ],
+    ids=["fixed", "unit_norm", "sign_agreement", "ls", "came_grad", "mgda_loss", "pcgrad"],
 )
 def test_direction_is_aggregator_of_explicit_jacobian(dtype, make):
     net, (x, y) = TwoHeadNet(dtype=dtype), batch(dtype=dtype)
@@ -86,7 +91,7 @@ def test_direction_is_aggregator_of_explicit_jacobian(dtype, make):
     losses = net.losses(x, y)
     G = explicit_jacobian(losses, shared)
     agg = make()
-    expected = agg(G)
+    expected = agg(G, losses=torch.stack(losses).detach())
     result = mtl_backward(losses, shared, agg)
     torch.testing.assert_close(flat_grad(shared), expected, **tol(dtype))
     torch.testing.assert_close(result.direction, expected, **tol(dtype))
@@ -163,8 +168,9 @@ def test_auto_falls_back_on_a_model_that_breaks_batching(custom, dtype):
     expected_heads = torch.autograd.grad(
         losses[0] + losses[1], [*net.head_a.parameters(), *net.head_b.parameters()], retain_graph=True
     )
-    with pytest.warns(BatchedJacobianFallbackWarning, match="separate backward passes"):
+    with pytest.warns(BatchedJacobianFallbackWarning, match="separate backward passes") as record:
         result = mtl_backward(losses, net.shared(), UnitNormSum())
+    assert record[0].filename == __file__  # the warning points at the caller's line
     assert result.batched is False and result.fallback_reason
     torch.testing.assert_close(flat_grad(net.shared()), UnitNormSum()(G), **tol(dtype))
     for p, e in zip([*net.head_a.parameters(), *net.head_b.parameters()], expected_heads):
@@ -310,6 +316,24 @@ def test_features_path_weights_from_representation_gramian(parallel):
         torch.testing.assert_close(p.grad, e)
 
 
+def test_features_with_mgda_is_mgda_ub_closed_form():
+    """MGDA-UB at K = 2: α₁ = clip((z₂ − z₁)·z₂ / ‖z₁ − z₂‖², 0, 1) on the representation
+    gradients, and the encoder receives ∇(K Σ α_i L_i)."""
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    z = net.features(x)
+    losses = net.losses_from(z, y)
+    z1, z2 = explicit_jacobian(losses, [z])
+    a1 = float(((z2 - z1) @ z2 / (z1 - z2).pow(2).sum()).clamp(0, 1))
+    assert 0 < a1 < 1  # an interior solution: the test exercises the formula, not a vertex
+    beta = 2 * torch.tensor([a1, 1 - a1], dtype=torch.float64)
+    shared = list(net.trunk.parameters())
+    expected = torch.autograd.grad(beta[0] * losses[0] + beta[1] * losses[1], shared, retain_graph=True)
+    r = mtl_backward(losses, net.trunk, MGDA(), features=z, task_params=[net.head_a, net.head_b])
+    torch.testing.assert_close(r.weights, beta)
+    for p, e in zip(shared, expected):
+        torch.testing.assert_close(p.grad, e)
+
+
 def test_features_with_ls_equals_weighted_sum_backward():
     w = [0.2, 5.0]
     net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
@@ -347,6 +371,9 @@ def _bad_cases():
          ValueError, r"shared parameter #6 \(shape \(3,\)\) is not reached"),
         ("unreached module param", lambda n, x, y: dict(shared_params=nn.ModuleDict({"trunk": n.trunk, "extra": nn.Linear(2, 2)})),
          ValueError, "'extra.weight'.*not reached"),
+        ("shared on two devices", lambda n, x, y: dict(
+            shared_params=[*n.trunk.parameters(), nn.Parameter(torch.ones(2, device="meta"))]),
+         ValueError, "several devices"),
         ("shared twice", lambda n, x, y: dict(shared_params=[*n.trunk.parameters(), n.trunk[0].weight]),
          ValueError, "given twice"),
         ("shared and task", lambda n, x, y: dict(task_params=[[n.head_a.weight, n.trunk[0].weight], n.head_b]),
@@ -354,6 +381,8 @@ def _bad_cases():
         ("no shared", lambda n, x, y: dict(shared_params=[]), ValueError, "no shared parameters"),
         ("frozen shared", lambda n, x, y: dict(shared_params=[torch.ones(2)]), ValueError, "does not require grad"),
         ("task_params length", lambda n, x, y: dict(task_params=[n.head_a]), ValueError, "1 groups but there are 2"),
+        ("task_params swapped", lambda n, x, y: dict(task_params=[n.head_b, n.head_a]), ValueError,
+         r"task 0 parameter 'weight' \(shape \(2, 6\)\) is not reached by the loss of task 0 \(nor are 1 more"),
         ("task_params module", lambda n, x, y: dict(task_params=n.head_a), TypeError, "sequence of K"),
         ("task weights refused", lambda n, x, y: dict(task_weights=[1, 4]), ValueError, "no per-task weights"),
         ("task weights length", lambda n, x, y: dict(aggregator=LinearScalarization(), task_weights=[1, 4, 2]),
@@ -363,6 +392,10 @@ def _bad_cases():
         ("features non-gramian", lambda n, x, y: dict(aggregator=SignAgreement(), features=n.features(x)),
          TypeError, "needs a GramianAggregator"),
         ("features detached", lambda n, x, y: dict(features=n.features(x).detach()), ValueError, "detached"),
+        ("shared param bypasses features", lambda n, x, y: (lambda z: dict(
+            losses=n.losses_from(z, y), features=z,
+            shared_params=[*n.trunk.parameters(), *n.head_a.parameters()]))(n.features(x)),
+         ValueError, r"shared parameter #6 \(shape \(1, 6\)\) is not reached through the features"),
         ("features unrelated", lambda n, x, y: dict(features=n.features(x) * 1.0), ValueError, "features #0 is not reached"),
     ]
 
@@ -376,3 +409,38 @@ def test_bad_input_raises_one_clear_error(case):
     with pytest.raises(exc, match=pattern):
         mtl_backward(kwargs.pop("losses"), kwargs.pop("shared_params"), kwargs.pop("aggregator"), **kwargs)
     assert all(p.grad is None for p in net.parameters()), "nothing may be written on error"
+
+
+def test_batched_and_loop_agree_under_autocast():
+    results = {}
+    for parallel in (True, False):
+        net, (x, y) = TwoHeadNet(), batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = net.losses(x, y)
+        r = mtl_backward(losses, net.trunk, UnitNormSum(), task_params=[net.head_a, net.head_b],
+                         parallel=parallel)
+        assert r.batched is parallel
+        results[parallel] = grads_of(net)
+    for name, g in results[True].items():
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, results[False][name], rtol=1e-2, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_three_tasks_with_mgda_and_came_grad(parallel):
+    """K = 3 (a third loss straight on the trunk's output, no head of its own)."""
+    for agg in (MGDA(), CAMEGrad(task_weights=torch.tensor([1.0, 4.0, 0.5]))):
+        net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+        z = net.features(x)
+        losses = [*net.losses_from(z, y), z.pow(2).mean()]
+        shared = list(net.trunk.parameters())
+        G = explicit_jacobian(losses, shared)
+        h = mtl_opt.loss_weights(agg, 3)
+        expected = torch.autograd.grad(h[0] * losses[0] + h[1] * losses[1], list(net.head_a.parameters()),
+                                       retain_graph=True)
+        r = mtl_backward(losses, shared, agg, parallel=parallel)
+        torch.testing.assert_close(flat_grad(shared), agg(G, losses=torch.stack(losses).detach()))
+        assert r.gramian.shape == (3, 3) and r.batched is parallel
+        assert torch.equal(r.loss_weights, h)
+        for p, e in zip(net.head_a.parameters(), expected):
+            torch.testing.assert_close(p.grad, e)

@@ -213,3 +213,21 @@ def test_each_task_loss_reaches_only_its_own_head():
             touched = any(p.grad is not None and p.grad.abs().sum() > 0 for p in group)
             assert touched == (j == k), (name, j)
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.shared_parameters())
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("V", [1, 2])
+def test_cached_decoding_steps_match_the_full_forward(V):
+    model = tiny(decoder_layers=2)
+    images, tokens, _ = batch(B=3, V=V, T=8)
+    memory = model.encode(images)
+    full = model.report_logits(memory, tokens)
+    cache = model.decoder.start_cache(memory)
+    for t in range(tokens.shape[1]):
+        step = model.decoder.step(cache, tokens[:, t])
+        assert torch.allclose(step, full[:, t], atol=1e-5), t
+    # Reordering the cache (beam search) reorders its rows.
+    cache = model.decoder.start_cache(memory)
+    model.decoder.step(cache, tokens[:, 0])
+    model.decoder.reorder_cache(cache, torch.tensor([2, 0, 1]))
+    assert torch.allclose(model.decoder.step(cache, tokens[[2, 0, 1], 1]), full[[2, 0, 1], 1], atol=1e-5)

@@ -112,14 +112,17 @@ _UNC_PRE = (r"\bmay\b|\bmight\b|\bcould\b|\bpossible\b|\bpossibly\b|\bprobable\b
             r"\bquestionable\b|\bquestion of\b|\bsuggestive of\b|\bsuggests\b|\bsuggesting\b|"
             r"\bversus\b|\bvs\b|\brule out\b|\br/o\b|\bdifferential\b|\bequivocal\b|"
             r"\bindeterminate\b|\bpresumed\b|\bpresumably\b|\bperhaps\b|\bpotential\b|"
-            r"\bcannot be excluded\b|\bpossibility of\b|\bborderline\b|\bquestionably\b|\bconsider\b")
+            r"\bcannot be excluded\b|\bpossibility of\b|\bborderline\b|\bquestionably\b|\bconsider\b|"
+            r"\b(?:evaluate|evaluation|assess|assessment) for\b")
 _DOUBLE_NEG_UNC = (r"\b(?:can ?not|can't|could not|not|difficult to|hard to|impossible to)"
                    r"(?: be)?(?: entirely| completely| totally| definitely)? (?:exclude|excluded|rule out|ruled out)\b")
 _NEG_POST = (r"\b(?:is|are|was|were|has|have|has been|have been)? ?(?:not (?:seen|identified|visualized|"
              r"appreciated|present|demonstrated|evident|detected|noted|visible|observed)|absent|resolved|"
              r"removed|no longer (?:seen|present|visualized|identified|evident))\b")
-_UNC_POST = (r"\b(?:is|are)? ?(?:suspected|possible|questioned|likely|a consideration|considered|"
-             r"not excluded|versus|vs)\b")
+_UNC_POST = (r"\b(?:(?:is|are|was|were) (?:suspected|possible|questioned|likely|questionable|a consideration|"
+             r"considered|not excluded)|may (?:be present|be seen|exist))\b")
+# "atelectasis versus consolidation": a hedge for the words right before it, not a whole clause.
+_VERSUS_POST = r"^[ ]*(?:\w+[ ]){0,2}?(?:versus|vs)\b"
 _BREAK = (r"\bbut\b|\bhowever\b|\balthough\b|\bthough\b|\bexcept\b|\baside from\b|\bapart from\b|"
           r"\bwhereas\b|\bthere (?:is|are)\b|\bwhich\b")
 # Descriptor modifiers, checked in this order (uncertain first: "upper limits of normal").
@@ -156,6 +159,8 @@ class CheXpertLabeler:
         self._double = re.compile(_DOUBLE_NEG_UNC)
         self._neg_post = re.compile(_NEG_POST)
         self._unc_post = re.compile(_UNC_POST)
+        self._versus_post = re.compile(_VERSUS_POST)
+        self._unc_any = re.compile(_UNC_PRE)
         self._break = re.compile(_BREAK)
         self._mod_unc = re.compile(_MOD_UNC)
         self._mod_neg = re.compile(_MOD_NEG)
@@ -235,6 +240,8 @@ class CheXpertLabeler:
             return NEG
         for m in self._unc_post.finditer(s, end, post_hi):
             return UNC
+        if self._versus_post.match(s[end:post_hi]):
+            return UNC
         return POS
 
     def _nearest_pre(self, s: str, lo: int, start: int, doubles: Sequence[re.Match]) -> float | None:
@@ -251,10 +258,12 @@ class CheXpertLabeler:
         """A descriptor ("heart size") takes its label from a modifier after, else before, it."""
         post_hi = min(hi, end + _POST_WINDOW)
         after = s[end:post_hi]
-        # Stop at the next mention of something else: "heart size is normal and there is edema".
-        nxt = self._mention.search(after)
-        if nxt is not None:
-            after = after[: nxt.start()]
+        # Stop at the next finding: "heart size is normal and there is edema"; a coordinated
+        # descriptor shares the predicate: "heart size and mediastinal contours are normal".
+        for nxt in self._mention.finditer(after):
+            if self._group_info[nxt.lastgroup][1] != DESCRIPTOR:
+                after = after[: nxt.start()]
+                break
         value = self._modifier(after)
         if value is None:
             before = s[max(lo, start - _PRE_WINDOW):start]
@@ -264,6 +273,9 @@ class CheXpertLabeler:
             window = s[max(lo, start - _PRE_WINDOW):end] + " " + after
             if re.search(r"\bnot\b|\bno\b|\bwithout\b", window):
                 return NEG
+            # "the cardiac silhouette may be mildly enlarged".
+            if self._unc_any.search(window):
+                return UNC
         return value
 
     def _modifier(self, text: str) -> float | None:

@@ -89,19 +89,29 @@ def _meteor(gts: dict, res: dict, timeout: float) -> float:
     worker.start()
     worker.join(timeout)
     proc = scorer.meteor_p
-    if worker.is_alive():
-        proc.kill()
-        worker.join(5.0)
-        raise TimeoutError(f"METEOR's Java process gave no answer within {timeout:.0f} s and was killed "
-                           "(check that `java -jar meteor-1.5.jar` runs here and has 2 GB of heap)")
-    if "error" in result:
-        proc.kill()
-        stderr = b""
+    try:
+        if worker.is_alive():
+            proc.kill()
+            worker.join(5.0)
+            raise TimeoutError(f"METEOR's Java process gave no answer within {timeout:g} s and was killed "
+                               "(check that `java -jar meteor-1.5.jar` runs here and has 2 GB of heap)")
+        if "error" in result:
+            proc.kill()
+            stderr = b""
+            with contextlib.suppress(Exception):
+                stderr = proc.stderr.read() if proc.stderr else b""
+            raise RuntimeError("METEOR's Java process failed: "
+                               f"{result['error']!r}; stderr: {stderr.decode(errors='replace')[-500:]}")
+        return float(result["score"])
+    finally:
+        # The scorer's own destructor takes a lock that a failed call leaves held (a deadlock at
+        # garbage collection); end the process here and give the destructor a fresh lock.
         with contextlib.suppress(Exception):
-            stderr = proc.stderr.read() if proc.stderr else b""
-        raise RuntimeError("METEOR's Java process failed: "
-                           f"{result['error']!r}; stderr: {stderr.decode(errors='replace')[-500:]}")
-    return float(result["score"])
+            proc.stdin.close()
+        with contextlib.suppress(Exception):
+            proc.kill()
+            proc.wait(timeout=10)
+        scorer.lock = threading.Lock()
 
 
 def _ptb_tokenize(texts: Sequence[str], timeout: float) -> list[str]:

@@ -320,9 +320,69 @@ class ReportDecoder(nn.Module):
         causal = torch.triu(torch.ones(T, T, dtype=torch.bool, device=tokens.device), diagonal=1)
         for layer in self.layers:
             x = layer(x, memory, tgt_mask=causal, tgt_is_causal=True)
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
         x = self.norm(x)
         # Tied output embedding.
         return F.linear(x, self.token_embedding.weight.to(x.dtype), self.output_bias.to(x.dtype))
+
+    # ---- incremental decoding (key/value cache) -----------------------------------------------
+    # The same computation as ``forward`` one position at a time: with causal self-attention the
+    # keys and values of earlier positions never change, so each layer caches them and a new
+    # token costs one query per layer instead of re-running the whole prefix. The cross-attention
+    # keys and values of the memory are computed once. Used by generation (eval mode).
+    @staticmethod
+    def _qkv(mha: nn.MultiheadAttention, x: Tensor, which: slice) -> list[Tensor]:
+        d = mha.embed_dim
+        w = mha.in_proj_weight[which.start * d: which.stop * d]
+        b = None if mha.in_proj_bias is None else mha.in_proj_bias[which.start * d: which.stop * d]
+        B, T = x.shape[:2]
+        h = mha.num_heads
+        out = F.linear(x, w, b).reshape(B, T, which.stop - which.start, h, d // h)
+        return [t.transpose(1, 2) for t in out.unbind(dim=2)]  # each (B, h, T, d/h)
+
+    @staticmethod
+    def _attend(mha: nn.MultiheadAttention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        a = F.scaled_dot_product_attention(q, k, v)  # (B, h, 1, d/h)
+        B, h, T, dh = a.shape
+        return mha.out_proj(a.transpose(1, 2).reshape(B, T, h * dh))
+
+    def start_cache(self, memory: Tensor) -> dict[str, Any]:
+        """A decoding cache for ``memory`` (B, N, d): cross-attention keys/values per layer."""
+        for layer in self.layers:
+            if not (layer.norm_first and layer.self_attn._qkv_same_embed_dim and layer.self_attn.batch_first):
+                raise RuntimeError("incremental decoding expects pre-norm batch-first decoder layers")
+        cross = [self._qkv(layer.multihead_attn, memory, slice(1, 3)) for layer in self.layers]
+        return {"t": 0, "cross": cross, "self": [None] * len(self.layers)}
+
+    def step(self, cache: dict[str, Any], tokens: Tensor) -> Tensor:
+        """Logits (B, vocab) of the next token after ``tokens`` (B,), the newest input token;
+        updates ``cache`` in place."""
+        t = cache["t"]
+        if t >= self.max_positions:
+            raise ValueError(f"token sequence exceeds max_positions={self.max_positions}")
+        x = self.token_embedding(tokens[:, None]) * self.scale + self.position_embedding.weight[t]
+        for i, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer.self_attn, layer.norm1(x), slice(0, 3))
+            if cache["self"][i] is not None:
+                k = torch.cat([cache["self"][i][0], k], dim=2)
+                v = torch.cat([cache["self"][i][1], v], dim=2)
+            cache["self"][i] = (k, v)
+            x = x + layer.dropout1(self._attend(layer.self_attn, q, k, v))
+            (qc,) = self._qkv(layer.multihead_attn, layer.norm2(x), slice(0, 1))
+            kc, vc = cache["cross"][i]
+            x = x + layer.dropout2(self._attend(layer.multihead_attn, qc, kc, vc))
+            h = layer.norm3(x)
+            x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(h)))))
+        cache["t"] = t + 1
+        return self._logits(x)[:, 0]
+
+    @staticmethod
+    def reorder_cache(cache: dict[str, Any], index: Tensor) -> None:
+        """Keep the cache rows ``index`` (beam search), in place."""
+        cache["self"] = [None if kv is None else (kv[0][index], kv[1][index]) for kv in cache["self"]]
+        cache["cross"] = [(k[index], v[index]) for k, v in cache["cross"]]
 
 
 class ClassificationHead(nn.Module):
@@ -483,21 +543,25 @@ class RRGModel(nn.Module):
 
     def _greedy(self, memory: Tensor, max_length: int) -> list[list[int]]:
         B = memory.shape[0]
-        seqs = torch.full((B, 1), self.cfg.bos_id, dtype=torch.long, device=memory.device)
+        cache = self.decoder.start_cache(memory)
+        last = torch.full((B,), self.cfg.bos_id, dtype=torch.long, device=memory.device)
+        out = []
         done = torch.zeros(B, dtype=torch.bool, device=memory.device)
         for _ in range(max_length):
-            nxt = self.report_logits(memory, seqs)[:, -1].float().argmax(-1)
+            nxt = self.decoder.step(cache, last).float().argmax(-1)
             nxt = torch.where(done, torch.full_like(nxt, self.cfg.eos_id), nxt)
-            seqs = torch.cat([seqs, nxt[:, None]], dim=1)
+            out.append(nxt)
+            last = nxt
             done |= nxt == self.cfg.eos_id
             if bool(done.all()):
                 break
-        return [self._strip(row[1:]) for row in seqs.tolist()]
+        seqs = torch.stack(out, dim=1).tolist()
+        return [self._strip(row) for row in seqs]
 
     def _beam(self, memory: Tensor, max_length: int, k: int, alpha: float) -> list[list[int]]:
         B, dev, V = memory.shape[0], memory.device, self.cfg.vocab_size
         eos = self.cfg.eos_id
-        mem = memory.repeat_interleave(k, dim=0)
+        cache = self.decoder.start_cache(memory.repeat_interleave(k, dim=0))
         seqs = torch.full((B * k, 1), self.cfg.bos_id, dtype=torch.long, device=dev)
         scores = torch.full((B, k), float("-inf"), device=dev)
         scores[:, 0] = 0.0  # all beams start identical: keep one
@@ -505,7 +569,7 @@ class RRGModel(nn.Module):
         lengths = torch.zeros(B * k, device=dev)
         base = (torch.arange(B, device=dev) * k)[:, None]
         for _ in range(max_length):
-            logp = F.log_softmax(self.report_logits(mem, seqs)[:, -1].float(), dim=-1)
+            logp = F.log_softmax(self.decoder.step(cache, seqs[:, -1]).float(), dim=-1)
             # A finished beam only extends with end tokens at no cost.
             frozen = torch.full_like(logp, float("-inf"))
             frozen[:, eos] = 0.0
@@ -515,6 +579,7 @@ class RRGModel(nn.Module):
             src = (base + idx // V).reshape(-1)
             tok = (idx % V).reshape(-1)
             seqs = torch.cat([seqs[src], tok[:, None]], dim=1)
+            self.decoder.reorder_cache(cache, src)
             lengths = lengths[src] + (~done[src]).float()
             done = done[src] | (tok == eos)
             if bool(done.all()):

@@ -47,7 +47,7 @@ EFFUSION_HEIGHT = {"small": 0.12, "moderate": 0.28, "large": 0.45}
 PNEUMOTHORAX_RIM = {"small": 0.06, "moderate": 0.12, "large": 0.20}
 LOBE_Y = {"upper": -0.15, "middle": 0.0, "lower": 0.14}
 
-TISSUE, LUNG, BONE, FLUID, METAL, AIR = 0.38, 0.13, 0.60, 0.56, 0.97, 0.03
+TISSUE, LUNG, BONE, FLUID, METAL, AIR = 0.38, 0.13, 0.60, 0.50, 0.97, 0.03
 
 
 @dataclass
@@ -131,7 +131,7 @@ def render_frontal(study: Study, size: int, noise: float = 0.02) -> np.ndarray:
     rib_band = np.zeros_like(x, dtype=bool)
     rib_tops = 0.22 + 0.065 * np.arange(9)
     fracture = study.findings.get("fracture")
-    fracture_rib = None if fracture is None else 3 + int(rng.integers(0, 4))
+    fracture_rib = None if fracture is None else 3 + int(np.random.default_rng([study.anatomy_seed, 7]).integers(0, 4))
     for k, top in enumerate(rib_tops):
         curve = top + 0.10 * (np.abs(x - 0.5) - 0.1) ** 1.0 - 0.03 * np.cos(np.pi * (x - 0.5) * 3)
         band = (np.abs(y - curve) < 0.011) & (np.abs(x - 0.5) > 0.05) & (np.abs(x - 0.5) < 0.36)
@@ -169,7 +169,8 @@ def render_frontal(study: Study, size: int, noise: float = 0.02) -> np.ndarray:
             bx = lx + g.position[0] * ax
             by = ly + LOBE_Y[g.lobe] + g.position[1] * ay * 0.3
             blob = np.exp(-((x - bx) ** 2 / (2 * 0.06**2) + (y - by) ** 2 / (2 * 0.05**2)))
-            texture = 0.8 + 0.4 * (_smooth_field(rng, x, y, 12, 0.02) > 0)
+            texture_rng = np.random.default_rng([study.anatomy_seed, 8, s])
+            texture = 0.8 + 0.4 * (_smooth_field(texture_rng, x, y, 12, 0.02) > 0)
             img[lung_masks[s]] += (amp * blob * texture)[lung_masks[s]]
     if "atelectasis" in f:
         g = f["atelectasis"]
@@ -197,10 +198,6 @@ def render_frontal(study: Study, size: int, noise: float = 0.02) -> np.ndarray:
             meniscus = level - 0.06 * lateral**2
             fluid = lung_masks[s] & (y > meniscus)
             img[fluid] = FLUID
-            # Blunt the costophrenic angle: fill the lateral lung corner.
-            corner = (y > bottom - 0.08) & (np.abs(x - lx) > ax * 0.5) & (np.abs(x - lx) < ax * 1.05) \
-                & ((x - lx) * (1 if s == 1 else -1) > 0) & (_ellipse(x, y, 0.5, 0.56, 0.45, 0.52) < 1)
-            img[corner & (y < bottom + 0.02)] = FLUID
     if "pneumothorax" in f:
         g = f["pneumothorax"]
         for s in _sides(g.side):
