@@ -249,7 +249,7 @@ def _write(out: Path, summary: Any, runs: Any, how: str, metric: str, confidence
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mtl-opt ablate`` (no heavy imports here)."""
     parser.add_argument("--problem", default="toy",
-                        help="problem name, optionally with options: toy, zdt1:dim=10, rrg, ... (default: toy)")
+                        help="problem name, optionally with options: toy, zdt1:n_var=10, quadratic:imbalance=100, rrg:n_train=256, ... (default: toy)")
     parser.add_argument("--method", default="came_grad",
                         help="CAME-Grad with the shared hyperparameters, e.g. 'came_grad:kappa=2,rho=0.3'")
     parser.add_argument("--seeds", default="5x",

@@ -127,7 +127,7 @@ def parse_seeds(text: str | int | Sequence[int]) -> tuple[int, ...]:
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"zdt1:dim=10,noise=0.1"`` -> ``("zdt1", {"dim": 10, "noise": 0.1})`` (problem specs)."""
+    """``"quadratic:dim=10,noise=0.1"`` -> ``("quadratic", {"dim": 10, "noise": 0.1})`` (problem specs)."""
     import ast
 
     name, _, rest = str(spec).strip().partition(":")
@@ -332,7 +332,7 @@ def sweep(
 
     Args:
         problem: a problem name (``"toy"``, ``"zdt1"``, a registered workload such as ``"rrg"``),
-            optionally with options ``"zdt1:dim=10"``, or a :class:`Workload` object.
+            optionally with options ``"zdt1:n_var=10"``, or a :class:`Workload` object.
         method: a registered method, optionally with fixed hyperparameters
             (``"came_grad:task_weights=[1,4]"``); the searched ones come from ``space``.
         space: ``{"kappa": [1, 2], "rho": "uniform:0,0.9"}`` or ``["kappa=grid:1,2", ...]``.
@@ -528,7 +528,7 @@ def _versions() -> dict[str, str]:
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mtl-opt sweep`` (no heavy imports here)."""
     parser.add_argument("--problem", default="toy",
-                        help="problem name, optionally with options: toy, zdt1:dim=10, rrg, ... (default: toy)")
+                        help="problem name, optionally with options: toy, zdt1:n_var=10, quadratic:imbalance=100, rrg:n_train=256, ... (default: toy)")
     parser.add_argument("--method", default="came_grad",
                         help="method, optionally with fixed hyperparameters, e.g. "
                         "'came_grad:task_weights=[1,4]' (default: came_grad)")

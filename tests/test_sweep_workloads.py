@@ -23,7 +23,7 @@ def test_seeds_and_problem_specs():
     for bad in ["0x", "a", "1,1", ""]:
         with pytest.raises(ValueError):
             parse_seeds(bad)
-    assert parse_spec("zdt1:dim=10,noise=0.5") == ("zdt1", {"dim": 10, "noise": 0.5})
+    assert parse_spec("quadratic:dim=10,noise=0.5") == ("quadratic", {"dim": 10, "noise": 0.5})
     assert parse_spec("rrg:synthetic={'a': 1},data=synthetic") == ("rrg", {"synthetic": {"a": 1}, "data": "synthetic"})
 
 
