@@ -5,17 +5,16 @@ Each trial trains one configuration (over ``seeds``, averaged) through a
 ``record_every`` steps, so an early-stopping scheduler (ASHA) can stop poor trials on the way.
 After the search the output folder holds:
 
-=====================  =======================================================================
-``config.json``        every setting of the sweep (how the tables were produced)
-``trials.csv``/``.md`` one row per trial: status, attempts, error, hyperparameters, final metrics
-``curves.csv``         every reported step of every trial (last attempt only)
-``best.json``          the best completed trial's configuration and metric
-``heatmap.html``       the metric over κ × ν at the best trial's ρ (or the first searched axes)
-``heatmap_facets.html`` the same, one panel per ρ
-``parallel.html``      parallel coordinates of all trials
-``curves.html``        metric against the step
-``ray/``               Ray Tune's experiment folder (``--resume`` continues from it)
-=====================  =======================================================================
+* ``config.json`` — every setting of the sweep (how the tables were produced);
+* ``trials.csv`` / ``trials.md`` — one row per trial: status, attempts, error, hyperparameters,
+  final metrics (see :mod:`mtl_opt.experiments.sweep_table`);
+* ``curves.csv`` — every reported step of every trial (last attempt only);
+* ``best.json`` — the best completed trial's configuration and metric;
+* ``heatmap.html`` — the metric over κ × ν at the best trial's ρ (or the first searched axes);
+* ``heatmap_facets.html`` — the same, one panel per ρ;
+* ``parallel.html`` — parallel coordinates of all trials; ``curves.html`` — metric against step;
+* ``runs/`` — artifacts the workload writes (the RRG runs' folders);
+* ``ray/`` — Ray Tune's experiment folder (``--resume`` continues from it).
 
 Ray runs embedded on this machine unless ``address``/``RAY_ADDRESS`` names a cluster; actors are
 reused across trials (a fresh worker per trial would re-import torch every time). Ray is imported
@@ -262,14 +261,15 @@ def _scheduler(name: str, settings: TrainingSettings, grace_period: int | None) 
 
 
 def _write_outputs(out: Path, trials: Any, curves: Any, searched: list[str], metric: str,
-                   mode: str, best: dict[str, Any] | None, echo: bool) -> None:
+                   mode: str, best: dict[str, Any] | None, echo: bool, how: str) -> None:
     from mtl_opt.experiments import sweep_figures as figs
     from mtl_opt.experiments.markdown_table import to_markdown
 
     out.mkdir(parents=True, exist_ok=True)
     trials.to_csv(out / "trials.csv", index=False)
     curves.to_csv(out / "curves.csv", index=False)
-    (out / "trials.md").write_text(to_markdown(trials) + "\n")
+    (out / "trials.md").write_text(f"Sweep: {how}. Settings in config.json.\n\n"
+                                   + to_markdown(trials) + "\n")
     best_json = None
     if best is not None:
         best_json = {
@@ -337,7 +337,8 @@ def sweep(
             (``"came_grad:task_weights=[1,4]"``); the searched ones come from ``space``.
         space: ``{"kappa": [1, 2], "rho": "uniform:0,0.9"}`` or ``["kappa=grid:1,2", ...]``.
         samples: repeats of the grid, each with fresh draws of the random dimensions.
-        seeds: seeds per configuration (a count or a list); the metric is their mean.
+        seeds: seeds per configuration (a count or a list); the metric is the mean over the seeds
+            (and, for synthetic problems, over the problem's protocol starts).
         metric, mode: what to optimise (default: ``front_distance`` where the problem knows its
             front, else ``loss_mean``) and whether lower (``"min"``) or higher is better.
         scheduler: ``"fifo"`` (run every trial to the end) or ``"asha"`` (stop poor trials at
@@ -348,7 +349,8 @@ def sweep(
         cpus_per_trial, gpus_per_trial: resources of one trial (fractional GPUs share a device).
         max_failures: retries of a trial that raises; a trial that still fails is reported with
             status ``ERROR`` and its error message.
-        out: output folder (default: a temporary folder, only the table is returned).
+        out: output folder (default: none; Ray works in a temporary folder, removed at the end,
+            and only the table is returned).
         resume: the output folder of an interrupted sweep: continue it with its saved settings.
     """
     from ray import tune
@@ -389,6 +391,9 @@ def sweep(
             optimizer=optimizer, lr=lr, steps=steps, record_every=record_every,
             device=device or ("cuda" if gpus_per_trial > 0 else "cpu"),
         )
+        if settings.device.startswith("cuda") and not gpus_per_trial > 0:
+            raise ValueError("--device cuda needs --gpus-per-trial > 0: Ray assigns GPUs to trials "
+                             "(fractions share one GPU, e.g. 0.25)")
         dims = as_space(space)
         _validate_space(dims, workload, settings)
         searched = list(dims)
@@ -463,7 +468,16 @@ def sweep(
                                   steps=settings.steps)
     best = best_trial(trials, metric=metric, mode=mode)
     if out is not None or resume is not None:
-        _write_outputs(out_dir, trials, curves, searched, metric, mode, best, echo)
+        how = (f"{settings.method} on {saved['problem']}, searching "
+               f"{', '.join(f'{k}={v}' for k, v in saved['space'].items())} "
+               f"({saved['samples']} sample(s)), {settings.steps} steps, {settings.optimizer} "
+               f"lr={settings.lr:g}, seeds {list(settings.seeds)}, {metric} ({mode}), "
+               f"scheduler {saved['scheduler']}")
+        _write_outputs(out_dir, trials, curves, searched, metric, mode, best, echo, how)
+    else:  # no output folder asked for: the table is the result, Ray's scratch files go
+        import shutil
+
+        shutil.rmtree(out_dir, ignore_errors=True)
     if echo:
         counts = trials["status"].value_counts().to_dict()
         print(f"sweep: {len(trials)} trial(s) in {elapsed:.1f} s: "
@@ -472,15 +486,18 @@ def sweep(
             print(f"  FAILED {row['trial_id']} after {row['attempts']} attempt(s): {row['error']}",
                   file=sys.stderr, flush=True)
         if (trials["status"] == "INTERRUPTED").any():
-            print(f"sweep interrupted: continue it with `mtl-opt sweep --resume {out_dir}`",
-                  file=sys.stderr, flush=True)
+            hint = (f"continue it with `mtl-opt sweep --resume {out_dir}`"
+                    if out is not None or resume is not None
+                    else "it ran without an output folder, so it cannot be resumed")
+            print(f"sweep interrupted: {hint}", file=sys.stderr, flush=True)
         if best is not None:
             cfg = ", ".join(f"{k}={_plain(best[k])}" for k in searched)
             print(f"best: {cfg} -> {metric}={best[metric]:.6g} ({best['trial_id']})")
         if out is not None or resume is not None:
             print(f"outputs in {out_dir}")
-    trials.attrs.update({"metric": metric, "mode": mode, "out": str(out_dir), "curves": curves,
-                         "best": best})
+    kept = out is not None or resume is not None
+    trials.attrs.update({"metric": metric, "mode": mode, "out": str(out_dir) if kept else None,
+                         "curves": curves, "best": best})
     return trials
 
 

@@ -93,6 +93,12 @@ def test_failing_trial_is_retried_then_reported(ray_address, tmp_path):
     assert json.loads((tmp_path / "best.json").read_text())["config"] == {"kappa": 1}
 
 
+def test_python_api_without_an_output_folder_returns_the_table(ray_address):
+    table = sweep("toy", "came_grad", {"kappa": [1, 2]}, steps=4, record_every=2, verbose=False)
+    assert list(table["status"]) == ["COMPLETED", "COMPLETED"]
+    assert table.attrs["out"] is None and len(table.attrs["curves"]) == 2 * 3
+
+
 def test_gpu_request_without_gpus_fails_with_a_message(ray_address):
     with pytest.raises(ValueError, match="has no GPU"):
         sweep("toy", "came_grad", {"kappa": [1, 2]}, steps=2, gpus_per_trial=0.5, verbose=False)

@@ -97,6 +97,7 @@ def test_rrg_options_set_by_the_study_are_refused():
         (["--space", "kappa=grid:1", "--problem", "rrg", "--metric", "CE_f1_micro", "--scheduler", "asha"],
          "known only after training"),
         (["--resume", "somewhere", "--space", "kappa=grid:1"], "drop --space"),
+        (["--space", "kappa=grid:1", "--device", "cuda"], "needs --gpus-per-trial > 0"),
     ],
 )
 def test_sweep_cli_rejects_bad_options_on_one_line(argv, message, capsys, tmp_path):
