@@ -401,6 +401,7 @@ def sweep(
         if scheduler == "asha" and workload.final_only(metric):
             raise ValueError(f"{metric!r} is known only after training, so ASHA cannot stop trials "
                              "on it; use --scheduler fifo or a training metric")
+        tune_scheduler = _scheduler(scheduler, settings, grace_period)
         out_dir = Path(out).expanduser().resolve() if out is not None else Path(tempfile.mkdtemp(prefix="mtl-opt-sweep-"))
         if (out_dir / "ray" / EXPERIMENT_NAME).exists():
             raise FileExistsError(f"{out_dir} already holds a sweep; use --resume {out_dir} or another --out")
@@ -456,7 +457,7 @@ def sweep(
                     param_space=param_space,
                     tune_config=tune.TuneConfig(
                         metric=metric, mode=mode, num_samples=samples, reuse_actors=True,
-                        scheduler=_scheduler(scheduler, settings, grace_period),
+                        scheduler=tune_scheduler,
                     ),
                     run_config=run_config,
                 )

@@ -98,6 +98,8 @@ def test_rrg_options_set_by_the_study_are_refused():
          "known only after training"),
         (["--resume", "somewhere", "--space", "kappa=grid:1"], "drop --space"),
         (["--space", "kappa=grid:1", "--device", "cuda"], "needs --gpus-per-trial > 0"),
+        (["--space", "kappa=grid:1", "--scheduler", "asha", "--steps", "10", "--record-every", "20"],
+         "grace period must lie in [1, steps=10]"),
     ],
 )
 def test_sweep_cli_rejects_bad_options_on_one_line(argv, message, capsys, tmp_path):
