@@ -326,6 +326,7 @@ def sweep(
     out: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     probe_timeout: float = 5.0,
+    reuse_actors: bool = True,
     verbose: bool = True,
 ) -> Any:
     """Run a Ray Tune sweep and return the trials table (a pandas DataFrame).
@@ -352,6 +353,8 @@ def sweep(
         out: output folder (default: none; Ray works in a temporary folder, removed at the end,
             and only the table is returned).
         resume: the output folder of an interrupted sweep: continue it with its saved settings.
+        reuse_actors: keep Ray workers between trials (default); ``False`` starts a fresh worker,
+            which re-imports torch, per trial.
     """
     from ray import tune
 
@@ -456,7 +459,7 @@ def sweep(
                     trainable,
                     param_space=param_space,
                     tune_config=tune.TuneConfig(
-                        metric=metric, mode=mode, num_samples=samples, reuse_actors=True,
+                        metric=metric, mode=mode, num_samples=samples, reuse_actors=reuse_actors,
                         scheduler=tune_scheduler,
                     ),
                     run_config=run_config,
