@@ -16,6 +16,8 @@ from collections.abc import Sequence
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("mtl_opt.cli", "list every registered method with its hyperparameters and defaults"),
     "compare": ("mtl_opt.experiments.compare_cli", "compare methods on synthetic Pareto problems with known fronts"),
+    "ablate": ("mtl_opt.experiments.ablate_study", "CAME-Grad stage ablation over seeds, with paired confidence intervals"),
+    "sweep": ("mtl_opt.experiments.sweep_study", "Ray Tune search over a method's hyperparameters on any problem"),
     "rrg": ("mtl_opt.problems.rrg.cli", "radiology report generation: train, eval, conflict"),
 }
 

@@ -1,0 +1,290 @@
+"""``mtl-opt ablate``: CAME-Grad's stage ablation, with the cell that tests synergy.
+
+The seed paper ablates CAME-Grad stage by stage (linear scalarization; + conflict-averse
+rectification; + energy injection; + adaptive fusion) and argues that the stages together beat the
+sum of their parts. That claim needs one more cell, energy injection alone on the linear
+direction, so that the 2 × 2 design {rectify, inject} is complete:
+
+=====================  ==========  ========  ======  ===========================================
+variant                 rectify     inject    fuse    direction
+=====================  ==========  ========  ======  ===========================================
+``linear``              off         off       off     ``g_joint = Σ ω_i g_i`` (the baseline)
+``+rectify``            on          off       off     ``(Σ ω_i) u_rect``
+``+rectify+inject``     on          on        off     ``u_en`` from ``u_rect``
+``full``                on          on        on      ``(1 − ν) u_en + ν κ g_joint`` (CAME-Grad)
+``inject only``         off         on        off     ``u_en`` from ``g_joint``
+=====================  ==========  ========  ======  ===========================================
+
+Every variant is the registered ``came_grad`` with the same ``ρ, κ, ν, ω`` and the stage switches
+above, trained on the same seeds. For a metric value ``m`` per seed, the summary gives
+mean ± std per variant, the paired difference to ``linear`` with a Student-t confidence interval
+(:mod:`mtl_opt.experiments.paired_stats`), and the interaction
+
+    I_s = m(+rectify+inject) − m(+rectify) − m(inject only) + m(linear)
+
+with its own interval: the joint effect minus the sum of the two single effects. For a metric to
+minimise, ``I < 0`` means the stages together beat the sum of their parts.
+
+``optimizer`` matters here: Adam divides by a running gradient scale, so a pure rescaling (energy
+injection on the linear direction is ``κ`` times ``g_joint``, up to ``ε``) can vanish under Adam
+while it changes the step under SGD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mtl_opt.experiments.workloads import TrainingSettings, Workload, get_workload
+
+__all__ = ["INTERACTION", "VARIANTS", "ablate", "configure", "run"]
+
+# name -> (stage switches, description)
+VARIANTS: dict[str, tuple[dict[str, bool], str]] = {
+    "linear": ({"rectify": False, "inject": False, "fuse": False}, "linear scalarization"),
+    "+rectify": ({"rectify": True, "inject": False, "fuse": False}, "+ conflict-averse rectification"),
+    "+rectify+inject": ({"rectify": True, "inject": True, "fuse": False}, "+ energy injection"),
+    "full": ({"rectify": True, "inject": True, "fuse": True}, "+ adaptive fusion (CAME-Grad)"),
+    "inject only": ({"rectify": False, "inject": True, "fuse": False},
+                    "energy injection alone on the linear direction"),
+}
+BASELINE = "linear"
+INTERACTION = "interaction rectify x inject"
+STAGE_FLAGS = ("rectify", "inject", "fuse")
+
+
+def summarise(runs: Any, *, metric: str, confidence: float) -> Any:
+    """The summary table from the per-seed runs table (columns variant, seed, metric)."""
+    import pandas as pd
+
+    from mtl_opt.experiments.paired_stats import mean_std, paired_difference
+
+    values = runs.pivot(index="seed", columns="variant", values=metric)
+    if values.isna().any().any():
+        missing = values.columns[values.isna().any()].tolist()
+        raise ValueError(f"{metric!r} is missing for some seeds of {missing}")
+    base = values[BASELINE].tolist()
+    rows = []
+    for name, (flags, description) in VARIANTS.items():
+        if name not in values.columns:
+            continue
+        mean, std = mean_std(values[name].tolist())
+        diff = paired_difference(values[name].tolist(), base, confidence=confidence)
+        rows.append({"variant": name, "description": description, **flags, "n_seeds": diff.n,
+                     "mean": mean, "std": std, "diff_vs_linear": diff.mean, "diff_std": diff.std,
+                     "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p_value": diff.p_value,
+                     "note": _note(name, diff.std)})
+    needed = ("+rectify+inject", "+rectify", "inject only")
+    if all(n in values.columns for n in needed):
+        joint = (values["+rectify+inject"] + values[BASELINE]).tolist()
+        parts = (values["+rectify"] + values["inject only"]).tolist()
+        diff = paired_difference(joint, parts, confidence=confidence)
+        inter = [a - b for a, b in zip(joint, parts)]
+        mean, std = mean_std(inter)
+        rows.append({"variant": INTERACTION,
+                     "description": "(+rectify+inject) - (+rectify) - (inject only) + linear",
+                     "rectify": None, "inject": None, "fuse": None, "n_seeds": diff.n,
+                     "mean": mean, "std": std, "diff_vs_linear": diff.mean, "diff_std": diff.std,
+                     "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p_value": diff.p_value,
+                     "note": _note(INTERACTION, diff.std)})
+    return pd.DataFrame(rows)
+
+
+DEGENERATE_NOTE = "no spread over seeds: the interval is a point and the p-value a limit"
+
+
+def _note(name: str, diff_std: float) -> str:
+    if name == BASELINE:
+        return "baseline"
+    return DEGENERATE_NOTE if diff_std == 0.0 else ""
+
+
+def bar_figure(summary: Any, *, metric: str, confidence: float, title: str) -> Any:
+    """Left: mean ± std per variant. Right: paired difference to ``linear`` with its interval."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    stages = summary[summary["variant"] != INTERACTION]
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        f"{metric}: mean ± std over seeds",
+        f"paired difference to linear ({confidence:.0%} CI; last bar: interaction)",
+    ))
+    fig.add_trace(go.Bar(x=stages["variant"], y=stages["mean"],
+                         error_y={"type": "data", "array": stages["std"].tolist()},
+                         name="mean ± std", showlegend=False), row=1, col=1)
+    fig.add_trace(go.Bar(
+        x=summary["variant"], y=summary["diff_vs_linear"],
+        error_y={"type": "data", "symmetric": False,
+                 "array": (summary["ci_high"] - summary["diff_vs_linear"]).tolist(),
+                 "arrayminus": (summary["diff_vs_linear"] - summary["ci_low"]).tolist()},
+        marker_color=["#d62728" if v == INTERACTION else "#1f77b4" for v in summary["variant"]],
+        name="difference", showlegend=False), row=1, col=2)
+    fig.update_yaxes(title_text=metric, row=1, col=1)
+    fig.update_yaxes(title_text=f"Δ {metric}", row=1, col=2)
+    fig.update_layout(title=title)
+    return fig
+
+
+def ablate(
+    problem: str | Workload = "toy",
+    method: str = "came_grad",
+    *,
+    seeds: int | Sequence[int] = 3,
+    metric: str | None = None,
+    mode: str = "min",
+    steps: int = 1000,
+    record_every: int | None = None,
+    optimizer: str = "adam",
+    lr: float = 1e-3,
+    device: str = "cpu",
+    problem_options: Mapping[str, Any] | None = None,
+    variants: Sequence[str] | None = None,
+    confidence: float = 0.95,
+    out: str | Path | None = None,
+    verbose: bool = True,
+) -> Any:
+    """Run the stage ablation and return the summary table (pandas); ``.attrs["runs"]`` holds the
+    per-seed table. ``method`` fixes the shared hyperparameters, e.g. ``"came_grad:kappa=2"``;
+    it must take the stage switches ``rectify``, ``inject`` and ``fuse``."""
+    import pandas as pd
+
+    from mtl_opt.experiments.sweep_study import parse_seeds, parse_spec
+    from mtl_opt.registry import parse_method_spec
+
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if isinstance(problem, Workload):
+        workload = get_workload(problem)
+    else:
+        name, spec_options = parse_spec(problem)
+        workload = get_workload(name, **{**spec_options, **dict(problem_options or {})})
+    method_name, method_options = parse_method_spec(method)
+    switches = [f for f in STAGE_FLAGS if f in method_options]
+    if switches:
+        raise ValueError(f"the ablation sets the stage switches itself; drop {switches} from {method!r}")
+    takes = workload.tunable_names(method_name)
+    if not all(f in takes for f in STAGE_FLAGS):
+        raise ValueError(f"{method_name!r} has no stage switches rectify/inject/fuse; ablate came_grad")
+    chosen = list(variants) if variants is not None else list(VARIANTS)
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if BASELINE not in chosen:
+        chosen.insert(0, BASELINE)
+    seed_list = parse_seeds(seeds)
+    if len(seed_list) < 2:
+        raise ValueError("an ablation needs at least 2 seeds for its confidence intervals")
+    if record_every is None:
+        record_every = max(1, min(100, steps // 10))
+    metric = metric or workload.default_metric()
+
+    started = time.perf_counter()
+    if verbose:
+        print(f"ablate: {method_name} on {workload.name}, {len(chosen)} variants x {len(seed_list)} "
+              f"seeds, {steps} steps, {optimizer} lr={lr:g}, metric {metric} ({mode})", flush=True)
+    settings = TrainingSettings(method=method_name, method_options=method_options, seeds=seed_list,
+                                optimizer=optimizer, lr=lr, steps=steps, record_every=record_every,
+                                device=device)
+    if out is not None and workload.run_root is None:
+        workload.run_root = str(Path(out).expanduser().resolve() / "runs")
+    finals = workload.finals_per_seed(
+        settings, {v: {**method_options, **VARIANTS[v][0]} for v in chosen})
+    rows = []
+    for variant in chosen:
+        for seed in seed_list:
+            final = finals[variant][seed]
+            if metric not in final:
+                raise KeyError(f"metric {metric!r} is not reported by {workload.name!r}; "
+                               f"it reports {sorted(final)}")
+            rows.append({"variant": variant, "seed": seed, **final})
+    runs = pd.DataFrame(rows)
+    summary = summarise(runs, metric=metric, confidence=confidence)
+    if verbose and (runs.groupby("variant")[metric].nunique() == 1).all():
+        print(f"ablate: warning: every variant gave the same {metric} on every seed; on a "
+              "deterministic problem the seeds only drive gradient noise (try a noisy problem "
+              "such as quadratic_noisy, or compare starts with mtl-opt compare)", flush=True)
+    elapsed = time.perf_counter() - started
+    how = (f"{method_name} ({', '.join(f'{k}={v}' for k, v in method_options.items()) or 'defaults'}) "
+           f"on {workload.name}, {steps} steps, {optimizer} lr={lr:g}, seeds {list(seed_list)}, "
+           f"metric {metric} ({'lower' if mode == 'min' else 'higher'} is better), "
+           f"{confidence:.0%} paired t intervals vs linear")
+    summary.attrs.update({"runs": runs, "metric": metric, "mode": mode, "produced_by": how})
+    if out is not None:
+        _write(Path(out).expanduser().resolve(), summary, runs, how, metric, confidence, {
+            "problem": workload.describe(), "method": method_name, "method_options": method_options,
+            "variants": {v: VARIANTS[v][0] for v in chosen}, "seeds": list(seed_list),
+            "metric": metric, "mode": mode, "steps": steps, "record_every": record_every,
+            "optimizer": optimizer, "lr": lr, "device": device, "confidence": confidence,
+            "elapsed_s": round(elapsed, 2),
+        }, verbose)
+    if verbose:
+        from mtl_opt.experiments.markdown_table import to_markdown
+
+        cols = ["variant", "mean", "std", "diff_vs_linear", "ci_low", "ci_high", "p_value"]
+        print(to_markdown(summary[cols]))
+        print(f"ablate: done in {elapsed:.1f} s")
+    return summary
+
+
+def _write(out: Path, summary: Any, runs: Any, how: str, metric: str, confidence: float,
+           config: dict[str, Any], verbose: bool) -> None:
+    from mtl_opt.experiments.markdown_table import to_markdown
+
+    out.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(out / "ablation.csv", index=False)
+    runs.to_csv(out / "runs.csv", index=False)
+    (out / "ablation.md").write_text(f"Stage ablation: {how}.\n\n{to_markdown(summary)}\n")
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    fig = bar_figure(summary, metric=metric, confidence=confidence, title=f"Stage ablation: {how}")
+    fig.write_html(out / "ablation.html", include_plotlyjs="directory")
+    if verbose:
+        print(f"outputs in {out}")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``mtl-opt ablate`` (no heavy imports here)."""
+    parser.add_argument("--problem", default="toy",
+                        help="problem name, optionally with options: toy, zdt1:n_var=10, quadratic:imbalance=100, rrg:n_train=256, ... (default: toy)")
+    parser.add_argument("--method", default="came_grad",
+                        help="CAME-Grad with the shared hyperparameters, e.g. 'came_grad:kappa=2,rho=0.3'")
+    parser.add_argument("--seeds", default="5x",
+                        help="comma-separated seeds, or a count such as '5x' for 0..4; at least 2 "
+                        "(default 5x)")
+    parser.add_argument("--metric", default=None,
+                        help="metric compared (default: front_distance where the front is known, else loss_mean)")
+    parser.add_argument("--mode", choices=["min", "max"], default="min")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--record-every", type=int, default=None)
+    parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam",
+                        help="Adam normalises gradient scale; compare with sgd to see energy injection")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
+    parser.add_argument("--confidence", type=float, default=0.95)
+    parser.add_argument("--out", default=None, help="output folder (default runs/ablate-<UTC timestamp>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``mtl-opt ablate``."""
+    variants = [v.strip() for v in args.variants.split(",")] if args.variants else None
+    try:
+        _ablate_cli(args, variants)
+    except KeyError as exc:  # a metric the workload does not report
+        print(f"mtl-opt ablate: error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _ablate_cli(args: argparse.Namespace, variants: list[str] | None) -> None:
+    from mtl_opt.experiments.sweep_study import _default_out, parse_seeds
+
+    ablate(args.problem, args.method, seeds=parse_seeds(args.seeds), metric=args.metric,
+           mode=args.mode, steps=args.steps, record_every=args.record_every,
+           optimizer=args.optimizer, lr=args.lr, device=args.device, variants=variants,
+           confidence=args.confidence, out=args.out or _default_out("ablate"))

@@ -1,0 +1,167 @@
+"""Starting, checking and stopping the Ray instance a sweep runs on.
+
+* No address: an embedded local Ray on this machine (all its cores unless ``num_cpus`` says
+  otherwise), no dashboard, started in a few seconds and shut down when the sweep ends.
+* ``address`` (or the ``RAY_ADDRESS`` environment variable): an existing cluster. The address is
+  probed with a plain TCP connection and a timeout first, because ``ray.init`` on an unreachable
+  address waits indefinitely.
+* A Ray instance already running in this process (a notebook, a test fixture) is reused as is and
+  left running.
+
+Before trials are submitted, :func:`check_trial_resources` compares what one trial asks for with
+what the cluster has: Ray would otherwise leave a trial that asks for a GPU the cluster lacks
+pending forever.
+
+Ray is imported only inside these functions (importing it costs about a second and a few hundred
+megabytes).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from contextlib import contextmanager
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+__all__ = [
+    "RaySession",
+    "check_trial_resources",
+    "probe_address",
+    "quiet_ray_environment",
+    "ray_session",
+]
+
+# Environment defaults that make Ray quiet without hiding trial errors: the legacy reporter honours
+# ``verbose=0``, no usage-stats prompt, no metrics exporter, no deduplication of error lines.
+_QUIET_ENV = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def quiet_ray_environment() -> None:
+    """Set the quiet-Ray environment defaults (never overriding what the user set)."""
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    text = address.strip()
+    for prefix in ("ray://", "http://", "https://"):
+        if text.startswith(prefix):
+            text = text[len(prefix):]
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(
+            f"cannot read Ray address {address!r}: expected HOST:PORT (e.g. 10.0.0.5:6379) "
+            "or ray://HOST:PORT"
+        )
+    return host.strip("[]"), int(port)
+
+
+def probe_address(address: str, timeout: float = 5.0) -> None:
+    """Raise :class:`ConnectionError` unless something accepts TCP connections at ``address``.
+
+    ``address`` is ``HOST:PORT`` or ``ray://HOST:PORT``. This is a reachability check, done because
+    ``ray.init`` on an unreachable address does not return.
+    """
+    host, port = _split_host_port(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except OSError as exc:  # refused, unreachable, timed out, unknown host
+        raise ConnectionError(
+            f"no Ray cluster reachable at {address!r} ({type(exc).__name__}: {exc}; "
+            f"waited up to {timeout:g} s). Start one with `ray start --head`, fix --address / "
+            "RAY_ADDRESS, or leave the address out to run on an embedded local Ray."
+        ) from None
+
+
+def check_trial_resources(
+    cluster: dict[str, float], cpus_per_trial: float, gpus_per_trial: float
+) -> None:
+    """Raise :class:`ValueError` when one trial asks for more than the whole cluster has."""
+    if not (cpus_per_trial > 0):
+        raise ValueError(f"--cpus-per-trial must be positive, got {cpus_per_trial}")
+    if gpus_per_trial < 0:
+        raise ValueError(f"--gpus-per-trial must be >= 0, got {gpus_per_trial}")
+    have_cpu = float(cluster.get("CPU", 0.0))
+    have_gpu = float(cluster.get("GPU", 0.0))
+    if gpus_per_trial > 0 and have_gpu == 0:
+        raise ValueError(
+            f"each trial asks for {gpus_per_trial:g} GPU but the Ray cluster has no GPU; "
+            "set --gpus-per-trial 0 or connect to a cluster with GPUs (--address)"
+        )
+    if gpus_per_trial > have_gpu:
+        raise ValueError(
+            f"each trial asks for {gpus_per_trial:g} GPUs but the Ray cluster has only "
+            f"{have_gpu:g}; trials would wait forever"
+        )
+    if cpus_per_trial > have_cpu:
+        raise ValueError(
+            f"each trial asks for {cpus_per_trial:g} CPUs but the Ray cluster has only "
+            f"{have_cpu:g}; trials would wait forever"
+        )
+
+
+@dataclass(frozen=True)
+class RaySession:
+    """What :func:`ray_session` connected to."""
+
+    address: str | None  # None: embedded local instance
+    started_here: bool
+    resources: dict[str, float]
+
+
+@contextmanager
+def ray_session(
+    address: str | None = None,
+    *,
+    num_cpus: int | None = None,
+    num_gpus: int | None = None,
+    probe_timeout: float = 5.0,
+) -> Iterator[RaySession]:
+    """Connect to (or start) Ray for the duration of a ``with`` block.
+
+    ``address=None`` falls back to ``RAY_ADDRESS`` and then to an embedded local instance.
+    ``num_cpus``/``num_gpus`` size the embedded instance only.
+    """
+    quiet_ray_environment()
+    if address is None:
+        address = os.environ.get("RAY_ADDRESS") or None
+    if address is not None and address.strip().lower() in ("local", ""):
+        address = None
+    if address is not None and address.strip().lower() != "auto":
+        probe_address(address, timeout=probe_timeout)
+
+    import ray
+
+    started_here = False
+    if not ray.is_initialized():
+        kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                      configure_logging=True)
+        if address is None:
+            saved = os.environ.pop("RAY_ADDRESS", None)  # an empty one would confuse ray.init
+            try:
+                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, **kwargs)
+            finally:
+                if saved is not None:
+                    os.environ["RAY_ADDRESS"] = saved
+        else:
+            if num_cpus is not None or num_gpus is not None:
+                raise ValueError("num_cpus/num_gpus size an embedded Ray only; a cluster has its own")
+            try:
+                ray.init(address=address, **kwargs)
+            except ConnectionError as exc:
+                raise ConnectionError(f"could not join the Ray cluster at {address!r}: {exc}") from None
+        started_here = True
+    try:
+        yield RaySession(address, started_here, dict(ray.cluster_resources()))
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,304 @@
+"""Workloads: what one sweep trial or one ablation cell trains.
+
+Sweeps and ablations do not know about any particular problem. They hand a :class:`Workload` a
+method name, its hyperparameters and the training settings, and receive ``callback(step, metrics)``
+calls as training goes (metrics: a flat mapping of names to numbers, e.g. ``loss_1 .. loss_K``,
+``stationarity``, ``front_distance``). Two adapters exist:
+
+* :class:`SyntheticWorkload` — any problem of :func:`mtl_opt.problems.get_problem` ("toy",
+  "zdt1", ...), trained by :func:`mtl_opt.experiments.runner.run_method`;
+* :class:`~mtl_opt.experiments.rrg_workload.RRGWorkload` — ``--problem rrg``, the radiology
+  report generation workload (``train_rrg(config, callback=...)``);
+* :class:`FunctionWorkload` — any function ``fn(config, callback=...)`` whose ``config`` is a plain
+  dict: a user's own training loop.
+
+:func:`get_workload` maps a ``--problem`` name to a workload; :func:`register_workload` adds a name
+(the extension point the radiology workload plugs into: ``register_workload("rrg", factory)``).
+Workload objects travel to Ray workers by pickling, so they hold names and options, not models.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "FunctionWorkload",
+    "SyntheticWorkload",
+    "TrainingSettings",
+    "Workload",
+    "available_workloads",
+    "get_workload",
+    "normalise_metrics",
+    "register_workload",
+]
+
+Callback = Callable[[int, Mapping[str, Any]], None]
+
+#: Training options that a search space may name besides the method's own hyperparameters.
+TRAINING_KNOBS = ("lr",)
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The settings of one run that are not searched: shared by every trial of a sweep."""
+
+    method: str = "came_grad"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] = (0,)
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    steps: int = 1000
+    record_every: int = 100
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {self.steps!r}")
+        if not isinstance(self.record_every, int) or self.record_every < 1:
+            raise ValueError(f"record_every must be a positive integer, got {self.record_every!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not self.seeds:
+            raise ValueError("at least one seed is needed")
+        if self.optimizer not in ("sgd", "adam", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
+
+
+def normalise_metrics(step: int, metrics: Mapping[str, Any], *,
+                      required: tuple[str, ...] = ()) -> dict[str, float]:
+    """Plain floats, plus ``loss_mean`` (mean of ``loss_1..loss_K``).
+
+    A non-finite loss (``loss_*``) or ``required`` metric raises :class:`FloatingPointError` (the
+    run diverged); other metrics may be NaN where they are undefined (e.g. a ratio of zero norms).
+    """
+    row: dict[str, float] = {}
+    for key, value in metrics.items():
+        if hasattr(value, "item"):
+            value = value.item()
+        if isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, (int, float)):
+            raise TypeError(f"metric {key!r} at step {step} is not a number: {value!r}")
+        value = float(value)
+        key = str(key)
+        if not math.isfinite(value) and (key.startswith("loss_") or key in required):
+            raise FloatingPointError(f"metric {key!r} is {value} at step {step}: the run diverged")
+        row[key] = value
+    losses = [v for k, v in row.items() if k.startswith("loss_") and k[5:].isdigit()]
+    if losses and "loss_mean" not in row:
+        row["loss_mean"] = sum(losses) / len(losses)
+    return row
+
+
+class Workload(ABC):
+    """Something a sweep trial can train: a problem, a method and settings in, metrics out."""
+
+    name: str = ""
+
+    @abstractmethod
+    def run(self, settings: TrainingSettings, hyperparameters: Mapping[str, Any],
+            callback: Callback) -> None:
+        """Train once; call ``callback(step, metrics)`` as training goes (metrics averaged over
+        ``settings.seeds``). Raise on failure; never return silently without reporting."""
+
+    def tunable_names(self, method: str) -> list[str]:
+        """The names a search space may use: the method's hyperparameters and ``lr``."""
+        from mtl_opt.registry import aggregator_class
+
+        params = inspect.signature(aggregator_class(method).__init__).parameters
+        names = [k for k, p in params.items()
+                 if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return names + list(TRAINING_KNOBS)
+
+    def default_metric(self) -> str:
+        return "loss_mean"
+
+    def final_only(self, metric: str) -> bool:
+        """Whether ``metric`` is reported only at the end of a run (not usable by ASHA)."""
+        return False
+
+    #: Folder for run artifacts a workload writes (``None``: the workload's default).
+    run_root: str | None = None
+
+    def finals_per_seed(self, settings: TrainingSettings,
+                        variants: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+        """Final metrics of each variant (name -> hyperparameters) for each seed of ``settings``.
+
+        The default trains every variant and seed on its own with :meth:`run` and keeps the last
+        report; workloads that can batch runs override it.
+        """
+        out: dict[str, dict[int, dict[str, float]]] = {}
+        for name, hyper in variants.items():
+            out[name] = {}
+            for seed in settings.seeds:
+                last: dict[str, float] = {}
+
+                def callback(step: int, metrics: Mapping[str, Any], last: dict = last) -> None:
+                    last.clear()
+                    last.update(normalise_metrics(int(step), metrics))
+
+                one = TrainingSettings(**{**settings.__dict__, "seeds": (seed,)})
+                self.run(one, hyper, callback)
+                if not last:
+                    raise RuntimeError(f"{self.name!r} finished without reporting any metric")
+                out[name][int(seed)] = last
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
+class SyntheticWorkload(Workload):
+    """A synthetic Pareto problem (``mtl_opt.problems``) trained by the batched study runner.
+
+    Seeds of one configuration run as one batch (:func:`mtl_opt.experiments.runner.run_method`);
+    an ablation's variants and seeds run as one batch too (:meth:`finals_per_seed`).
+    """
+
+    def __init__(self, problem: str, **options: Any):
+        from mtl_opt.problems import get_problem
+
+        get_problem(problem, **options)  # fail now on an unknown problem or option
+        self.problem = problem
+        self.options = dict(options)
+        self.name = problem
+
+    def _build(self) -> Any:
+        from mtl_opt.problems import get_problem
+
+        return get_problem(self.problem, **self.options)
+
+    def default_metric(self) -> str:
+        return "front_distance" if self._build().has_known_front else "loss_mean"
+
+    def run(self, settings: TrainingSettings, hyperparameters: Mapping[str, Any],
+            callback: Callback) -> None:
+        from mtl_opt.experiments.runner import run_method
+        from mtl_opt.registry import get_aggregator
+
+        run_method(
+            self._build(),
+            get_aggregator(settings.method, **dict(hyperparameters)),
+            seeds=tuple(settings.seeds),
+            optimizer=settings.optimizer,
+            lr=float(settings.lr),
+            steps=settings.steps,
+            record_every=settings.record_every,
+            callback=callback,
+            device=settings.device,
+        )
+
+    def finals_per_seed(self, settings: TrainingSettings,
+                        variants: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+        from mtl_opt.experiments.runner import run_methods
+        from mtl_opt.registry import get_aggregator
+
+        aggs = [get_aggregator(settings.method, **dict(h)) for h in variants.values()]
+        results = run_methods(self._build(), aggs, seeds=tuple(settings.seeds),
+                              optimizer=settings.optimizer, lr=float(settings.lr),
+                              steps=settings.steps, record_every=settings.record_every,
+                              device=settings.device)
+        out: dict[str, dict[int, dict[str, float]]] = {}
+        for name, res in zip(variants, results):
+            out[name] = {}
+            for seed in settings.seeds:
+                mask = res.seed == seed  # every start run with this seed
+                metrics: dict[str, Any] = {
+                    f"loss_{k + 1}": res.losses[mask, k].mean() for k in range(res.losses.shape[1])
+                }
+                metrics["stationarity"] = res.stationarity[mask].mean()
+                if res.front_distance is not None:
+                    metrics["front_distance"] = res.front_distance[mask].mean()
+                out[name][int(seed)] = normalise_metrics(settings.steps, metrics)
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "synthetic", "options": self.options}
+
+
+class FunctionWorkload(Workload):
+    """Any training function ``fn(config, callback=...)`` with a plain-dict ``config``.
+
+    ``config`` holds the training settings (``method``, ``seeds``, ``optimizer``, ``lr``, ``steps``,
+    ``record_every``, ``device``), ``hyperparameters`` (the method's keywords, fixed ones and
+    searched ones merged) and ``options`` (this workload's own, fixed options). The function must
+    call ``callback(step, metrics)`` as it trains.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, name: str | None = None,
+                 options: Mapping[str, Any] | None = None, metric: str = "loss_mean",
+                 extra_tunable: tuple[str, ...] = ()):
+        if not callable(fn):
+            raise TypeError(f"a FunctionWorkload needs a callable, got {type(fn).__name__}")
+        self.fn = fn
+        self.name = name or getattr(fn, "__name__", "function")
+        self.options = dict(options or {})
+        self.metric = metric
+        self.extra_tunable = tuple(extra_tunable)
+
+    def default_metric(self) -> str:
+        return self.metric
+
+    def tunable_names(self, method: str) -> list[str]:
+        return super().tunable_names(method) + list(self.extra_tunable)
+
+    def run(self, settings: TrainingSettings, hyperparameters: Mapping[str, Any],
+            callback: Callback) -> None:
+        config = {
+            "method": settings.method,
+            "hyperparameters": dict(hyperparameters),
+            "seeds": list(settings.seeds),
+            "optimizer": settings.optimizer,
+            "lr": float(settings.lr),
+            "steps": settings.steps,
+            "record_every": settings.record_every,
+            "device": settings.device,
+            "options": dict(self.options),
+        }
+        self.fn(config, callback=callback)
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "function", "options": self.options}
+
+
+_WORKLOADS: dict[str, Callable[..., Workload]] = {}
+
+
+def register_workload(name: str, factory: Callable[..., Workload]) -> None:
+    """Make ``--problem NAME`` build ``factory(**options)`` instead of a synthetic problem."""
+    if not name or name != name.lower():
+        raise ValueError(f"workload names are lower-case, got {name!r}")
+    _WORKLOADS[name] = factory
+
+
+def _rrg(**options: Any) -> Workload:
+    from mtl_opt.experiments.rrg_workload import RRGWorkload
+
+    return RRGWorkload(**options)
+
+
+register_workload("rrg", _rrg)
+
+
+def available_workloads() -> list[str]:
+    """Names registered with :func:`register_workload` (synthetic problems come on top)."""
+    return list(_WORKLOADS)
+
+
+def get_workload(problem: str | Workload, **options: Any) -> Workload:
+    """A workload object for ``--problem``: a registered workload name, else a synthetic problem."""
+    if isinstance(problem, Workload):
+        if options:
+            raise ValueError("problem options are given to the Workload's constructor, not here")
+        return problem
+    if not isinstance(problem, str) or not problem.strip():
+        raise ValueError(f"--problem must name a problem, got {problem!r}")
+    key = problem.strip().lower()
+    if key in _WORKLOADS:
+        return _WORKLOADS[key](**options)
+    return SyntheticWorkload(key, **options)
