@@ -284,7 +284,7 @@ def _write_outputs(out: Path, trials: Any, curves: Any, searched: list[str], met
         "curves.html": figs.curves_figure(curves, trials, searched, metric),
     }
     n_ok = int(((trials["status"] != "ERROR") & trials[metric].notna()).sum())
-    needs = {"heatmap.html": "two searched hyperparameters", "heatmap_facets.html": "three",
+    needs = {"heatmap.html": "two searched hyperparameters", "heatmap_facets.html": "three searched hyperparameters (the third, e.g. rho, picks the facet)",
              "parallel.html": "", "curves.html": ""}
     for name, fig in figures.items():
         if fig is None:
