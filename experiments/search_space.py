@@ -25,6 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mtl_opt._spec import split_top_level
+
 __all__ = [
     "Choice",
     "Dimension",
@@ -184,21 +186,6 @@ def _literal(raw: str) -> Any:
         return raw
 
 
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas outside brackets, so ``grid:[1,4],[1,1]`` has two values."""
-    items, depth, current = [], 0, ""
-    for ch in text:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += ch
-    items.append(current)
-    return items
-
-
 def parse_dimension(text: str) -> Dimension:
     """Parse ``"grid:1,2,3"``, ``"choice:a,b"``, ``"uniform:0,0.9"`` or ``"loguniform:1e-4,1e-1"``."""
     if not isinstance(text, str):
@@ -210,7 +197,7 @@ def parse_dimension(text: str) -> Dimension:
             f"cannot read dimension {text!r}: expected KIND:ARGS with KIND one of "
             "grid, choice, uniform, loguniform (e.g. 'grid:1,2,3' or 'uniform:0,0.9')"
         )
-    items = [a for a in (s.strip() for s in _split_top_level(args)) if a]
+    items = [a for a in (s.strip() for s in split_top_level(args)) if a]
     if not items:
         raise ValueError(f"dimension {text!r} lists no values")
     kind = _KINDS[key]

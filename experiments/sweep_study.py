@@ -127,33 +127,9 @@ def parse_seeds(text: str | int | Sequence[int]) -> tuple[int, ...]:
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"quadratic:dim=10,noise=0.1"`` -> ``("quadratic", {"dim": 10, "noise": 0.1})`` (problem specs)."""
-    import ast
+    from mtl_opt._spec import parse_spec as parse_name_and_options
 
-    name, _, rest = str(spec).strip().partition(":")
-    if not name:
-        raise ValueError(f"expected NAME or NAME:key=value,..., got {spec!r}")
-    options: dict[str, Any] = {}
-    depth, current, items = 0, "", []
-    for ch in rest:
-        depth += ch in "([{"
-        depth -= ch in ")]}"
-        if ch == "," and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += ch
-    items.append(current)
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        key, eq, raw = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"in {spec!r}: expected key=value, got {item!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = raw.strip()
-    return name.strip(), options
+    return parse_name_and_options(spec, "problem spec")
 
 
 # ------------------------------------------------------------------------------------------------

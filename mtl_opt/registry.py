@@ -6,13 +6,13 @@ Method modules register their class with :func:`register_aggregator`; importing
 
 from __future__ import annotations
 
-import ast
 import difflib
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from mtl_opt._spec import parse_spec
 from mtl_opt.aggregator import GradientAggregator
 
 __all__ = [
@@ -109,49 +109,16 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     ``task_weights=[1,4]``); bare words are strings. The name and keys are checked against the
     registry so a typo fails before any work starts.
     """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a method spec must be a non-empty string like 'cagrad:c=0.5', got {spec!r}")
-    name, _, rest = spec.strip().partition(":")
+    name, hyper = parse_spec(spec, "method spec")
     cls = aggregator_class(name)
     params = _constructor_parameters(cls)
-    hyper: dict[str, Any] = {}
-    for item in _split_top_level(rest):
-        key, eq, raw = item.partition("=")
-        key = key.strip()
-        if not eq or not key:
-            raise ValueError(f"in method spec {spec!r}: expected key=value, got {item!r}")
+    for key in hyper:
         if key not in params:
             raise ValueError(
                 f"in method spec {spec!r}: unknown hyperparameter {key!r} for {name}; "
                 f"it takes {', '.join(params) or 'none'}"
             )
-        hyper[key] = _parse_value(raw.strip())
-    return aggregator_class(name).method_name, hyper  # type: ignore[attr-defined]
-
-
-def _split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside brackets."""
-    items, depth, current = [], 0, []
-    for ch in text:
-        if ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        if ch == "," and depth == 0:
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(ch)
-    if "".join(current).strip():
-        items.append("".join(current))
-    return [i for i in (s.strip() for s in items) if i]
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        return raw
+    return cls.method_name, hyper  # type: ignore[attr-defined]
 
 
 def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:

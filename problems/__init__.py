@@ -15,9 +15,10 @@
 
 from __future__ import annotations
 
-import ast
 import difflib
 from typing import Any
+
+from mtl_opt._spec import parse_spec
 
 from mtl_opt.problems.base import ParetoProblem
 from mtl_opt.problems.dtlz import DTLZ2
@@ -82,18 +83,7 @@ def get_problem(name: str, /, **options: Any) -> ParetoProblem:
 
 def parse_problem_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"quadratic:imbalance=1000,n_tasks=3"`` -> ``("quadratic", {...})`` (checked by building it)."""
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a problem spec must be a non-empty string like 'zdt1' or 'quadratic:imbalance=10', got {spec!r}")
-    name, _, rest = spec.strip().partition(":")
-    options: dict[str, Any] = {}
-    for item in (i.strip() for i in rest.split(",") if i.strip()):
-        key, eq, raw = item.partition("=")
-        if not eq or not key.strip():
-            raise ValueError(f"in problem spec {spec!r}: expected key=value, got {item!r}")
-        try:
-            options[key.strip()] = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            options[key.strip()] = raw.strip()
+    name, options = parse_spec(spec, "problem spec")
     get_problem(name, **options)  # validates
     return name.strip().lower().replace("-", "_"), options
 

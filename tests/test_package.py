@@ -30,3 +30,19 @@ def test_cli_methods_lists_every_method(capsys):
     printed = capsys.readouterr().out
     for name in mtl_opt.available_aggregators():
         assert name in printed
+
+
+def test_specs_split_on_top_level_commas_and_reject_repeats():
+    import pytest
+
+    from mtl_opt._spec import parse_spec
+
+    assert parse_spec("came_grad:task_weights=[1,4],kappa=2") == (
+        "came_grad", {"task_weights": [1, 4], "kappa": 2})
+    assert parse_spec("zdt1") == ("zdt1", {})
+    with pytest.raises(ValueError, match="given twice"):
+        parse_spec("cagrad:c=1,c=2")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_spec("cagrad:c")
+    with pytest.raises(ValueError, match="name"):
+        parse_spec(":c=1")
