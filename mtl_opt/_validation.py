@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 import torch
 from torch import Tensor
 
@@ -40,19 +42,36 @@ def gramian_of(G: Tensor) -> Tensor:
     The product runs on ``G``'s device in ``G``'s dtype (float16/bfloat16 are upcast to float32),
     and the K × K result is the call's one device-to-host transfer. A non-finite entry anywhere in
     row ``i`` makes ``M_ii`` non-finite, so checking ``M`` checks ``G`` without another pass.
+
+    The K × K post-processing runs in NumPy: at small ``d`` the per-operation overhead of tiny
+    torch ops (a few µs each) would otherwise dominate the call.
     """
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-    M = (work @ work.T).to(device="cpu", dtype=torch.float64)
+    M = work @ work.T
+    if M.device.type != "cpu":
+        M = M.cpu()  # the one device-to-host transfer
+    a = M.detach().numpy().astype(np.float64)
+    if not np.isfinite(a).all():
+        _raise_non_finite_gramian(torch.from_numpy(a), G.dtype)
+    return torch.from_numpy((a + a.T) * 0.5)  # exactly symmetric
+
+
+def _raise_non_finite_gramian(M: Tensor, dtype: torch.dtype) -> None:
     diag = torch.diagonal(M)
-    if not bool(torch.isfinite(M).all()):
-        bad = [i for i, ok in enumerate(torch.isfinite(diag).tolist()) if not ok]
-        if bad:
-            raise ValueError(
-                f"the Jacobian is not finite: task row(s) {bad} contain NaN or inf "
-                f"(or their squared norm overflows {G.dtype})"
-            )
-        raise ValueError(f"the Gramian G Gᵀ overflows {G.dtype}; rescale the losses")
-    return 0.5 * (M + M.T)
+    bad = [i for i, ok in enumerate(torch.isfinite(diag).tolist()) if not ok]
+    if bad:
+        raise ValueError(
+            f"the Jacobian is not finite: task row(s) {bad} contain NaN or inf "
+            f"(or their squared norm overflows {dtype})"
+        )
+    raise ValueError(f"the Gramian G Gᵀ overflows {dtype}; rescale the losses")
+
+
+def all_finite(t: Tensor) -> bool:
+    """``torch.isfinite(t).all()`` for small CPU tensors, at a fraction of the overhead."""
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(t.detach().numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 def check_gramian(M: object) -> Tensor:
