@@ -11,6 +11,7 @@ their dependencies when they run.
 """
 
 from mtl_opt.aggregator import AggregationResult, GradientAggregator, GramianAggregator
+from mtl_opt.many import aggregate_many
 from mtl_opt.registry import (
     aggregator_class,
     available_aggregators,
@@ -29,6 +30,7 @@ __all__ = [
     "AggregationResult",
     "GradientAggregator",
     "GramianAggregator",
+    "aggregate_many",
     "aggregator_class",
     "available_aggregators",
     "describe_aggregators",
