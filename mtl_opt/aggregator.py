@@ -121,7 +121,9 @@ class GradientAggregator:
                 losses_t = None
         elif self.requires_losses:
             self._check_context(K, None, None)  # raises the standard message
-        _, weights_t = self._check_context(K, None, task_weights)
+        _, weights_t = self._check_context(
+            K, None if losses_t is None else losses_t[0], task_weights
+        )  # losses were checked above; pass one row so requires_losses is satisfied
         return self._aggregate_batch(G, losses=losses_t, task_weights=weights_t)
 
     def reset(self) -> None:
@@ -242,7 +244,9 @@ class GramianAggregator(GradientAggregator):
             losses_t = losses.detach().to(device="cpu", dtype=torch.float64)
             if tuple(losses_t.shape) != (M64.shape[0], K):
                 raise ValueError(f"batched losses must have shape {(M64.shape[0], K)}, got {tuple(losses_t.shape)}")
-        _, weights_t = self._check_context(K, None, task_weights)
+        _, weights_t = self._check_context(
+            K, None if losses_t is None else losses_t[0], task_weights
+        )  # losses were checked above; pass one row so requires_losses is satisfied
         return self._checked_batch_weights(0.5 * (M64 + M64.transpose(1, 2)), losses_t, weights_t)
 
     def _aggregate_batch(

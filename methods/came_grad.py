@@ -1,0 +1,132 @@
+"""CAME-Grad: conflict-averse, magnitude-enhanced gradient descent (the seed paper's optimizer)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from mtl_opt._validation import check_range, check_task_vector
+from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.registry import register_aggregator
+from mtl_opt.simplex import conflict_averse_coefficients
+
+
+@register_aggregator("came_grad")
+class CAMEGrad(GramianAggregator):
+    """CAME-Grad ("The Double Dilemma in Multi-Task Radiology Report Generation", ICML 2026).
+
+    Three stages per step, on task gradients ``g_i`` with task weights ``ω_i``:
+
+    1. **conflict-averse rectification** — ``μ = (1/K) Σ_i g_i``, trust radius ``√ξ = ρ‖μ‖``,
+       ``α* = argmin_{α∈Δ} αᵀGμ + √ξ ‖αᵀG‖`` (the CAGrad sub-problem with ``c = ρ``, solved
+       exactly by :func:`mtl_opt.simplex.conflict_averse_weights`),
+       ``u_rect = μ + √ξ/‖g_α*‖ · g_α*``;
+    2. **energy injection** — ``g_joint = Σ_i ω_i g_i``,
+       ``u_en = u_rect · κ‖g_joint‖ / (‖u_rect‖ + ε)``: the rectified direction rescaled to
+       ``κ`` times the magnitude of the weighted joint gradient;
+    3. **adaptive fusion** — ``g_final = (1 − ν) u_en + ν κ g_joint``.
+
+    Every stage is a linear combination of the rows and every norm comes from ``M = G Gᵀ``, so this
+    is a Gramian weighting ``g_final = βᵀG``. Directions are on the scale of the *sum* of the task
+    gradients: ``‖u_en‖ = κ‖g_joint‖`` (up to ``ε``), and ``g_joint`` is the weighted sum.
+
+    Ablation switches (one class, so ablations share every other line of code):
+
+    * ``rectify=False``: stage 2 gets ``g_joint`` instead of ``u_rect``.
+    * ``inject=False``: no rescale; the stage-2 output is the stage-2 input put on the
+      sum-of-gradients scale: ``(Σ_i ω_i) · u_rect`` (``u_rect`` is mean-scale) when rectifying,
+      ``g_joint`` otherwise.
+    * ``fuse=False``: ``g_final = u_en`` (ν is not applied).
+
+    With ``rectify = inject = fuse = False`` the method is exactly linear scalarization with ω.
+
+    Edge cases (finite by construction): ``‖g_α*‖ = 0`` (to rounding,
+    ``‖g_α*‖² ≤ 1e-14·max_i‖g_i‖²``) or ``‖μ‖ = 0`` → ``u_rect = μ`` (the unit vector is undefined;
+    the rectification term is dropped); ``‖μ‖ = 0`` → ``u_rect = 0``, ``u_en = 0`` and
+    ``g_final = ν κ g_joint``; ``g_joint = 0`` (e.g. all-zero ``G``) → ``u_en = 0``; ``K = 1`` →
+    ``u_rect = (1 + ρ) g_1`` (for ``g_1 ≠ 0``). The ``ε`` keeps stage 2 finite when
+    ``u_rect = 0``; it makes the method positively homogeneous only up to ``ε/‖u_rect‖``.
+
+    Args:
+        rho: trust-radius factor ``ρ ≥ 0`` (authors' flag: 0.5). ``ρ = 0`` rectifies to ``μ``.
+        kappa: energy factor ``κ > 0`` (authors' flag: 1.5).
+        nu: fusion weight ``ν ∈ [0, 1]`` (authors' flag: 0.2).
+        task_weights: ``ω`` (length K, finite, ≥ 0); ``None`` means all ones. The authors train
+            with ``ω = [1, 4]`` (report loss, classification loss). A call's ``task_weights=``
+            overrides it for that call.
+        rectify, inject, fuse: the stage switches above (all on: the method).
+        eps: ``ε > 0`` in stage 2.
+    """
+
+    accepts_task_weights = True
+
+    def __init__(
+        self,
+        rho: float = 0.5,
+        kappa: float = 1.5,
+        nu: float = 0.2,
+        task_weights: Sequence[float] | Tensor | None = None,
+        rectify: bool = True,
+        inject: bool = True,
+        fuse: bool = True,
+        eps: float = 1e-8,
+    ) -> None:
+        owner = "CAMEGrad"
+        self.rho = check_range("rho", rho, low=0.0, owner=owner)
+        self.kappa = check_range("kappa", kappa, low=0.0, low_inclusive=False, owner=owner)
+        self.nu = check_range("nu", nu, low=0.0, high=1.0, owner=owner)
+        self.eps = check_range("eps", eps, low=0.0, low_inclusive=False, owner=owner)
+        for name, flag in (("rectify", rectify), ("inject", inject), ("fuse", fuse)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"{owner}: {name} must be True or False, got {flag!r}")
+        self.rectify, self.inject, self.fuse = rectify, inject, fuse
+        self._omega: Tensor | None = None
+        if task_weights is not None:
+            n = len(task_weights)
+            if n == 0:
+                raise ValueError(f"{owner}: task_weights must not be empty")
+            self._omega = self._check_omega(check_task_vector(task_weights, n, "CAMEGrad task_weights"))
+            task_weights = [float(w) for w in self._omega]
+        self.task_weights = task_weights
+
+    @staticmethod
+    def _check_omega(omega: Tensor) -> Tensor:
+        if bool((omega < 0).any()):
+            raise ValueError(f"CAMEGrad task weights must be >= 0, got {omega.tolist()}")
+        return omega
+
+    def _omega_for(self, K: int, task_weights: Tensor | None) -> Tensor:
+        if task_weights is not None:
+            return self._check_omega(task_weights)
+        if self._omega is None:
+            return torch.ones(K, dtype=torch.float64)
+        if self._omega.numel() != K:
+            raise ValueError(
+                f"CAMEGrad was built with {self._omega.numel()} task weights but there are {K} tasks"
+            )
+        return self._omega
+
+    def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        return self._batch_weights(M[None], losses=None, task_weights=task_weights)[0]
+
+    def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        B, K = M.shape[0], M.shape[1]
+        omega = self._omega_for(K, task_weights).expand(B, K)
+
+        def norm(coef: Tensor) -> Tensor:  # ‖coefᵀG‖ per batch entry
+            return torch.einsum("bi,bij,bj->b", coef, M, coef).clamp_min(0.0).sqrt()
+
+        # Stage 1: conflict-averse rectification (mean scale).
+        u_rect = conflict_averse_coefficients(M, self.rho) if self.rectify else None
+        # Stage 2: energy injection.
+        if self.inject:
+            v = u_rect if self.rectify else omega
+            u_en = v * (self.kappa * norm(omega) / (norm(v) + self.eps))[:, None]
+        else:
+            u_en = omega.sum(dim=1, keepdim=True) * u_rect if self.rectify else omega.clone()
+        # Stage 3: adaptive fusion.
+        if self.fuse:
+            return (1.0 - self.nu) * u_en + (self.nu * self.kappa) * omega
+        return u_en

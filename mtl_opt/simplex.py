@@ -1,0 +1,379 @@
+"""Exact K × K solvers on the probability simplex ``Δ = {α ≥ 0, Σ α_i = 1}``.
+
+Two sub-problems recur across multi-task methods, and both only need the Gramian ``M = G Gᵀ``:
+
+* **Min-norm point** (MGDA, Désidéri 2012; Sener & Koltun 2018): ``min_{α∈Δ} αᵀMα``, the point
+  of smallest norm in the convex hull of the rows of ``G``. :func:`min_norm_weights`.
+* **Conflict-averse weights** (CAGrad, Liu et al. 2021; CAME-Grad's rectification stage):
+  with ``g0 = Gᵀ1/K`` the mean row and ``s = c‖g0‖``,
+  ``min_{w∈Δ} F(w) = wᵀG g0 + s ‖Gᵀw‖`` (``= wᵀM1/K + s √(wᵀMw)``).
+  :func:`conflict_averse_weights` and :func:`conflict_averse_coefficients`.
+
+Both are solved *exactly* (to rounding), never by a fixed number of iterations:
+
+* ``K = 1``: the only point of the simplex.
+* ``K = 2``: closed forms, vectorised over a batch (no Python loop over the batch).
+* ``K ≥ 3``: the min-norm point comes from a non-negative least-squares problem (Lawson–Hanson
+  active set, :func:`scipy.optimize.nnls`): with ``M = LLᵀ``, ``v* = argmin_{v≥0}
+  ‖Lᵀv‖² + (1 − 1ᵀv)²`` gives ``α* = v*/1ᵀv*`` (the KKT conditions of the NNLS problem are those of
+  the min-norm problem scaled by ``1ᵀv*``). The support is then re-solved exactly (bordered
+  equality-constrained system) and the KKT conditions are verified:
+  ``(Mα)_i ≥ αᵀMα − tol`` for every ``i`` (which bounds the objective gap by ``2·tol``).
+  The conflict-averse problem is reduced to a one-dimensional root: for ``t ≥ 0`` let
+  ``x(t) = proj_C(−t g0)`` (``C`` the convex hull of the rows; a min-norm problem on the shifted
+  Gramian of the rows ``g_i + t g0``); the optimum is ``x* = x(t*)`` with ``‖x(t*)‖ = s t*``
+  (``‖x(t)‖/t`` is non-increasing, so the root is unique and bracketed). The bracket only
+  identifies the support; on a support ``S`` the root is closed form —
+  ``x(t) = Gᵀ(a + t e)`` with ``a``/``e`` from the bordered system, ``‖x(t)‖² = m² + t²κ²``, so
+  ``t* = m / √(s² − κ²)`` — and the result is accepted only when it passes the KKT test of
+  ``F``: ``w ≥ 0`` and ``∇F_i = b_i + s(Mw)_i/r ≥ wᵀ∇F − tol`` for all ``i`` (``r = ‖Gᵀw‖``),
+  which bounds ``F(w) − F* ≤ tol``. When the optimum has ``r = 0`` (the origin is in the hull),
+  optimality is certified exactly by ``‖proj_{cone(rows)}(−g0)‖ ≤ s`` (an NNLS problem).
+
+A solver that cannot certify its answer raises :class:`RuntimeError`; it never returns an
+unverified point. All arithmetic is float64 on the CPU; tolerances are relative to
+``max_i M_ii``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.optimize import nnls
+from torch import Tensor
+
+__all__ = [
+    "ZERO_NORM_RTOL",
+    "conflict_averse_coefficients",
+    "conflict_averse_weights",
+    "min_norm_weights",
+]
+
+#: A combination ``x = Gᵀw`` with ``‖x‖² ≤ ZERO_NORM_RTOL · max_i M_ii`` counts as the zero vector
+#: (below this the Gramian's float64 rounding dominates ``wᵀMw``).
+ZERO_NORM_RTOL = 1e-14
+
+_KKT_RTOL = 1e-10  # KKT tolerance relative to max_i M_ii (objective gap ≤ 2 · this · scale)
+
+
+# ------------------------------------------------------------------------------------------------
+# Public API
+# ------------------------------------------------------------------------------------------------
+def min_norm_weights(M: Tensor | np.ndarray) -> Tensor:
+    """The exact min-norm weights ``α* = argmin_{α∈Δ} αᵀMα``.
+
+    Args:
+        M: a Gramian (K, K) or a batch of them (B, K, K); symmetric positive semi-definite.
+
+    Returns:
+        ``α*`` as float64 CPU, shape (K,) or (B, K). When the minimiser is not unique (affinely
+        dependent rows) one minimiser is returned; the point ``α*ᵀG`` is always unique. When every
+        row is zero the uniform weights are returned.
+    """
+    Ms, batched = _as_batch(M, "min_norm_weights")
+    B, K = Ms.shape[0], Ms.shape[1]
+    if K == 1:
+        out = np.ones((B, 1))
+    elif K == 2:
+        out = _min_norm_2(Ms)
+    else:
+        out = np.stack([_min_norm_general(Ms[b]) for b in range(B)])
+    result = torch.from_numpy(np.ascontiguousarray(out))
+    return result if batched else result[0]
+
+
+def conflict_averse_weights(M: Tensor | np.ndarray, c: float) -> Tensor:
+    """The exact minimiser ``w*`` of ``F(w) = wᵀM1/K + c‖g0‖ √(wᵀMw)`` over the simplex.
+
+    ``‖g0‖² = 1ᵀM1/K²``. This is the dual problem of CAGrad (Liu et al. 2021, eq. 4) and of
+    CAME-Grad's rectification stage. When ``c‖g0‖ = 0`` the objective is linear and a vertex
+    minimising ``(M1)_i`` is returned (the methods' directions do not depend on ``w`` then).
+
+    Args:
+        M: (K, K) or (B, K, K) Gramian(s).
+        c: the radius factor ``c ≥ 0``.
+
+    Returns:
+        ``w*`` float64 CPU, (K,) or (B, K).
+    """
+    w, _ = _conflict_averse(M, c)
+    return w
+
+
+def conflict_averse_coefficients(M: Tensor | np.ndarray, c: float) -> Tensor:
+    """Row coefficients ``γ`` of the conflict-averse direction ``u = g0 + c‖g0‖ · g_w/‖g_w‖``.
+
+    ``u = γᵀG`` with ``γ = 1/K + (c‖g0‖/r) w*`` and ``r = ‖g_w*‖ = √(w*ᵀMw*)`` (``w*`` from
+    :func:`conflict_averse_weights`); this is on the scale of the *mean* gradient. When
+    ``r² ≤ ZERO_NORM_RTOL · max_i M_ii`` (the optimum sits at the origin) or ``c‖g0‖ = 0`` the
+    second term is taken as zero and ``u = g0``: the direction ``g_w/‖g_w‖`` is undefined there and
+    the original CAGrad code's ``c/(‖g_w‖ + 1e-8)`` likewise adds (almost) nothing.
+    """
+    w, coef = _conflict_averse(M, c)
+    return coef
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+def _as_batch(M: Tensor | np.ndarray, who: str) -> tuple[np.ndarray, bool]:
+    if isinstance(M, Tensor):
+        arr = M.detach().to(device="cpu", dtype=torch.float64).numpy()
+    else:
+        arr = np.asarray(M, dtype=np.float64)
+    if arr.ndim == 2:
+        arr, batched = arr[None], False
+    elif arr.ndim == 3:
+        batched = True
+    else:
+        raise ValueError(f"{who}: expected a Gramian (K, K) or a batch (B, K, K), got shape {arr.shape}")
+    if arr.shape[1] != arr.shape[2] or arr.shape[1] == 0:
+        raise ValueError(f"{who}: Gramians must be square with K ≥ 1, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{who}: the Gramian is not finite (NaN or inf entries)")
+    return 0.5 * (arr + arr.transpose(0, 2, 1)), batched
+
+
+def _min_norm_2(M: np.ndarray) -> np.ndarray:
+    """Closed form at K = 2: ``α1 = clip((M22 − M12)/(M11 + M22 − 2M12), 0, 1)``.
+
+    Identical rows (zero denominator) give ``α = (½, ½)``; every ``α`` is optimal then.
+    """
+    a, c, m = M[:, 0, 0], M[:, 1, 1], M[:, 0, 1]
+    D = a + c - 2.0 * m
+    pos = D > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        a1 = np.where(pos, np.clip((c - m) / np.where(pos, D, 1.0), 0.0, 1.0), 0.5)
+    return np.stack([a1, 1.0 - a1], axis=1)
+
+
+def _factor(A: np.ndarray) -> np.ndarray:
+    """``R`` with ``RᵀR = A`` (A PSD), from the eigendecomposition; negative rounding clipped."""
+    lam, V = np.linalg.eigh(A)
+    return np.sqrt(np.clip(lam, 0.0, None))[:, None] * V.T
+
+
+def _bordered_solve(A_SS: np.ndarray, rhs_top: np.ndarray, rhs_bottom: float) -> np.ndarray:
+    """Solve ``[[A_SS, 1], [1ᵀ, 0]] [x; ν] = [rhs_top; rhs_bottom]`` (least squares if singular)."""
+    n = A_SS.shape[0]
+    Bm = np.zeros((n + 1, n + 1))
+    Bm[:n, :n] = A_SS
+    Bm[:n, n] = 1.0
+    Bm[n, :n] = 1.0
+    rhs = np.append(rhs_top, rhs_bottom)
+    try:
+        sol = np.linalg.solve(Bm, rhs)
+        if not np.isfinite(sol).all() or np.abs(Bm @ sol - rhs).max() > 1e-9 * (1 + np.abs(rhs).max()):
+            raise np.linalg.LinAlgError
+    except np.linalg.LinAlgError:
+        sol = np.linalg.lstsq(Bm, rhs, rcond=1e-13)[0]
+    return sol[:n]
+
+
+def _min_norm_kkt_ok(A: np.ndarray, alpha: np.ndarray, tol: float) -> bool:
+    if not np.isfinite(alpha).all() or alpha.min() < -tol:
+        return False
+    grad = A @ alpha
+    return float(alpha @ grad - grad.min()) <= tol
+
+
+def _clean_simplex(alpha: np.ndarray) -> np.ndarray:
+    alpha = np.clip(alpha, 0.0, None)
+    total = alpha.sum()
+    return alpha / total
+
+
+def _min_norm_general(M: np.ndarray) -> np.ndarray:
+    """Exact min-norm weights for one Gramian (any K): NNLS, exact re-solve, KKT check."""
+    K = M.shape[0]
+    scale = float(np.max(np.diag(M)))
+    if scale <= 0.0:
+        return np.full(K, 1.0 / K)
+    A = M / scale
+    R = _factor(A)
+    design = np.vstack([R, np.ones((1, K))])
+    target = np.zeros(K + 1)
+    target[-1] = 1.0
+    v, _ = nnls(design, target, maxiter=50 * K)
+    candidates = []
+    if v.sum() > 0:
+        raw = v / v.sum()
+        support = np.flatnonzero(raw > 0)
+        polished = np.zeros(K)
+        polished[support] = _bordered_solve(A[np.ix_(support, support)], np.zeros(support.size), 1.0)
+        candidates = [polished, raw]
+    for alpha in candidates:
+        if _min_norm_kkt_ok(A, alpha, _KKT_RTOL):
+            return _clean_simplex(alpha)
+    raise RuntimeError(
+        f"min-norm solver could not certify an optimum (KKT check failed) for the Gramian {M.tolist()}"
+    )
+
+
+def _conflict_averse(M: Tensor | np.ndarray, c: float) -> tuple[Tensor, Tensor]:
+    c = float(c)
+    if not np.isfinite(c) or c < 0:
+        raise ValueError(f"the conflict-averse radius factor c must be finite and >= 0, got {c!r}")
+    Ms, batched = _as_batch(M, "conflict_averse_weights")
+    B, K = Ms.shape[0], Ms.shape[1]
+    if K <= 2:
+        w, coef = _conflict_averse_small(Ms, c)
+    else:
+        pairs = [_conflict_averse_general(Ms[b], c) for b in range(B)]
+        w = np.stack([p[0] for p in pairs])
+        coef = np.stack([p[1] for p in pairs])
+    w_t, coef_t = torch.from_numpy(np.ascontiguousarray(w)), torch.from_numpy(np.ascontiguousarray(coef))
+    return (w_t, coef_t) if batched else (w_t[0], coef_t[0])
+
+
+def _coefficients(M: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """``1/K + (s/r) w`` batched, with the zero-norm rule of :func:`conflict_averse_coefficients`."""
+    K = M.shape[-1]
+    r2 = np.einsum("bi,bij,bj->b", w, M, w)
+    scale = np.max(np.diagonal(M, axis1=1, axis2=2), axis=1)
+    live = (r2 > ZERO_NORM_RTOL * scale) & (s > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(live, s / np.sqrt(np.where(live, r2, 1.0)), 0.0)
+    return 1.0 / K + factor[:, None] * w
+
+
+def _conflict_averse_small(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """K ≤ 2, vectorised: the optimum is a vertex or the edge's stationary point; keep the best.
+
+    On the edge ``w = (w1, 1 − w1)``: the affine min-norm coefficients ``a1 = (M22 − M12)/D``
+    (``D = M11 + M22 − 2M12``), the shift direction ``e = ε(1, −1)`` with ``ε = (M22 − M11)/(2D)``,
+    ``m² = (M11 M22 − M12²)/D``, ``κ² = ε² D``; stationarity ``‖x(t)‖ = s t`` is the quadratic
+    ``m² + κ² t² = s² t²``, so ``t = m/√(s² − κ²)`` (no stationary point when ``s ≤ κ``) and
+    ``w1 = a1 + t ε``. Convexity of ``F`` on the edge makes the smallest of the (at most three)
+    candidate values the minimum.
+    """
+    B, K = M.shape[0], M.shape[1]
+    b = M.sum(axis=2) / K
+    g0sq = np.clip(b.sum(axis=1) / K, 0.0, None)
+    s = c * np.sqrt(g0sq)
+    if K == 1:
+        w = np.ones((B, 1))
+        return w, _coefficients(M, w, s)
+    m11, m22, m12 = M[:, 0, 0], M[:, 1, 1], M[:, 0, 1]
+    D = m11 + m22 - 2.0 * m12
+    ok = D > 1e-15 * np.maximum(np.maximum(m11, m22), 1e-300)
+    Dsafe = np.where(ok, D, 1.0)
+    a1 = (m22 - m12) / Dsafe
+    eps = (m22 - m11) / (2.0 * Dsafe)
+    msq = np.clip((m11 * m22 - m12 * m12) / Dsafe, 0.0, None)
+    ksq = eps * eps * D
+    ok &= s * s > ksq
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.sqrt(msq / np.where(ok, s * s - ksq, 1.0))
+    w1_edge = np.where(ok, a1 + t * eps, 0.0)
+    ok &= (w1_edge > 0.0) & (w1_edge < 1.0)
+
+    def F(w1: np.ndarray) -> np.ndarray:
+        w2 = 1.0 - w1
+        quad = np.clip(w1 * w1 * m11 + 2 * w1 * w2 * m12 + w2 * w2 * m22, 0.0, None)
+        return w1 * b[:, 0] + w2 * b[:, 1] + s * np.sqrt(quad)
+
+    ones, zeros = np.ones(B), np.zeros(B)
+    vals = np.stack([F(ones), F(zeros), np.where(ok, F(w1_edge), np.inf)], axis=1)
+    choice = np.argmin(vals, axis=1)
+    w1 = np.choose(choice, [ones, zeros, w1_edge])
+    w = np.stack([w1, 1.0 - w1], axis=1)
+    return w, _coefficients(M, w, s)
+
+
+def _ca_on_support(
+    A: np.ndarray, b: np.ndarray, s: float, support: np.ndarray
+) -> tuple[np.ndarray, float] | None:
+    """Closed-form stationary point of ``F`` on the affine hull of the rows in ``support``.
+
+    Returns ``(w, t)`` or ``None`` when the face has no stationary point with ``r > 0``.
+    """
+    K = A.shape[0]
+    A_SS = A[np.ix_(support, support)]
+    a = _bordered_solve(A_SS, np.zeros(support.size), 1.0)
+    e = _bordered_solve(A_SS, -b[support], 0.0)
+    msq = max(float(a @ A_SS @ a), 0.0)
+    ksq = max(float(e @ A_SS @ e), 0.0)
+    if s * s <= ksq or msq <= ZERO_NORM_RTOL:
+        return None
+    t = np.sqrt(msq / (s * s - ksq))
+    w = np.zeros(K)
+    w[support] = a + t * e
+    return w, float(t)
+
+
+def _ca_kkt_ok(A: np.ndarray, b: np.ndarray, s: float, w: np.ndarray, tol: float) -> bool:
+    if not np.isfinite(w).all() or w.min() < -tol:
+        return False
+    w = _clean_simplex(w)
+    r2 = float(w @ A @ w)
+    if r2 <= ZERO_NORM_RTOL:
+        return False
+    grad = b + (s / np.sqrt(r2)) * (A @ w)
+    return float(w @ grad - grad.min()) <= tol
+
+
+def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact conflict-averse weights for one Gramian with K ≥ 3 (see the module docstring)."""
+    K = M.shape[0]
+    scale = float(np.max(np.diag(M)))
+    if scale <= 0.0:  # every row is zero: F ≡ 0, the direction is zero
+        w = np.full(K, 1.0 / K)
+        return w, np.full(K, 1.0 / K)
+    A = M / scale
+    b = A.sum(axis=1) / K
+    s = c * np.sqrt(max(float(b.sum()) / K, 0.0))
+    if s <= 0.0:  # linear objective: a vertex minimising b_i (the direction is g0 regardless)
+        w = np.zeros(K)
+        w[int(np.argmin(b))] = 1.0
+        return w, _coefficients(M[None], w[None], np.zeros(1))[0]
+    tol = _KKT_RTOL * (1.0 + s)
+
+    def finish(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w = _clean_simplex(w)
+        return w, _coefficients(M[None], w[None], np.array([s * np.sqrt(scale)]))[0]
+
+    alpha0 = _min_norm_general(A)
+    if float(alpha0 @ A @ alpha0) <= ZERO_NORM_RTOL:
+        # The origin is in the hull: x* = 0 is optimal iff ‖proj_{cone(rows)}(−g0)‖ ≤ s.
+        R = _factor(A)
+        v, _ = nnls(R, -R @ np.full(K, 1.0 / K), maxiter=50 * K)
+        if float(v @ A @ v) <= s * s * (1.0 + 1e-9):
+            return alpha0, np.full(K, 1.0 / K)
+
+    def shifted_min_norm(t: float) -> np.ndarray:
+        At = A + t * (b[:, None] + b[None, :]) + (t * t) * float(b.sum()) / K
+        return _min_norm_general(At)
+
+    lo, hi = 0.0, 1.0 / s  # ‖x(t)‖ ≤ max_i ‖g_i‖ = 1 after scaling, so h(1/s) ≤ 0
+    t = 0.5 * hi
+    tried: set[tuple[int, ...]] = set()
+    for _ in range(300):
+        wt = shifted_min_norm(t)
+        support = np.flatnonzero(wt > 0)
+        key = tuple(support.tolist())
+        suggestion = None
+        if key not in tried:
+            tried.add(key)
+            cand = _ca_on_support(A, b, s, support)
+            if cand is not None:
+                if _ca_kkt_ok(A, b, s, cand[0], tol):
+                    return finish(cand[0])
+                suggestion = cand[1]
+        h = np.sqrt(max(float(wt @ A @ wt), 0.0)) - s * t
+        if h > 0:
+            lo = t
+        else:
+            hi = t
+        if _ca_kkt_ok(A, b, s, wt, tol) and abs(h) <= tol:
+            return finish(wt)
+        if suggestion is not None and lo < suggestion < hi:
+            t = suggestion
+        else:
+            t = 0.5 * (lo + hi)
+        if hi - lo <= 1e-16 * hi:
+            break
+    raise RuntimeError(
+        f"conflict-averse solver could not certify an optimum (KKT check failed) for c={c} and "
+        f"the Gramian {M.tolist()}"
+    )

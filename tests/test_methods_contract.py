@@ -1,0 +1,151 @@
+"""The aggregator contract, checked for every registered method (methods added later included).
+
+Each method is built with its defaults (plus ``seed=0`` where it takes a seed); methods that use
+task losses get positive losses. A few extra configurations of the built-in methods ride along.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+
+import mtl_opt
+from mtl_opt.registry import aggregator_class
+
+# Extra configurations beyond the defaults (name, hyperparameters).
+EXTRA_SPECS = [
+    ("pcgrad", {"order": "fixed"}),
+    ("mgda", {"normalization": "l2"}),
+    ("mgda", {"normalization": "loss"}),
+    ("mgda", {"normalization": "loss+"}),
+    ("cagrad", {"c": 0.0}),
+    ("cagrad", {"c": 1.5, "rescale": 2}),
+    ("came_grad", {"task_weights": [1.0, 4.0, 2.0]}),
+    ("came_grad", {"rectify": False, "inject": False, "fuse": False}),
+]
+SPECS = [(name, {}) for name in mtl_opt.available_aggregators()] + [
+    s for s in EXTRA_SPECS if s[0] in mtl_opt.available_aggregators()
+]
+IDS = [name + "".join(f"-{k}={v}" for k, v in kw.items()) for name, kw in SPECS]
+K_TASKS = 3
+
+
+def make(name: str, kw: dict) -> mtl_opt.GradientAggregator:
+    """A fresh, reproducibly seeded instance."""
+    kw = dict(kw)
+    params = inspect.signature(aggregator_class(name).__init__).parameters
+    if "seed" in params and "seed" not in kw:
+        kw["seed"] = 0
+    torch.manual_seed(1234)
+    return mtl_opt.get_aggregator(name, **kw)
+
+
+def call(agg, G, **extra):
+    """Call ``agg`` with positive losses when the method uses them."""
+    if agg.uses_losses and "losses" not in extra:
+        extra["losses"] = torch.linspace(0.5, 2.0, G.shape[0], dtype=torch.float64)
+    return agg(G, **extra)
+
+
+def jacobian(K=K_TASKS, d=7, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(K, d, generator=g, dtype=torch.float64).to(dtype)
+
+
+spec_params = pytest.mark.parametrize("name,kw", SPECS, ids=IDS)
+
+
+@spec_params
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shape_dtype_device_finite(name, kw, dtype):
+    G = jacobian(dtype=dtype)
+    out = call(make(name, kw), G)
+    assert out.shape == (G.shape[1],)
+    assert out.dtype == dtype and out.device == G.device
+    assert torch.isfinite(out).all()
+
+
+@spec_params
+def test_deterministic_under_a_seed(name, kw):
+    outs = []
+    for _ in range(2):
+        agg = make(name, kw)
+        outs.append([call(agg, jacobian(K=K_TASKS, seed=s)) for s in range(3)])
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@spec_params
+def test_state_dict_round_trip_and_reset(name, kw):
+    agg = make(name, kw)
+    first = call(agg, jacobian(K=K_TASKS, seed=1))
+    call(agg, jacobian(K=K_TASKS, seed=2))
+    state = copy.deepcopy(agg.state_dict())
+    expected = call(agg, jacobian(K=K_TASKS, seed=3))
+    other = make(name, kw)
+    other.load_state_dict(state)
+    assert torch.equal(call(other, jacobian(K=K_TASKS, seed=3)), expected)
+    agg.reset()
+    assert torch.equal(call(agg, jacobian(K=K_TASKS, seed=1)), first)
+
+
+@spec_params
+def test_repr_shows_hyperparameters(name, kw):
+    agg = make(name, kw)
+    text = repr(agg)
+    assert text.startswith(type(agg).__name__ + "(")
+    for key in agg.hyperparameters():
+        assert f"{key}=" in text
+    for key, value in kw.items():
+        assert f"{key}={value!r}" in text
+
+
+@spec_params
+@pytest.mark.parametrize("K", [1, 2, 3, 5])
+def test_batch_equals_loop_of_single_calls(name, kw, K):
+    if "task_weights" in kw and len(kw["task_weights"]) != K:
+        pytest.skip("configured task weights are for K = 3")
+    g = torch.Generator().manual_seed(K)
+    G = torch.randn(4, K, 6, generator=g, dtype=torch.float64)
+    G[1, 0] = 0.0  # a zero row in one entry
+    losses = torch.rand(4, K, generator=g, dtype=torch.float64) + 0.5
+    batch_agg = make(name, kw)
+    extra = {"losses": losses} if batch_agg.uses_losses else {}
+    batched = batch_agg.aggregate_batch(G, **extra)
+    for b in range(G.shape[0]):
+        single_extra = {"losses": losses[b]} if batch_agg.uses_losses else {}
+        single = make(name, kw)(G[b], **single_extra)
+        torch.testing.assert_close(batched[b], single, rtol=1e-12, atol=1e-12)
+
+
+@spec_params
+def test_bad_input_raises_one_clear_error(name, kw):
+    agg = make(name, kw)
+    G = jacobian()
+    bad = G.clone()
+    bad[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"\[1\]"):
+        call(agg, bad)
+    with pytest.raises(ValueError, match="K = 0"):
+        call(agg, torch.zeros(0, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="shape"):
+        agg(torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="task"):
+        call(agg, G, task_weights=[1.0] * (G.shape[0] + 1))
+    bad_batch = torch.randn(3, G.shape[0], 5, dtype=torch.float64)
+    bad_batch[2, 0, 1] = float("inf")
+    extra = {"losses": torch.ones(3, G.shape[0], dtype=torch.float64)} if agg.uses_losses else {}
+    with pytest.raises(ValueError, match="not finite"):
+        agg.aggregate_batch(bad_batch, **extra)
+
+
+@spec_params
+def test_missing_losses_are_reported(name, kw):
+    agg = make(name, kw)
+    if not agg.requires_losses:
+        pytest.skip("method does not need losses")
+    with pytest.raises(ValueError, match="losses"):
+        agg(jacobian())
