@@ -1,0 +1,366 @@
+"""Solvers of the Nash bargaining equations ``M α = 1/α`` (element-wise), ``α > 0``.
+
+Used by :class:`mtl_opt.methods.NashMTL`. Everything here works on stacks of Gramians
+``M`` of shape ``(B, K, K)`` (float64 numpy arrays) so one call serves a single aggregation
+(``B = 1``) and a batch of independent runs alike.
+
+The problem in cosine form
+--------------------------
+With ``D = diag(M)`` and the cosine matrix ``C = D^{-1/2} M D^{-1/2}`` (unit diagonal), ``α``
+solves ``M α = 1/α`` exactly when ``β = D^{1/2} α`` solves ``C β = 1/β``. So the Nash direction
+``αᵀG = Σ_i β_i g_i/‖g_i‖`` only depends on the *unit* gradients: it is invariant to rescaling any
+single task's gradient (``g_i → s_i g_i`` gives ``α_i → α_i/s_i``), in particular to a common
+scale ``G → sG`` (``α → α/s``). Solving in ``β`` makes the solvers free of the gradients' units.
+
+Existence and the documented regularisation
+-------------------------------------------
+``C β = 1/β`` is the stationarity condition of the strictly convex
+
+    f(β) = ½ βᵀ C β − Σ_i log β_i        on β > 0,
+
+which has a minimiser exactly when no non-zero ``v ≥ 0`` has ``vᵀ C v = 0``, i.e. when the zero
+vector is not in the convex hull of the (unit) task gradients. At a Pareto-stationary point
+(exactly opposing gradients, ``g_2 = −c g_1``) ``f`` is unbounded below and no Nash solution
+exists. We therefore always solve the regularised system
+
+    (C + σ I) β = 1/β,     σ = RIDGE + max(0, −λ_min(C)),     RIDGE = 1e-9,
+
+which always has a unique solution. The second term only acts on a cosine matrix that rounding
+made slightly indefinite (e.g. a Gramian computed in float32). For a non-degenerate problem
+``σ = 1e-9`` moves ``β`` by a relative ``≈ σ β_i²`` (below 1e-8 on well-conditioned problems);
+at a Pareto-stationary point the weights become large (``β ≈ 1/√σ``) but finite and the direction
+tends to zero (norm ``O(√σ)``). Equivalently, in the units of ``M``: ``(M + σ diag(M)) α = 1/α``.
+
+A task whose gradient is exactly zero (``M_ii = 0``) cannot bargain (its utility ``g_iᵀd`` is
+zero for every ``d``); it is left out of the bargaining and gets ``α_i = 0``. It contributes
+nothing to the direction either way. When every gradient is zero all weights are zero.
+
+The exact solver
+----------------
+Damped Newton on ``f`` in the scaled variable ``β = diag(β) y`` (``y = 1`` at the iterate): the
+scaled gradient is the dimensionless residual ``r = β ∘ (C'β) − 1`` and the scaled Hessian
+``H = I + diag(β) C' diag(β)`` (``C' = C + σI``); the step is ``β ← β ∘ (1 − t H⁻¹ r)``. ``f`` is
+self-concordant (a convex quadratic plus a log barrier), so the classic damped step
+``t = 1/(1 + λ)`` with the Newton decrement ``λ² = rᵀ H⁻¹ r`` (``t = 1`` once ``λ ≤ 1/4``) both
+decreases ``f`` and keeps ``β > 0`` (``H ⪰ I`` bounds each relative change ``|tΔ_i| < 1``), and
+the method converges quadratically once ``λ < 1/4``. It stops when every
+``|r_i| ≤ RESIDUAL_TOL + 4 K ε β_i (|C'| β)_i`` (the tolerance plus the rounding error of
+computing ``r_i`` in float64) and raises :class:`NashSolverError` with the residual and
+the iteration count if that does not happen within ``MAX_NEWTON_ITERATIONS`` steps.
+
+At ``K = 2`` there is a closed form: subtracting ``β_2 × (first equation)`` from
+``β_1 × (second)`` gives ``a β_1² = c β_2²`` for ``M = [[a, b], [b, c]]``, so
+``α ∝ (1/√a, 1/√c)``; with ``C' = [[1+σ, ρ], [ρ, 1+σ]]`` (``ρ = b/√(ac)`` the cosine) both
+equations then read ``β² (1 + σ + ρ) = 1``: ``β_1 = β_2 = 1/√(1 + ρ + σ)`` and
+``α_i = 1/(‖g_i‖ √(1 + ρ + σ))``. The direction is the sum of the unit gradients divided by
+``√(1 + cos θ)``.
+
+The cvxpy formulation
+---------------------
+The original implementation (Navon et al., 2022) solves the same equations by sequential convex
+approximation; :class:`NashSCAProblem` re-states it (see its docstring).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+RIDGE = 1e-9
+RESIDUAL_TOL = 1e-10
+MAX_NEWTON_ITERATIONS = 100
+_EPS = float(np.finfo(np.float64).eps)
+
+
+class NashSolverError(RuntimeError):
+    """A Nash-MTL solver did not produce a solution (no convergence, or a failed cvxpy solve)."""
+
+
+@dataclass(frozen=True)
+class CosineForm:
+    """A stack of Gramians in cosine form.
+
+    Attributes:
+        C: ``(B, K, K)`` regularised cosine matrices ``C + σI`` (rows/columns of zero-gradient
+            tasks are zero apart from the diagonal, which decouples them).
+        inv_norm: ``(B, K)`` ``1/‖g_i‖`` (0 for zero-gradient tasks): ``α = inv_norm ∘ β``.
+        sigma: ``(B,)`` the shift ``σ`` that was added.
+    """
+
+    C: np.ndarray
+    inv_norm: np.ndarray
+    sigma: np.ndarray
+
+
+def cosine_form(M: np.ndarray) -> CosineForm:
+    """Regularised cosine form of a stack of Gramians ``M`` (B, K, K) (see the module docstring)."""
+    B, K, _ = M.shape
+    diag = np.diagonal(M, axis1=1, axis2=2)
+    active = diag > 0.0
+    inv_norm = np.zeros_like(diag)
+    np.divide(1.0, np.sqrt(diag, where=active, out=np.ones_like(diag)), out=inv_norm, where=active)
+    C = M * inv_norm[:, :, None] * inv_norm[:, None, :]
+    idx = np.arange(K)
+    C[:, idx, idx] = 1.0
+    if K == 1:
+        lam_min = np.ones(B)
+    elif K == 2:
+        lam_min = 1.0 - np.abs(C[:, 0, 1])
+    else:
+        lam_min = np.linalg.eigvalsh(C)[:, 0]
+    sigma = RIDGE + np.maximum(0.0, -lam_min)
+    C[:, idx, idx] += sigma[:, None]
+    return CosineForm(C=C, inv_norm=inv_norm, sigma=sigma)
+
+
+def nash_exact(
+    M: np.ndarray, alpha0: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Nash weights ``α`` (B, K) of the Gramians ``M`` (B, K, K), float64.
+
+    Args:
+        M: symmetric positive semi-definite Gramians (float64).
+        alpha0: a warm start (B, K) (e.g. the previous step's weights); entries that are not
+            positive and finite are replaced by a cold start. Ignored at ``K ≤ 2`` (closed form).
+
+    Returns:
+        ``(α, info)`` with ``info = {"iterations": Newton steps taken (0 for the closed form),
+        "residual": max_i |β_i (C'β)_i − 1| over the stack}``.
+
+    Raises:
+        NashSolverError: Newton did not reach the residual tolerance.
+    """
+    K = M.shape[1]
+    if K == 2:
+        return closed_form_k2(M)
+    form = cosine_form(M)
+    if K == 1:
+        beta = 1.0 / np.sqrt(form.C[:, 0, :])
+        return beta * form.inv_norm, {"iterations": 0, "residual": _residual(form.C, beta)}
+    beta0 = None
+    if alpha0 is not None:
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            beta0 = alpha0 / np.where(form.inv_norm > 0, form.inv_norm, 1.0)
+    beta, iterations, residual = newton_cosine(form.C, beta0)
+    return beta * form.inv_norm, {"iterations": iterations, "residual": residual}
+
+
+def closed_form_k2(M: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
+    """``K = 2``: ``α_i = 1/(‖g_i‖ √(1 + cos θ + σ))`` on a stack (B, 2, 2), no Python loop.
+
+    Same regularisation as :func:`cosine_form` (``λ_min(C) = 1 − |cos θ|``); a zero-gradient
+    task gets ``α_i = 0`` and the other one ``1/(‖g‖ √(1 + σ))``.
+    """
+    diag = M[:, (0, 1), (0, 1)]
+    active = diag > 0.0
+    inv_norm = np.zeros_like(diag)
+    np.divide(1.0, np.sqrt(diag, where=active, out=np.ones_like(diag)), out=inv_norm, where=active)
+    cos = M[:, 0, 1] * inv_norm[:, 0] * inv_norm[:, 1]
+    denom = 1.0 + cos + (RIDGE + np.maximum(0.0, np.abs(cos) - 1.0))
+    beta = 1.0 / np.sqrt(denom)
+    residual = float(np.abs(beta * beta * denom - 1.0).max())
+    return inv_norm * beta[:, None], {"iterations": 0, "residual": residual}
+
+
+def newton_cosine(
+    C: np.ndarray, beta0: np.ndarray | None = None
+) -> tuple[np.ndarray, int, float]:
+    """Damped Newton for ``C β = 1/β`` (C positive definite, (B, K, K)); returns (β, steps, residual)."""
+    B, K, _ = C.shape
+    if beta0 is None:
+        beta = np.ones((B, K))
+    else:
+        beta = np.where(np.isfinite(beta0) & (beta0 > 0), beta0, 1.0)
+    # Best common scale of the start: f(sβ) is minimised at s² = K / βᵀCβ.
+    quad = np.einsum("bi,bij,bj->b", beta, C, beta)
+    beta = beta * np.sqrt(K / quad)[:, None]
+    absC = np.abs(C)
+    eye = np.eye(K)
+    rounding = 4.0 * K * _EPS
+    for it in range(MAX_NEWTON_ITERATIONS + 1):
+        Cb = np.einsum("bij,bj->bi", C, beta)
+        r = beta * Cb - 1.0
+        bound = RESIDUAL_TOL + rounding * beta * np.einsum("bij,bj->bi", absC, beta)
+        done = np.all(np.abs(r) <= bound, axis=1)
+        if done.all():
+            return beta, it, float(np.abs(r).max())
+        if it == MAX_NEWTON_ITERATIONS:
+            break
+        H = eye + beta[:, :, None] * C * beta[:, None, :]
+        step = np.linalg.solve(H, r[:, :, None])[:, :, 0]
+        lam = np.sqrt(np.maximum(np.einsum("bi,bi->b", r, step), 0.0))
+        t = np.where(lam > 0.25, 1.0 / (1.0 + lam), 1.0)
+        # Far from the solution the damped step is short; take the full Newton step instead
+        # when it keeps β > 0 and decreases f (it often does, e.g. when β must grow a lot).
+        full = 1.0 - step
+        with np.errstate(invalid="ignore", divide="ignore"):
+            f_full = _objective(C, beta * np.where(full > 0, full, 1.0))
+            take_full = np.all(full > 0, axis=1) & (f_full < _objective(C, beta))
+        t = np.where(take_full, 1.0, t)
+        t = np.where(done, 0.0, t)
+        beta = beta * (1.0 - t[:, None] * step)
+    worst = int(np.argmax(np.abs(r).max(axis=1)))
+    raise NashSolverError(
+        f"Nash-MTL Newton solver did not converge in {MAX_NEWTON_ITERATIONS} iterations: "
+        f"residual max|β∘(Cβ) − 1| = {float(np.abs(r[worst]).max()):.3e} "
+        f"(tolerance {RESIDUAL_TOL:.1e}) for the cosine matrix {C[worst].tolist()}"
+    )
+
+
+def _objective(C: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """``f(β) = ½βᵀCβ − Σ log β`` per stack entry."""
+    return 0.5 * np.einsum("bi,bij,bj->b", beta, C, beta) - np.log(beta).sum(axis=1)
+
+
+def _residual(C: np.ndarray, beta: np.ndarray) -> float:
+    return float(np.abs(beta * np.einsum("bij,bj->bi", C, beta) - 1.0).max())
+
+
+class NashSCAProblem:
+    """The original Nash-MTL sequential convex approximation, as one reusable cvxpy Problem.
+
+    Facts of the original implementation (Navon et al., 2022, public code) that are kept:
+
+    * the Gramian is divided by its Frobenius norm before solving;
+    * one variable ``α ≥ 0`` (K); parameters: the normalised Gramian ``Ĝ`` and the point
+      ``α_t`` of the previous iterate, at which the concave part is linearised;
+    * constraints ``−log α_i − log (Ĝα)_i ≤ 0`` for every task, i.e. ``α_i (Ĝα)_i ≥ 1``
+      (each task's utility at least matches its bargaining "price" ``1/α_i``);
+    * objective ``min Σ_i (Ĝα)_i + ∇φ(α_t)ᵀ(α − α_t)`` with
+      ``φ(α) = Σ_i log α_i + Σ_i log (Ĝα)_i``, so ``∇φ(α_t) = 1/α_t + Ĝ (1/(Ĝα_t))``;
+    * up to ``optim_niter`` convex solves per aggregation, warm-started from the previous
+      aggregation's ``α`` (all ones at the first one), stopping early on a small step
+      ``‖α_{t+1} − α_t‖ < 1e-6`` or a small Nash residual.
+
+    Differences, all deliberate:
+
+    * The original keeps the normalisation factor ``n`` inside the constraints and objective so
+      that ``α`` stays in the units of ``G``; we solve in normalised units (``n = 1``) and map
+      back ``α = α̂/√n``, the same fixed point by scale invariance, so that the solver's absolute
+      tolerances mean the same thing whatever the gradients' scale.
+    * ``∇φ(α_t)`` is computed in numpy and passed as a Parameter (mathematically identical): it
+      keeps the problem DPP, so cvxpy compiles it once and every re-solve only swaps numbers.
+    * The solver is CLARABEL (cvxpy's default conic solver; the original's ECOS is no longer
+      installed with cvxpy ≥ 1.6, and the original then silently returned its previous or
+      all-ones weights). A solve whose status is not optimal / optimal_inaccurate, or that
+      raises, raises :class:`NashSolverError` naming the status.
+    * The residual rule uses the scale-free ``max_i |α̂_i (Ĝα̂)_i − 1| < residual_tol`` (1e-6);
+      the original compares ``‖Ĝα_t − 1/α_t‖`` with 1e-3, mixing normalised and unnormalised
+      quantities, so in practice its loop ends on the step rule or the iteration budget.
+    * The Gramian is the regularised one of :func:`cosine_form` and zero-gradient tasks are left
+      out, exactly as in the exact solver, so both solvers target the same equations.
+    """
+
+    def __init__(self, n_tasks: int, solver: str = "CLARABEL",
+                 solver_options: dict[str, Any] | None = None) -> None:
+        import cvxpy as cp  # lazy: importing mtl_opt must not load cvxpy
+
+        self._cp = cp
+        self.n_tasks = n_tasks
+        self.solver = solver
+        self.solver_options = dict(solver_options or {})
+        self.alpha = cp.Variable(n_tasks, nonneg=True)
+        self.gramian = cp.Parameter((n_tasks, n_tasks))
+        self.linear = cp.Parameter(n_tasks)  # ∇φ(α_t); the constant −∇φ(α_t)ᵀα_t is dropped
+        g_alpha = self.gramian @ self.alpha
+        constraints = [cp.log(self.alpha) + cp.log(g_alpha) >= 0]
+        objective = cp.Minimize(cp.sum(g_alpha) + self.linear @ self.alpha)
+        self.problem = cp.Problem(objective, constraints)
+        # Phase 1 (only used when the start has a non-positive utility): the point of the
+        # simplex whose smallest utility (Ĝα)_i is largest.
+        self._p1_alpha = cp.Variable(n_tasks, nonneg=True)
+        self._p1_level = cp.Variable()
+        self._phase1 = cp.Problem(
+            cp.Maximize(self._p1_level),
+            [self.gramian @ self._p1_alpha >= self._p1_level, cp.sum(self._p1_alpha) == n_tasks],
+        )
+
+    def _run(self, problem: Any, what: str) -> np.ndarray:
+        cp = self._cp
+        try:
+            problem.solve(solver=self.solver, warm_start=True, **self.solver_options)
+        except cp.error.SolverError as exc:
+            raise NashSolverError(f"Nash-MTL cvxpy solve failed at {what} with {self.solver}: {exc}") from exc
+        status = problem.status
+        value = (self._p1_alpha if problem is self._phase1 else self.alpha).value
+        if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or value is None:
+            raise NashSolverError(
+                f"Nash-MTL cvxpy solve at {what} ended with status {status!r} ({self.solver}); "
+                "refusing to return equal or stale weights"
+            )
+        return np.asarray(value, dtype=np.float64)
+
+    def _feasible_start(self, G_hat: np.ndarray) -> np.ndarray:
+        """Phase 1: a start at which every utility ``(Ĝα)_i`` is positive."""
+        alpha = self._run(self._phase1, "phase 1")
+        if not float(self._p1_level.value) > 0:
+            raise NashSolverError(
+                "Nash-MTL cvxpy phase 1 found no weights with all task utilities positive "
+                f"(best smallest utility {float(self._p1_level.value):.3e})"
+            )
+        return np.maximum(alpha, 1e-12)
+
+    def solve(
+        self, M: np.ndarray, alpha0: np.ndarray | None, optim_niter: int,
+        step_tol: float = 1e-6, residual_tol: float = 1e-6,
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """SCA for one positive definite Gramian ``M`` (K, K); returns ``(α, info)``."""
+        norm = float(np.linalg.norm(M))
+        G_hat = M / norm
+        self.gramian.value = G_hat
+        if alpha0 is not None and np.all(np.isfinite(alpha0)) and np.all(alpha0 > 0):
+            alpha_t = alpha0 * np.sqrt(norm)
+        else:
+            alpha_t = np.ones(self.n_tasks)
+        if not np.all(G_hat @ alpha_t > 0):
+            alpha_t = self._feasible_start(G_hat)
+        iterations = 0
+        for iterations in range(1, optim_niter + 1):
+            self.linear.value = 1.0 / alpha_t + G_hat @ (1.0 / (G_hat @ alpha_t))
+            alpha_new = self._run(self.problem, f"SCA iteration {iterations}")
+            status = self.problem.status
+            if not np.all(alpha_new > 0):
+                raise NashSolverError(
+                    f"Nash-MTL cvxpy solve at SCA iteration {iterations} returned non-positive "
+                    f"weights {alpha_new.tolist()} (status {status!r})"
+                )
+            step = float(np.linalg.norm(alpha_new - alpha_t))
+            alpha_t = alpha_new
+            residual = float(np.abs(alpha_t * (G_hat @ alpha_t) - 1.0).max())
+            if step < step_tol or residual < residual_tol:
+                break
+        residual = float(np.abs(alpha_t * (G_hat @ alpha_t) - 1.0).max())
+        return alpha_t / np.sqrt(norm), {"iterations": iterations, "residual": residual}
+
+
+def nash_cvxpy(
+    M: np.ndarray, alpha0: np.ndarray | None, optim_niter: int,
+    problems: dict[int, NashSCAProblem], solver: str = "CLARABEL",
+    solver_options: dict[str, Any] | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Nash weights of ONE Gramian ``M`` (K, K) by the original's SCA in cvxpy.
+
+    ``problems`` caches one compiled :class:`NashSCAProblem` per number of bargaining tasks (the
+    Problem is built once and re-solved). Zero-gradient tasks are left out (``α_i = 0``).
+    """
+    form = cosine_form(M[None])
+    inv_norm = form.inv_norm[0]
+    active = inv_norm > 0
+    alpha = np.zeros(M.shape[0])
+    k = int(active.sum())
+    if k == 0:
+        return alpha, {"iterations": 0, "residual": 0.0}
+    # Back to the units of M: (M + σ diag M) restricted to the bargaining tasks.
+    scale = 1.0 / inv_norm[active]
+    M_reg = form.C[0][np.ix_(active, active)] * scale[:, None] * scale[None, :]
+    key = k
+    problem = problems.get(key)
+    if problem is None or problem.solver != solver or problem.solver_options != dict(solver_options or {}):
+        problem = NashSCAProblem(k, solver=solver, solver_options=solver_options)
+        problems[key] = problem
+    start = None if alpha0 is None else alpha0[active]
+    sub, info = problem.solve(M_reg, start, optim_niter)
+    alpha[active] = sub
+    return alpha, info
