@@ -11,7 +11,14 @@ their dependencies when they run.
 """
 
 from mtl_opt.aggregator import AggregationResult, GradientAggregator, GramianAggregator
+from mtl_opt.backward import (
+    BatchedJacobianFallbackWarning,
+    MTLBackwardResult,
+    loss_weights,
+    mtl_backward,
+)
 from mtl_opt.many import aggregate_many
+from mtl_opt.optimizer import MultiTaskOptimizer
 from mtl_opt.registry import (
     aggregator_class,
     available_aggregators,
@@ -28,6 +35,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AggregationResult",
+    "BatchedJacobianFallbackWarning",
+    "MTLBackwardResult",
+    "MultiTaskOptimizer",
+    "loss_weights",
+    "mtl_backward",
     "GradientAggregator",
     "GramianAggregator",
     "aggregate_many",

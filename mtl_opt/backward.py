@@ -1,0 +1,600 @@
+"""From task losses to ``.grad``: the Jacobian, the aggregation, and who receives what.
+
+:func:`mtl_backward` replaces ``loss.backward()`` in a multi-task training loop::
+
+    losses = [loss_report, loss_cls]                       # K scalar losses
+    result = mtl_backward(losses, model.encoder, agg)      # fills every .grad
+    optimizer.step()
+
+What each parameter receives
+----------------------------
+Let ``L_1..L_K`` be the losses, ``θ`` the concatenation of the shared parameters and
+``G = [∇_θ L_1; ...; ∇_θ L_K]`` (K × d) their Jacobian. Let ``h`` (K,) be the aggregator's *loss
+weights* (:func:`loss_weights`): the call's ``task_weights`` when given, else the method's own
+per-task weights (linear scalarization's ``weights``, CAME-Grad's ``task_weights`` ω), else ones.
+
+* **shared parameters** receive the aggregated direction ``d = aggregator(G)``, split back into
+  the parameters' shapes;
+* **task parameters** (``task_params=[group_1, ..., group_K]``): group ``i`` receives
+  ``h_i ∇L_i`` and nothing from the other losses (a head is trained by its own task only);
+* **every other parameter** that the losses reach (found by walking the autograd graph, as
+  ``.backward()`` does) receives ``Σ_i h_i ∇L_i``, the gradient of the weighted joint loss.
+
+Everything is *accumulated* into ``.grad`` exactly like ``.backward()`` (added to an existing
+``.grad``), and nothing is written unless the whole call succeeds. With
+``LinearScalarization(w)`` every parameter therefore receives what
+``(w * losses).sum().backward()`` would give it, to rounding.
+
+One backward pass
+-----------------
+All per-task gradients (shared, task and other parameters) come from ONE batched autograd call,
+``torch.autograd.grad(L, inputs, grad_outputs=I_K, is_grads_batched=True)``, which vectorises the
+K vector-Jacobian products with ``vmap``; task and other parameters then combine their K rows
+with ``h``. Some graphs cannot be batched (operations without a batching rule, such as sparse
+embedding gradients or custom autograd functions that read values in their backward); with
+``parallel="auto"`` the call then falls back to K separate backward passes, warns once with
+:class:`BatchedJacobianFallbackWarning` and records the reason in the result. The two paths give
+the same gradients to rounding. ``parallel=True`` forces the batched call (its failure raises),
+``parallel=False`` the loop. Because a failed batched call may have consumed part of the graph,
+``"auto"`` keeps the graph alive during the batched attempt (``retain_graph=True``); it is freed
+when the caller drops the losses.
+
+Representation-level aggregation (MGDA-UB)
+------------------------------------------
+With ``features=z`` (the shared encoder's output, still part of the graph), the Jacobian is
+taken with respect to ``z`` instead of ``θ``: ``Z = [∇_z L_1; ...; ∇_z L_K]`` costs one batched
+backward pass through the heads only. The aggregator (a :class:`GramianAggregator`) computes its
+weights ``β`` from ``Z Zᵀ``, and one backward pass of ``Σ β_i L_i`` through the encoder (started
+at ``z`` with the gradient ``βᵀ Z``) fills the shared ``.grad``. This is Sener & Koltun's
+MGDA-UB ("Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018): since
+``∇_θ L_i = (∂z/∂θ)ᵀ ∇_z L_i``, weights chosen on ``Z`` approximate those chosen on ``G`` (for
+MGDA they minimise an upper bound of ``‖βᵀ G‖``), they are not the parameter-level weights. It
+needs every effect of the shared parameters on the losses to pass through ``z``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, Union
+
+import torch
+from torch import Tensor, nn
+
+from mtl_opt._validation import check_task_vector, gramian_of
+from mtl_opt.aggregator import AggregationResult, GradientAggregator, GramianAggregator
+
+__all__ = [
+    "BatchedJacobianFallbackWarning",
+    "MTLBackwardResult",
+    "loss_weights",
+    "mtl_backward",
+]
+
+Params = Union[nn.Module, Tensor, Iterable[Tensor]]
+Parallel = Union[Literal["auto"], bool]
+
+
+class BatchedJacobianFallbackWarning(RuntimeWarning):
+    """The batched Jacobian call failed and K separate backward passes were used instead."""
+
+
+@dataclass(frozen=True)
+class MTLBackwardResult:
+    """Diagnostics of one :func:`mtl_backward` call (all small CPU tensors, float64).
+
+    Attributes:
+        aggregation: what the aggregator returned (direction, weights β, Gramian).
+        losses: the K loss values.
+        loss_weights: ``h``, the weights non-shared parameters received (see module docstring).
+        gramian: ``M = G Gᵀ`` of the Jacobian that was aggregated (of ``Z`` with ``features=``).
+        grad_norms: ``‖g_i‖ = √M_ii`` per task.
+        cosines: ``M_ij / (‖g_i‖ ‖g_j‖)``; 0 where a norm is 0 (so never NaN).
+        batched: whether the per-task gradients came from one batched autograd call.
+        fallback_reason: why the batched call was abandoned (``parallel="auto"``), else None.
+        level: ``"parameters"`` or ``"features"`` (representation-level, MGDA-UB).
+    """
+
+    aggregation: AggregationResult
+    losses: Tensor
+    loss_weights: Tensor
+    gramian: Tensor
+    grad_norms: Tensor
+    cosines: Tensor
+    batched: bool
+    fallback_reason: str | None
+    level: Literal["parameters", "features"]
+
+    @property
+    def direction(self) -> Tensor:
+        """The aggregated direction (flat, over the shared parameters or the features)."""
+        return self.aggregation.direction
+
+    @property
+    def weights(self) -> Tensor | None:
+        """The aggregator's coefficients β (``None`` for non-Gramian methods)."""
+        return self.aggregation.weights
+
+    def __repr__(self) -> str:
+        def fmt(t: Tensor | None) -> str:
+            return "None" if t is None else "[" + ", ".join(f"{v:.4g}" for v in t.tolist()) + "]"
+
+        return (
+            f"MTLBackwardResult(level={self.level!r}, batched={self.batched}, "
+            f"losses={fmt(self.losses)}, weights={fmt(self.weights)}, "
+            f"grad_norms={fmt(self.grad_norms)})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Loss weights h
+# --------------------------------------------------------------------------------------------
+def loss_weights(
+    aggregator: GradientAggregator, n_tasks: int, task_weights: object | None = None
+) -> Tensor:
+    """The weights ``h`` (K,) float64 that parameters outside the Jacobian apply to the losses.
+
+    In order of precedence: the call's ``task_weights`` (only for methods with
+    ``accepts_task_weights``); ``aggregator.loss_weights(n_tasks)`` when the method defines it;
+    the method's own per-task weights hyperparameter when it accepts task weights (named
+    ``task_weights``, as CAME-Grad's ω, or ``weights``, as linear scalarization's ``w``; ``None``
+    means ones); otherwise ones.
+    """
+    if task_weights is not None:
+        if not aggregator.accepts_task_weights:
+            raise ValueError(
+                f"{type(aggregator).__name__} has no per-task weights to override; scale the "
+                "losses instead or use a method that takes task weights (ls, came_grad)"
+            )
+        return check_task_vector(task_weights, n_tasks, "task_weights")
+    own = getattr(aggregator, "loss_weights", None)
+    if callable(own):
+        return check_task_vector(own(n_tasks), n_tasks, f"{type(aggregator).__name__}.loss_weights")
+    if aggregator.accepts_task_weights:
+        for attribute in ("task_weights", "weights"):
+            value = getattr(aggregator, attribute, None)
+            if value is not None and not callable(value):
+                return check_task_vector(value, n_tasks, f"{type(aggregator).__name__}.{attribute}")
+    return torch.ones(n_tasks, dtype=torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Input normalisation
+# --------------------------------------------------------------------------------------------
+def _stack_losses(losses: object) -> tuple[list[Tensor], Tensor]:
+    """The K losses as a list of 0-dim tensors and as one (K,) tensor (both in the graph)."""
+    if isinstance(losses, Tensor):
+        if losses.dim() != 1:
+            hint = " (wrap a single loss in a list: [loss])" if losses.dim() == 0 else ""
+            raise ValueError(
+                f"losses must be a sequence or a 1-D tensor of K scalar losses, got a tensor of "
+                f"shape {tuple(losses.shape)}{hint}"
+            )
+        if losses.numel() == 0:
+            raise ValueError("losses is empty (K = 0): there is no task to train")
+        if not losses.is_floating_point():
+            raise TypeError(f"losses must be floating-point, got dtype {losses.dtype}")
+        if not losses.requires_grad:
+            raise ValueError(
+                "the losses do not require grad: were they computed under torch.no_grad() or "
+                "from detached tensors?"
+            )
+        return list(losses.unbind()), losses
+    if isinstance(losses, (str, bytes)) or not isinstance(losses, Sequence):
+        if isinstance(losses, Iterable) and not isinstance(losses, (str, bytes)):
+            losses = list(losses)
+        else:
+            raise TypeError(
+                f"losses must be a sequence or a 1-D tensor of K scalar losses, got "
+                f"{type(losses).__name__}"
+            )
+    if len(losses) == 0:
+        raise ValueError("losses is empty (K = 0): there is no task to train")
+    out: list[Tensor] = []
+    for i, loss in enumerate(losses):
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"the loss of task {i} must be a torch.Tensor, got {type(loss).__name__}")
+        if loss.dim() != 0:
+            raise ValueError(
+                f"the loss of task {i} must be a scalar, got shape {tuple(loss.shape)} "
+                "(reduce it, e.g. with .mean())"
+            )
+        if not loss.is_floating_point():
+            raise TypeError(f"the loss of task {i} must be floating-point, got dtype {loss.dtype}")
+        if not loss.requires_grad:
+            raise ValueError(
+                f"the loss of task {i} does not require grad: was it computed under "
+                "torch.no_grad() or from detached tensors?"
+            )
+        if loss.device != losses[0].device:
+            raise ValueError(
+                f"the losses are on different devices: task 0 on {losses[0].device}, "
+                f"task {i} on {loss.device}"
+            )
+        out.append(loss)
+    return out, torch.stack(out)
+
+
+def _loss_values(L: Tensor) -> Tensor:
+    """Detached float64 CPU copy of the losses, checked finite (one host sync)."""
+    values = L.detach().to(device="cpu", dtype=torch.float64)
+    finite = torch.isfinite(values)
+    if not bool(finite.all()):
+        bad = {i: values[i].item() for i in range(values.numel()) if not bool(finite[i])}
+        names = ", ".join(f"task {i} = {v}" for i, v in bad.items())
+        raise ValueError(f"non-finite loss: {names}")
+    return values
+
+
+def _param_list(params: object, what: str) -> list[tuple[str, Tensor]]:
+    """(name, tensor) pairs of a module or an iterable of tensors, checked and deduplicated."""
+    if isinstance(params, nn.Module):
+        named = [
+            (f"{what} '{n}' (shape {tuple(p.shape)})", p)
+            for n, p in params.named_parameters()
+            if p.requires_grad
+        ]
+        if not named:
+            raise ValueError(f"the module given as {what}s has no parameter that requires grad")
+        return named
+    if isinstance(params, Tensor):
+        items = [params]
+    elif isinstance(params, Iterable) and not isinstance(params, (str, bytes)):
+        items = list(params)
+    else:
+        raise TypeError(
+            f"{what}s must be an nn.Module or an iterable of tensors, got {type(params).__name__}"
+        )
+    if not items:
+        raise ValueError(f"no {what}s were given")
+    named = []
+    for j, p in enumerate(items):
+        name = f"{what} #{j}"
+        if not isinstance(p, Tensor):
+            raise TypeError(f"{name} is not a tensor but {type(p).__name__}")
+        name = f"{name} (shape {tuple(p.shape)})"
+        if not p.is_floating_point():
+            raise TypeError(f"{name} must be floating-point, got dtype {p.dtype}")
+        if not p.requires_grad:
+            raise ValueError(f"{name} does not require grad (frozen parameters cannot be trained)")
+        if not p.is_leaf:
+            raise ValueError(f"{name} is not a leaf tensor: .grad is only kept on leaves")
+        named.append((name, p))
+    return named
+
+
+def _check_unique(groups: list[list[tuple[str, Tensor]]]) -> None:
+    seen: dict[int, str] = {}
+    for named in groups:
+        for name, p in named:
+            if id(p) in seen:
+                raise ValueError(f"{name} was given twice (also as {seen[id(p)]})")
+            seen[id(p)] = name
+
+
+def _task_groups(task_params: object, n_tasks: int) -> list[list[tuple[str, Tensor]]]:
+    if task_params is None:
+        return [[] for _ in range(n_tasks)]
+    if isinstance(task_params, (nn.Module, Tensor)) or not isinstance(task_params, Sequence):
+        raise TypeError(
+            "task_params must be a sequence of K parameter groups ([params_of_task_0, ...]), "
+            f"got {type(task_params).__name__}"
+        )
+    if len(task_params) != n_tasks:
+        raise ValueError(
+            f"task_params has {len(task_params)} groups but there are {n_tasks} losses "
+            "(one group per task, in the order of the losses)"
+        )
+    return [_param_list(group, f"task {i} parameter") for i, group in enumerate(task_params)]
+
+
+def _reachable_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
+    """Leaf tensors that require grad and that the roots depend on, in discovery order."""
+    leaves: list[Tensor] = []
+    seen_leaves: set[int] = set()
+    stack = []
+    for r in roots:
+        if r.grad_fn is not None:
+            stack.append(r.grad_fn)
+        elif r.requires_grad and id(r) not in seen_leaves:
+            seen_leaves.add(id(r))
+            leaves.append(r)
+    visited: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):  # AccumulateGrad: a leaf
+            if id(variable) not in seen_leaves:
+                seen_leaves.add(id(variable))
+                leaves.append(variable)
+            continue
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in visited:
+                stack.append(nxt)
+    return leaves
+
+
+def _features_list(features: object) -> list[Tensor]:
+    items = [features] if isinstance(features, Tensor) else features
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or len(items) == 0:
+        raise TypeError(
+            f"features must be a tensor or a non-empty sequence of tensors, got {type(features).__name__}"
+        )
+    for j, z in enumerate(items):
+        if not isinstance(z, Tensor):
+            raise TypeError(f"features #{j} is not a tensor but {type(z).__name__}")
+        if not z.is_floating_point():
+            raise TypeError(f"features #{j} must be floating-point, got dtype {z.dtype}")
+        if not z.requires_grad:
+            raise ValueError(
+                f"features #{j} does not require grad: pass the encoder's output itself, "
+                "not a detached copy"
+            )
+    return list(items)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-task gradients
+# --------------------------------------------------------------------------------------------
+@dataclass
+class _TaskGrads:
+    """Per-task gradients of every input: ``rows[j]`` is (K, *shape) or None (unreached)."""
+
+    rows: list[Tensor | None]
+    batched: bool
+    fallback_reason: str | None
+
+
+def _batched_grads(L: Tensor, inputs: list[Tensor], retain_graph: bool) -> list[Tensor | None]:
+    K = L.shape[0]
+    eye = torch.eye(K, dtype=L.dtype, device=L.device)
+    return list(
+        torch.autograd.grad(
+            L, inputs, grad_outputs=eye, is_grads_batched=True,
+            retain_graph=retain_graph, allow_unused=True,
+        )
+    )
+
+
+def _looped_grads(
+    loss_list: list[Tensor], inputs: list[Tensor], retain_graph: bool
+) -> list[Tensor | None]:
+    K = len(loss_list)
+    per_task = [
+        torch.autograd.grad(
+            loss_list[i], inputs, retain_graph=retain_graph or i < K - 1, allow_unused=True
+        )
+        for i in range(K)
+    ]
+    rows: list[Tensor | None] = []
+    for j, p in enumerate(inputs):
+        gs = [per_task[i][j] for i in range(K)]
+        if all(g is None for g in gs):
+            rows.append(None)
+            continue
+        dense = [
+            torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g) for g in gs
+        ]
+        rows.append(torch.stack(dense))
+    return rows
+
+
+def _task_grads(
+    loss_list: list[Tensor], L: Tensor, inputs: list[Tensor], parallel: Parallel,
+    retain_graph: bool,
+) -> _TaskGrads:
+    K = len(loss_list)
+    if K == 1 or parallel is False:
+        return _TaskGrads(_looped_grads(loss_list, inputs, retain_graph), False, None)
+    if parallel is True:
+        try:
+            rows = _batched_grads(L, inputs, retain_graph)
+        except (RuntimeError, NotImplementedError) as exc:
+            raise RuntimeError(
+                f"the batched Jacobian failed (parallel=True): {_first_line(exc)}; use "
+                "parallel='auto' or parallel=False to compute it with one backward pass per task"
+            ) from exc
+        return _TaskGrads([_densify(r) for r in rows], True, None)
+    try:
+        rows = _batched_grads(L, inputs, retain_graph=True)
+    except (RuntimeError, NotImplementedError) as exc:
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        warnings.warn(
+            f"the batched Jacobian failed ({reason}); computed it with {K} separate backward "
+            "passes instead (same result, slower). Pass parallel=False to skip the batched "
+            "attempt.",
+            BatchedJacobianFallbackWarning,
+            stacklevel=4,
+        )
+        return _TaskGrads(_looped_grads(loss_list, inputs, retain_graph), False, reason)
+    return _TaskGrads([_densify(r) for r in rows], True, None)
+
+
+def _densify(g: Tensor | None) -> Tensor | None:
+    return g.to_dense() if g is not None and g.is_sparse else g
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# The public entry point
+# --------------------------------------------------------------------------------------------
+def mtl_backward(
+    losses: Sequence[Tensor] | Tensor,
+    shared_params: Params,
+    aggregator: GradientAggregator,
+    *,
+    task_params: Sequence[Params] | None = None,
+    task_weights: Sequence[float] | Tensor | None = None,
+    features: Tensor | Sequence[Tensor] | None = None,
+    retain_graph: bool = False,
+    parallel: Parallel = "auto",
+) -> MTLBackwardResult:
+    """Backpropagate K task losses through an aggregator, accumulating into ``.grad``.
+
+    Args:
+        losses: K scalar losses (a sequence of 0-dim tensors or one 1-D tensor), in task order.
+        shared_params: the parameters all tasks share (an ``nn.Module`` — its parameters that
+            require grad — or an iterable of tensors); the Jacobian is taken over their
+            concatenation and they receive ``aggregator(G)``.
+        aggregator: any :class:`GradientAggregator`; called as
+            ``aggregator.aggregate(G, losses=<detached losses>, task_weights=...)``
+            (``task_weights`` only when given here).
+        task_params: optional ``[group_0, ..., group_{K-1}]``: group ``i`` (a module or an
+            iterable of tensors) receives ``h_i ∇L_i`` only.
+        task_weights: per-task weights for this call, passed to the aggregator (which must
+            accept them) and used as ``h``.
+        features: the shared representation (a tensor or a sequence of tensors in the graph)
+            for representation-level aggregation (MGDA-UB, an approximation; see module docs).
+            Needs a :class:`GramianAggregator`.
+        retain_graph: keep the graph after the call (as in ``.backward()``).
+        parallel: ``"auto"`` (batched, falling back to a loop), ``True`` (batched only) or
+            ``False`` (one backward pass per task).
+
+    Returns:
+        :class:`MTLBackwardResult` with the aggregation and the Jacobian's diagnostics.
+
+    Every other parameter the losses reach receives ``Σ_i h_i ∇L_i`` (see the module docstring
+    for ``h``). Nothing is written to ``.grad`` unless the whole call succeeds.
+    """
+    if not isinstance(aggregator, GradientAggregator):
+        raise TypeError(
+            f"aggregator must be a GradientAggregator (e.g. mtl_opt.get_aggregator('came_grad')), "
+            f"got {type(aggregator).__name__}"
+        )
+    if parallel not in ("auto", True, False) or (parallel != "auto" and not isinstance(parallel, bool)):
+        raise ValueError(f"parallel must be 'auto', True or False, got {parallel!r}")
+    if not isinstance(retain_graph, bool):
+        raise TypeError(f"retain_graph must be a bool, got {retain_graph!r}")
+    level: Literal["parameters", "features"] = "parameters" if features is None else "features"
+    if features is not None and not isinstance(aggregator, GramianAggregator):
+        raise TypeError(
+            f"features= (representation-level aggregation, MGDA-UB) needs a GramianAggregator, "
+            f"whose weights β can be applied to the losses; {type(aggregator).__name__} is not "
+            "one. Aggregate at the parameters instead (drop features=)."
+        )
+
+    loss_list, L = _stack_losses(losses)
+    K = len(loss_list)
+    shared = _param_list(shared_params, "shared parameter")
+    groups = _task_groups(task_params, K)
+    _check_unique([shared, *groups])
+    h = loss_weights(aggregator, K, task_weights)
+    values = _loss_values(L)
+    feats = _features_list(features) if features is not None else []
+
+    # Parameters outside shared and task groups that the losses reach: they get Σ h_i ∇L_i.
+    given = {id(p) for _, p in shared} | {id(p) for g in groups for _, p in g}
+    others = [p for p in _reachable_leaves(loss_list) if id(p) not in given]
+
+    head_inputs = [p for g in groups for _, p in g] + others
+    first = [p for _, p in shared] if level == "parameters" else feats
+    inputs = first + head_inputs
+    grads = _task_grads(loss_list, L, inputs, parallel, retain_graph or level == "features")
+    first_rows, head_rows = grads.rows[: len(first)], grads.rows[len(first):]
+
+    # Every given parameter must be reached by some loss.
+    n_group = sum(len(g) for g in groups)
+    if level == "parameters":
+        for (name, _), row in zip(shared, first_rows):
+            if row is None:
+                raise ValueError(f"{name} is not reached by any loss: no task depends on it")
+    else:
+        for j, row in enumerate(first_rows):
+            if row is None:
+                raise ValueError(f"features #{j} is not reached by any loss")
+    for (name, _), row in zip([np for g in groups for np in g], head_rows[:n_group]):
+        if row is None:
+            raise ValueError(f"{name} is not reached by any loss")
+
+    # The Jacobian over the concatenation (K, d) and its aggregation.
+    G = torch.cat([r.reshape(K, -1) for r in first_rows], dim=1)  # type: ignore[union-attr]
+    if task_weights is None:
+        agg = aggregator.aggregate(G, losses=values)
+    else:
+        agg = aggregator.aggregate(G, losses=values, task_weights=task_weights)
+    direction = agg.direction
+    if tuple(direction.shape) != (G.shape[1],):
+        raise RuntimeError(
+            f"{type(aggregator).__name__} returned a direction of shape {tuple(direction.shape)}, "
+            f"expected ({G.shape[1]},)"
+        )
+    if agg.weights is None and not bool(torch.isfinite(direction).all()):
+        raise RuntimeError(f"{type(aggregator).__name__} returned a non-finite direction")
+    M = agg.gramian if agg.gramian is not None else gramian_of(G)
+
+    # Shared updates: the direction itself, or (features=) one pass of Σ β_i L_i through z.
+    if level == "parameters":
+        shared_updates = _split(direction, [p for _, p in shared])
+    else:
+        grad_z = [piece.view_as(z) for piece, z in zip(_split_flat(direction, feats), feats)]
+        shared_t = [p for _, p in shared]
+        through = torch.autograd.grad(
+            feats, shared_t, grad_outputs=grad_z, retain_graph=retain_graph, allow_unused=True
+        )
+        for (name, _), g in zip(shared, through):
+            if g is None:
+                raise ValueError(
+                    f"{name} is not reached through the features: features= must be the output "
+                    "of the shared parameters"
+                )
+        shared_updates = list(through)  # type: ignore[arg-type]
+
+    # Head updates: group i gets h_i ∇L_i, other parameters Σ h_i ∇L_i.
+    head_updates: list[Tensor] = []
+    j = 0
+    for i, group in enumerate(groups):
+        for _ in group:
+            row = head_rows[j]
+            head_updates.append(row[i] * h[i].to(dtype=row.dtype, device=row.device))  # type: ignore[index]
+            j += 1
+    for row in head_rows[n_group:]:
+        hw = h.to(dtype=row.dtype, device=row.device)  # type: ignore[union-attr]
+        head_updates.append(torch.tensordot(hw, row, dims=1))  # type: ignore[arg-type]
+
+    for p, g in zip([p for _, p in shared] + head_inputs, list(shared_updates) + head_updates):
+        _accumulate(p, g)
+
+    norms = torch.sqrt(torch.clamp(torch.diagonal(M), min=0.0))
+    outer = norms[:, None] * norms[None, :]
+    cosines = torch.where(outer > 0, M / torch.where(outer > 0, outer, torch.ones_like(outer)),
+                          torch.zeros_like(M))
+    return MTLBackwardResult(
+        aggregation=agg,
+        losses=values,
+        loss_weights=h,
+        gramian=M,
+        grad_norms=norms,
+        cosines=cosines,
+        batched=grads.batched,
+        fallback_reason=grads.fallback_reason,
+        level=level,
+    )
+
+
+def _split_flat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
+    return list(torch.split(flat, [t.numel() for t in like]))
+
+
+def _split(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
+    return [piece.view(p.shape) for piece, p in zip(_split_flat(flat, params), params)]
+
+
+def _accumulate(p: Tensor, g: Tensor) -> None:
+    """Add ``g`` to ``p.grad`` like autograd's accumulation (a fresh tensor if there is none)."""
+    g = g.detach().to(dtype=p.dtype, device=p.device)
+    if p.grad is None:
+        fresh = torch.empty_like(p, memory_format=torch.preserve_format)
+        fresh.copy_(g)
+        p.grad = fresh
+    elif p.grad.is_sparse:
+        p.grad = p.grad + g
+    else:
+        p.grad.add_(g)

@@ -1,0 +1,378 @@
+"""mtl_backward: Jacobian, aggregation, routing of gradients, fallback and input checks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import mtl_opt
+from mtl_opt import BatchedJacobianFallbackWarning, mtl_backward
+from mtl_opt.methods import LinearScalarization
+
+from _mtl_models import (
+    FixedWeights,
+    RecordingWeights,
+    SignAgreement,
+    SparseEmbeddingNet,
+    TwoHeadNet,
+    UnitNormSum,
+    batch,
+    explicit_jacobian,
+    flat_grad,
+    token_batch,
+)
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+
+
+def grads_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# --------------------------------------------------------------------------------------------
+# Linear scalarization is the weighted-sum backward, for every parameter
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("parallel", ["auto", False])
+def test_ls_equals_weighted_sum_backward_for_every_parameter(dtype, parallel):
+    w = [0.7, 2.5]
+    net, (x, y) = TwoHeadNet(dtype=dtype), batch(dtype=dtype)
+    (torch.tensor(w, dtype=dtype) * torch.stack(net.losses(x, y))).sum().backward()
+    expected = grads_of(net)
+    net.zero_grad(set_to_none=True)
+
+    result = mtl_backward(net.losses(x, y), net.trunk, LinearScalarization(w), parallel=parallel)
+    got = grads_of(net)
+    assert set(got) == set(expected) == {n for n, _ in net.named_parameters()}
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], **tol(dtype), msg=name)
+        assert got[name].dtype == dtype
+    assert result.loss_weights.tolist() == w
+    assert result.weights.tolist() == w
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ls_with_task_params_and_call_weights_equals_weighted_sum(dtype):
+    w = [3.0, 0.25]
+    net, (x, y) = TwoHeadNet(dtype=dtype), batch(dtype=dtype)
+    (torch.tensor(w, dtype=dtype) * torch.stack(net.losses(x, y))).sum().backward()
+    expected = grads_of(net)
+    net.zero_grad(set_to_none=True)
+    mtl_backward(
+        net.losses(x, y), net.trunk, LinearScalarization(), task_params=[net.head_a, net.head_b],
+        task_weights=w,
+    )
+    for name, g in grads_of(net).items():
+        torch.testing.assert_close(g, expected[name], **tol(dtype), msg=name)
+
+
+# --------------------------------------------------------------------------------------------
+# The direction is the aggregator applied to the explicit Jacobian
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "make", [lambda: FixedWeights([0.3, 1.7]), UnitNormSum, SignAgreement, lambda: LinearScalarization([2.0, 1.0])]
+)
+def test_direction_is_aggregator_of_explicit_jacobian(dtype, make):
+    net, (x, y) = TwoHeadNet(dtype=dtype), batch(dtype=dtype)
+    shared = list(net.trunk.parameters())
+    losses = net.losses(x, y)
+    G = explicit_jacobian(losses, shared)
+    agg = make()
+    expected = agg(G)
+    result = mtl_backward(losses, shared, agg)
+    torch.testing.assert_close(flat_grad(shared), expected, **tol(dtype))
+    torch.testing.assert_close(result.direction, expected, **tol(dtype))
+    # Diagnostics come from the Gramian of the same Jacobian.
+    G64 = G.double()
+    norms = G64.norm(dim=1)
+    torch.testing.assert_close(result.grad_norms, norms, rtol=1e-5, atol=1e-7)
+    cos = (G64 @ G64.T) / (norms[:, None] * norms[None, :])
+    torch.testing.assert_close(result.cosines, cos, rtol=1e-5, atol=1e-6)
+    assert result.level == "parameters" and result.batched is True
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_heads_receive_loss_weighted_gradient(dtype):
+    """Without task_params every non-shared parameter gets Σ h_i ∇L_i, h = ones here."""
+    net, (x, y) = TwoHeadNet(dtype=dtype), batch(dtype=dtype)
+    losses = net.losses(x, y)
+    heads = [*net.head_a.parameters(), *net.head_b.parameters()]
+    expected = torch.autograd.grad(losses[0] + losses[1], heads, retain_graph=True)
+    result = mtl_backward(losses, net.trunk, UnitNormSum())
+    assert result.loss_weights.tolist() == [1.0, 1.0]
+    for p, e in zip(heads, expected):
+        torch.testing.assert_close(p.grad, e, **tol(dtype))
+
+
+def test_loss_weights_precedence():
+    assert mtl_opt.loss_weights(LinearScalarization([2.0, 3.0]), 2).tolist() == [2.0, 3.0]
+    assert mtl_opt.loss_weights(LinearScalarization([2.0, 3.0]), 2, [1, 4]).tolist() == [1.0, 4.0]
+    assert mtl_opt.loss_weights(LinearScalarization(), 3).tolist() == [1.0, 1.0, 1.0]
+    assert mtl_opt.loss_weights(UnitNormSum(), 2).tolist() == [1.0, 1.0]
+
+    class OwnWeights(UnitNormSum):
+        def loss_weights(self, n_tasks):
+            return [0.5] * n_tasks
+
+    assert mtl_opt.loss_weights(OwnWeights(), 2).tolist() == [0.5, 0.5]
+    with pytest.raises(ValueError, match="no per-task weights"):
+        mtl_opt.loss_weights(UnitNormSum(), 2, [1, 4])
+    with pytest.raises(ValueError, match="3 entries but there are 2 tasks"):
+        mtl_opt.loss_weights(LinearScalarization([1.0, 2.0, 3.0]), 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Batched and looped Jacobians agree; the fallback is automatic on a graph that breaks vmap
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_batched_and_loop_paths_agree(dtype):
+    results = {}
+    for parallel in (True, False):
+        net, (x, y) = TwoHeadNet(dtype=dtype), batch(dtype=dtype)
+        r = mtl_backward(net.losses(x, y), net.trunk, UnitNormSum(), task_params=[net.head_a, net.head_b],
+                         parallel=parallel)
+        assert r.batched is parallel and r.fallback_reason is None
+        results[parallel] = (grads_of(net), r)
+    (g1, r1), (g0, r0) = results[True], results[False]
+    assert set(g1) == set(g0)
+    for name in g1:
+        torch.testing.assert_close(g1[name], g0[name], **tol(dtype), msg=name)
+    torch.testing.assert_close(r1.gramian, r0.gramian, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("custom", [False, True], ids=["sparse_embedding", "custom_function"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_auto_falls_back_on_a_model_that_breaks_batching(custom, dtype):
+    net, (tokens, y) = SparseEmbeddingNet(dtype=dtype, custom=custom), token_batch(dtype=dtype)
+    # The batched path really fails on this model ...
+    with pytest.raises(RuntimeError, match="parallel="):
+        mtl_backward(net.losses(tokens, y), net.shared(), UnitNormSum(), parallel=True)
+    assert all(p.grad is None for p in net.parameters())  # nothing written on failure
+
+    # ... and "auto" falls back, warns, says why, and gives the explicit-loop answer.
+    losses = net.losses(tokens, y)
+    G = explicit_jacobian(losses, net.shared())
+    expected_heads = torch.autograd.grad(
+        losses[0] + losses[1], [*net.head_a.parameters(), *net.head_b.parameters()], retain_graph=True
+    )
+    with pytest.warns(BatchedJacobianFallbackWarning, match="separate backward passes"):
+        result = mtl_backward(losses, net.shared(), UnitNormSum())
+    assert result.batched is False and result.fallback_reason
+    torch.testing.assert_close(flat_grad(net.shared()), UnitNormSum()(G), **tol(dtype))
+    for p, e in zip([*net.head_a.parameters(), *net.head_b.parameters()], expected_heads):
+        torch.testing.assert_close(p.grad.to_dense(), e.to_dense(), **tol(dtype))
+
+
+def test_fallback_ls_matches_weighted_sum_backward_with_sparse_gradients():
+    w = [0.5, 3.0]
+    net, (tokens, y) = SparseEmbeddingNet(), token_batch()
+    (torch.tensor(w) * torch.stack(net.losses(tokens, y))).sum().backward()
+    expected = {n: p.grad.to_dense().clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", BatchedJacobianFallbackWarning)
+        mtl_backward(net.losses(tokens, y), net.shared(), LinearScalarization(w))
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p.grad.to_dense(), expected[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_parallel_false_never_warns():
+    net, (tokens, y) = SparseEmbeddingNet(), token_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BatchedJacobianFallbackWarning)
+        r = mtl_backward(net.losses(tokens, y), net.shared(), UnitNormSum(), parallel=False)
+    assert r.batched is False and r.fallback_reason is None
+
+
+# --------------------------------------------------------------------------------------------
+# Routing to task parameters and accumulation
+# --------------------------------------------------------------------------------------------
+class CrossNet(TwoHeadNet):
+    """Head b also feeds loss a, so routing 'only its own task' is observable."""
+
+    def losses_from(self, z, y):
+        loss_a, loss_b = super().losses_from(z, y)
+        return [loss_a + 0.3 * self.head_b(z).pow(2).mean(), loss_b]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_task_params_receive_only_their_task_gradient(parallel):
+    net, (x, y) = CrossNet(dtype=torch.float64), batch(dtype=torch.float64)
+    losses = net.losses(x, y)
+    hb = list(net.head_b.parameters())
+    only_b = torch.autograd.grad(losses[1], hb, retain_graph=True)
+    both = torch.autograd.grad(losses[0] + 4.0 * losses[1], hb, retain_graph=True)
+    mtl_backward(losses, net.trunk, LinearScalarization([1.0, 4.0]),
+                 task_params=[net.head_a, net.head_b], parallel=parallel)
+    for p, e in zip(hb, only_b):
+        torch.testing.assert_close(p.grad, 4.0 * e)
+
+    # Without task_params the same head is an "other" parameter: Σ h_i ∇L_i.
+    net.zero_grad(set_to_none=True)
+    mtl_backward(net.losses(x, y), net.trunk, LinearScalarization([1.0, 4.0]), parallel=parallel)
+    for p, e in zip(hb, both):
+        torch.testing.assert_close(p.grad, e)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_gradients_accumulate_into_existing_grad(parallel):
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    mtl_backward(net.losses(x, y), net.trunk, UnitNormSum(), task_params=[net.head_a, net.head_b],
+                 parallel=parallel)
+    once = grads_of(net)
+    g = torch.Generator().manual_seed(3)
+    prior = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in net.named_parameters()}
+    for n, p in net.named_parameters():
+        p.grad = prior[n].clone()
+    mtl_backward(net.losses(x, y), net.trunk, UnitNormSum(), task_params=[net.head_a, net.head_b],
+                 parallel=parallel)
+    for n, g_now in grads_of(net).items():
+        torch.testing.assert_close(g_now, prior[n] + once[n], msg=n)
+
+
+def test_retain_graph_allows_a_second_call():
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    losses = net.losses(x, y)
+    mtl_backward(losses, net.trunk, UnitNormSum(), retain_graph=True, parallel=True)
+    once = grads_of(net)
+    mtl_backward(losses, net.trunk, UnitNormSum(), parallel=True)
+    for n, g in grads_of(net).items():
+        torch.testing.assert_close(g, 2 * once[n])
+    with pytest.raises(RuntimeError, match="second time"):
+        mtl_backward(losses, net.trunk, UnitNormSum(), parallel=True)
+
+
+def test_tensor_losses_and_single_task():
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    losses = net.losses(x, y)
+    expected = explicit_jacobian(losses, list(net.trunk.parameters())).sum(0)
+    mtl_backward(torch.stack(losses), net.trunk, LinearScalarization())
+    torch.testing.assert_close(flat_grad(net.trunk.parameters()), expected)
+
+    net.zero_grad(set_to_none=True)
+    loss = net.losses(x, y)[0]
+    g = explicit_jacobian([loss], list(net.trunk.parameters()))[0]
+    r = mtl_backward([loss], net.trunk, UnitNormSum())
+    torch.testing.assert_close(flat_grad(net.trunk.parameters()), g / g.norm())
+    assert r.cosines.tolist() == [[1.0]]
+
+
+def test_context_reaches_the_aggregator():
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    losses = net.losses(x, y)
+    agg = RecordingWeights()
+    mtl_backward(losses, net.trunk, agg)
+    mtl_backward(net.losses(x, y), net.trunk, agg, task_weights=[1, 4])
+    assert agg.calls[0]["task_weights"] is None
+    assert agg.calls[1]["task_weights"].tolist() == [1.0, 4.0]
+    torch.testing.assert_close(agg.calls[0]["losses"], torch.stack(losses).detach())
+
+
+def test_zero_gradient_task_gives_zero_cosine_not_nan():
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    losses = net.losses(x, y)
+    zero_task = 0.0 * losses[0]
+    r = mtl_backward([losses[1], zero_task], net.trunk, FixedWeights([1.0, 1.0]))
+    assert r.grad_norms[1] == 0 and r.cosines[0, 1] == 0 and r.cosines[1, 1] == 0
+    assert torch.isfinite(r.cosines).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Representation-level aggregation (MGDA-UB)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("parallel", [True, False])
+def test_features_path_weights_from_representation_gramian(parallel):
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    z = net.features(x)
+    losses = net.losses_from(z, y)
+    Z = explicit_jacobian(losses, [z])
+    beta = 1.0 / Z.norm(dim=1)  # what UnitNormSum computes from Z Zᵀ
+    shared = list(net.trunk.parameters())
+    expected_shared = torch.autograd.grad(beta[0] * losses[0] + beta[1] * losses[1], shared, retain_graph=True)
+    heads = [*net.head_a.parameters(), *net.head_b.parameters()]
+    expected_heads = torch.autograd.grad(losses[0] + losses[1], heads, retain_graph=True)
+
+    r = mtl_backward(losses, net.trunk, UnitNormSum(), features=z, parallel=parallel)
+    assert r.level == "features"
+    torch.testing.assert_close(r.weights, beta)
+    torch.testing.assert_close(r.grad_norms, Z.norm(dim=1))
+    for p, e in zip(shared, expected_shared):
+        torch.testing.assert_close(p.grad, e)
+    for p, e in zip(heads, expected_heads):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_features_with_ls_equals_weighted_sum_backward():
+    w = [0.2, 5.0]
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    (torch.tensor(w, dtype=torch.float64) * torch.stack(net.losses(x, y))).sum().backward()
+    expected = grads_of(net)
+    net.zero_grad(set_to_none=True)
+    z = net.features(x)
+    mtl_backward(net.losses_from(z, y), net.trunk, LinearScalarization(w), features=z)
+    for n, g in grads_of(net).items():
+        torch.testing.assert_close(g, expected[n], msg=n)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: one clear error, nothing written
+# --------------------------------------------------------------------------------------------
+def _bad_cases():
+    def losses_of(net, x, y):
+        return net.losses(x, y)
+
+    return [
+        ("empty", lambda n, x, y: dict(losses=[]), ValueError, "K = 0"),
+        ("empty tensor", lambda n, x, y: dict(losses=torch.zeros(0, requires_grad=True)), ValueError, "K = 0"),
+        ("non-scalar", lambda n, x, y: dict(losses=[losses_of(n, x, y)[0], n.head_b(n.features(x)).mean(0)]),
+         ValueError, "task 1 must be a scalar"),
+        ("nan", lambda n, x, y: dict(losses=[losses_of(n, x, y)[0], losses_of(n, x, y)[1] * float("nan")]),
+         ValueError, "non-finite loss: task 1"),
+        ("inf", lambda n, x, y: dict(losses=[losses_of(n, x, y)[0] * float("inf"), losses_of(n, x, y)[1]]),
+         ValueError, "non-finite loss: task 0"),
+        ("no grad", lambda n, x, y: dict(losses=[losses_of(n, x, y)[0], torch.tensor(1.0)]),
+         ValueError, "task 1 does not require grad"),
+        ("2-D tensor", lambda n, x, y: dict(losses=torch.stack(losses_of(n, x, y))[None]), ValueError, "1-D"),
+        ("0-D tensor", lambda n, x, y: dict(losses=losses_of(n, x, y)[0]), ValueError, r"\[loss\]"),
+        ("not a tensor", lambda n, x, y: dict(losses=[losses_of(n, x, y)[0], 1.0]), TypeError, "task 1"),
+        ("unreached shared", lambda n, x, y: dict(shared_params=[*n.trunk.parameters(), nn.Parameter(torch.ones(3))]),
+         ValueError, r"shared parameter #6 \(shape \(3,\)\) is not reached"),
+        ("unreached module param", lambda n, x, y: dict(shared_params=nn.ModuleDict({"trunk": n.trunk, "extra": nn.Linear(2, 2)})),
+         ValueError, "'extra.weight'.*not reached"),
+        ("shared twice", lambda n, x, y: dict(shared_params=[*n.trunk.parameters(), n.trunk[0].weight]),
+         ValueError, "given twice"),
+        ("shared and task", lambda n, x, y: dict(task_params=[[n.head_a.weight, n.trunk[0].weight], n.head_b]),
+         ValueError, "task 0 parameter #1.*given twice"),
+        ("no shared", lambda n, x, y: dict(shared_params=[]), ValueError, "no shared parameters"),
+        ("frozen shared", lambda n, x, y: dict(shared_params=[torch.ones(2)]), ValueError, "does not require grad"),
+        ("task_params length", lambda n, x, y: dict(task_params=[n.head_a]), ValueError, "1 groups but there are 2"),
+        ("task_params module", lambda n, x, y: dict(task_params=n.head_a), TypeError, "sequence of K"),
+        ("task weights refused", lambda n, x, y: dict(task_weights=[1, 4]), ValueError, "no per-task weights"),
+        ("task weights length", lambda n, x, y: dict(aggregator=LinearScalarization(), task_weights=[1, 4, 2]),
+         ValueError, "3 entries but there are 2"),
+        ("parallel", lambda n, x, y: dict(parallel="yes"), ValueError, "parallel must be"),
+        ("aggregator", lambda n, x, y: dict(aggregator=lambda G: G.sum(0)), TypeError, "GradientAggregator"),
+        ("features non-gramian", lambda n, x, y: dict(aggregator=SignAgreement(), features=n.features(x)),
+         TypeError, "needs a GramianAggregator"),
+        ("features detached", lambda n, x, y: dict(features=n.features(x).detach()), ValueError, "detached"),
+        ("features unrelated", lambda n, x, y: dict(features=n.features(x) * 1.0), ValueError, "features #0 is not reached"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_bad_input_raises_one_clear_error(case):
+    _, build, exc, pattern = case
+    net, (x, y) = TwoHeadNet(), batch()
+    kwargs = dict(losses=net.losses(x, y), shared_params=net.trunk, aggregator=UnitNormSum())
+    kwargs.update(build(net, x, y))
+    with pytest.raises(exc, match=pattern):
+        mtl_backward(kwargs.pop("losses"), kwargs.pop("shared_params"), kwargs.pop("aggregator"), **kwargs)
+    assert all(p.grad is None for p in net.parameters()), "nothing may be written on error"
