@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -34,7 +36,8 @@ class ElementwiseMedian(GradientAggregator):
 @pytest.mark.parametrize("name", METHODS)
 @pytest.mark.parametrize("K", [1, 2, 3, 5])
 def test_equals_separate_calls_for_every_method(name, K):
-    separate, together = mtl_opt.get_aggregator(name), mtl_opt.get_aggregator(name)
+    separate = mtl_opt.get_aggregator(name)
+    together = copy.deepcopy(separate)  # same hyperparameters and same state (seeds included)
     for step in range(3):  # stateful methods must advance identically
         G = _jacobian(K, 40, seed=step)
         ctx = _context(separate, K)
@@ -49,7 +52,7 @@ def test_all_registered_methods_in_one_call_float32():
     G = _jacobian(K, d, dtype=torch.float32)
     losses = torch.linspace(0.5, 2.0, K)
     separate = {n: mtl_opt.get_aggregator(n) for n in METHODS}
-    together = {n: mtl_opt.get_aggregator(n) for n in METHODS}
+    together = copy.deepcopy(separate)
     got = aggregate_many(G, together, losses=losses)
     assert list(got) == METHODS
     for name, agg in separate.items():
