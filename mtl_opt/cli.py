@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("mtl_opt.cli", "list every registered method with its hyperparameters and defaults"),
+    "bench": ("mtl_opt.experiments.bench", "time every method against the G Gᵀ + wᵀG floor (and TorchJD)"),
 }
 
 
