@@ -38,6 +38,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +254,14 @@ def torchjd_aggregator(name: str, K: int) -> tuple[object | None, str]:
         return None, f"TorchJD {cls_name} unavailable: {type(exc).__name__}: {exc}"
 
 
+def _quiet(ref: Callable[[Tensor], Tensor], G: Tensor) -> Tensor:
+    """Call a TorchJD aggregator without cvxpy's per-call "problem is not DPP" warning (it says
+    that TorchJD's Nash-MTL re-compiles its problem on every solve, which the timing shows)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*not DPP.*")
+        return ref(G)
+
+
 def _cosine(a: Tensor, b: Tensor) -> float:
     a64, b64 = a.detach().double().flatten(), b.detach().double().flatten()
     na, nb = float(a64.norm()), float(b64.norm())
@@ -394,7 +403,7 @@ def _bench_one(specs, K, d, device, *, repeats, warmup, torchjd, memory, many, s
             if ref is None:
                 r_ours["note"] = why
                 continue
-            call = (lambda ref=ref: ref(G))
+            call = (lambda ref=ref: _quiet(ref, G))
             try:
                 timing = time_call(call, device, repeats=repeats, warmup=warmup)
             except Exception as exc:
