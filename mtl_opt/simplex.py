@@ -31,7 +31,10 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
   optimality is certified exactly by ``‖proj_{cone(rows)}(−g0)‖ ≤ s`` (an NNLS problem).
 
 A solver that cannot certify its answer raises :class:`RuntimeError`; it never returns an
-unverified point. All arithmetic is float64 on the CPU; tolerances are relative to
+unverified point. Precision: the Gramian squares the rows, so a combination ``‖Gᵀw‖`` near zero
+is only known to about ``√(ε · max_i M_ii)`` (``ε`` the float64 unit roundoff); the min-norm
+objective ``αᵀMα`` is exact to ``~1e-10 · max_i M_ii``, and ``F`` to that plus
+``c‖g0‖ · √(ε · max_i M_ii)`` when its optimum is near the origin. All arithmetic is float64 on the CPU; tolerances are relative to
 ``max_i M_ii``.
 """
 
@@ -234,7 +237,61 @@ def _coefficients(M: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
     live = (r2 > ZERO_NORM_RTOL * scale) & (s > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(live, s / np.sqrt(np.where(live, r2, 1.0)), 0.0)
-    return 1.0 / K + factor[:, None] * w
+    coef = 1.0 / K + factor[:, None] * w
+    at_origin = (~live) & (s > 0)
+    if at_origin.any():
+        coef[at_origin] += _cone_projection(M[at_origin])
+    return coef
+
+
+def _cone_projection(M: np.ndarray) -> np.ndarray:
+    """``v* = argmin_{v≥0} ‖g0 + Gᵀv‖`` batched (B, K) — so that ``g0 + Gᵀv*`` is the projection of
+    ``g0`` onto ``{d : Gd ≥ 0}`` and ``Gᵀv*`` that of ``−g0`` onto the cone of the rows."""
+    B, K = M.shape[0], M.shape[1]
+    if K > 2:
+        return np.stack([_cone_nnls(M[i])[0] for i in range(B)])
+    b = M.sum(axis=2) / K  # (B, K): g_i · g0
+    if K == 1:
+        diag = M[:, 0, 0]
+        v = np.where(diag > 0, np.clip(-b[:, 0] / np.where(diag > 0, diag, 1.0), 0.0, None), 0.0)
+        return v[:, None]
+    # K = 2: the best of the four active sets (a collinear pair always has a 1-sparse optimum).
+    def q(v: np.ndarray) -> np.ndarray:  # ‖g0 + Gᵀv‖² − ‖g0‖²
+        return 2 * np.einsum("bi,bi->b", v, b) + np.einsum("bi,bij,bj->b", v, M, v)
+
+    cands = [np.zeros((B, 2))]
+    for i in range(2):
+        diag = M[:, i, i]
+        vi = np.where(diag > 0, np.clip(-b[:, i] / np.where(diag > 0, diag, 1.0), 0.0, None), 0.0)
+        cand = np.zeros((B, 2))
+        cand[:, i] = vi
+        cands.append(cand)
+    det = M[:, 0, 0] * M[:, 1, 1] - M[:, 0, 1] ** 2
+    ok = det > 1e-12 * np.maximum(M[:, 0, 0] * M[:, 1, 1], 1e-300)
+    dsafe = np.where(ok, det, 1.0)
+    v1 = (-b[:, 0] * M[:, 1, 1] + b[:, 1] * M[:, 0, 1]) / dsafe
+    v2 = (-b[:, 1] * M[:, 0, 0] + b[:, 0] * M[:, 0, 1]) / dsafe
+    ok &= (v1 >= 0) & (v2 >= 0)
+    cands.append(np.where(ok[:, None], np.stack([v1, v2], axis=1), 0.0))
+    values = np.stack([q(cand) for cand in cands], axis=1)
+    best = np.argmin(values, axis=1)
+    return np.stack(cands, axis=1)[np.arange(B), best]
+
+
+def _cone_nnls(M: np.ndarray) -> tuple[np.ndarray, float]:
+    """``v* = argmin_{v≥0} ‖g0 + Gᵀv‖`` for one Gramian, and ``‖Gᵀv*‖²``.
+
+    Conflicting collinear rows make ``v*`` non-unique (``v1 g1 + v2 g2`` can cancel), which lets
+    an active-set NNLS drift to huge, cancelling values; a ridge of ``1e-13 · max_i M_ii`` on
+    ``‖v‖²`` selects the small solution and perturbs the point ``Gᵀv*`` only at that level.
+    """
+    K = M.shape[0]
+    scale = max(float(np.max(np.diag(M))), 1e-300)
+    R = _factor(M / scale)
+    design = np.vstack([R, np.sqrt(1e-13) * np.eye(K)])
+    target = np.concatenate([-R @ np.full(K, 1.0 / K), np.zeros(K)])
+    v, _ = nnls(design, target, maxiter=50 * K)
+    return v, float(np.sum((R @ v) ** 2)) * scale
 
 
 def _conflict_averse_small(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -336,10 +393,9 @@ def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.nd
     alpha0 = _min_norm_general(A)
     if float(alpha0 @ A @ alpha0) <= ZERO_NORM_RTOL:
         # The origin is in the hull: x* = 0 is optimal iff ‖proj_{cone(rows)}(−g0)‖ ≤ s.
-        R = _factor(A)
-        v, _ = nnls(R, -R @ np.full(K, 1.0 / K), maxiter=50 * K)
-        if float(v @ A @ v) <= s * s * (1.0 + 1e-9):
-            return alpha0, np.full(K, 1.0 / K)
+        v, p2 = _cone_nnls(A)
+        if p2 <= s * s * (1.0 + 1e-9):
+            return alpha0, np.full(K, 1.0 / K) + v
 
     def shifted_min_norm(t: float) -> np.ndarray:
         At = A + t * (b[:, None] + b[None, :]) + (t * t) * float(b.sum()) / K

@@ -1,0 +1,286 @@
+"""Known answers, stage identities and edge cases of PCGrad, MGDA, CAGrad and CAME-Grad."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mtl_opt
+from mtl_opt.methods import MGDA, CAGrad, CAMEGrad, PCGrad
+
+f64 = torch.float64
+
+
+def t(rows) -> torch.Tensor:
+    return torch.tensor(rows, dtype=f64)
+
+
+# --------------------------------------------------------------------------------------- PCGrad
+def test_pcgrad_two_tasks_closed_form():
+    g1, g2 = t([1.0, 0.0]), t([-1.0, 1.0])
+    G = torch.stack([g1, g2])
+    dot = float(g1 @ g2)
+    expected = (g1 - dot / float(g2 @ g2) * g2) + (g2 - dot / float(g1 @ g1) * g1)
+    torch.testing.assert_close(PCGrad(seed=0)(G), expected)
+    # the projected rows are orthogonal to the row they conflicted with
+    p1 = g1 - dot / float(g2 @ g2) * g2
+    assert abs(float(p1 @ g2)) < 1e-15
+
+
+def test_pcgrad_non_conflicting_rows_sum():
+    G = t([[1.0, 0.5, 0.0], [0.2, 1.0, 0.3], [0.0, 0.1, 2.0]])
+    assert bool((G @ G.T >= 0).all())
+    for order in ("random", "fixed"):
+        torch.testing.assert_close(PCGrad(seed=3, order=order)(G), G.sum(0))
+
+
+def test_pcgrad_three_tasks_by_hand_fixed_order():
+    # g1 conflicts with g2 only; projections in index order, each against the ORIGINAL rows
+    G = t([[1.0, 0.0], [-1.0, 1.0], [0.0, 1.0]])
+    g1, g2, g3 = G
+    p1 = g1 - (g1 @ g2) / (g2 @ g2) * g2  # then p1·g3 = 0.5 ≥ 0: no further projection
+    p2 = g2 - (g2 @ g1) / (g1 @ g1) * g1  # then p2·g3 = 1 ≥ 0
+    p3 = g3  # g3 conflicts with nobody
+    torch.testing.assert_close(PCGrad(order="fixed")(G), p1 + p2 + p3)
+
+
+def test_pcgrad_reset_replays_the_random_orders():
+    G = torch.randn(5, 8, generator=torch.Generator().manual_seed(0), dtype=f64)
+    G[1] = -G[0] + 0.1 * G[2]
+    agg = PCGrad(seed=11)
+    first = [agg(G) for _ in range(4)]
+    agg.reset()
+    again = [agg(G) for _ in range(4)]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(first[0], x) for x in first[1:])  # orders differ between calls
+
+
+def test_pcgrad_bad_hyperparameters():
+    with pytest.raises(ValueError, match="order"):
+        PCGrad(order="sorted")
+    with pytest.raises(TypeError, match="seed"):
+        PCGrad(seed=1.5)
+    with pytest.raises(ValueError, match="generator_state"):
+        PCGrad().load_state_dict({"other": 1})
+
+
+# ----------------------------------------------------------------------------------------- MGDA
+def test_mgda_two_tasks_closed_form():
+    g1, g2 = t([3.0, 0.0]), t([-1.0, 2.0])
+    gamma = float((g2 - g1) @ g2 / ((g2 - g1) @ (g2 - g1)))
+    expected = 2 * (gamma * g1 + (1 - gamma) * g2)
+    torch.testing.assert_close(MGDA()(torch.stack([g1, g2])), expected)
+
+
+def test_mgda_orthogonal_rows():
+    G = t([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.5]])
+    inv = 1 / torch.diagonal(G @ G.T)
+    torch.testing.assert_close(MGDA()(G), 3 * (inv / inv.sum()) @ G)
+    # after l2 normalisation every row has unit length: α = 1/K, d = Σ_i g_i on the original rows
+    torch.testing.assert_close(MGDA("l2")(G), G.sum(0))
+
+
+def test_mgda_normalisations_scale_rows_before_solving():
+    G = t([[4.0, 0.0], [0.0, 1.0]])
+    losses = t([2.0, 0.5])
+    # "loss": ĝ = (2, 0), (0, 2) -> α = (½, ½) -> d = 2 · ½ (g1 + g2)
+    torch.testing.assert_close(MGDA("loss")(G, losses=losses), G.sum(0))
+    # "loss+": ĝ = (0.5, 0), (0, 2) -> α ∝ (1/0.25, 1/4) = (16/17, 1/17)
+    torch.testing.assert_close(MGDA("loss+")(G, losses=losses), 2 * t([16 / 17, 1 / 17]) @ G)
+
+
+def test_mgda_identical_and_opposite_rows():
+    g = t([1.0, -2.0, 0.5])
+    torch.testing.assert_close(MGDA()(torch.stack([g, g, g])), 3 * g)
+    torch.testing.assert_close(MGDA()(torch.stack([g, -2 * g])), torch.zeros(3, dtype=f64), atol=1e-12, rtol=0)
+    # a zero row is Pareto-stationary: the min-norm point is the origin
+    torch.testing.assert_close(MGDA("l2")(torch.stack([g, 0 * g])), torch.zeros(3, dtype=f64))
+
+
+def test_mgda_loss_errors():
+    G = t([[1.0, 0.0], [0.0, 1.0]])
+    with pytest.raises(ValueError, match="losses"):
+        MGDA("loss")(G)
+    with pytest.raises(ValueError, match="positive"):
+        MGDA("loss+")(G, losses=t([1.0, 0.0]))
+    with pytest.raises(ValueError, match="positive"):
+        MGDA("loss").aggregate_batch(G[None], losses=t([[1.0, -2.0]]))
+    with pytest.raises(ValueError, match="normalization"):
+        MGDA("max")
+
+
+# --------------------------------------------------------------------------------------- CAGrad
+@pytest.mark.parametrize("c", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("rescale", [0, 1, 2])
+def test_cagrad_orthonormal_pair_by_hand(c, rescale):
+    # w = (½, ½) by symmetry; g0 = g_w = (½, ½); d = 2 (g0 + c‖g0‖ g_w/‖g_w‖) = (1 + c)(1, 1)
+    divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    out = CAGrad(c=c, rescale=rescale)(torch.eye(2, dtype=f64))
+    torch.testing.assert_close(out, torch.full((2,), (1 + c) / divisor, dtype=f64))
+
+
+def test_cagrad_c_zero_is_the_sum():
+    G = torch.randn(4, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
+    torch.testing.assert_close(CAGrad(c=0.0)(G), G.sum(0))
+
+
+def test_cagrad_single_task_and_degenerate_rows():
+    g = t([3.0, -4.0])
+    c = 0.4
+    torch.testing.assert_close(CAGrad(c=c)(g[None]), (1 + c) / (1 + c * c) * g)
+    torch.testing.assert_close(CAGrad(c=c)(torch.zeros(1, 2, dtype=f64)), torch.zeros(2, dtype=f64))
+    # identical rows: no conflict, d = K g (1 + c)/(1 + c²)
+    torch.testing.assert_close(CAGrad(c=c)(torch.stack([g, g, g])), 3 * (1 + c) / (1 + c * c) * g)
+    # g0 = 0 (exactly opposite rows): zero direction
+    torch.testing.assert_close(CAGrad(c=c)(torch.stack([g, -g])), torch.zeros(2, dtype=f64))
+    # zero row next to a non-conflicting one: g_w* = 0 and d = K g0 / (1 + c²)
+    G = torch.stack([torch.zeros(2, dtype=f64), g])
+    torch.testing.assert_close(CAGrad(c=c)(G), g / (1 + c * c))
+
+
+def test_cagrad_bad_hyperparameters():
+    with pytest.raises(ValueError, match="c"):
+        CAGrad(c=-0.1)
+    with pytest.raises(ValueError, match="rescale"):
+        CAGrad(rescale=3)
+
+
+# ------------------------------------------------------------------------------------ CAME-Grad
+def came_inputs(seed=0, K=3, d=9):
+    g = torch.Generator().manual_seed(seed)
+    G = torch.randn(K, d, generator=g, dtype=f64)
+    G[1] -= 1.2 * G[0]
+    return G
+
+
+def test_came_grad_injection_sets_the_norm():
+    G = came_inputs()
+    omega = t([1.0, 4.0, 2.0])
+    for kappa in (0.5, 1.5, 3.0):
+        out = CAMEGrad(kappa=kappa, nu=0.0, task_weights=omega)(G)
+        assert math.isclose(float(out.norm()), kappa * float((omega @ G).norm()), rel_tol=1e-7)
+        out = CAMEGrad(kappa=kappa, fuse=False, task_weights=omega)(G)
+        assert math.isclose(float(out.norm()), kappa * float((omega @ G).norm()), rel_tol=1e-7)
+
+
+def test_came_grad_full_fusion_is_scaled_joint_gradient():
+    G = came_inputs(1)
+    omega = t([1.0, 4.0, 0.5])
+    torch.testing.assert_close(CAMEGrad(nu=1.0, kappa=1.7)(G, task_weights=omega), 1.7 * (omega @ G))
+
+
+def test_came_grad_rho_zero_rectifies_to_the_mean():
+    G = came_inputs(2)
+    mu = G.mean(0)
+    g_joint = G.sum(0)
+    out = CAMEGrad(rho=0.0, kappa=1.5, nu=0.2)(G)
+    u_en = mu * 1.5 * g_joint.norm() / (mu.norm() + 1e-8)
+    torch.testing.assert_close(out, 0.8 * u_en + 0.2 * 1.5 * g_joint)
+
+
+def test_came_grad_all_stages_off_is_linear_scalarization():
+    G = came_inputs(3)
+    omega = [1.0, 4.0, 2.5]
+    came = CAMEGrad(task_weights=omega, rectify=False, inject=False, fuse=False)
+    torch.testing.assert_close(came(G), mtl_opt.get_aggregator("ls", weights=omega)(G))
+
+
+def test_came_grad_rectification_alone_is_cagrad():
+    G = came_inputs(4)
+    for rho in (0.0, 0.5, 1.3):
+        came = CAMEGrad(rho=rho, inject=False, fuse=False)  # (Σω) u_rect with ω = 1: K u_rect
+        torch.testing.assert_close(came(G), CAGrad(c=rho, rescale=0)(G))
+
+
+def test_came_grad_stage_formula_on_two_orthonormal_rows():
+    # u_rect = (1 + ρ)/2 (1, 1); g_joint = (1, 4); u_en = u_rect/‖u_rect‖ · κ‖g_joint‖
+    rho, kappa, nu = 0.5, 1.5, 0.2
+    G = torch.eye(2, dtype=f64)
+    g_joint = t([1.0, 4.0])
+    u_en = t([1.0, 1.0]) / math.sqrt(2) * kappa * math.sqrt(17)
+    expected = (1 - nu) * u_en + nu * kappa * g_joint
+    out = CAMEGrad(rho=rho, kappa=kappa, nu=nu, task_weights=[1, 4], eps=1e-300)(G)
+    torch.testing.assert_close(out, expected)
+
+
+def test_came_grad_edge_cases_are_finite_and_documented():
+    g = t([1.0, 2.0, -1.0])
+    came = CAMEGrad(task_weights=[1.0, 4.0])
+    # ‖μ‖ = 0 (opposite rows): u_rect = 0, u_en = 0, g_final = ν κ g_joint = 0.2·1.5·(−3 g)
+    torch.testing.assert_close(came(torch.stack([g, -g])), 0.3 * (-3 * g))
+    # all-zero G: zero direction
+    torch.testing.assert_close(came(torch.zeros(2, 3, dtype=f64)), torch.zeros(3, dtype=f64))
+    # K = 1: u_rect = (1 + ρ) g; ‖u_en‖ = κ‖ω g‖ -> g_final = κ ω g (both terms align)
+    torch.testing.assert_close(CAMEGrad(task_weights=[2.0])(g[None]), 1.5 * 2.0 * g)
+    # g_α* = 0 with a zero row: u_rect = μ
+    G = torch.stack([torch.zeros(3, dtype=f64), g])
+    mu = G.mean(0)
+    u_en = mu * 1.5 * g.norm() / (mu.norm() + 1e-8)
+    torch.testing.assert_close(CAMEGrad()(G), 0.8 * u_en + 0.3 * g)
+
+
+def test_came_grad_bad_hyperparameters_and_weights():
+    for kwargs, match in [
+        ({"rho": -0.1}, "rho"), ({"kappa": 0.0}, "kappa"), ({"nu": 1.5}, "nu"), ({"nu": -0.1}, "nu"),
+        ({"eps": 0.0}, "eps"), ({"task_weights": [1.0, -1.0]}, ">= 0"), ({"task_weights": []}, "empty"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            CAMEGrad(**kwargs)
+    with pytest.raises(TypeError, match="rectify"):
+        CAMEGrad(rectify=1)
+    with pytest.raises(ValueError, match="3 tasks"):
+        CAMEGrad(task_weights=[1.0, 4.0])(came_inputs())
+    with pytest.raises(ValueError, match=">= 0"):
+        CAMEGrad()(came_inputs(), task_weights=[1.0, -1.0, 1.0])
+
+
+# ------------------------------------------------------------------------- properties, all methods
+HOMOGENEOUS = [
+    lambda: PCGrad(seed=5),
+    lambda: MGDA(),
+    lambda: MGDA("l2"),
+    lambda: MGDA("loss+"),
+    lambda: CAGrad(c=0.4),
+    lambda: CAGrad(c=1.7, rescale=2),
+    lambda: CAMEGrad(task_weights=[1.0, 4.0, 2.0], eps=1e-300),
+]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10**6), st.floats(1e-3, 1e3))
+def test_positive_homogeneity(seed, scale):
+    """d(sG) = s · d(G) for s > 0 (with fixed losses; CAME-Grad with a negligible ε)."""
+    G = came_inputs(seed)
+    losses = t([0.5, 1.0, 2.0])
+    for factory in HOMOGENEOUS:
+        base = factory()(G, losses=losses) if factory().uses_losses else factory()(G)
+        agg = factory()
+        scaled = agg(scale * G, losses=losses) if agg.uses_losses else agg(scale * G)
+        torch.testing.assert_close(scaled, scale * base, rtol=1e-9, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("name", mtl_opt.available_aggregators())
+def test_degenerate_jacobians_give_finite_directions(name):
+    g = t([1.0, -2.0, 0.5, 3.0])
+    cases = {
+        "identical": torch.stack([g, g, g]),
+        "collinear": torch.stack([g, 2 * g, 0.5 * g]),
+        "opposite": torch.stack([g, -g, 0.3 * g]),
+        "zero_row": torch.stack([g, torch.zeros(4, dtype=f64), -g + 1]),
+        "all_zero": torch.zeros(3, 4, dtype=f64),
+        "single": g[None],
+        "tiny": 1e-150 * torch.stack([g, -g + 1]),
+    }
+    for label, G in cases.items():
+        torch.manual_seed(0)
+        agg = mtl_opt.get_aggregator(name)
+        out = agg(G, losses=torch.ones(G.shape[0], dtype=f64)) if agg.uses_losses else agg(G)
+        assert torch.isfinite(out).all(), f"{name} is not finite on {label} rows"
+        if label == "all_zero":
+            assert torch.equal(out, torch.zeros_like(out)), f"{name} moves with an all-zero Jacobian"

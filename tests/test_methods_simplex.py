@@ -1,0 +1,235 @@
+"""The exact K × K simplex solvers in mtl_opt.simplex: known answers, KKT certificates, batching."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mtl_opt.simplex import (
+    ZERO_NORM_RTOL,
+    conflict_averse_coefficients,
+    conflict_averse_weights,
+    min_norm_weights,
+)
+
+
+def gramian(G: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(G @ G.T)
+
+
+@st.composite
+def jacobians(draw, k_min=2, k_max=8):
+    """Random Jacobians, including rank-deficient, collinear, duplicate and zero rows."""
+    K = draw(st.integers(k_min, k_max))
+    d = draw(st.integers(1, 10))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(K, d)) * rng.uniform(0.05, 20.0, size=(K, 1))
+    kind = draw(st.sampled_from(["plain", "opposite", "duplicate", "zero", "scaled"]))
+    if kind == "opposite":
+        G[1] = -rng.uniform(0.1, 3.0) * G[0]
+    elif kind == "duplicate":
+        G[-1] = G[0]
+    elif kind == "zero":
+        G[0] = 0.0
+    elif kind == "scaled":
+        G *= 10.0 ** rng.integers(-6, 7)
+    return G
+
+
+def min_norm_by_enumeration(M: np.ndarray) -> float:
+    """Smallest αᵀMα over every face of the simplex (each face's equality-constrained minimiser
+    by least squares, kept when feasible): an exhaustive, independent reference."""
+    K = M.shape[0]
+    best = np.inf
+    for size in range(1, K + 1):
+        for S in itertools.combinations(range(K), size):
+            S = list(S)
+            n = len(S)
+            A = np.zeros((n + 1, n + 1))
+            A[:n, :n] = M[np.ix_(S, S)]
+            A[:n, n] = A[n, :n] = 1.0
+            rhs = np.zeros(n + 1)
+            rhs[n] = 1.0
+            sol = np.linalg.lstsq(A, rhs, rcond=None)[0][:n]
+            if sol.min() >= -1e-12:
+                a = np.zeros(K)
+                a[S] = np.clip(sol, 0, None) / np.clip(sol, 0, None).sum()
+                best = min(best, float(a @ M @ a))
+    return best
+
+
+# ---------------------------------------------------------------------------------- min-norm
+def test_min_norm_two_rows_closed_form():
+    g1, g2 = np.array([2.0, 0.0]), np.array([-1.0, 1.0])
+    M = gramian(np.stack([g1, g2]))
+    gamma = ((g2 - g1) @ g2) / ((g2 - g1) @ (g2 - g1))  # α1 minimising ‖α1 g1 + (1−α1) g2‖
+    torch.testing.assert_close(min_norm_weights(M), torch.tensor([gamma, 1 - gamma], dtype=torch.float64))
+    # non-conflicting case: the shorter row is the vertex
+    M2 = gramian(np.array([[1.0, 0.2], [3.0, 1.0]]))
+    torch.testing.assert_close(min_norm_weights(M2), torch.tensor([1.0, 0.0], dtype=torch.float64))
+
+
+def test_min_norm_orthogonal_rows():
+    norms2 = np.array([1.0, 4.0, 0.25, 9.0])
+    M = torch.from_numpy(np.diag(norms2))
+    expected = (1 / norms2) / (1 / norms2).sum()
+    torch.testing.assert_close(min_norm_weights(M), torch.from_numpy(expected), rtol=1e-12, atol=1e-14)
+
+
+def test_min_norm_degenerate_inputs():
+    assert torch.equal(min_norm_weights(torch.ones(1, 1)), torch.ones(1, dtype=torch.float64))
+    zero = min_norm_weights(torch.zeros(4, 4))
+    torch.testing.assert_close(zero, torch.full((4,), 0.25, dtype=torch.float64))
+    identical = min_norm_weights(gramian(np.ones((3, 5))))
+    assert torch.isfinite(identical).all() and abs(float(identical.sum()) - 1) < 1e-12
+    with pytest.raises(ValueError, match="finite"):
+        min_norm_weights(torch.tensor([[1.0, float("nan")], [float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="shape"):
+        min_norm_weights(torch.ones(3))
+
+
+@settings(max_examples=120, deadline=None)
+@given(jacobians())
+def test_min_norm_kkt_and_objective(G):
+    M = G @ G.T
+    scale = M.diagonal().max()
+    alpha = min_norm_weights(torch.from_numpy(M)).numpy()
+    assert alpha.min() >= 0 and abs(alpha.sum() - 1) < 1e-12
+    f = alpha @ M @ alpha
+    grad = M @ alpha
+    support = alpha > 1e-9
+    assert np.all(grad >= f - 1e-9 * scale)  # (Mα)_i ≥ αᵀMα everywhere ...
+    assert np.all(np.abs(grad[support] - f) <= 1e-9 * scale)  # ... with equality on the support
+    assert f - min_norm_by_enumeration(M) <= 1e-9 * scale
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 5), st.integers(0, 10**6))
+def test_min_norm_batch_equals_single(K, B, seed):
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(B, K, 4))
+    M = torch.from_numpy(G @ G.transpose(0, 2, 1))
+    batched = min_norm_weights(M)
+    assert batched.shape == (B, K)
+    for b in range(B):
+        assert torch.equal(batched[b], min_norm_weights(M[b]))
+
+
+# ---------------------------------------------------------------------------- conflict-averse
+def F(M: np.ndarray, w: np.ndarray, c: float) -> float:
+    K = M.shape[0]
+    s = c * np.sqrt(max(M.sum() / K**2, 0.0))
+    return float(w @ M.sum(axis=1) / K + s * np.sqrt(max(w @ M @ w, 0.0)))
+
+
+def test_conflict_averse_orthonormal_pair_by_hand():
+    # g1 = e1, g2 = e2: by symmetry w = (½, ½); g0 = (½, ½), ‖g0‖ = 1/√2, u = g0 + c‖g0‖ g_w/‖g_w‖
+    c = 0.4
+    M = torch.eye(2, dtype=torch.float64)
+    torch.testing.assert_close(conflict_averse_weights(M, c), torch.tensor([0.5, 0.5], dtype=torch.float64))
+    gamma = conflict_averse_coefficients(M, c)  # u = γᵀG = γ here
+    torch.testing.assert_close(gamma, torch.tensor([0.5 + c / 2, 0.5 + c / 2], dtype=torch.float64))
+
+
+def test_conflict_averse_two_rows_matches_fine_grid():
+    rng = np.random.default_rng(3)
+    grid = np.linspace(0.0, 1.0, 200001)
+    for _ in range(20):
+        G = rng.normal(size=(2, 3))
+        M = G @ G.T
+        c = float(rng.uniform(0.0, 2.0))
+        s = c * np.sqrt(M.sum() / 4)
+        b = M.sum(axis=1) / 2
+        quad = grid**2 * M[0, 0] + 2 * grid * (1 - grid) * M[0, 1] + (1 - grid) ** 2 * M[1, 1]
+        values = grid * b[0] + (1 - grid) * b[1] + s * np.sqrt(np.clip(quad, 0, None))
+        w = conflict_averse_weights(torch.from_numpy(M), c).numpy()
+        assert F(M, w, c) <= values.min() + 1e-12 * M.diagonal().max()
+        assert abs(w[0] - grid[values.argmin()]) < 1e-3 or abs(F(M, w, c) - values.min()) < 1e-10
+
+
+@settings(max_examples=120, deadline=None)
+@given(jacobians(), st.sampled_from([0.0, 0.05, 0.4, 0.99, 1.0, 1.5, 5.0]))
+def test_conflict_averse_kkt_and_duality(G, c):
+    """KKT of F on the simplex, and a zero duality gap with CAGrad's primal (eq. 3)."""
+    M = G @ G.T
+    K = M.shape[0]
+    scale = M.diagonal().max()
+    w = conflict_averse_weights(torch.from_numpy(M), c).numpy()
+    gamma = conflict_averse_coefficients(torch.from_numpy(M), c).numpy()
+    assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
+    s = c * np.sqrt(max(M.sum() / K**2, 0.0))
+    r2 = w @ M @ w
+    value = F(M, w, c)
+    if s > 0 and r2 > ZERO_NORM_RTOL * scale:
+        grad = M.sum(axis=1) / K + s * (M @ w) / np.sqrt(r2)
+        assert np.all(grad >= w @ grad - 1e-8 * scale)
+    # Dual certificate: d = γᵀG is in the ball ‖d − g0‖ ≤ s and min_i g_i·d = F(w*) (strong duality).
+    d = gamma @ G
+    g0 = G.mean(axis=0)
+    assert np.linalg.norm(d - g0) <= s + 1e-9 * np.sqrt(scale)
+    if s > 0:  # (see the tolerance note below)
+        assert (G @ d).min() >= value - 1e-8 * scale - 1e-7 * s * np.sqrt(scale)
+    # ... and no vertex or random feasible point does better. Near g_w = 0 the Gramian (which
+    # squares the rows) knows ‖g_w‖ only to √(ε max_i‖g_i‖²), hence the second tolerance term.
+    tol = 1e-9 * scale + 1e-7 * s * np.sqrt(scale)
+    assert value <= min(F(M, e, c) for e in np.eye(K)) + tol
+    rng = np.random.default_rng(0)
+    for v in rng.dirichlet(np.ones(K), size=50):
+        assert value <= F(M, v, c) + tol
+
+
+def test_conflict_averse_zero_norm_optimum_is_certified():
+    # g1 = 0: F(w) = w2 (g0·g2 + s‖g2‖) ≥ 0, so w* = e1, g_w* = 0 and u = g0.
+    G = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, -1.0], [0.5, 1.0, -0.5]])
+    M = torch.from_numpy(G @ G.T)
+    for c in (0.2, 0.4, 2.0):
+        torch.testing.assert_close(conflict_averse_coefficients(M, c), torch.full((3,), 1 / 3, dtype=torch.float64))
+    # collinear, conflicting rows with c ≥ 1: the origin is optimal; every d ⊥ the rows in the
+    # ball is primal-optimal and the one closest to g0 = (−1/6, 0) is d = proj_{Gd ≥ 0}(g0) = 0.
+    G2 = np.array([[1.0, 0.0], [-2.0, 0.0], [0.5, 0.0]])
+    for K in (2, 3):  # the K = 2 closed form and the general solver
+        rows = G2[:K]
+        gamma = conflict_averse_coefficients(torch.from_numpy(rows @ rows.T), 1.2).numpy()
+        np.testing.assert_allclose(gamma @ rows, np.zeros(2), atol=1e-12)
+
+
+def test_conflict_averse_rejects_bad_c():
+    with pytest.raises(ValueError, match="c"):
+        conflict_averse_weights(torch.eye(2), -0.1)
+    with pytest.raises(ValueError, match="c"):
+        conflict_averse_weights(torch.eye(2), float("nan"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 5), st.integers(0, 10**6), st.sampled_from([0.0, 0.4, 1.3]))
+def test_conflict_averse_batch_equals_single(K, B, seed, c):
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(B, K, 4))
+    M = torch.from_numpy(G @ G.transpose(0, 2, 1))
+    batched = conflict_averse_coefficients(M, c)
+    for b in range(B):  # vectorised and single-entry arithmetic may round differently
+        torch.testing.assert_close(batched[b], conflict_averse_coefficients(M[b], c), rtol=1e-12, atol=1e-14)
+
+
+@settings(max_examples=60, deadline=None)
+@given(jacobians(k_min=2, k_max=2), st.sampled_from([0.0, 0.3, 1.0, 2.5]))
+def test_two_task_closed_forms_agree_with_the_general_solvers(G, c):
+    """The K = 2 closed forms and the general (NNLS / root-search) solvers give the same answer."""
+    from mtl_opt.simplex import _conflict_averse_general, _conflict_averse_small, _min_norm_2, _min_norm_general
+
+    M = G @ G.T
+    scale = M.diagonal().max()
+    a_closed, a_general = _min_norm_2(M[None])[0], _min_norm_general(M)
+    assert abs(a_closed @ M @ a_closed - a_general @ M @ a_general) <= 1e-10 * scale
+    np.testing.assert_allclose(a_closed @ G, a_general @ G, atol=1e-7 * np.sqrt(scale))
+    w_closed, gamma_closed = (x[0] for x in _conflict_averse_small(M[None], c))
+    w_general, gamma_general = _conflict_averse_general(M, c)
+    s = c * np.sqrt(max(M.sum() / 4, 0.0))
+    assert abs(F(M, w_closed, c) - F(M, w_general, c)) <= 1e-9 * scale + 1e-7 * s * np.sqrt(scale)
+    np.testing.assert_allclose(gamma_closed @ G, gamma_general @ G, atol=1e-6 * np.sqrt(scale))
