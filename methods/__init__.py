@@ -5,6 +5,6 @@ from mtl_opt.methods.pcgrad import PCGrad
 from mtl_opt.methods.mgda import MGDA
 from mtl_opt.methods.cagrad import CAGrad
 from mtl_opt.methods.came_grad import CAMEGrad
-from mtl_opt.methods.nash_mtl import NashMTL
+from mtl_opt.methods.nash_mtl import NashMTL, NashSolverError
 
-__all__ = ["CAGrad", "CAMEGrad", "LinearScalarization", "MGDA", "NashMTL", "PCGrad"]
+__all__ = ["CAGrad", "CAMEGrad", "LinearScalarization", "MGDA", "NashMTL", "NashSolverError", "PCGrad"]

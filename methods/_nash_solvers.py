@@ -25,7 +25,8 @@ exists. We therefore always solve the regularised system
 
     (C + σ I) β = 1/β,     σ = RIDGE + max(0, −λ_min(C)),     RIDGE = 1e-9,
 
-which always has a unique solution. The second term only acts on a cosine matrix that rounding
+which always has a unique solution (``σ = 0`` when fewer than two tasks bargain: a lone task
+has the exact ``α = 1/‖g‖``). The second term only acts on a cosine matrix that rounding
 made slightly indefinite (e.g. a Gramian computed in float32). For a non-degenerate problem
 ``σ = 1e-9`` moves ``β`` by a relative ``≈ σ β_i²`` (below 1e-8 on well-conditioned problems);
 at a Pareto-stationary point the weights become large (``β ≈ 1/√σ``) but finite and the direction
@@ -72,6 +73,7 @@ RIDGE = 1e-9
 RESIDUAL_TOL = 1e-10
 MAX_NEWTON_ITERATIONS = 100
 _EPS = float(np.finfo(np.float64).eps)
+_UTILITY_FLOOR = 1e-3
 
 
 class NashSolverError(RuntimeError):
@@ -111,6 +113,7 @@ def cosine_form(M: np.ndarray) -> CosineForm:
     else:
         lam_min = np.linalg.eigvalsh(C)[:, 0]
     sigma = RIDGE + np.maximum(0.0, -lam_min)
+    sigma = np.where(active.sum(axis=1) >= 2, sigma, 0.0)  # a lone task needs no ridge
     C[:, idx, idx] += sigma[:, None]
     return CosineForm(C=C, inv_norm=inv_norm, sigma=sigma)
 
@@ -151,14 +154,15 @@ def closed_form_k2(M: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
     """``K = 2``: ``α_i = 1/(‖g_i‖ √(1 + cos θ + σ))`` on a stack (B, 2, 2), no Python loop.
 
     Same regularisation as :func:`cosine_form` (``λ_min(C) = 1 − |cos θ|``); a zero-gradient
-    task gets ``α_i = 0`` and the other one ``1/(‖g‖ √(1 + σ))``.
+    task gets ``α_i = 0`` and the other one ``1/‖g‖`` (a lone task needs no ridge).
     """
     diag = M[:, (0, 1), (0, 1)]
     active = diag > 0.0
     inv_norm = np.zeros_like(diag)
     np.divide(1.0, np.sqrt(diag, where=active, out=np.ones_like(diag)), out=inv_norm, where=active)
     cos = M[:, 0, 1] * inv_norm[:, 0] * inv_norm[:, 1]
-    denom = 1.0 + cos + (RIDGE + np.maximum(0.0, np.abs(cos) - 1.0))
+    shift = np.where(active.all(axis=1), RIDGE + np.maximum(0.0, np.abs(cos) - 1.0), 0.0)
+    denom = 1.0 + cos + shift
     beta = 1.0 / np.sqrt(denom)
     residual = float(np.abs(beta * beta * denom - 1.0).max())
     return inv_norm * beta[:, None], {"iterations": 0, "residual": residual}
@@ -268,14 +272,6 @@ class NashSCAProblem:
         constraints = [cp.log(self.alpha) + cp.log(g_alpha) >= 0]
         objective = cp.Minimize(cp.sum(g_alpha) + self.linear @ self.alpha)
         self.problem = cp.Problem(objective, constraints)
-        # Phase 1 (only used when the start has a non-positive utility): the point of the
-        # simplex whose smallest utility (Ĝα)_i is largest.
-        self._p1_alpha = cp.Variable(n_tasks, nonneg=True)
-        self._p1_level = cp.Variable()
-        self._phase1 = cp.Problem(
-            cp.Maximize(self._p1_level),
-            [self.gramian @ self._p1_alpha >= self._p1_level, cp.sum(self._p1_alpha) == n_tasks],
-        )
 
     def _run(self, problem: Any, what: str) -> np.ndarray:
         cp = self._cp
@@ -284,23 +280,13 @@ class NashSCAProblem:
         except cp.error.SolverError as exc:
             raise NashSolverError(f"Nash-MTL cvxpy solve failed at {what} with {self.solver}: {exc}") from exc
         status = problem.status
-        value = (self._p1_alpha if problem is self._phase1 else self.alpha).value
+        value = self.alpha.value
         if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or value is None:
             raise NashSolverError(
                 f"Nash-MTL cvxpy solve at {what} ended with status {status!r} ({self.solver}); "
                 "refusing to return equal or stale weights"
             )
         return np.asarray(value, dtype=np.float64)
-
-    def _feasible_start(self, G_hat: np.ndarray) -> np.ndarray:
-        """Phase 1: a start at which every utility ``(Ĝα)_i`` is positive."""
-        alpha = self._run(self._phase1, "phase 1")
-        if not float(self._p1_level.value) > 0:
-            raise NashSolverError(
-                "Nash-MTL cvxpy phase 1 found no weights with all task utilities positive "
-                f"(best smallest utility {float(self._p1_level.value):.3e})"
-            )
-        return np.maximum(alpha, 1e-12)
 
     def solve(
         self, M: np.ndarray, alpha0: np.ndarray | None, optim_niter: int,
@@ -315,10 +301,17 @@ class NashSCAProblem:
         else:
             alpha_t = np.ones(self.n_tasks)
         if not np.all(G_hat @ alpha_t > 0):
-            alpha_t = self._feasible_start(G_hat)
+            # The linearisation of log (Ĝα)_i needs positive utilities at the start point:
+            # try the unit-gradient weights α_i ∝ 1/‖g_i‖ instead.
+            alpha_t = 1.0 / np.sqrt(np.diagonal(G_hat))
         iterations = 0
         for iterations in range(1, optim_niter + 1):
-            self.linear.value = 1.0 / alpha_t + G_hat @ (1.0 / (G_hat @ alpha_t))
+            # Utilities are floored so that a start near a Pareto-stationary point (where no
+            # weights make every utility clearly positive) still gives a bounded subproblem;
+            # every later iterate satisfies α_i (Ĝα)_i ≥ 1, so the floor only acts on the start.
+            utilities = G_hat @ alpha_t
+            utilities = np.maximum(utilities, _UTILITY_FLOOR * np.abs(utilities).max())
+            self.linear.value = 1.0 / alpha_t + G_hat @ (1.0 / utilities)
             alpha_new = self._run(self.problem, f"SCA iteration {iterations}")
             status = self.problem.status
             if not np.all(alpha_new > 0):

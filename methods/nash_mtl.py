@@ -64,8 +64,8 @@ class NashMTL(GramianAggregator):
     * A Nash solution exists exactly when the zero vector is not in the convex hull of the unit
       task gradients. Both solvers solve the slightly regularised ``(M + σ diag(M)) α = 1/α``
       with ``σ = 1e-9`` (plus, only when rounding made the cosine matrix indefinite, its most
-      negative eigenvalue), which always has one solution and keeps the per-task scale
-      invariance. On a non-degenerate problem this changes ``α`` by a relative ~1e-9.
+      negative eigenvalue; ``σ = 0`` when fewer than two tasks bargain), which always has one
+      solution and keeps the per-task scale invariance. On a non-degenerate problem this changes ``α`` by a relative ~1e-9.
     * Identical or positively collinear rows: an ordinary solution (e.g. two identical rows give
       ``α_i = 1/(√2 ‖g‖)``, direction ``√2 g/‖g‖``).
     * Exactly opposing rows (``g_2 = −c g_1``, or any Pareto-stationary set of rows): no Nash
