@@ -35,9 +35,14 @@ embedding gradients or custom autograd functions that read values in their backw
 ``parallel="auto"`` the call then falls back to K separate backward passes, warns once with
 :class:`BatchedJacobianFallbackWarning` and records the reason in the result. The two paths give
 the same gradients to rounding. ``parallel=True`` forces the batched call (its failure raises),
-``parallel=False`` the loop. Because a failed batched call may have consumed part of the graph,
-``"auto"`` keeps the graph alive during the batched attempt (``retain_graph=True``); it is freed
-when the caller drops the losses.
+``parallel=False`` the loop.
+
+Memory: a failed batched call may already have freed part of the graph, so ``"auto"`` keeps the
+graph's saved tensors during its batched attempt (``retain_graph=True``); they are freed only
+when the caller drops the losses, so a loop that rebinds ``losses`` after the next forward holds
+two graphs at once. :class:`mtl_opt.MultiTaskOptimizer` settles ``"auto"`` on its first step and
+then passes ``parallel=True`` or ``False``, which never retain the graph unless asked; a
+hand-written loop can do the same with ``result.batched``.
 
 Representation-level aggregation (MGDA-UB)
 ------------------------------------------
@@ -489,6 +494,15 @@ def mtl_backward(
     h = loss_weights(aggregator, K, task_weights)
     values = _loss_values(L)
     feats = _features_list(features) if features is not None else []
+    if feats:
+        # Checked before any work so that a stateful aggregator is not advanced by a failing call.
+        below = {id(p) for p in _reachable_leaves(feats)}
+        for name, p in shared:
+            if id(p) not in below:
+                raise ValueError(
+                    f"{name} is not reached through the features: features= must be the output "
+                    "of the shared parameters"
+                )
 
     # Parameters outside shared and task groups that the losses reach: they get Σ h_i ∇L_i.
     given = {id(p) for _, p in shared} | {id(p) for g in groups for _, p in g}

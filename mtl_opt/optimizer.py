@@ -51,8 +51,10 @@ class MultiTaskOptimizer:
         task_params: optional ``[group_0, ..., group_{K-1}]``; group ``i`` receives
             ``h_i ∇L_i`` (see :mod:`mtl_opt.backward`). Other parameters the losses reach receive
             ``Σ h_i ∇L_i``.
-        parallel: passed to :func:`mtl_opt.mtl_backward`. With ``"auto"``, once the batched
-            Jacobian has failed the optimizer remembers it and uses the per-task loop directly.
+        parallel: passed to :func:`mtl_opt.mtl_backward`. ``"auto"`` settles on the first
+            multi-task step: if the batched Jacobian worked it is used from then on without
+            keeping the graph alive for a fallback (no extra memory); if it failed, the per-task
+            loop is used from then on (no failed attempt per step).
 
     LR schedulers attach to the wrapped optimizer (``opt.optimizer``); ``param_groups`` is the
     wrapped optimizer's own list, so changes are shared.
@@ -98,7 +100,7 @@ class MultiTaskOptimizer:
                 )
             self.task_params = [_keep(g) for g in task_params]
         self.parallel: Parallel = parallel
-        self._batched_failed = False
+        self._resolved: bool | None = None  # what "auto" settled on after its first try
         self._pending_backward = False
         self.last_result: MTLBackwardResult | None = None
         self._check_params_in_optimizer()
@@ -142,19 +144,33 @@ class MultiTaskOptimizer:
         retain_graph: bool = False,
     ) -> MTLBackwardResult:
         """:func:`mtl_opt.mtl_backward` with this optimizer's settings; no optimizer step."""
-        parallel: Parallel = False if (self.parallel == "auto" and self._batched_failed) else self.parallel
-        result = mtl_backward(
-            losses,
-            self.shared_params,
-            self.aggregator,
-            task_params=self.task_params,
-            task_weights=task_weights,
-            features=features,
-            retain_graph=retain_graph,
-            parallel=parallel,
-        )
-        if result.fallback_reason is not None:
-            self._batched_failed = True
+        parallel: Parallel = self.parallel
+        if parallel == "auto" and self._resolved is not None:
+            parallel = self._resolved
+        try:
+            result = mtl_backward(
+                losses,
+                self.shared_params,
+                self.aggregator,
+                task_params=self.task_params,
+                task_weights=task_weights,
+                features=features,
+                retain_graph=retain_graph,
+                parallel=parallel,
+            )
+        except RuntimeError as exc:
+            if self.parallel == "auto" and self._resolved is True and "batched Jacobian" in str(exc):
+                raise RuntimeError(
+                    "the batched Jacobian worked on earlier steps but failed on this one, after "
+                    "consuming the graph; build the MultiTaskOptimizer with parallel=False for "
+                    f"this model ({exc})"
+                ) from exc
+            raise
+        if self.parallel == "auto" and self._resolved is None:
+            if result.fallback_reason is not None:
+                self._resolved = False
+            elif result.batched:
+                self._resolved = True
         self._pending_backward = True
         self.last_result = result
         return result

@@ -10,7 +10,7 @@ from torch import nn
 
 import mtl_opt
 from mtl_opt import BatchedJacobianFallbackWarning, mtl_backward
-from mtl_opt.methods import LinearScalarization
+from mtl_opt.methods import CAMEGrad, LinearScalarization, MGDA, PCGrad
 
 from _mtl_models import (
     FixedWeights,
@@ -78,7 +78,12 @@ def test_ls_with_task_params_and_call_weights_equals_weighted_sum(dtype):
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "make", [lambda: FixedWeights([0.3, 1.7]), UnitNormSum, SignAgreement, lambda: LinearScalarization([2.0, 1.0])]
+    "make",
+    [
+        lambda: FixedWeights([0.3, 1.7]), UnitNormSum, SignAgreement, lambda: LinearScalarization([2.0, 1.0]),
+        lambda: CAMEGrad(task_weights=[1, 4]), lambda: MGDA("loss"), lambda: PCGrad(order="fixed"),
+    ],
+    ids=["fixed", "unit_norm", "sign_agreement", "ls", "came_grad", "mgda_loss", "pcgrad"],
 )
 def test_direction_is_aggregator_of_explicit_jacobian(dtype, make):
     net, (x, y) = TwoHeadNet(dtype=dtype), batch(dtype=dtype)
@@ -86,7 +91,7 @@ def test_direction_is_aggregator_of_explicit_jacobian(dtype, make):
     losses = net.losses(x, y)
     G = explicit_jacobian(losses, shared)
     agg = make()
-    expected = agg(G)
+    expected = agg(G, losses=torch.stack(losses).detach())
     result = mtl_backward(losses, shared, agg)
     torch.testing.assert_close(flat_grad(shared), expected, **tol(dtype))
     torch.testing.assert_close(result.direction, expected, **tol(dtype))
@@ -310,6 +315,24 @@ def test_features_path_weights_from_representation_gramian(parallel):
         torch.testing.assert_close(p.grad, e)
 
 
+def test_features_with_mgda_is_mgda_ub_closed_form():
+    """MGDA-UB at K = 2: α₁ = clip((z₂ − z₁)·z₂ / ‖z₁ − z₂‖², 0, 1) on the representation
+    gradients, and the encoder receives ∇(K Σ α_i L_i)."""
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    z = net.features(x)
+    losses = net.losses_from(z, y)
+    z1, z2 = explicit_jacobian(losses, [z])
+    a1 = float(((z2 - z1) @ z2 / (z1 - z2).pow(2).sum()).clamp(0, 1))
+    assert 0 < a1 < 1  # an interior solution: the test exercises the formula, not a vertex
+    beta = 2 * torch.tensor([a1, 1 - a1], dtype=torch.float64)
+    shared = list(net.trunk.parameters())
+    expected = torch.autograd.grad(beta[0] * losses[0] + beta[1] * losses[1], shared, retain_graph=True)
+    r = mtl_backward(losses, net.trunk, MGDA(), features=z, task_params=[net.head_a, net.head_b])
+    torch.testing.assert_close(r.weights, beta)
+    for p, e in zip(shared, expected):
+        torch.testing.assert_close(p.grad, e)
+
+
 def test_features_with_ls_equals_weighted_sum_backward():
     w = [0.2, 5.0]
     net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
@@ -363,6 +386,10 @@ def _bad_cases():
         ("features non-gramian", lambda n, x, y: dict(aggregator=SignAgreement(), features=n.features(x)),
          TypeError, "needs a GramianAggregator"),
         ("features detached", lambda n, x, y: dict(features=n.features(x).detach()), ValueError, "detached"),
+        ("shared param bypasses features", lambda n, x, y: (lambda z: dict(
+            losses=n.losses_from(z, y), features=z,
+            shared_params=[*n.trunk.parameters(), *n.head_a.parameters()]))(n.features(x)),
+         ValueError, r"shared parameter #6 \(shape \(1, 6\)\) is not reached through the features"),
         ("features unrelated", lambda n, x, y: dict(features=n.features(x) * 1.0), ValueError, "features #0 is not reached"),
     ]
 

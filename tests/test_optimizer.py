@@ -260,3 +260,17 @@ def test_readme_shows_the_tested_quickstart():
         assert match.group(1) == QUICKSTART.read_text()
     else:
         assert "Quick start" not in readme
+
+
+def test_auto_settles_on_the_batched_path_and_stops_retaining_the_graph():
+    net, opt = make(UnitNormSum())
+    x, y = batch()
+    first = net.losses(x, y)
+    assert opt.backward(first).batched
+    torch.autograd.grad(first[0], list(net.trunk.parameters()))  # first try kept the graph
+    opt.step()
+    second = net.losses(x, y)
+    opt.zero_grad()
+    assert opt.backward(second).batched
+    with pytest.raises(RuntimeError, match="second time"):  # later steps free it as usual
+        torch.autograd.grad(second[0], list(net.trunk.parameters()))

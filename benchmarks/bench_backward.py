@@ -1,0 +1,117 @@
+"""Cost of mtl_backward against a plain ``.backward()`` of the summed loss.
+
+Times one training step's backward work (forward excluded) on a shared encoder with K linear
+heads: the plain ``sum(losses).backward()``, ``mtl_backward`` with the batched Jacobian and with
+the per-task loop, and the graph walk that finds the non-shared parameters. Run::
+
+    python benchmarks/bench_backward.py [--device cuda] [--repeats 20]
+
+Prints a Markdown table (median milliseconds over the repeats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import mtl_opt
+from mtl_opt.backward import _reachable_leaves
+
+
+def mlp(width: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, width), nn.LayerNorm(width), nn.GELU(),
+        nn.Linear(width, width), nn.LayerNorm(width), nn.GELU(), nn.Linear(width, 64),
+    )
+
+
+def transformer(width: int) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(64, 4, width, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def bench(name: str, trunk: nn.Module, x: torch.Tensor, K: int, repeats: int, device: str) -> dict:
+    heads = nn.ModuleList([nn.Linear(64, 1) for _ in range(K)]).to(device)
+    trunk = trunk.to(device)
+    params = [*trunk.parameters(), *heads.parameters()]
+
+    def losses():
+        z = trunk(x)
+        z = z.mean(dim=1) if z.dim() == 3 else z
+        return [h(z).pow(2).mean() for h in heads]
+
+    def clear():
+        for p in params:
+            p.grad = None
+
+    def plain():
+        clear()
+        torch.stack(losses()).sum().backward()
+
+    def forward_only():
+        losses()
+
+    def ours(parallel, agg):
+        def run():
+            clear()
+            mtl_opt.mtl_backward(losses(), trunk, agg, task_params=list(heads), parallel=parallel)
+        return run
+
+    def walk():
+        ls = losses()
+        t0 = time.perf_counter()
+        _reachable_leaves(ls)
+        return time.perf_counter() - t0
+
+    fwd = timed(forward_only, repeats, device)
+    row = {"model": name, "K": K, "d_shared": sum(p.numel() for p in trunk.parameters())}
+    row["plain backward"] = timed(plain, repeats, device) - fwd
+    ls, came = mtl_opt.get_aggregator("ls"), mtl_opt.get_aggregator("came_grad")
+    row["LS batched"] = timed(ours(True, ls), repeats, device) - fwd
+    row["LS loop"] = timed(ours(False, ls), repeats, device) - fwd
+    row["CAME-Grad batched"] = timed(ours(True, came), repeats, device) - fwd
+    row["graph walk"] = 1e3 * statistics.median(walk() for _ in range(repeats))
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    rows = []
+    for K in (2, 4, 8):
+        rows.append(bench("mlp-256", mlp(256), torch.randn(128, 64, device=args.device), K,
+                          args.repeats, args.device))
+        rows.append(bench("transformer-2x64", transformer(128), torch.randn(16, 32, 64, device=args.device),
+                          K, args.repeats, args.device))
+    cols = list(rows[0])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    print(f"\nbackward-only milliseconds (median of {args.repeats}, forward time subtracted), "
+          f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+
+if __name__ == "__main__":
+    main()
