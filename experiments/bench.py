@@ -290,7 +290,14 @@ def run_benchmark(
     progress: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
     """Time every method (specs like ``"cagrad:c=0.5"``) on every (device, K, d); rows of
-    :data:`COLUMNS`. See the module docstring for what is measured and how."""
+    :data:`COLUMNS`. See the module docstring for what is measured and how.
+
+    Within one (device, K, d) the floor, our methods, ``aggregate_many`` and the TorchJD
+    aggregators are timed *interleaved* (one call of each per round, ``repeats`` rounds), so a
+    load spike on a shared machine hits them alike and the ratios stay meaningful. Peak memory is
+    measured afterwards in a separate pass, so the allocator setting it needs does not touch the
+    timings.
+    """
     import mtl_opt
 
     say = progress or (lambda _msg: None)
@@ -300,132 +307,170 @@ def run_benchmark(
     labels = [s for s, _, _ in specs]
     if len(set(labels)) != len(labels):
         raise ValueError(f"method specs repeat: {labels}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
     for K in Ks:
         if int(K) < 1:
             raise ValueError(f"K must be >= 1, got {K}")
     for d in ds:
         if int(d) < 1:
             raise ValueError(f"d must be >= 1, got {d}")
+    for device_name in devices:
+        if torch.device(device_name).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device_name!r} was asked for but CUDA is not available")
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(int(threads))
-    if memory:
-        _fix_glibc_mmap_threshold()
     torchjd_note = ""
     if torchjd:
         try:
-            import torchjd as _tjd  # noqa: F401
+            import torchjd.aggregation  # noqa: F401
         except ImportError as exc:
             torchjd, torchjd_note = False, f"torchjd not importable ({exc}); comparison skipped"
             say(torchjd_note)
 
-    rows: list[dict[str, Any]] = []
+    groups = []
     for device_name in devices:
-        device = torch.device(device_name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but CUDA is not available")
         for K in Ks:
             for d in ds:
                 K, d = int(K), int(d)
                 nbytes = K * d * 4
                 if max_jacobian_bytes is not None and nbytes > max_jacobian_bytes:
-                    say(f"[{device}] K={K} d={d:.0e}: skipped (G is {nbytes / 2**20:.0f} MiB)")
+                    say(f"[{device_name}] K={K} d={d:.0e}: skipped (G is {nbytes / 2**20:.0f} MiB)")
                     continue
-                rows.extend(_bench_one(specs, K, d, device, repeats=repeats, warmup=warmup,
-                                       torchjd=torchjd, memory=memory, many=many, seed=seed,
-                                       say=say, torchjd_note=torchjd_note))
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                groups.append((torch.device(device_name), K, d))
+
+    rows: list[dict[str, Any]] = []
+    group_rows = []
+    for device, K, d in groups:
+        out = _time_group(specs, K, d, device, repeats=repeats, warmup=warmup, torchjd=torchjd,
+                          many=many, seed=seed, say=say, torchjd_note=torchjd_note)
+        group_rows.append(out)
+        rows.extend(out)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if memory:
+        say("peak memory pass ...")
+        _fix_glibc_mmap_threshold()
+        for (device, K, d), out in zip(groups, group_rows):
+            _memory_group(specs, K, d, device, out, torchjd=torchjd, many=many, seed=seed)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
-def _bench_one(specs, K, d, device, *, repeats, warmup, torchjd, memory, many, seed, say,
-               torchjd_note) -> list[dict[str, Any]]:
+def _candidates(specs, G: Tensor, *, torchjd: bool, many: bool) -> tuple[list[tuple], dict[str, str]]:
+    """The calls to time on ``G``: ``(label, impl, method, call, reference)``, and the notes of
+    methods that have no TorchJD counterpart (or whose counterpart cannot be built)."""
     import mtl_opt
 
-    G = make_jacobian(K, d, device, seed=seed)
-    threads = torch.get_num_threads()
-    base = {"device": str(device), "threads": threads, "K": K, "d": d, "dtype": str(G.dtype).replace("torch.", "")}
-    losses = torch.linspace(0.5, 2.0, K)  # for methods that need losses (MGDA "loss" normalisation)
-
-    def row(method, impl, timing: Timing | None, floor_ms, **extra):
-        r = {c: None for c in COLUMNS}
-        r.update(base, method=method, impl=impl, note="")
-        if timing is not None:
-            r.update(repeats=len(timing.times_s), median_ms=timing.median_ms, min_ms=timing.min_ms,
-                     max_ms=timing.max_ms, floor_ms=floor_ms,
-                     ratio_to_floor=timing.median_ms / floor_ms if floor_ms else None)
-        r.update(extra)
-        return r
-
-    out: list[dict[str, Any]] = []
-    floor = floor_call(G)
-    t_floor = time_call(floor, device, repeats=repeats, warmup=warmup)
-    floor_ms = t_floor.median_ms
-    out.append(row("floor", "floor", t_floor, floor_ms,
-                   peak_mem_bytes=measure_peak_memory(floor, device) if memory else None))
-
-    ours: dict[str, Any] = {}
+    K = G.shape[0]
+    losses = torch.linspace(0.5, 2.0, K)  # for methods that use losses (MGDA "loss" normalisation)
+    calls: list[tuple] = [("floor", "floor", "floor", floor_call(G), None)]
     for spec, name, hyper in specs:
         agg = mtl_opt.get_aggregator(name, **hyper)
-        ctx = {"losses": losses} if (agg.uses_losses or agg.requires_losses) else {}
-        call = (lambda agg=agg, ctx=ctx: agg(G, **ctx))
-        try:
-            timing = time_call(call, device, repeats=repeats, warmup=warmup)
-        except Exception as exc:
-            out.append(row(spec, "mtl_opt", None, floor_ms, note=f"failed: {type(exc).__name__}: {exc}"))
-            continue
-        r = row(spec, "mtl_opt", timing, floor_ms,
-                peak_mem_bytes=measure_peak_memory(call, device) if memory else None)
-        ours[spec] = (r, call(), name)
-        out.append(r)
-
+        ctx = {"losses": losses} if agg.uses_losses else {}
+        calls.append((spec, "mtl_opt", spec, (lambda agg=agg, ctx=ctx: agg(G, **ctx)), None))
     if many and len(specs) > 1:
-        aggs = {}
-        for spec, name, hyper in specs:
-            aggs[spec] = mtl_opt.get_aggregator(name, **hyper)
-        call = (lambda: mtl_opt.aggregate_many(G, aggs, losses=losses))
-        try:
-            timing = time_call(call, device, repeats=repeats, warmup=warmup)
-            separate = sum(r["median_ms"] for r, _, _ in ours.values())
-            out.append(row("aggregate_many", "mtl_opt_many", timing, floor_ms,
-                           peak_mem_bytes=measure_peak_memory(call, device) if memory else None,
-                           note=f"{len(aggs)} methods on one Gramian; separate calls sum to "
-                                f"{separate:.4g} ms"))
-        except Exception as exc:
-            out.append(row("aggregate_many", "mtl_opt_many", None, floor_ms,
-                           note=f"failed: {type(exc).__name__}: {exc}"))
-
+        aggs = {spec: mtl_opt.get_aggregator(name, **hyper) for spec, name, hyper in specs}
+        calls.append(("aggregate_many", "mtl_opt_many", "aggregate_many",
+                      (lambda: mtl_opt.aggregate_many(G, aggs, losses=losses)), None))
+    notes: dict[str, str] = {}
     if torchjd:
-        for spec, (r_ours, d_ours, name) in ours.items():
+        for spec, name, _ in specs:
             ref, why = torchjd_aggregator(name, K)
             if ref is None:
-                r_ours["note"] = why
-                continue
-            call = (lambda ref=ref: _quiet(ref, G))
-            try:
-                timing = time_call(call, device, repeats=repeats, warmup=warmup)
-            except Exception as exc:
-                r_ours["note"] = f"TorchJD {ref!r} failed: {type(exc).__name__}: {exc}"
-                continue
-            cos = _cosine(d_ours, call())
-            out.append(row(spec, "torchjd", timing, floor_ms, reference=repr(ref),
-                           peak_mem_bytes=measure_peak_memory(call, device) if memory else None,
-                           cosine_vs_torchjd=cos))
-            r_ours.update(torchjd_ms=timing.median_ms, speedup_vs_torchjd=timing.median_ms / r_ours["median_ms"],
-                          cosine_vs_torchjd=cos)
-    elif torchjd_note:
-        for r_ours, _, _ in ours.values():
-            r_ours["note"] = torchjd_note
+                notes[spec] = why
+            else:
+                calls.append((spec + " (torchjd)", "torchjd", spec, (lambda ref=ref: _quiet(ref, G)), repr(ref)))
+    return calls, notes
 
-    del G
+
+def _time_group(specs, K, d, device, *, repeats, warmup, torchjd, many, seed, say,
+                torchjd_note) -> list[dict[str, Any]]:
+    G = make_jacobian(K, d, device, seed=seed)
+    base = {"device": str(device), "threads": torch.get_num_threads(), "K": K, "d": d,
+            "dtype": str(G.dtype).replace("torch.", "")}
+    calls, notes = _candidates(specs, G, torchjd=torchjd, many=many)
+
+    # Warm up (and weed out calls that fail), then interleave the timed rounds.
+    failed: dict[str, str] = {}
+    directions: dict[str, Tensor] = {}
+    for label, impl, method, call, _ in calls:
+        try:
+            for _ in range(max(warmup, 1)):
+                result = call()
+            if impl in ("mtl_opt", "torchjd"):
+                directions[label] = result
+        except Exception as exc:
+            failed[label] = f"failed: {type(exc).__name__}: {exc}"
+    live = [c for c in calls if c[0] not in failed]
+    times: dict[str, list[float]] = {c[0]: [] for c in live}
+    for _ in range(repeats):
+        for label, _, _, call, _ in live:
+            _synchronize(device)
+            start = time.perf_counter()
+            call()
+            _synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    if "floor" in failed:
+        raise RuntimeError(f"the floor itself failed on K={K}, d={d}: {failed['floor']}")
+    floor_ms = Timing(tuple(times["floor"])).median_ms
+
+    out: list[dict[str, Any]] = []
+    by_method: dict[tuple[str, str], dict[str, Any]] = {}
+    separate_ms = 0.0
+    for label, impl, method, _, ref in calls:
+        r: dict[str, Any] = {c: None for c in COLUMNS}
+        r.update(base, method=method, impl=impl, reference=ref, note=failed.get(label, ""))
+        if label in times:
+            t = Timing(tuple(times[label]))
+            r.update(repeats=len(t.times_s), median_ms=t.median_ms, min_ms=t.min_ms, max_ms=t.max_ms,
+                     floor_ms=floor_ms, ratio_to_floor=t.median_ms / floor_ms)
+            if impl == "mtl_opt":
+                separate_ms += t.median_ms
+        out.append(r)
+        by_method[(impl, method)] = r
+    for r in out:
+        if r["impl"] == "mtl_opt_many" and r["median_ms"] is not None:
+            n = sum(1 for x in out if x["impl"] == "mtl_opt")
+            r["note"] = f"{n} methods on one Gramian; separate calls sum to {separate_ms:.4g} ms"
+        if r["impl"] != "mtl_opt" or r["median_ms"] is None:
+            continue
+        ref_row = by_method.get(("torchjd", r["method"]))
+        if ref_row is not None and ref_row["median_ms"] is not None:
+            cos = _cosine(directions[r["method"]], directions[r["method"] + " (torchjd)"])
+            r.update(torchjd_ms=ref_row["median_ms"], speedup_vs_torchjd=ref_row["median_ms"] / r["median_ms"],
+                     cosine_vs_torchjd=cos)
+            ref_row["cosine_vs_torchjd"] = cos
+        elif ref_row is not None:
+            r["note"] = f"TorchJD {ref_row['reference']} {ref_row['note']}"
+        elif not torchjd and torchjd_note:
+            r["note"] = torchjd_note
+        elif r["method"] in notes:
+            r["note"] = notes[r["method"]]
+    del G, directions
     summary = ", ".join(
-        f"{r['method']}{'/tjd' if r['impl'] == 'torchjd' else ''} {r['ratio_to_floor']:.2f}x"
+        f"{r['method']}{' (torchjd)' if r['impl'] == 'torchjd' else ''} {r['ratio_to_floor']:.2f}x"
         for r in out[1:] if r["ratio_to_floor"] is not None
     )
     say(f"[{device}] K={K} d={d:.0e}: floor {floor_ms:.4g} ms; ratio to floor: {summary}")
     return out
+
+
+def _memory_group(specs, K, d, device, out, *, torchjd, many, seed) -> None:
+    """Fill ``peak_mem_bytes`` of the rows ``out`` of one (device, K, d) (see the module docs)."""
+    G = make_jacobian(K, d, device, seed=seed)
+    calls, _ = _candidates(specs, G, torchjd=torchjd, many=many)
+    rows = {(r["impl"], r["method"]): r for r in out}
+    for _, impl, method, call, _ in calls:
+        r = rows.get((impl, method))
+        if r is None or r["median_ms"] is None:
+            continue
+        call()  # first-call allocations (caches, solver set-up) are not the steady state
+        r["peak_mem_bytes"] = measure_peak_memory(call, device)
+    del G
 
 
 # --------------------------------------------------------------------------------------------

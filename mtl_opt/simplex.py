@@ -40,6 +40,8 @@ objective ``αᵀMα`` is exact to ``~1e-10 · max_i M_ii``, and ``F`` to that p
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from scipy.optimize import nnls
@@ -73,6 +75,11 @@ def min_norm_weights(M: Tensor | np.ndarray) -> Tensor:
         dependent rows) one minimiser is returned; the point ``α*ᵀG`` is always unique. When every
         row is zero the uniform weights are returned.
     """
+    single = _single_2x2(M)
+    if single is not None:  # one 2 × 2 Gramian: the same closed form in Python floats
+        m11, m12, m22, batched = single
+        alpha = _min_norm_2_scalar(m11, m12, m22)
+        return torch.tensor([alpha] if batched else alpha, dtype=torch.float64)
     Ms, batched = _as_batch(M, "min_norm_weights")
     B, K = Ms.shape[0], Ms.shape[1]
     if K == 1:
@@ -135,6 +142,75 @@ def _as_batch(M: Tensor | np.ndarray, who: str) -> tuple[np.ndarray, bool]:
     if not np.isfinite(arr).all():
         raise ValueError(f"{who}: the Gramian is not finite (NaN or inf entries)")
     return 0.5 * (arr + arr.transpose(0, 2, 1)), batched
+
+
+def _single_2x2(M: Tensor | np.ndarray) -> tuple[float, float, float, bool] | None:
+    """``(M11, M12, M22, batched)`` of ONE finite 2 × 2 Gramian given as (2, 2) or (1, 2, 2).
+
+    The training-loop case (one Gramian per step, K = 2) is dominated by the fixed cost of small
+    NumPy/torch operations (about a microsecond each); the scalar forms below do the identical
+    arithmetic on Python floats. ``M12`` is symmetrised exactly as :func:`_as_batch` does. Any
+    other input (batches, K ≠ 2, non-finite entries) returns ``None`` and takes the general path,
+    which also raises the input errors.
+    """
+    if isinstance(M, Tensor):
+        if M.dim() not in (2, 3) or M.shape[-2:] != (2, 2) or (M.dim() == 3 and M.shape[0] != 1):
+            return None
+        values = M.detach().to(device="cpu", dtype=torch.float64).reshape(4).tolist()
+    elif isinstance(M, np.ndarray):
+        if M.ndim not in (2, 3) or M.shape[-2:] != (2, 2) or (M.ndim == 3 and M.shape[0] != 1):
+            return None
+        values = np.asarray(M, dtype=np.float64).reshape(4).tolist()
+    else:
+        return None
+    m11, m12, m21, m22 = values
+    if not (math.isfinite(m11) and math.isfinite(m12) and math.isfinite(m21) and math.isfinite(m22)):
+        return None
+    return 0.5 * (m11 + m11), 0.5 * (m12 + m21), 0.5 * (m22 + m22), len(M.shape) == 3
+
+
+def _min_norm_2_scalar(m11: float, m12: float, m22: float) -> list[float]:
+    """:func:`_min_norm_2` for one Gramian, on Python floats (same operations, same rounding)."""
+    D = m11 + m22 - 2.0 * m12
+    a1 = min(max((m22 - m12) / D, 0.0), 1.0) if D > 0 else 0.5
+    return [a1, 1.0 - a1]
+
+
+def _conflict_averse_2_scalar(m11: float, m12: float, m22: float, c: float) -> tuple[list[float], list[float]] | None:
+    """:func:`_conflict_averse_small` and :func:`_coefficients` for one 2 × 2 Gramian, on Python
+    floats (same operations). Returns ``None`` when the optimum sits at the origin, whose
+    cone-projection rule stays with the vectorised path."""
+    K = 2
+    b0, b1 = (m11 + m12) / K, (m12 + m22) / K
+    s = c * math.sqrt(max((b0 + b1) / K, 0.0))
+    D = m11 + m22 - 2.0 * m12
+    ok = D > 1e-15 * max(max(m11, m22), 1e-300)
+    Dsafe = D if ok else 1.0
+    a1 = (m22 - m12) / Dsafe
+    eps = (m22 - m11) / (2.0 * Dsafe)
+    msq = max((m11 * m22 - m12 * m12) / Dsafe, 0.0)
+    ksq = eps * eps * D
+    ok = ok and s * s > ksq
+    w1_edge = 0.0
+    if ok:
+        w1_edge = a1 + math.sqrt(msq / (s * s - ksq)) * eps
+        ok = 0.0 < w1_edge < 1.0
+
+    def F(w1: float) -> float:
+        w2 = 1.0 - w1
+        quad = max(w1 * w1 * m11 + 2 * w1 * w2 * m12 + w2 * w2 * m22, 0.0)
+        return w1 * b0 + w2 * b1 + s * math.sqrt(quad)
+
+    vals = [F(1.0), F(0.0), F(w1_edge) if ok else math.inf]
+    w1 = (1.0, 0.0, w1_edge)[vals.index(min(vals))]
+    w2 = 1.0 - w1
+    # wᵀMw in the order numpy's einsum sums it (pairwise), so the results are bitwise equal.
+    r2 = (w1 * m11) * w1 + (w1 * m12) * w2 + ((w2 * m12) * w1 + (w2 * m22) * w2)
+    live = r2 > ZERO_NORM_RTOL * max(m11, m22) and s > 0
+    if not live and s > 0:
+        return None
+    factor = s / math.sqrt(r2) if live else 0.0
+    return [w1, w2], [1.0 / K + factor * w1, 1.0 / K + factor * w2]
 
 
 def _min_norm_2(M: np.ndarray) -> np.ndarray:
@@ -217,6 +293,13 @@ def _conflict_averse(M: Tensor | np.ndarray, c: float) -> tuple[Tensor, Tensor]:
     c = float(c)
     if not np.isfinite(c) or c < 0:
         raise ValueError(f"the conflict-averse radius factor c must be finite and >= 0, got {c!r}")
+    single = _single_2x2(M)
+    if single is not None:  # one 2 × 2 Gramian: the same closed form in Python floats
+        m11, m12, m22, batched = single
+        pair = _conflict_averse_2_scalar(m11, m12, m22, c)
+        if pair is not None:
+            w, coef = (torch.tensor([v] if batched else v, dtype=torch.float64) for v in pair)
+            return w, coef
     Ms, batched = _as_batch(M, "conflict_averse_weights")
     B, K = Ms.shape[0], Ms.shape[1]
     if K <= 2:
