@@ -128,28 +128,35 @@ def main(argv: list[str] | None = None) -> int:
 
     configs = [("baseline (L1+L2).backward()", None, "-")]
     configs += [(m, m, level) for level in args.levels for m in methods]
-    rows = []
-    base_ms = None
-    for label, method, level in configs:
-        step, info = _make_step(model, opt, batch, method, level, parallel)
+    steps = [_make_step(model, opt, batch, method, level, parallel) for _, method, level in configs]
+    # Warm up, then interleave: one step of every configuration per round, so load spikes on a
+    # shared machine hit all of them alike.
+    for step, _ in steps:
         for _ in range(args.warmup):
             step()
-        times = []
-        for _ in range(args.steps):
+    times: list[list[float]] = [[] for _ in configs]
+    for r in range(args.steps):
+        for i, (step, _) in enumerate(steps):
             _synchronize(device)
             t0 = time.perf_counter()
             step()
             _synchronize(device)
-            times.append(1e3 * (time.perf_counter() - t0))
-        peak = None if args.no_memory else measure_peak_memory(step, device)
-        med = statistics.median(times)
-        base_ms = med if method is None else base_ms
+            times[i].append(1e3 * (time.perf_counter() - t0))
+        print(f"round {r + 1}/{args.steps} done", flush=True)
+    peaks: list[float | None] = [None] * len(configs)
+    if not args.no_memory:  # separate pass: the allocator setting it needs must not touch timings
+        _fix_glibc_mmap_threshold()
+        for i, (step, _) in enumerate(steps):
+            step()
+            peak = measure_peak_memory(step, device)
+            peaks[i] = None if peak is None else peak / 2**20
+    rows = []
+    base_ms = statistics.median(times[0])
+    for (label, method, level), (_, info), ts, peak in zip(configs, steps, times, peaks):
+        med = statistics.median(ts)
         rows.append({"method": label, "level": level, "steps": args.steps, "median_ms": med,
-                     "min_ms": min(times), "max_ms": max(times), "ratio_to_baseline": med / base_ms,
-                     "batched_jacobian": info.get("batched"),
-                     "peak_mem_mb": None if peak is None else peak / 2**20})
-        print(f"{label:32s} {level:10s} {med:9.2f} ms  x{med / base_ms:.2f}  "
-              f"peak {rows[-1]['peak_mem_mb'] or float('nan'):.1f} MiB", flush=True)
+                     "min_ms": min(ts), "max_ms": max(ts), "ratio_to_baseline": med / base_ms,
+                     "batched_jacobian": info.get("batched"), "peak_mem_mb": peak})
 
     import pandas as pd
 

@@ -254,12 +254,20 @@ def torchjd_aggregator(name: str, K: int) -> tuple[object | None, str]:
         return None, f"TorchJD {cls_name} unavailable: {type(exc).__name__}: {exc}"
 
 
-def _quiet(ref: Callable[[Tensor], Tensor], G: Tensor) -> Tensor:
-    """Call a TorchJD aggregator without cvxpy's per-call "problem is not DPP" warning (it says
-    that TorchJD's Nash-MTL re-compiles its problem on every solve, which the timing shows)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*not DPP.*")
-        return ref(G)
+def _quiet(ref: Callable[[Tensor], Tensor], G: Tensor, warned: dict[str, int]) -> Tensor:
+    """Call a TorchJD aggregator, counting its warnings in ``warned`` instead of printing them.
+
+    TorchJD's cvxpy-based aggregators warn on most calls (Nash-MTL: "problem is not DPP", i.e. it
+    is re-compiled on every solve; ECOS: "Solution may be inaccurate"); the counts end up in the
+    row's ``note`` so they are reported, once, with the timing they belong to.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = ref(G)
+    for w in caught:
+        msg = str(w.message).split(".")[0][:80]
+        warned[msg] = warned.get(msg, 0) + 1
+    return out
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
@@ -360,9 +368,10 @@ def run_benchmark(
     return rows
 
 
-def _candidates(specs, G: Tensor, *, torchjd: bool, many: bool) -> tuple[list[tuple], dict[str, str]]:
-    """The calls to time on ``G``: ``(label, impl, method, call, reference)``, and the notes of
-    methods that have no TorchJD counterpart (or whose counterpart cannot be built)."""
+def _candidates(specs, G: Tensor, *, torchjd: bool, many: bool) -> tuple[list[tuple], dict[str, Any]]:
+    """The calls to time on ``G``: ``(label, impl, method, call, reference)``, and notes: per
+    method without a usable TorchJD counterpart, why (a string); per TorchJD call, the counts of
+    the warnings it raised (a dict filled as it runs)."""
     import mtl_opt
 
     K = G.shape[0]
@@ -383,7 +392,10 @@ def _candidates(specs, G: Tensor, *, torchjd: bool, many: bool) -> tuple[list[tu
             if ref is None:
                 notes[spec] = why
             else:
-                calls.append((spec + " (torchjd)", "torchjd", spec, (lambda ref=ref: _quiet(ref, G)), repr(ref)))
+                warned: dict[str, int] = {}
+                notes[spec + " (torchjd)"] = warned  # type: ignore[assignment]
+                calls.append((spec + " (torchjd)", "torchjd", spec,
+                              (lambda ref=ref, warned=warned: _quiet(ref, G, warned)), repr(ref)))
     return calls, notes
 
 
@@ -432,6 +444,12 @@ def _time_group(specs, K, d, device, *, repeats, warmup, torchjd, many, seed, sa
                 separate_ms += t.median_ms
         out.append(r)
         by_method[(impl, method)] = r
+    for label, impl, method, _, _ in calls:
+        warned = notes.get(label)
+        if impl == "torchjd" and warned:
+            r = by_method[(impl, method)]
+            counts = "; ".join(f"{msg!r} x{n}" for msg, n in warned.items())
+            r["note"] = (r["note"] + " " if r["note"] else "") + f"TorchJD warned: {counts}"
     for r in out:
         if r["impl"] == "mtl_opt_many" and r["median_ms"] is not None:
             n = sum(1 for x in out if x["impl"] == "mtl_opt")
@@ -448,7 +466,7 @@ def _time_group(specs, K, d, device, *, repeats, warmup, torchjd, many, seed, sa
             r["note"] = f"TorchJD {ref_row['reference']} {ref_row['note']}"
         elif not torchjd and torchjd_note:
             r["note"] = torchjd_note
-        elif r["method"] in notes:
+        elif isinstance(notes.get(r["method"]), str):
             r["note"] = notes[r["method"]]
     del G, directions
     summary = ", ".join(
