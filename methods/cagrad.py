@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.registry import register_aggregator
-from mtl_opt.simplex import conflict_averse_coefficients
+from mtl_opt.simplex import conflict_averse_batch_np
 
 
 @register_aggregator("cagrad")
 class CAGrad(GramianAggregator):
-    """CAGrad (Liu et al. 2021, "Conflict-Averse Gradient Descent for Multi-task Learning").
+    """CAGrad (Liu et al. 2021): the best worst-task improvement within a ball around the mean.
+
+    "Conflict-Averse Gradient Descent for Multi-task Learning" (NeurIPS 2021).
 
     With ``g0 = (1/K) Σ_i g_i`` the mean gradient and ``φ = c²‖g0‖²``, the weights solve the dual
     of "maximise the worst task improvement within a ball around g0":
@@ -25,17 +28,24 @@ class CAGrad(GramianAggregator):
     (``rescale=0``). The factor ``K`` puts it on the scale of the *sum* of task gradients.
 
     The original code solves for ``w`` with scipy's SLSQP; here it is exact (see
-    :func:`mtl_opt.simplex.conflict_averse_weights`): a closed form at K = 2 (stationarity on the
-    edge is a quadratic equation), and beyond it a support found by a bracketed root search whose
-    closed-form solution is accepted only if it passes the KKT test
-    ``∇F_i ≥ w*ᵀ∇F − tol`` for all ``i`` (``∇F = M1/K + √φ Mw*/‖g_w*‖``), which bounds the
-    objective gap by ``tol = 1e-10·(1 + √φ/‖g_max‖)·max_i ‖g_i‖²``; an optimum at ``g_w* = 0`` is
-    certified by ``‖proj_{cone(rows)}(−g0)‖ ≤ √φ``.
+    :mod:`mtl_opt.simplex`). K = 2: closed form (stationarity on the edge is a quadratic
+    equation), best of the edge point and the two vertices. K = 3: the same over the triangle's
+    seven faces, vectorised over batches. Every K ≥ 3 answer off the origin is accepted only if
+    it passes the KKT test ``∇F_i ≥ w*ᵀ∇F − tol`` for all ``i``
+    (``∇F = M1/K + √φ Mw*/‖g_w*‖``), which bounds the objective gap ``F(w*) − F* ≤ tol`` with
+    ``tol = 1e-10·(1 + √φ/max_i‖g_i‖)·max_i‖g_i‖²``; K ≥ 4 (and any K = 3 entry failing the
+    test) uses a bracketed root search for the support with a closed-form root. An optimum at
+    ``g_w* = 0`` is certified by ``‖proj_{cone(rows)}(−g0)‖ ≤ √φ``. The tests also check a zero
+    duality gap: ``min_i g_i·d`` equals ``F(w*)`` for the returned ``d``.
 
-    Edge cases: when ``‖g_w*‖ = 0`` (to rounding: ``‖g_w*‖² ≤ 1e-14·max_i‖g_i‖²``) or ``φ = 0``
-    the second term is dropped and ``d = K g0 / R`` (the unit vector ``g_w/‖g_w‖`` is undefined;
-    the original code's ``c/(‖g_w‖ + 1e-8)`` also adds nothing there). ``g0 = 0`` gives
-    ``d = 0``; ``K = 1`` gives ``d = (1 + c)/R · g_1``.
+    Edge cases: ``φ = 0`` gives ``d = K g0 / R``; so ``g0 = 0`` gives ``d = 0``. When
+    ``‖g_w*‖ = 0`` (to rounding: ``‖g_w*‖² ≤ 1e-14·max_i‖g_i‖²``; the origin of the hull is
+    optimal) the unit vector ``g_w/‖g_w‖`` is undefined and every ``d`` of the ball with
+    ``g_i·d ≥ 0`` for all ``i`` solves CAGrad's primal problem; the one closest to ``g0`` is used:
+    ``d = K · proj_{d: Gd ≥ 0}(g0) / R`` (an NNLS problem), which is ``K g0 / R`` whenever no task
+    conflicts with ``g0`` (e.g. a zero row beside agreeing rows) and ``0`` for exactly opposing
+    collinear rows. (The original code returns ``≈ K g0 / R`` there, which is not primal-optimal
+    when some ``g_i·g0 < 0``.) ``K = 1`` gives ``d = (1 + c)/R · g_1``.
 
     Args:
         c: the conflict-aversion radius ``c ≥ 0`` (0.4 in the paper's multi-task experiments);
@@ -57,4 +67,5 @@ class CAGrad(GramianAggregator):
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         K = M.shape[1]
-        return conflict_averse_coefficients(M, self.c) * (K / self._divisor())
+        _, coef = conflict_averse_batch_np(M.numpy(), self.c)
+        return torch.from_numpy(coef * (K / self._divisor()))

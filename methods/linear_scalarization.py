@@ -45,3 +45,7 @@ class LinearScalarization(GramianAggregator):
         if w.numel() != K:
             raise ValueError(f"LinearScalarization has {w.numel()} weights but there are {K} tasks")
         return w.clone()
+
+    def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        # The weights do not depend on M: one row, repeated (no loop over the batch).
+        return self._weights(M[0], losses=None, task_weights=task_weights).expand(M.shape[0], -1).clone()

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mtl_opt._validation import check_choice
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.registry import register_aggregator
-from mtl_opt.simplex import min_norm_weights
+from mtl_opt.simplex import min_norm_batch_np
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
 
 @register_aggregator("mgda")
 class MGDA(GramianAggregator):
-    """MGDA (Désidéri 2012; Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective
-    Optimization"): the min-norm point of the convex hull of the (normalised) task gradients.
+    """MGDA (Désidéri 2012; Sener & Koltun 2018): the exact min-norm point of the gradients' hull.
+
+    Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization" (NeurIPS 2018): the
+    min-norm point of the convex hull of the (normalised) task gradients.
 
     With scales ``s_i`` and normalised rows ``ĝ_i = g_i / s_i`` (normalised Gramian
     ``M̂ = D M D``, ``D = diag(1/s_i)``), the weights are the exact solution of
@@ -49,21 +52,23 @@ class MGDA(GramianAggregator):
         self.normalization = check_choice("normalization", normalization, _NORMALIZATIONS, owner="MGDA")
         self.requires_losses = self.normalization in ("loss", "loss+")
 
-    def _scales_inverse(self, M: Tensor, losses: Tensor | None) -> Tensor:
+    def _scales_inverse(self, M: np.ndarray, losses: Tensor | None) -> np.ndarray:
         """``1/s_i`` per batch entry, shape (B, K); zero-norm rows get 0 under l2 / loss+."""
-        diag = torch.diagonal(M, dim1=1, dim2=2).clamp_min(0.0)
-        inv = torch.ones_like(diag)
+        diag = np.maximum(np.diagonal(M, axis1=1, axis2=2), 0.0)
+        inv = np.ones_like(diag)
         if self.normalization in ("loss", "loss+"):
             if losses is None:
                 raise ValueError(f"{self!r} needs the task losses: call it with losses=...")
-            if not bool((losses > 0).all()):
+            L = losses.numpy()
+            if not bool((L > 0).all()):
                 raise ValueError(
-                    f"{self!r} divides by the task losses, which must be positive; got {losses.tolist()}"
+                    f"{self!r} divides by the task losses, which must be positive; got {L.tolist()}"
                 )
-            inv = inv / losses
+            inv = inv / L
         if self.normalization in ("l2", "loss+"):
-            norms = diag.sqrt()
-            inv = torch.where(norms > 0, inv / torch.where(norms > 0, norms, 1.0), torch.zeros_like(inv))
+            norms = np.sqrt(diag)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                inv = np.where(norms > 0, inv / norms, 0.0)
         return inv
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
@@ -72,8 +77,9 @@ class MGDA(GramianAggregator):
         )[0]
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        K = M.shape[1]
+        Mn = M.numpy()
+        K = Mn.shape[1]
         if self.normalization != "none":
-            inv = self._scales_inverse(M, losses)
-            M = M * inv[:, :, None] * inv[:, None, :]
-        return K * min_norm_weights(M)
+            inv = self._scales_inverse(Mn, losses)
+            Mn = Mn * inv[:, :, None] * inv[:, None, :]
+        return torch.from_numpy(K * min_norm_batch_np(Mn))

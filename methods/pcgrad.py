@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,9 @@ _ORDERS = ("random", "fixed")
 
 @register_aggregator("pcgrad")
 class PCGrad(GramianAggregator):
-    """PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning", Algorithm 1).
+    """PCGrad (Yu et al. 2020): project each gradient off the ones it conflicts with, then sum.
+
+    "Gradient Surgery for Multi-Task Learning" (NeurIPS 2020), Algorithm 1.
 
     Each task gradient ``g_i`` is projected off every *other* task's original gradient ``g_j``
     it conflicts with, visiting the other tasks in turn::
@@ -49,9 +52,9 @@ class PCGrad(GramianAggregator):
 
     def __init__(self, seed: int | None = None, order: str = "random") -> None:
         self.order = check_choice("order", order, _ORDERS, owner="PCGrad")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"PCGrad: seed must be an int or None, got {seed!r}")
-        self.seed = seed
+        self.seed = None if seed is None else int(seed)
         self._seed_used = (
             int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
         )
@@ -106,6 +109,6 @@ class PCGrad(GramianAggregator):
         rows = np.arange(K)
         for r in range(K - 1):
             J = np.array([orders[i][r] for i in range(K)])
-            dot = np.einsum("bik,bki->bi", C, Mn[:, :, J])  # g_i^PC · g_{J_i}
+            dot = (C * Mn[:, :, J].transpose(0, 2, 1)).sum(axis=2)  # g_i^PC · g_{J_i}
             C[:, rows, J] -= np.where((dot < 0) & (diag[:, J] > 0), dot / safe[:, J], 0.0)
         return torch.from_numpy(C.sum(axis=1))

@@ -13,12 +13,17 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
 
 * ``K = 1``: the only point of the simplex.
 * ``K = 2``: closed forms, vectorised over a batch (no Python loop over the batch).
-* ``K ≥ 3``: the min-norm point comes from a non-negative least-squares problem (Lawson–Hanson
-  active set, :func:`scipy.optimize.nnls`): with ``M = LLᵀ``, ``v* = argmin_{v≥0}
-  ‖Lᵀv‖² + (1 − 1ᵀv)²`` gives ``α* = v*/1ᵀv*`` (the KKT conditions of the NNLS problem are those of
-  the min-norm problem scaled by ``1ᵀv*``). The support is then re-solved exactly (bordered
-  equality-constrained system) and the KKT conditions are verified:
-  ``(Mα)_i ≥ αᵀMα − tol`` for every ``i`` (which bounds the objective gap by ``2·tol``).
+* ``K = 3``: vectorised over the batch too: the optimum lies in the relative interior of one of
+  the triangle's 7 faces, where it is that face's stationary point (closed form on vertices and
+  edges, a bordered 4 × 4 solve on the triangle); the best candidate is kept and must pass the
+  KKT test below, and an entry that fails it is re-solved by the general method.
+* ``K ≥ 4`` (and the K = 3 fallback): the min-norm point comes from a non-negative
+  least-squares problem (Lawson–Hanson active set, :func:`scipy.optimize.nnls`): with
+  ``M = LLᵀ``, ``v* = argmin_{v≥0} ‖Lᵀv‖² + (1 − 1ᵀv)²`` gives ``α* = v*/1ᵀv*`` (the KKT
+  conditions of the NNLS problem are those of the min-norm problem scaled by ``1ᵀv*``). The
+  support is then re-solved exactly (bordered equality-constrained system) and the KKT
+  conditions are verified: ``(Mα)_i ≥ αᵀMα − tol`` for every ``i`` (which bounds the objective
+  gap by ``2·tol``).
   The conflict-averse problem is reduced to a one-dimensional root: for ``t ≥ 0`` let
   ``x(t) = proj_C(−t g0)`` (``C`` the convex hull of the rows; a min-norm problem on the shifted
   Gramian of the rows ``g_i + t g0``); the optimum is ``x* = x(t*)`` with ``‖x(t*)‖ = s t*``
@@ -28,14 +33,19 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
   ``t* = m / √(s² − κ²)`` — and the result is accepted only when it passes the KKT test of
   ``F``: ``w ≥ 0`` and ``∇F_i = b_i + s(Mw)_i/r ≥ wᵀ∇F − tol`` for all ``i`` (``r = ‖Gᵀw‖``),
   which bounds ``F(w) − F* ≤ tol``. When the optimum has ``r = 0`` (the origin is in the hull),
-  optimality is certified exactly by ``‖proj_{cone(rows)}(−g0)‖ ≤ s`` (an NNLS problem).
+  optimality is certified exactly by ``‖proj_{cone(rows)}(−g0)‖ ≤ s`` (an NNLS problem); the
+  returned direction is then the primal optimum closest to ``g0`` (see
+  :func:`conflict_averse_coefficients`).
 
 A solver that cannot certify its answer raises :class:`RuntimeError`; it never returns an
 unverified point. Precision: the Gramian squares the rows, so a combination ``‖Gᵀw‖`` near zero
 is only known to about ``√(ε · max_i M_ii)`` (``ε`` the float64 unit roundoff); the min-norm
 objective ``αᵀMα`` is exact to ``~1e-10 · max_i M_ii``, and ``F`` to that plus
-``c‖g0‖ · √(ε · max_i M_ii)`` when its optimum is near the origin. All arithmetic is float64 on the CPU; tolerances are relative to
-``max_i M_ii``.
+``c‖g0‖ · √(ε · max_i M_ii)`` when its optimum is near the origin. All arithmetic is float64
+on the CPU; tolerances are relative to ``max_i M_ii``.
+
+``min_norm_batch_np`` and ``conflict_averse_batch_np`` are the unchecked numpy entry points
+(symmetric float64 ``(B, K, K)`` in, numpy out) used by the methods' batched paths.
 """
 
 from __future__ import annotations
@@ -49,8 +59,10 @@ from torch import Tensor
 
 __all__ = [
     "ZERO_NORM_RTOL",
+    "conflict_averse_batch_np",
     "conflict_averse_coefficients",
     "conflict_averse_weights",
+    "min_norm_batch_np",
     "min_norm_weights",
 ]
 
@@ -81,13 +93,7 @@ def min_norm_weights(M: Tensor | np.ndarray) -> Tensor:
         alpha = _min_norm_2_scalar(m11, m12, m22)
         return torch.tensor([alpha] if batched else alpha, dtype=torch.float64)
     Ms, batched = _as_batch(M, "min_norm_weights")
-    B, K = Ms.shape[0], Ms.shape[1]
-    if K == 1:
-        out = np.ones((B, 1))
-    elif K == 2:
-        out = _min_norm_2(Ms)
-    else:
-        out = np.stack([_min_norm_general(Ms[b]) for b in range(B)])
+    out = min_norm_batch_np(Ms)
     result = torch.from_numpy(np.ascontiguousarray(out))
     return result if batched else result[0]
 
@@ -114,10 +120,17 @@ def conflict_averse_coefficients(M: Tensor | np.ndarray, c: float) -> Tensor:
     """Row coefficients ``γ`` of the conflict-averse direction ``u = g0 + c‖g0‖ · g_w/‖g_w‖``.
 
     ``u = γᵀG`` with ``γ = 1/K + (c‖g0‖/r) w*`` and ``r = ‖g_w*‖ = √(w*ᵀMw*)`` (``w*`` from
-    :func:`conflict_averse_weights`); this is on the scale of the *mean* gradient. When
-    ``r² ≤ ZERO_NORM_RTOL · max_i M_ii`` (the optimum sits at the origin) or ``c‖g0‖ = 0`` the
-    second term is taken as zero and ``u = g0``: the direction ``g_w/‖g_w‖`` is undefined there and
-    the original CAGrad code's ``c/(‖g_w‖ + 1e-8)`` likewise adds (almost) nothing.
+    :func:`conflict_averse_weights`); this is on the scale of the *mean* gradient. By strong
+    duality ``u`` solves CAGrad's primal problem ``max_d min_i g_i·d  s.t.  ‖d − g0‖ ≤ c‖g0‖``.
+
+    Edge cases: ``c‖g0‖ = 0`` gives ``u = g0`` (the ball is a point). When the optimum sits at
+    the origin (``r² ≤ ZERO_NORM_RTOL · max_i M_ii``) the unit vector ``g_w/‖g_w‖`` is undefined
+    and every ``d`` of the ball with ``g_i·d ≥ 0`` for all ``i`` is primal-optimal; the one closest
+    to ``g0`` is returned: ``u = proj_{d: Gd ≥ 0}(g0) = g0 + Gᵀv*`` with
+    ``v* = argmin_{v≥0} ‖g0 + Gᵀv‖`` (an NNLS problem; ``u`` lies in the ball by the optimality
+    certificate). The original CAGrad code returns ``≈ g0`` there (``c/(‖g_w‖ + 1e-8)`` times a
+    zero vector), which is not primal-optimal when some ``g_i·g0 < 0``; the two agree when no task
+    conflicts with ``g0`` (e.g. a zero row beside agreeing rows).
     """
     w, coef = _conflict_averse(M, c)
     return coef
@@ -301,15 +314,33 @@ def _conflict_averse(M: Tensor | np.ndarray, c: float) -> tuple[Tensor, Tensor]:
             w, coef = (torch.tensor([v] if batched else v, dtype=torch.float64) for v in pair)
             return w, coef
     Ms, batched = _as_batch(M, "conflict_averse_weights")
-    B, K = Ms.shape[0], Ms.shape[1]
-    if K <= 2:
-        w, coef = _conflict_averse_small(Ms, c)
-    else:
-        pairs = [_conflict_averse_general(Ms[b], c) for b in range(B)]
-        w = np.stack([p[0] for p in pairs])
-        coef = np.stack([p[1] for p in pairs])
+    w, coef = conflict_averse_batch_np(Ms, c)
     w_t, coef_t = torch.from_numpy(np.ascontiguousarray(w)), torch.from_numpy(np.ascontiguousarray(coef))
     return (w_t, coef_t) if batched else (w_t[0], coef_t[0])
+
+
+def conflict_averse_batch_np(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Unchecked fast path for callers that already hold a symmetric float64 batch (B, K, K):
+    ``(w*, γ)`` as numpy arrays (see :func:`conflict_averse_weights` / ``_coefficients``)."""
+    B, K = M.shape[0], M.shape[1]
+    if K <= 2:
+        return _conflict_averse_small(M, c)
+    if K == 3:
+        return _conflict_averse_3(M, c)
+    pairs = [_conflict_averse_general(M[b], c) for b in range(B)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def min_norm_batch_np(M: np.ndarray) -> np.ndarray:
+    """Unchecked fast path of :func:`min_norm_weights` for a symmetric float64 batch (B, K, K)."""
+    B, K = M.shape[0], M.shape[1]
+    if K == 1:
+        return np.ones((B, 1))
+    if K == 2:
+        return _min_norm_2(M)
+    if K == 3:
+        return _min_norm_3(M)
+    return np.stack([_min_norm_general(M[b]) for b in range(B)])
 
 
 def _coefficients(M: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
@@ -380,45 +411,47 @@ def _cone_nnls(M: np.ndarray) -> tuple[np.ndarray, float]:
 def _conflict_averse_small(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
     """K ≤ 2, vectorised: the optimum is a vertex or the edge's stationary point; keep the best.
 
-    On the edge ``w = (w1, 1 − w1)``: the affine min-norm coefficients ``a1 = (M22 − M12)/D``
-    (``D = M11 + M22 − 2M12``), the shift direction ``e = ε(1, −1)`` with ``ε = (M22 − M11)/(2D)``,
-    ``m² = (M11 M22 − M12²)/D``, ``κ² = ε² D``; stationarity ``‖x(t)‖ = s t`` is the quadratic
-    ``m² + κ² t² = s² t²``, so ``t = m/√(s² − κ²)`` (no stationary point when ``s ≤ κ``) and
-    ``w1 = a1 + t ε``. Convexity of ``F`` on the edge makes the smallest of the (at most three)
-    candidate values the minimum.
+    On the edge ``w = (w1, 1 − w1)``, with ``D = M11 + M22 − 2M12``: the affine min-norm
+    coefficients ``a1 = (M22 − M12)/D``, the shift direction ``e = ε(1, −1)`` with
+    ``ε = (M22 − M11)/(2D)``, ``m² = (M11 M22 − M12²)/D`` and ``κ² = ε² D``. Stationarity
+    ``‖x(t)‖ = s t`` is the quadratic ``m² + κ² t² = s² t²``, so
+    ``t² = m²/(s² − κ²) = 4(M11 M22 − M12²)/(4Ds² − (M22 − M11)²)`` (no stationary point when
+    ``s ≤ κ``), ``w1 = a1 + t ε``, ``r = ‖g_w‖ = s t`` and ``F = w·b + s² t``. Convexity of ``F``
+    on the edge makes the smallest of the (at most three) candidate values the minimum.
     """
     B, K = M.shape[0], M.shape[1]
-    b = M.sum(axis=2) / K
-    g0sq = np.clip(b.sum(axis=1) / K, 0.0, None)
-    s = c * np.sqrt(g0sq)
     if K == 1:
+        m11 = M[:, 0, 0]
+        s = c * np.sqrt(np.maximum(m11, 0.0))
         w = np.ones((B, 1))
         return w, _coefficients(M, w, s)
     m11, m22, m12 = M[:, 0, 0], M[:, 1, 1], M[:, 0, 1]
+    b1, b2 = 0.5 * (m11 + m12), 0.5 * (m12 + m22)
+    s = c * np.sqrt(np.maximum(0.5 * (b1 + b2), 0.0))
+    r1, r2 = np.sqrt(np.maximum(m11, 0.0)), np.sqrt(np.maximum(m22, 0.0))
+    F1, F2 = b1 + s * r1, b2 + s * r2
     D = m11 + m22 - 2.0 * m12
-    ok = D > 1e-15 * np.maximum(np.maximum(m11, m22), 1e-300)
-    Dsafe = np.where(ok, D, 1.0)
-    a1 = (m22 - m12) / Dsafe
-    eps = (m22 - m11) / (2.0 * Dsafe)
-    msq = np.clip((m11 * m22 - m12 * m12) / Dsafe, 0.0, None)
-    ksq = eps * eps * D
-    ok &= s * s > ksq
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = np.sqrt(msq / np.where(ok, s * s - ksq, 1.0))
-    w1_edge = np.where(ok, a1 + t * eps, 0.0)
-    ok &= (w1_edge > 0.0) & (w1_edge < 1.0)
-
-    def F(w1: np.ndarray) -> np.ndarray:
-        w2 = 1.0 - w1
-        quad = np.clip(w1 * w1 * m11 + 2 * w1 * w2 * m12 + w2 * w2 * m22, 0.0, None)
-        return w1 * b[:, 0] + w2 * b[:, 1] + s * np.sqrt(quad)
-
-    ones, zeros = np.ones(B), np.zeros(B)
-    vals = np.stack([F(ones), F(zeros), np.where(ok, F(w1_edge), np.inf)], axis=1)
-    choice = np.argmin(vals, axis=1)
-    w1 = np.choose(choice, [ones, zeros, w1_edge])
+    dm = m22 - m11
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        den = 4.0 * D * s * s - dm * dm
+        t = np.sqrt(np.maximum(4.0 * (m11 * m22 - m12 * m12), 0.0) / den)
+        w1e = (m22 - m12 + 0.5 * t * dm) / D
+        Fe = b2 + w1e * (b1 - b2) + s * s * t
+    ok = (D > 1e-15 * np.maximum(m11, m22)) & (den > 0.0) & (w1e > 0.0) & (w1e < 1.0)
+    Fe = np.where(ok, Fe, np.inf)
+    pick1 = (F1 <= F2) & (F1 <= Fe)
+    pick2 = ~pick1 & (F2 <= Fe)
+    w1 = np.where(pick1, 1.0, np.where(pick2, 0.0, w1e))
+    r = np.where(pick1, r1, np.where(pick2, r2, s * t))
     w = np.stack([w1, 1.0 - w1], axis=1)
-    return w, _coefficients(M, w, s)
+    live = (r * r > ZERO_NORM_RTOL * np.maximum(m11, m22)) & (s > 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(live, s / r, 0.0)
+    coef = 0.5 + factor[:, None] * w
+    at_origin = ~live & (s > 0.0)
+    if at_origin.any():
+        coef[at_origin] += _cone_projection(M[at_origin])
+    return w, coef
 
 
 def _ca_on_support(
@@ -516,3 +549,116 @@ def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.nd
         f"conflict-averse solver could not certify an optimum (KKT check failed) for c={c} and "
         f"the Gramian {M.tolist()}"
     )
+
+
+# ------------------------------------------------------------------------------------------------
+# K = 3, vectorised over the batch: every face of the triangle, in closed form
+# ------------------------------------------------------------------------------------------------
+_PAIRS_3 = ((0, 1), (0, 2), (1, 2))
+
+
+def _normalised(M: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    scale = np.max(np.diagonal(M, axis1=1, axis2=2), axis=1)
+    safe = np.where(scale > 0, scale, 1.0)
+    return M / safe[:, None, None], scale
+
+
+def _triangle_systems(A: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Affine min-norm coefficients ``a`` (and shift direction ``e`` for right-hand side ``−b``)
+    of the whole triangle from the bordered 4 × 4 system; ``ok`` marks well-posed entries."""
+    B = A.shape[0]
+    Bm = np.zeros((B, 4, 4))
+    Bm[:, :3, :3] = A
+    Bm[:, :3, 3] = 1.0
+    Bm[:, 3, :3] = 1.0
+    ok = np.abs(np.linalg.det(Bm)) > 1e-10
+    Bm[~ok] = np.eye(4)
+    rhs = np.zeros((B, 4, 2))
+    rhs[:, 3, 0] = 1.0
+    if b is not None:
+        rhs[:, :3, 1] = -b
+    sol = np.linalg.solve(Bm, rhs)
+    return sol[:, :3, 0], (sol[:, :3, 1] if b is not None else None), ok
+
+
+def _min_norm_3(M: np.ndarray) -> np.ndarray:
+    """Exact min-norm weights at K = 3 for a batch: the best of the affine minimisers of the 7
+    faces (vertices, clipped edge closed forms, the triangle's bordered solve), then the KKT test;
+    an entry that fails it (ill-conditioned face) is re-solved by the general solver."""
+    B = M.shape[0]
+    A, scale = _normalised(M)
+    cands = [np.broadcast_to(np.eye(3)[i], (B, 3)) for i in range(3)]
+    for i, j in _PAIRS_3:
+        pair = A[:, [i, j]][:, :, [i, j]]
+        gamma = _min_norm_2(pair)
+        w = np.zeros((B, 3))
+        w[:, i], w[:, j] = gamma[:, 0], gamma[:, 1]
+        cands.append(w)
+    a, _, ok = _triangle_systems(A, None)
+    ok &= (a >= 0).all(axis=1)
+    cands.append(np.where(ok[:, None], a, cands[0]))
+    W = np.stack(cands, axis=1)  # (B, 7, 3)
+    values = np.einsum("bci,bij,bcj->bc", W, A, W)
+    alpha = W[np.arange(B), np.argmin(values, axis=1)]
+    alpha = np.clip(alpha, 0.0, None)
+    alpha /= alpha.sum(axis=1, keepdims=True)
+    grad = np.einsum("bij,bj->bi", A, alpha)
+    f = np.einsum("bi,bi->b", alpha, grad)
+    bad = (grad.min(axis=1) < f - _KKT_RTOL) & (scale > 0)
+    for idx in np.flatnonzero(bad):
+        alpha[idx] = _min_norm_general(M[idx])
+    alpha[scale <= 0] = 1.0 / 3.0
+    return alpha
+
+
+def _conflict_averse_3(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact conflict-averse weights at K = 3 for a batch: the best stationary point over the
+    7 faces (vertices; on edge (i, j) ``t² = (M_ii M_jj − M_ij²)/(D s² − (b_j − b_i)²)``,
+    ``w_i = (M_jj − M_ij)/D + t (b_j − b_i)/D``; on the triangle ``w = a + t e`` from the bordered
+    system), then the KKT test of ``F``; failing entries go to the general solver."""
+    B = M.shape[0]
+    A, scale = _normalised(M)
+    b = A.sum(axis=2) / 3.0
+    s = c * np.sqrt(np.maximum(b.sum(axis=1) / 3.0, 0.0))
+    s2 = s * s
+    cands, values = [], []
+    for i in range(3):
+        cands.append(np.broadcast_to(np.eye(3)[i], (B, 3)))
+        values.append(b[:, i] + s * np.sqrt(np.maximum(A[:, i, i], 0.0)))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for i, j in _PAIRS_3:
+            mii, mjj, mij = A[:, i, i], A[:, j, j], A[:, i, j]
+            D = mii + mjj - 2.0 * mij
+            db = b[:, j] - b[:, i]
+            den = D * s2 - db * db
+            t = np.sqrt(np.maximum(mii * mjj - mij * mij, 0.0) / den)
+            wi = (mjj - mij + t * db) / D
+            ok = (D > 1e-15 * np.maximum(mii, mjj)) & (den > 0) & (wi > 0) & (wi < 1)
+            w = np.zeros((B, 3))
+            w[:, i], w[:, j] = np.where(ok, wi, 1.0), np.where(ok, 1.0 - wi, 0.0)
+            cands.append(w)
+            values.append(np.where(ok, wi * b[:, i] + (1 - wi) * b[:, j] + s2 * t, np.inf))
+        a, e, ok = _triangle_systems(A, b)
+        msq = np.maximum(np.einsum("bi,bij,bj->b", a, A, a), 0.0)
+        ksq = np.maximum(np.einsum("bi,bij,bj->b", e, A, e), 0.0)
+        t = np.sqrt(msq / (s2 - ksq))
+        w = a + t[:, None] * e
+        ok &= (s2 > ksq) & (w > 0).all(axis=1)
+        cands.append(np.where(ok[:, None], w, cands[0]))
+        values.append(np.where(ok, np.einsum("bi,bi->b", w, b) + s2 * t, np.inf))
+    W = np.stack(cands, axis=1)
+    best = np.argmin(np.stack(values, axis=1), axis=1)
+    w = W[np.arange(B), best]
+    w = np.clip(w, 0.0, None)
+    w /= w.sum(axis=1, keepdims=True)
+    coef = _coefficients(M, w, s * np.sqrt(scale))
+    # KKT test where the optimum is away from the origin (the enumeration covers the rest).
+    r2 = np.einsum("bi,bij,bj->b", w, A, w)
+    live = (r2 > ZERO_NORM_RTOL) & (s > 0) & (scale > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        grad = b + (s / np.sqrt(np.where(live, r2, 1.0)))[:, None] * np.einsum("bij,bj->bi", A, w)
+    viol = np.einsum("bi,bi->b", w, grad) - grad.min(axis=1)
+    bad = live & (viol > _KKT_RTOL * (1.0 + s))
+    for idx in np.flatnonzero(bad):
+        w[idx], coef[idx] = _conflict_averse_general(M[idx], c)
+    return w, coef

@@ -58,10 +58,14 @@ def jacobian(K=K_TASKS, d=7, seed=0, dtype=torch.float64):
 spec_params = pytest.mark.parametrize("name,kw", SPECS, ids=IDS)
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
 @spec_params
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_shape_dtype_device_finite(name, kw, dtype):
-    G = jacobian(dtype=dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_shape_dtype_device_finite(name, kw, dtype, device):
+    G = jacobian(dtype=dtype).to(device)
     out = call(make(name, kw), G)
     assert out.shape == (G.shape[1],)
     assert out.dtype == dtype and out.device == G.device
