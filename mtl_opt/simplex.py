@@ -32,7 +32,8 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
   ``x(t) = Gᵀ(a + t e)`` with ``a``/``e`` from the bordered system, ``‖x(t)‖² = m² + t²κ²``, so
   ``t* = m / √(s² − κ²)`` — and the result is accepted only when it passes the KKT test of
   ``F``: ``w ≥ 0`` and ``∇F_i = b_i + s(Mw)_i/r ≥ wᵀ∇F − tol`` for all ``i`` (``r = ‖Gᵀw‖``),
-  which bounds ``F(w) − F* ≤ tol``. When the optimum has ``r = 0`` (the origin is in the hull),
+  which bounds ``F(w) − F* ≤ tol`` (``tol`` grows by ``100·s·ε/r²`` when ``r`` is tiny, where
+  the Gramian's rounding limits the test itself). When the optimum has ``r = 0`` (the origin is in the hull),
   optimality is certified exactly by ``‖proj_{cone(rows)}(−g0)‖ ≤ s`` (an NNLS problem); the
   returned direction is then the primal optimum closest to ``g0`` (see
   :func:`conflict_averse_coefficients`).
@@ -49,8 +50,6 @@ on the CPU; tolerances are relative to ``max_i M_ii``.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
@@ -71,6 +70,7 @@ __all__ = [
 ZERO_NORM_RTOL = 1e-14
 
 _KKT_RTOL = 1e-10  # KKT tolerance relative to max_i M_ii (objective gap ≤ 2 · this · scale)
+_EPS = float(np.finfo(np.float64).eps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,11 +87,6 @@ def min_norm_weights(M: Tensor | np.ndarray) -> Tensor:
         dependent rows) one minimiser is returned; the point ``α*ᵀG`` is always unique. When every
         row is zero the uniform weights are returned.
     """
-    single = _single_2x2(M)
-    if single is not None:  # one 2 × 2 Gramian: the same closed form in Python floats
-        m11, m12, m22, batched = single
-        alpha = _min_norm_2_scalar(m11, m12, m22)
-        return torch.tensor([alpha] if batched else alpha, dtype=torch.float64)
     Ms, batched = _as_batch(M, "min_norm_weights")
     out = min_norm_batch_np(Ms)
     result = torch.from_numpy(np.ascontiguousarray(out))
@@ -157,75 +152,6 @@ def _as_batch(M: Tensor | np.ndarray, who: str) -> tuple[np.ndarray, bool]:
     return 0.5 * (arr + arr.transpose(0, 2, 1)), batched
 
 
-def _single_2x2(M: Tensor | np.ndarray) -> tuple[float, float, float, bool] | None:
-    """``(M11, M12, M22, batched)`` of ONE finite 2 × 2 Gramian given as (2, 2) or (1, 2, 2).
-
-    The training-loop case (one Gramian per step, K = 2) is dominated by the fixed cost of small
-    NumPy/torch operations (about a microsecond each); the scalar forms below do the identical
-    arithmetic on Python floats. ``M12`` is symmetrised exactly as :func:`_as_batch` does. Any
-    other input (batches, K ≠ 2, non-finite entries) returns ``None`` and takes the general path,
-    which also raises the input errors.
-    """
-    if isinstance(M, Tensor):
-        if M.dim() not in (2, 3) or M.shape[-2:] != (2, 2) or (M.dim() == 3 and M.shape[0] != 1):
-            return None
-        values = M.detach().to(device="cpu", dtype=torch.float64).reshape(4).tolist()
-    elif isinstance(M, np.ndarray):
-        if M.ndim not in (2, 3) or M.shape[-2:] != (2, 2) or (M.ndim == 3 and M.shape[0] != 1):
-            return None
-        values = np.asarray(M, dtype=np.float64).reshape(4).tolist()
-    else:
-        return None
-    m11, m12, m21, m22 = values
-    if not (math.isfinite(m11) and math.isfinite(m12) and math.isfinite(m21) and math.isfinite(m22)):
-        return None
-    return 0.5 * (m11 + m11), 0.5 * (m12 + m21), 0.5 * (m22 + m22), len(M.shape) == 3
-
-
-def _min_norm_2_scalar(m11: float, m12: float, m22: float) -> list[float]:
-    """:func:`_min_norm_2` for one Gramian, on Python floats (same operations, same rounding)."""
-    D = m11 + m22 - 2.0 * m12
-    a1 = min(max((m22 - m12) / D, 0.0), 1.0) if D > 0 else 0.5
-    return [a1, 1.0 - a1]
-
-
-def _conflict_averse_2_scalar(m11: float, m12: float, m22: float, c: float) -> tuple[list[float], list[float]] | None:
-    """:func:`_conflict_averse_small` and :func:`_coefficients` for one 2 × 2 Gramian, on Python
-    floats (same operations). Returns ``None`` when the optimum sits at the origin, whose
-    cone-projection rule stays with the vectorised path."""
-    K = 2
-    b0, b1 = (m11 + m12) / K, (m12 + m22) / K
-    s = c * math.sqrt(max((b0 + b1) / K, 0.0))
-    D = m11 + m22 - 2.0 * m12
-    ok = D > 1e-15 * max(max(m11, m22), 1e-300)
-    Dsafe = D if ok else 1.0
-    a1 = (m22 - m12) / Dsafe
-    eps = (m22 - m11) / (2.0 * Dsafe)
-    msq = max((m11 * m22 - m12 * m12) / Dsafe, 0.0)
-    ksq = eps * eps * D
-    ok = ok and s * s > ksq
-    w1_edge = 0.0
-    if ok:
-        w1_edge = a1 + math.sqrt(msq / (s * s - ksq)) * eps
-        ok = 0.0 < w1_edge < 1.0
-
-    def F(w1: float) -> float:
-        w2 = 1.0 - w1
-        quad = max(w1 * w1 * m11 + 2 * w1 * w2 * m12 + w2 * w2 * m22, 0.0)
-        return w1 * b0 + w2 * b1 + s * math.sqrt(quad)
-
-    vals = [F(1.0), F(0.0), F(w1_edge) if ok else math.inf]
-    w1 = (1.0, 0.0, w1_edge)[vals.index(min(vals))]
-    w2 = 1.0 - w1
-    # wᵀMw in the order numpy's einsum sums it (pairwise), so the results are bitwise equal.
-    r2 = (w1 * m11) * w1 + (w1 * m12) * w2 + ((w2 * m12) * w1 + (w2 * m22) * w2)
-    live = r2 > ZERO_NORM_RTOL * max(m11, m22) and s > 0
-    if not live and s > 0:
-        return None
-    factor = s / math.sqrt(r2) if live else 0.0
-    return [w1, w2], [1.0 / K + factor * w1, 1.0 / K + factor * w2]
-
-
 def _min_norm_2(M: np.ndarray) -> np.ndarray:
     """Closed form at K = 2: ``α1 = clip((M22 − M12)/(M11 + M22 − 2M12), 0, 1)``.
 
@@ -237,6 +163,19 @@ def _min_norm_2(M: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         a1 = np.where(pos, np.clip((c - m) / np.where(pos, D, 1.0), 0.0, 1.0), 0.5)
     return np.stack([a1, 1.0 - a1], axis=1)
+
+
+def _psd_part(A: np.ndarray) -> np.ndarray:
+    """The nearest positive semi-definite matrix (negative eigenvalues set to zero).
+
+    A Gramian computed in float32 (or of rank below K) can have eigenvalues slightly below zero;
+    the min-norm and conflict-averse problems are only convex on the PSD part, which differs from
+    ``A`` at the level of the Gramian's own rounding. Returned unchanged when already PSD.
+    """
+    lam, V = np.linalg.eigh(A)
+    if lam.min() >= 0.0:
+        return A
+    return (V * np.clip(lam, 0.0, None)) @ V.T
 
 
 def _factor(A: np.ndarray) -> np.ndarray:
@@ -281,7 +220,7 @@ def _min_norm_general(M: np.ndarray) -> np.ndarray:
     scale = float(np.max(np.diag(M)))
     if scale <= 0.0:
         return np.full(K, 1.0 / K)
-    A = M / scale
+    A = _psd_part(M / scale)
     R = _factor(A)
     design = np.vstack([R, np.ones((1, K))])
     target = np.zeros(K + 1)
@@ -306,13 +245,6 @@ def _conflict_averse(M: Tensor | np.ndarray, c: float) -> tuple[Tensor, Tensor]:
     c = float(c)
     if not np.isfinite(c) or c < 0:
         raise ValueError(f"the conflict-averse radius factor c must be finite and >= 0, got {c!r}")
-    single = _single_2x2(M)
-    if single is not None:  # one 2 × 2 Gramian: the same closed form in Python floats
-        m11, m12, m22, batched = single
-        pair = _conflict_averse_2_scalar(m11, m12, m22, c)
-        if pair is not None:
-            w, coef = (torch.tensor([v] if batched else v, dtype=torch.float64) for v in pair)
-            return w, coef
     Ms, batched = _as_batch(M, "conflict_averse_weights")
     w, coef = conflict_averse_batch_np(Ms, c)
     w_t, coef_t = torch.from_numpy(np.ascontiguousarray(w)), torch.from_numpy(np.ascontiguousarray(coef))
@@ -483,7 +415,17 @@ def _ca_kkt_ok(A: np.ndarray, b: np.ndarray, s: float, w: np.ndarray, tol: float
     if r2 <= ZERO_NORM_RTOL:
         return False
     grad = b + (s / np.sqrt(r2)) * (A @ w)
-    return float(w @ grad - grad.min()) <= tol
+    return float(w @ grad - grad.min()) <= tol + _near_origin_slack(s, r2)
+
+
+def _near_origin_slack(s: float | np.ndarray, r2: float | np.ndarray) -> float | np.ndarray:
+    """Extra KKT slack for ``∇F = b + s·Mw/r`` when ``r = ‖g_w‖`` is small (normalised units).
+
+    ``r²`` and ``Mw`` carry absolute rounding errors of order ``ε`` (float64 unit roundoff), so
+    ``s·Mw/r`` is only known to about ``s·ε/r²``; near the origin that, not the solver, limits
+    what the test can certify. Negligible unless ``r² ≲ 1e-6``.
+    """
+    return 100.0 * s * _EPS / r2
 
 
 def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -493,7 +435,8 @@ def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.nd
     if scale <= 0.0:  # every row is zero: F ≡ 0, the direction is zero
         w = np.full(K, 1.0 / K)
         return w, np.full(K, 1.0 / K)
-    A = M / scale
+    A = _psd_part(M / scale)
+    M = A * scale  # solve, verify and build the direction on the same PSD Gramian
     b = A.sum(axis=1) / K
     s = c * np.sqrt(max(float(b.sum()) / K, 0.0))
     if s <= 0.0:  # linear objective: a vertex minimising b_i (the direction is g0 regardless)
@@ -658,7 +601,9 @@ def _conflict_averse_3(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]
     with np.errstate(divide="ignore", invalid="ignore"):
         grad = b + (s / np.sqrt(np.where(live, r2, 1.0)))[:, None] * np.einsum("bij,bj->bi", A, w)
     viol = np.einsum("bi,bi->b", w, grad) - grad.min(axis=1)
-    bad = live & (viol > _KKT_RTOL * (1.0 + s))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        slack = np.where(live, _near_origin_slack(s, np.where(live, r2, 1.0)), 0.0)
+    bad = live & (viol > _KKT_RTOL * (1.0 + s) + slack)
     for idx in np.flatnonzero(bad):
         w[idx], coef[idx] = _conflict_averse_general(M[idx], c)
     return w, coef
