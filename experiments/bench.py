@@ -5,7 +5,9 @@ Every Gramian method needs one pass over the Jacobian ``G`` (K × d) for ``M = G
 
     M = G @ G.T;  d = w @ G          (w a float32 K-vector already on G's device)
 
-on the same ``G`` in the same run, and a method's cost is quoted as ``ratio_to_floor``
+on the same ``G`` in the same run (a plain ``G @ G.T``, as the issue defines it; the library
+computes its CPU Gramian in column blocks, which MKL runs faster for some K, so ratios below 1
+occur), and a method's cost is quoted as ``ratio_to_floor``
 (its median over the floor's median). When TorchJD is installed, the same-named TorchJD
 aggregator runs on the same ``G`` (``speedup_vs_torchjd`` = TorchJD's median over ours, and the
 cosine between the two directions as a sanity check of the comparison).

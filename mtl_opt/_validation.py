@@ -47,13 +47,36 @@ def gramian_of(G: Tensor) -> Tensor:
     torch ops (a few µs each) would otherwise dominate the call.
     """
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-    M = work @ work.T
+    M = _gram(work)
     if M.device.type != "cpu":
         M = M.cpu()  # the one device-to-host transfer
     a = M.detach().numpy().astype(np.float64)
     if not np.isfinite(a).all():
         _raise_non_finite_gramian(torch.from_numpy(a), G.dtype)
     return torch.from_numpy((a + a.T) * 0.5)  # exactly symmetric
+
+
+#: Column block of the CPU Gramian (see :func:`_gram`).
+GRAMIAN_BLOCK = 1 << 16
+
+
+def _gram(work: Tensor) -> Tensor:
+    """``work @ work.T``; on the CPU for wide ``work``, accumulated over column blocks.
+
+    MKL's single-call product of a (K × d)·(d × K) pair with d ~ 10⁶ picks a slow kernel for some
+    K (at K = 8 it ran 2.5× slower than the same product accumulated over 65 536-column blocks with
+    ``addmm_``; at other K the two are on par). Blocked accumulation also sums float32 in shorter
+    runs, so it is, if anything, more accurate. GPUs get the single product.
+    """
+    d = work.shape[1]
+    if work.device.type != "cpu" or d <= 2 * GRAMIAN_BLOCK:
+        return work @ work.T
+    head = work[:, :GRAMIAN_BLOCK]
+    M = head @ head.T
+    for start in range(GRAMIAN_BLOCK, d, GRAMIAN_BLOCK):
+        block = work[:, start:start + GRAMIAN_BLOCK]
+        M.addmm_(block, block.T)
+    return M
 
 
 def _raise_non_finite_gramian(M: Tensor, dtype: torch.dtype) -> None:
