@@ -65,11 +65,12 @@ def _gram(work: Tensor) -> Tensor:
 
     MKL's single-call product of a (K × d)·(d × K) pair with d ~ 10⁶ picks a slow kernel for some
     K (at K = 8 it ran 2.5× slower than the same product accumulated over 65 536-column blocks with
-    ``addmm_``; at other K the two are on par). Blocked accumulation also sums float32 in shorter
-    runs, so it is, if anything, more accurate. GPUs get the single product.
+    ``addmm_``; at K = 4 and 16 the two are on par). Blocked accumulation also sums float32 in
+    shorter runs, so it is, if anything, more accurate. K < 4 (where the single product was as
+    fast or faster) and GPUs get the single product.
     """
     d = work.shape[1]
-    if work.device.type != "cpu" or d <= 2 * GRAMIAN_BLOCK:
+    if work.device.type != "cpu" or work.shape[0] < 4 or d <= 2 * GRAMIAN_BLOCK:
         return work @ work.T
     head = work[:, :GRAMIAN_BLOCK]
     M = head @ head.T

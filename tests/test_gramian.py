@@ -8,7 +8,7 @@ import torch
 from mtl_opt._validation import GRAMIAN_BLOCK, gramian_of
 
 
-@pytest.mark.parametrize("K", [1, 2, 8])
+@pytest.mark.parametrize("K", [1, 2, 4, 8])
 @pytest.mark.parametrize("d", [10, 2 * GRAMIAN_BLOCK, 2 * GRAMIAN_BLOCK + 1, 5 * GRAMIAN_BLOCK + 17])
 def test_gramian_matches_float64_reference(K, d):
     g = torch.Generator().manual_seed(K * 1000 + d)
