@@ -297,6 +297,7 @@ def run_benchmark(
     many: bool = True,
     max_jacobian_bytes: int | None = None,
     seed: int = 0,
+    interleave: bool = True,
     progress: Callable[[str], None] | None = print,
 ) -> list[dict[str, Any]]:
     """Time every method (specs like ``"cagrad:c=0.5"``) on every (device, K, d); rows of
@@ -304,7 +305,9 @@ def run_benchmark(
 
     Within one (device, K, d) the floor, our methods, ``aggregate_many`` and the TorchJD
     aggregators are timed *interleaved* (one call of each per round, ``repeats`` rounds), so a
-    load spike on a shared machine hits them alike and the ratios stay meaningful. Peak memory is
+    load spike on a shared machine hits them alike and the ratios stay meaningful
+    (``interleave=False``: each one's calls back to back, as a training loop makes them; at small
+    d this keeps caches warm and gives lower times). Peak memory is
     measured afterwards in a separate pass, so the allocator setting it needs does not touch the
     timings.
     """
@@ -355,7 +358,8 @@ def run_benchmark(
     group_rows = []
     for device, K, d in groups:
         out = _time_group(specs, K, d, device, repeats=repeats, warmup=warmup, torchjd=torchjd,
-                          many=many, seed=seed, say=say, torchjd_note=torchjd_note)
+                          many=many, seed=seed, say=say, torchjd_note=torchjd_note,
+                          interleave=interleave)
         group_rows.append(out)
         rows.extend(out)
         if device.type == "cuda":
@@ -402,7 +406,7 @@ def _candidates(specs, G: Tensor, *, torchjd: bool, many: bool) -> tuple[list[tu
 
 
 def _time_group(specs, K, d, device, *, repeats, warmup, torchjd, many, seed, say,
-                torchjd_note) -> list[dict[str, Any]]:
+                torchjd_note, interleave=True) -> list[dict[str, Any]]:
     G = make_jacobian(K, d, device, seed=seed)
     base = {"device": str(device), "threads": torch.get_num_threads(), "K": K, "d": d,
             "dtype": str(G.dtype).replace("torch.", "")}
@@ -421,13 +425,17 @@ def _time_group(specs, K, d, device, *, repeats, warmup, torchjd, many, seed, sa
             failed[label] = f"failed: {type(exc).__name__}: {exc}"
     live = [c for c in calls if c[0] not in failed]
     times: dict[str, list[float]] = {c[0]: [] for c in live}
-    for _ in range(repeats):
+    if interleave:
+        for _ in range(repeats):
+            for label, _, _, call, _ in live:
+                _synchronize(device)
+                start = time.perf_counter()
+                call()
+                _synchronize(device)
+                times[label].append(time.perf_counter() - start)
+    else:
         for label, _, _, call, _ in live:
-            _synchronize(device)
-            start = time.perf_counter()
-            call()
-            _synchronize(device)
-            times[label].append(time.perf_counter() - start)
+            times[label] = list(time_call(call, device, repeats=repeats, warmup=warmup).times_s)
     if "floor" in failed:
         raise RuntimeError(f"the floor itself failed on K={K}, d={d}: {failed['floor']}")
     floor_ms = Timing(tuple(times["floor"])).median_ms
@@ -590,6 +598,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-memory", action="store_true", help="do not measure peak memory")
     parser.add_argument("--no-many", action="store_true", help="do not time aggregate_many over all methods")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random Jacobians (default 0)")
+    parser.add_argument("--sequential", action="store_true",
+                        help="time each implementation's calls back to back instead of interleaving "
+                             "one call of each per round (warm caches; less robust to load)")
     parser.add_argument("--out", default="bench_results", help="output folder (default ./bench_results)")
 
 
@@ -611,12 +622,13 @@ def run(args: argparse.Namespace) -> int:
     rows = run_benchmark(methods, Ks=args.K, ds=args.d, devices=devices, repeats=args.repeats,
                          warmup=args.warmup, threads=args.threads, torchjd=not args.no_torchjd,
                          memory=not args.no_memory, many=not args.no_many,
-                         max_jacobian_bytes=max_bytes, seed=args.seed)
+                         max_jacobian_bytes=max_bytes, seed=args.seed, interleave=not args.sequential)
     config = {
         "command": "mtl-opt bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "mtl-opt bench",
         "methods": methods, "K": args.K, "d": args.d, "devices": devices, "repeats": args.repeats,
         "warmup": args.warmup, "threads": args.threads, "torchjd": not args.no_torchjd,
-        "memory": not args.no_memory, "seed": args.seed, "environment": _environment(),
+        "memory": not args.no_memory, "seed": args.seed, "interleave": not args.sequential,
+        "environment": _environment(),
         "floor": "G @ G.T plus w @ G on the same G (float32), same run",
     }
     paths = write_outputs(rows, args.out, config)

@@ -104,11 +104,13 @@ def test_torchjd_missing_is_reported_not_hidden(monkeypatch, capsys):
     assert not [r for r in rows if r["impl"] == "torchjd"]
 
 
-def test_method_specs_and_size_limit():
+@pytest.mark.parametrize("interleave", [True, False])
+def test_method_specs_and_size_limit(interleave):
     said = []
-    rows = bench.run_benchmark(["cagrad:c=0.5", "ls"], Ks=[2, 4], ds=[8, 32], repeats=1, warmup=0,
+    rows = bench.run_benchmark(["cagrad:c=0.5", "ls"], Ks=[2, 4], ds=[8, 32], repeats=2, warmup=0,
                                torchjd=False, memory=False, max_jacobian_bytes=4 * 2 * 32,
-                               progress=said.append)
+                               interleave=interleave, progress=said.append)
+    assert all(r["repeats"] == 2 for r in rows)
     sizes = {(r["K"], r["d"]) for r in rows}
     assert sizes == {(2, 8), (2, 32), (4, 8)}  # 4 × 32 float32 is over the limit
     assert any("skipped" in s for s in said)
