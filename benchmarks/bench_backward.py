@@ -34,18 +34,22 @@ def transformer(width: int) -> nn.Module:
     return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
 
 
-def timed(fn, repeats: int, device: str) -> float:
-    fn()  # warm-up
-    times = []
+def timed_interleaved(fns: dict, repeats: int, device: str) -> dict[str, float]:
+    """Median milliseconds of each function, run round-robin so that load on a shared machine
+    affects every variant alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(v) for name, v in times.items()}
 
 
 def bench(name: str, trunk: nn.Module, x: torch.Tensor, K: int, repeats: int, device: str) -> dict:
@@ -81,13 +85,23 @@ def bench(name: str, trunk: nn.Module, x: torch.Tensor, K: int, repeats: int, de
         _reachable_leaves(ls)
         return time.perf_counter() - t0
 
-    fwd = timed(forward_only, repeats, device)
-    row = {"model": name, "K": K, "d_shared": sum(p.numel() for p in trunk.parameters())}
-    row["plain backward"] = timed(plain, repeats, device) - fwd
     ls, came = mtl_opt.get_aggregator("ls"), mtl_opt.get_aggregator("came_grad")
-    row["LS batched"] = timed(ours(True, ls), repeats, device) - fwd
-    row["LS loop"] = timed(ours(False, ls), repeats, device) - fwd
-    row["CAME-Grad batched"] = timed(ours(True, came), repeats, device) - fwd
+    t = timed_interleaved(
+        {
+            "forward": forward_only,
+            "plain backward": plain,
+            "LS batched": ours(True, ls),
+            "LS loop": ours(False, ls),
+            "CAME-Grad batched": ours(True, came),
+            "CAME-Grad loop": ours(False, came),
+        },
+        repeats,
+        device,
+    )
+    row = {"model": name, "K": K, "d_shared": sum(p.numel() for p in trunk.parameters())}
+    for key, value in t.items():
+        if key != "forward":
+            row[key] = value - t["forward"]
     row["graph walk"] = 1e3 * statistics.median(walk() for _ in range(repeats))
     return row
 

@@ -40,21 +40,29 @@ The exact solver
 ----------------
 Damped Newton on ``f`` in the scaled variable ``β = diag(β) y`` (``y = 1`` at the iterate): the
 scaled gradient is the dimensionless residual ``r = β ∘ (C'β) − 1`` and the scaled Hessian
-``H = I + diag(β) C' diag(β)`` (``C' = C + σI``); the step is ``β ← β ∘ (1 − t H⁻¹ r)``. ``f`` is
-self-concordant (a convex quadratic plus a log barrier), so the classic damped step
-``t = 1/(1 + λ)`` with the Newton decrement ``λ² = rᵀ H⁻¹ r`` (``t = 1`` once ``λ ≤ 1/4``) both
-decreases ``f`` and keeps ``β > 0`` (``H ⪰ I`` bounds each relative change ``|tΔ_i| < 1``), and
-the method converges quadratically once ``λ < 1/4``. It stops when every
-``|r_i| ≤ RESIDUAL_TOL + 4 K ε β_i (|C'| β)_i`` (the tolerance plus the rounding error of
-computing ``r_i`` in float64) and raises :class:`NashSolverError` with the residual and
-the iteration count if that does not happen within ``MAX_NEWTON_ITERATIONS`` steps.
+``H = I + diag(β) C' diag(β)`` (``C' = C + σI``); the Newton step is ``β ← β ∘ (1 − t s)`` with
+``s = H⁻¹ r``. ``f`` is self-concordant (a convex quadratic plus a log barrier), so the classic
+damped step ``t = 1/(1 + λ)`` with the Newton decrement ``λ² = rᵀ s`` both decreases ``f`` and
+keeps ``β > 0`` (``H ⪰ I`` bounds each relative change ``|t s_i| < 1``); in this damped phase
+(``λ > 1/4``) the full step ``t = 1`` is taken instead whenever it keeps ``β > 0`` and decreases
+``f`` (the positivity-keeping line search; it matters when ``β`` must grow by orders of magnitude
+near a Pareto-stationary point). Once ``λ ≤ 1/4`` the step is Newton's plus Chebyshev's
+third-order correction: the third derivative of ``f`` is diagonal (``−2/β_i³``), so the
+correction is ``β ∘ H⁻¹(s ∘ s)``, one more solve with the same factorisation, and convergence is
+cubic (``|s_i| ≤ 1/4`` and ``‖H⁻¹(s∘s)‖ ≤ 1/16`` keep ``β > 0``). From a warm start (the
+previous step's weights, rescaled to the best common scale) this usually takes two iterations.
 
-At ``K = 2`` there is a closed form: subtracting ``β_2 × (first equation)`` from
-``β_1 × (second)`` gives ``a β_1² = c β_2²`` for ``M = [[a, b], [b, c]]``, so
-``α ∝ (1/√a, 1/√c)``; with ``C' = [[1+σ, ρ], [ρ, 1+σ]]`` (``ρ = b/√(ac)`` the cosine) both
-equations then read ``β² (1 + σ + ρ) = 1``: ``β_1 = β_2 = 1/√(1 + ρ + σ)`` and
-``α_i = 1/(‖g_i‖ √(1 + ρ + σ))``. The direction is the sum of the unit gradients divided by
-``√(1 + cos θ)``.
+It stops when every ``|r_i| ≤ RESIDUAL_TOL + 4 K ε β_i (|C'| β)_i`` (the tolerance 1e-10 plus
+the rounding error of computing ``r_i`` in float64, which only matters near Pareto-stationary
+points, where ``β`` is large) and raises :class:`NashSolverError` with the residual and the
+iteration count if that does not happen within ``MAX_NEWTON_ITERATIONS`` steps.
+
+At ``K = 2`` there is a closed form. With ``M = [[a, b], [b, c]]`` the two equations
+``α_1 (a α_1 + b α_2) = 1 = α_2 (b α_1 + c α_2)`` give, subtracted, ``a α_1² = c α_2²``, so
+``α ∝ (1/√a, 1/√c)`` (``β_1 = β_2``); in cosine form ``C' = [[1+σ, ρ], [ρ, 1+σ]]`` (``ρ`` the
+cosine ``b/√(ac)``) either equation then reads ``β² (1 + σ + ρ) = 1``:
+``β = 1/√(1 + ρ + σ)`` and ``α_i = 1/(‖g_i‖ √(1 + ρ + σ))``. The direction is the sum of the
+unit gradients divided by ``√(1 + cos θ)``, of norm ``√2``.
 
 The cvxpy formulation
 ---------------------
@@ -64,7 +72,9 @@ approximation; :class:`NashSCAProblem` re-states it (see its docstring).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from operator import mul
 from typing import Any
 
 import numpy as np
@@ -204,13 +214,218 @@ def newton_cosine(
             take_full = np.all(full > 0, axis=1) & (f_full < _objective(C, beta))
         t = np.where(take_full, 1.0, t)
         t = np.where(done, 0.0, t)
-        beta = beta * (1.0 - t[:, None] * step)
+        # Quadratic phase: Chebyshev's third-order correction H⁻¹(s∘s) (see the module docs).
+        cheb = (lam <= 0.25) & ~done
+        update = 1.0 - t[:, None] * step
+        if cheb.any():
+            corr = np.linalg.solve(H, (step * step)[:, :, None])[:, :, 0]
+            update = np.where(cheb[:, None], update + corr, update)
+        beta = beta * update
     worst = int(np.argmax(np.abs(r).max(axis=1)))
     raise NashSolverError(
         f"Nash-MTL Newton solver did not converge in {MAX_NEWTON_ITERATIONS} iterations: "
         f"residual max|β∘(Cβ) − 1| = {float(np.abs(r[worst]).max()):.3e} "
         f"(tolerance {RESIDUAL_TOL:.1e}) for the cosine matrix {C[worst].tolist()}"
     )
+
+
+def nash_exact_single(
+    M: np.ndarray, alpha0: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`nash_exact` for ONE Gramian ``M`` (K, K), with few numpy calls (the per-step path).
+
+    Same equations, regularisation, Newton steps and stopping rule as the stacked version; only
+    the bookkeeping differs (direct LAPACK calls, the regularisation's eigenvalue computed only
+    when a Cholesky factorisation of ``C`` fails). Gramians with a zero-gradient task use the
+    stacked version.
+    """
+    K = M.shape[0]
+    if K == 2:
+        a, b, c = float(M[0, 0]), float(M[0, 1]), float(M[1, 1])
+        if a > 0.0 and c > 0.0:
+            cos = b / (math.sqrt(a) * math.sqrt(c))
+            denom = 1.0 + cos + RIDGE + max(0.0, abs(cos) - 1.0)
+            beta = 1.0 / math.sqrt(denom)
+            alpha = np.array([beta / math.sqrt(a), beta / math.sqrt(c)])
+            return alpha, {"iterations": 0, "residual": abs(beta * beta * denom - 1.0)}
+    diag = M.diagonal()
+    if K < 3 or not diag.min() > 0.0:
+        alpha, info = nash_exact(M[None], None if alpha0 is None else alpha0[None])
+        return alpha[0], info
+    if K <= _PURE_PYTHON_MAX_K:
+        return _nash_exact_lists(M, alpha0)
+    lapack = _lapack()
+    inv_norm = 1.0 / np.sqrt(diag)
+    C = M * np.outer(inv_norm, inv_norm)
+    C.flat[:: K + 1] = 1.0
+    sigma = RIDGE
+    if lapack.dpotrf(C)[1] != 0:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
+        sigma = RIDGE + max(0.0, -float(np.linalg.eigvalsh(C)[0]))
+    C.flat[:: K + 1] = 1.0 + sigma
+    if alpha0 is not None and alpha0.min() > 0.0 and math.isfinite(alpha0.sum()):
+        beta = alpha0 / inv_norm
+    else:
+        beta = np.ones(K)
+    Cb = C @ beta
+    scale = math.sqrt(K / float(beta @ Cb))
+    beta *= scale
+    Cb *= scale
+    absC = None
+    r = beta
+    for it in range(MAX_NEWTON_ITERATIONS + 1):
+        if it:
+            Cb = C @ beta
+        r = beta * Cb
+        r -= 1.0
+        worst = float(np.abs(r).max())
+        if worst <= RESIDUAL_TOL:
+            return beta * inv_norm, {"iterations": it, "residual": worst}
+        if worst <= 1e-4:  # maybe at the rounding floor: compare with the rounding bound
+            if absC is None:
+                absC = np.abs(C)
+            bound = RESIDUAL_TOL + 4.0 * K * _EPS * beta * (absC @ beta)
+            if bool(np.all(np.abs(r) <= bound)):
+                return beta * inv_norm, {"iterations": it, "residual": worst}
+        if it == MAX_NEWTON_ITERATIONS:
+            break
+        H = C * np.outer(beta, beta)
+        H.flat[:: K + 1] += 1.0
+        factor, info = lapack.dpotrf(H)
+        if info != 0:
+            raise NashSolverError(
+                f"Nash-MTL Newton step: the scaled Hessian is not positive definite (LAPACK info "
+                f"{info}) at iteration {it}; cosine matrix {C.tolist()}"
+            )
+        step = lapack.dpotrs(factor, r)[0]
+        lam2 = float(r @ step)
+        if lam2 <= 1.0 / 16.0:  # quadratic phase: Newton step plus Chebyshev's correction
+            beta = beta * (1.0 - step + lapack.dpotrs(factor, step * step)[0])
+            continue
+        full = 1.0 - step  # damped phase (Newton decrement λ > 1/4)
+        t = 1.0 / (1.0 + np.sqrt(lam2))
+        if bool(np.all(full > 0.0)):
+            b_full = beta * full
+            if _objective(C[None], b_full[None])[0] < _objective(C[None], beta[None])[0]:
+                t = 1.0
+        beta = beta - t * beta * step
+    raise NashSolverError(
+        f"Nash-MTL Newton solver did not converge in {MAX_NEWTON_ITERATIONS} iterations: "
+        f"residual max|β∘(Cβ) − 1| = {float(np.abs(r).max()):.3e} "
+        f"(tolerance {RESIDUAL_TOL:.1e}) for the cosine matrix {C.tolist()}"
+    )
+
+
+_PURE_PYTHON_MAX_K = 4
+
+
+def _nash_exact_lists(M: np.ndarray, alpha0: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The same Newton iteration on Python floats: at K ≤ 4 one numpy call costs more than the
+    arithmetic it would vectorise, so plain floats are faster per solve."""
+    K = M.shape[0]
+    rows = M.tolist()
+    inv_norm = [1.0 / math.sqrt(rows[i][i]) for i in range(K)]
+    C = [[v * ni for v in map(mul, row, inv_norm)] for ni, row in zip(inv_norm, rows)]
+    for i in range(K):
+        C[i][i] = 1.0
+    sigma = RIDGE
+    if _cholesky(C) is None:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
+        sigma = RIDGE + max(0.0, -float(np.linalg.eigvalsh(np.array(C))[0]))
+    for i in range(K):
+        C[i][i] = 1.0 + sigma
+    beta = None
+    if alpha0 is not None:
+        start = alpha0.tolist()
+        if all(a > 0.0 and math.isfinite(a) for a in start):
+            beta = [a / n for a, n in zip(start, inv_norm)]
+    if beta is None:
+        beta = [1.0] * K
+    scale = math.sqrt(K / sum(map(mul, beta, [sum(map(mul, row, beta)) for row in C])))
+    beta = [b * scale for b in beta]
+    rounding = 4.0 * K * _EPS
+    worst = math.inf
+    for it in range(MAX_NEWTON_ITERATIONS + 1):
+        r = [b * sum(map(mul, row, beta)) - 1.0 for b, row in zip(beta, C)]
+        worst = max(map(abs, r))
+        if worst <= RESIDUAL_TOL or (worst <= 1e-4 and all(
+            abs(x) <= RESIDUAL_TOL + rounding * b * sum(map(mul, map(abs, row), beta))
+            for x, b, row in zip(r, beta, C)
+        )):
+            alpha = np.array(list(map(mul, beta, inv_norm)))
+            return alpha, {"iterations": it, "residual": worst}
+        if it == MAX_NEWTON_ITERATIONS:
+            break
+        H = [[bi * v for v in map(mul, row, beta)] for bi, row in zip(beta, C)]
+        for i in range(K):
+            H[i][i] += 1.0
+        L = _cholesky(H)
+        if L is None:
+            raise NashSolverError(
+                f"Nash-MTL Newton step: the scaled Hessian is not positive definite at "
+                f"iteration {it}; cosine matrix {C}"
+            )
+        step = _cholesky_solve(L, r)
+        lam2 = sum(map(mul, r, step))
+        if lam2 <= 1.0 / 16.0:  # quadratic phase: Newton step plus Chebyshev's correction
+            corr = _cholesky_solve(L, [x * x for x in step])
+            beta = [b * (1.0 - s + c) for b, s, c in zip(beta, step, corr)]
+            continue
+        t = 1.0 / (1.0 + math.sqrt(lam2))  # damped phase (Newton decrement λ > 1/4)
+        full = [b * (1.0 - s) for b, s in zip(beta, step)]
+        if all(x > 0.0 for x in full) and _f_lists(C, full) < _f_lists(C, beta):
+            t = 1.0
+        beta = [b - t * b * s for b, s in zip(beta, step)]
+    raise NashSolverError(
+        f"Nash-MTL Newton solver did not converge in {MAX_NEWTON_ITERATIONS} iterations: "
+        f"residual max|β∘(Cβ) − 1| = {worst:.3e} (tolerance {RESIDUAL_TOL:.1e}) "
+        f"for the cosine matrix {C}"
+    )
+
+
+def _f_lists(C: list[list[float]], beta: list[float]) -> float:
+    quad = sum(map(mul, beta, [sum(map(mul, row, beta)) for row in C]))
+    return 0.5 * quad - sum(map(math.log, beta))
+
+
+def _cholesky(A: list[list[float]]) -> list[list[float]] | None:
+    """Lower Cholesky factor (rows, without the zero upper part) of a small symmetric matrix,
+    or ``None`` if it is not positive definite."""
+    L: list[list[float]] = []
+    for i, Ai in enumerate(A):
+        Li: list[float] = []
+        for j in range(i):
+            Lj = L[j]
+            Li.append((Ai[j] - sum(map(mul, Li, Lj[:j]))) / Lj[j])
+        d = Ai[i] - sum(map(mul, Li, Li))
+        if not d > 0.0:
+            return None
+        Li.append(math.sqrt(d))
+        L.append(Li)
+    return L
+
+
+def _cholesky_solve(L: list[list[float]], b: list[float]) -> list[float]:
+    """Solve ``L Lᵀ x = b`` with the factor of :func:`_cholesky`."""
+    K = len(b)
+    y: list[float] = []
+    for i in range(K):
+        Li = L[i]
+        y.append((b[i] - sum(map(mul, Li, y))) / Li[i])
+    x = [0.0] * K
+    for i in range(K - 1, -1, -1):
+        x[i] = (y[i] - sum([L[k][i] * x[k] for k in range(i + 1, K)])) / L[i][i]
+    return x
+
+
+_LAPACK: Any = None
+
+
+def _lapack() -> Any:
+    global _LAPACK
+    if _LAPACK is None:
+        from scipy.linalg import lapack
+
+        _LAPACK = lapack
+    return _LAPACK
 
 
 def _objective(C: np.ndarray, beta: np.ndarray) -> np.ndarray:
@@ -228,8 +443,9 @@ class NashSCAProblem:
     Facts of the original implementation (Navon et al., 2022, public code) that are kept:
 
     * the Gramian is divided by its Frobenius norm before solving;
-    * one variable ``α ≥ 0`` (K); parameters: the normalised Gramian ``Ĝ`` and the point
-      ``α_t`` of the previous iterate, at which the concave part is linearised;
+    * one variable ``α ≥ 0`` (K); the data enter as cvxpy Parameters (in the original: the
+      normalised Gramian ``Ĝ``, the previous iterate ``α_t`` at which the concave part is
+      linearised, and the normalisation factor), so the Problem is built once and re-solved;
     * constraints ``−log α_i − log (Ĝα)_i ≤ 0`` for every task, i.e. ``α_i (Ĝα)_i ≥ 1``
       (each task's utility at least matches its bargaining "price" ``1/α_i``);
     * objective ``min Σ_i (Ĝα)_i + ∇φ(α_t)ᵀ(α − α_t)`` with
@@ -252,9 +468,25 @@ class NashSCAProblem:
       raises, raises :class:`NashSolverError` naming the status.
     * The residual rule uses the scale-free ``max_i |α̂_i (Ĝα̂)_i − 1| < residual_tol`` (1e-6);
       the original compares ``‖Ĝα_t − 1/α_t‖`` with 1e-3, mixing normalised and unnormalised
-      quantities, so in practice its loop ends on the step rule or the iteration budget.
+      quantities, so in practice its loop ends on the step rule or the iteration budget. Both
+      rules are checked after each solve and the newest iterate is returned (the original
+      returns the linearisation point ``α_t``, within 1e-6 of it when the step rule fires).
+      Running out of ``optim_niter`` iterations is not an error (it is the original's budget);
+      ``info["residual"]`` reports how far from the Nash equations the result is.
     * The Gramian is the regularised one of :func:`cosine_form` and zero-gradient tasks are left
       out, exactly as in the exact solver, so both solvers target the same equations.
+    * The linearisation of ``log (Ĝα)_i`` needs positive utilities at the start point. Where the
+      previous (or all-ones) weights have a non-positive utility, we start from the
+      unit-gradient weights ``α_i ∝ 1/‖g_i‖``, and the utilities entering ``∇φ`` are floored at
+      1e-3 of the largest one (this only affects the first subproblem: every later iterate has
+      ``α_i (Ĝα)_i ≥ 1``). The original started there anyway, and an unbounded first
+      subproblem made it keep its previous weights.
+
+    Limitation: within the conic solver's tolerance of a Pareto-stationary point (where no Nash
+    solution exists and only the 1e-9 ridge makes one) the subproblems are at the limit of the
+    solver's precision; the SCA then returns the regularised answer's direction (about zero)
+    with weights accurate only to a few digits, or raises :class:`NashSolverError`.
+    The exact solver handles these points.
     """
 
     def __init__(self, n_tasks: int, solver: str = "CLARABEL",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,11 +11,11 @@ from torch import Tensor
 from mtl_opt._validation import check_choice, check_range
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.methods._nash_solvers import (
-    RIDGE,
     NashSCAProblem,
     NashSolverError,
     nash_cvxpy,
     nash_exact,
+    nash_exact_single,
 )
 from mtl_opt.registry import register_aggregator
 
@@ -41,15 +40,18 @@ class NashMTL(GramianAggregator):
       generally each task's gradient can be rescaled on its own (``g_i → s_i g_i``,
       ``α_i → α_i/s_i``) without changing the direction: only the unit gradients matter.
     * ``K = 1``: ``α = 1/‖g‖`` (the unit gradient). ``K = 2``: closed form
-      ``α_i = 1/(‖g_i‖ √(1 + cos θ))``, the sum of the two unit gradients divided by
-      ``√(1 + cos θ)``.
+      ``α_i = 1/(‖g_i‖ √(1 + cos θ))`` (``1 + cos θ + σ`` with the ridge below): the direction
+      is the sum of the two unit gradients divided by ``√(1 + cos θ)``.
 
     Solvers (``solver=``):
 
     * ``"exact"`` (default): a closed form at ``K ≤ 2``, otherwise damped Newton on the strictly
-      convex ``f(α) = ½αᵀMα − Σ log α_i`` (whose stationarity condition is the equation above),
-      warm-started from the previous weights; quadratic convergence to a residual of 1e-10
-      (relative); it raises :class:`NashSolverError` if it does not converge.
+      convex ``f(α) = ½αᵀMα − Σ log α_i`` (whose stationarity condition is the equation above)
+      with a positivity-keeping step rule and, near the solution, Chebyshev's third-order
+      correction; warm-started from the previous weights (usually two iterations); it stops at
+      a scale-free residual ``max_i |α_i (Mα)_i − 1| ≤ 1e-10`` and raises
+      :class:`NashSolverError` (with the residual and the iteration count) if it does not
+      converge. Equal weights are never returned in place of a solution.
     * ``"cvxpy"``: the original implementation's sequential convex approximation (up to
       ``optim_niter`` conic solves per aggregation, warm-started from the previous weights),
       built once as a cvxpy Problem with Parameters and solved by CLARABEL. A solve that does not
@@ -65,13 +67,16 @@ class NashMTL(GramianAggregator):
       task gradients. Both solvers solve the slightly regularised ``(M + σ diag(M)) α = 1/α``
       with ``σ = 1e-9`` (plus, only when rounding made the cosine matrix indefinite, its most
       negative eigenvalue; ``σ = 0`` when fewer than two tasks bargain), which always has one
-      solution and keeps the per-task scale invariance. On a non-degenerate problem this changes ``α`` by a relative ~1e-9.
+      solution and keeps the per-task scale invariance. On a non-degenerate problem this
+      changes ``α`` by a relative ~1e-9.
     * Identical or positively collinear rows: an ordinary solution (e.g. two identical rows give
       ``α_i = 1/(√2 ‖g‖)``, direction ``√2 g/‖g‖``).
     * Exactly opposing rows (``g_2 = −c g_1``, or any Pareto-stationary set of rows): no Nash
       solution exists; the weights are large (``≈ 1/(‖g_i‖√σ)``, e.g. 3e4/‖g_i‖) but finite
       and the opposing rows' contribution to the direction tends to zero (``O(√σ)``), so the
-      method does not move along them; other tasks still get their share.
+      method does not move along them; other tasks still get their share. (``solver="cvxpy"``
+      is at the limit of its conic solver's precision there: it returns the same near-zero
+      direction with less accurate weights, or raises :class:`NashSolverError`.)
     * A task with an exactly zero gradient gets ``α_i = 0`` and is left out of the bargaining
       (it contributes nothing to the direction for any weight); all-zero gradients give zero
       weights and a zero direction.
@@ -166,9 +171,9 @@ class NashMTL(GramianAggregator):
                 f"NashMTL was last called with {self._alpha.shape[0]} tasks and now gets {K}; "
                 "call reset() between runs with different numbers of tasks"
             )
-        if self._step % self.update_weights_every == 0:
+        if self._alpha is None or self._step % self.update_weights_every == 0:
             if self.solver == "exact":
-                alpha, info = _exact_single(M_np, self._alpha)
+                alpha, info = nash_exact_single(M_np, self._alpha)
             else:
                 alpha, info = self._cvxpy_one(M_np, self._alpha)
             self._alpha = alpha
@@ -187,7 +192,7 @@ class NashMTL(GramianAggregator):
                 f"NashMTL keeps one state per batch entry: it was last called with (B, K) = "
                 f"{self._batch_alpha.shape} and now gets {(B, K)}; call reset() first"
             )
-        if self._batch_step % self.update_weights_every == 0:
+        if self._batch_alpha is None or self._batch_step % self.update_weights_every == 0:
             if self.solver == "exact":
                 alpha, info = nash_exact(M_np, self._batch_alpha)
             else:
@@ -221,7 +226,10 @@ class NashMTL(GramianAggregator):
         """``α · min(1, max_norm/‖αᵀG‖)`` with ``‖αᵀG‖² = αᵀMα`` (B, K)."""
         if self.max_norm == 0.0:
             return alpha.copy()
-        if alpha.shape[1] == 2:
+        if alpha.shape[0] == 1:
+            a = alpha[0]
+            sq = np.array([float(a @ M[0] @ a)])
+        elif alpha.shape[1] == 2:
             a0, a1 = alpha[:, 0], alpha[:, 1]
             sq = M[:, 0, 0] * a0 * a0 + 2.0 * M[:, 0, 1] * a0 * a1 + M[:, 1, 1] * a1 * a1
         else:
@@ -230,22 +238,6 @@ class NashMTL(GramianAggregator):
         with np.errstate(divide="ignore"):
             factor = np.where(norm > self.max_norm, self.max_norm / norm, 1.0)
         return alpha * factor[:, None]
-
-
-def _exact_single(M: np.ndarray, warm: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """The exact solver for one Gramian; ``K ≤ 2`` in plain floats (the common case, fast)."""
-    K = M.shape[0]
-    if K == 2:
-        a, b, c = float(M[0, 0]), float(M[0, 1]), float(M[1, 1])
-        if a > 0.0 and c > 0.0:
-            cos = b / (math.sqrt(a) * math.sqrt(c))
-            # σ = 1e-9 + max(0, −λ_min(C)) with λ_min = 1 − |cos| (see _nash_solvers).
-            shift = RIDGE + max(0.0, abs(cos) - 1.0)
-            beta = 1.0 / math.sqrt(1.0 + cos + shift)
-            alpha = np.array([beta / math.sqrt(a), beta / math.sqrt(c)])
-            return alpha, {"iterations": 0, "residual": abs(beta * beta * (1.0 + cos + shift) - 1.0)}
-    alpha, info = nash_exact(M[None], None if warm is None else warm[None])
-    return alpha[0], info
 
 
 def _positive_int(name: str, value: object, owner: str) -> int:

@@ -16,26 +16,31 @@ per-task weights (linear scalarization's ``weights``, CAME-Grad's ``task_weights
 * **shared parameters** receive the aggregated direction ``d = aggregator(G)``, split back into
   the parameters' shapes;
 * **task parameters** (``task_params=[group_1, ..., group_K]``): group ``i`` receives
-  ``h_i ∇L_i`` and nothing from the other losses (a head is trained by its own task only);
+  ``h_i ∇L_i`` and nothing from the other losses (a head is trained by its own task only). When
+  the losses are given as a list, a group parameter that its own loss does not reach raises
+  (groups listed in another order than the losses would otherwise silently get nothing);
 * **every other parameter** that the losses reach (found by walking the autograd graph, as
   ``.backward()`` does) receives ``Σ_i h_i ∇L_i``, the gradient of the weighted joint loss.
 
+Every shared or task parameter must be reached by some loss (else ``ValueError`` naming it).
 Everything is *accumulated* into ``.grad`` exactly like ``.backward()`` (added to an existing
-``.grad``), and nothing is written unless the whole call succeeds. With
-``LinearScalarization(w)`` every parameter therefore receives what
-``(w * losses).sum().backward()`` would give it, to rounding.
+``.grad``; gradients are written dense, also for sparse embeddings), and nothing is written
+unless the whole call succeeds. With ``LinearScalarization(w)`` every parameter therefore
+receives what ``(w * losses).sum().backward()`` would give it, to rounding.
 
 One backward pass
 -----------------
 All per-task gradients (shared, task and other parameters) come from ONE batched autograd call,
 ``torch.autograd.grad(L, inputs, grad_outputs=I_K, is_grads_batched=True)``, which vectorises the
 K vector-Jacobian products with ``vmap``; task and other parameters then combine their K rows
-with ``h``. Some graphs cannot be batched (operations without a batching rule, such as sparse
-embedding gradients or custom autograd functions that read values in their backward); with
-``parallel="auto"`` the call then falls back to K separate backward passes, warns once with
-:class:`BatchedJacobianFallbackWarning` and records the reason in the result. The two paths give
-the same gradients to rounding. ``parallel=True`` forces the batched call (its failure raises),
-``parallel=False`` the loop.
+with ``h``. The batched call holds K rows of every input's gradient and the concatenated
+``G``; the per-task loop copies each task's gradients straight into ``G`` (peak: one task's
+gradients plus ``G``). Some graphs cannot be batched (operations without a batching rule, such
+as sparse embedding gradients or custom autograd functions that read values in their backward);
+with ``parallel="auto"`` the call then falls back to K separate backward passes, warns with
+:class:`BatchedJacobianFallbackWarning` and records the reason in the result. The two paths
+give the same gradients to rounding. ``parallel=True`` forces the batched call (its failure
+raises), ``parallel=False`` the loop.
 
 Memory: a failed batched call may already have freed part of the graph, so ``"auto"`` keeps the
 graph's saved tensors during its batched attempt (``retain_graph=True``); they are freed only
@@ -55,11 +60,20 @@ MGDA-UB ("Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018): s
 ``∇_θ L_i = (∂z/∂θ)ᵀ ∇_z L_i``, weights chosen on ``Z`` approximate those chosen on ``G`` (for
 MGDA they minimise an upper bound of ``‖βᵀ G‖``), they are not the parameter-level weights. It
 needs every effect of the shared parameters on the losses to pass through ``z``.
+
+Limits
+------
+The gradients come from ``torch.autograd.grad``, not ``.backward()``: hooks that only
+``.backward()`` fires (``register_post_accumulate_grad_hook``, DistributedDataParallel's
+gradient all-reduce) do not run, and tensor hooks on the inputs see K-row batched gradients on
+the batched path. Under DDP the per-rank Jacobians are therefore not averaged; aggregate them
+yourself or train on one process.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Union
@@ -323,6 +337,28 @@ def _reachable_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
     return leaves
 
 
+def _unreached_targets(root: Tensor, targets: dict[int, str]) -> list[str]:
+    """Names of the target leaves that ``root`` does not depend on (breadth-first, so that the
+    heads, which sit next to the loss, are found without walking the whole trunk)."""
+    missing = dict(targets)
+    if root.grad_fn is None:
+        missing.pop(id(root), None)
+        return list(missing.values())
+    queue = deque([root.grad_fn])
+    visited = {id(root.grad_fn)}
+    while queue and missing:
+        node = queue.popleft()
+        variable = getattr(node, "variable", None)
+        if isinstance(variable, Tensor):
+            missing.pop(id(variable), None)
+            continue
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in visited:
+                visited.add(id(nxt))
+                queue.append(nxt)
+    return list(missing.values())
+
+
 def _features_list(features: object) -> list[Tensor]:
     items = [features] if isinstance(features, Tensor) else features
     if not isinstance(items, Sequence) or isinstance(items, (str, bytes)) or len(items) == 0:
@@ -347,65 +383,111 @@ def _features_list(features: object) -> list[Tensor]:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class _TaskGrads:
-    """Per-task gradients of every input: ``rows[j]`` is (K, *shape) or None (unreached)."""
+    """The per-task gradients, already in the shape the caller needs.
 
-    rows: list[Tensor | None]
+    ``G`` is the (K, d) Jacobian of the first inputs (shared parameters or features), with
+    ``first_reached[j]`` telling whether any loss reaches first input ``j``; ``head[j]`` is the
+    combined update of head input ``j`` (``h_i ∇L_i`` for a parameter of task ``i``'s group,
+    ``Σ_i h_i ∇L_i`` for any other), or ``None`` when no loss reaches it.
+    """
+
+    G: Tensor | None
+    first_reached: list[bool]
+    head: list[Tensor | None]
     batched: bool
     fallback_reason: str | None
 
 
-def _batched_grads(L: Tensor, inputs: list[Tensor], retain_graph: bool) -> list[Tensor | None]:
+def _combine_head_rows(rows: list[Tensor | None], owners: list[int | None], h: Tensor) -> list[Tensor | None]:
+    out: list[Tensor | None] = []
+    for row, owner in zip(rows, owners):
+        if row is None:
+            out.append(None)
+        elif owner is None:
+            out.append(torch.tensordot(h.to(dtype=row.dtype, device=row.device), row, dims=1))
+        else:
+            out.append(row[owner] * h[owner].to(dtype=row.dtype, device=row.device))
+    return out
+
+
+def _batched_grads(
+    L: Tensor, first: list[Tensor], heads: list[Tensor], owners: list[int | None], h: Tensor,
+    retain_graph: bool,
+) -> _TaskGrads:
+    """One vmapped autograd call with ``grad_outputs = I_K``: every input gets K rows."""
     K = L.shape[0]
     eye = torch.eye(K, dtype=L.dtype, device=L.device)
-    return list(
-        torch.autograd.grad(
-            L, inputs, grad_outputs=eye, is_grads_batched=True,
-            retain_graph=retain_graph, allow_unused=True,
-        )
+    rows = torch.autograd.grad(
+        L, first + heads, grad_outputs=eye, is_grads_batched=True,
+        retain_graph=retain_graph, allow_unused=True,
     )
+    rows = [g.to_dense() if g is not None and g.is_sparse else g for g in rows]
+    first_rows, head_rows = rows[: len(first)], rows[len(first):]
+    reached = [r is not None for r in first_rows]
+    G = None
+    if all(reached):
+        G = torch.cat([r.reshape(K, -1) for r in first_rows], dim=1)  # type: ignore[union-attr]
+    return _TaskGrads(G, reached, _combine_head_rows(head_rows, owners, h), True, None)
 
 
 def _looped_grads(
-    loss_list: list[Tensor], inputs: list[Tensor], retain_graph: bool
-) -> list[Tensor | None]:
+    loss_list: list[Tensor], first: list[Tensor], heads: list[Tensor], owners: list[int | None],
+    h: Tensor, retain_graph: bool,
+) -> _TaskGrads:
+    """One backward pass per task; rows go straight into G, head updates are summed as they come
+    (peak memory: one task's gradients plus G)."""
     K = len(loss_list)
-    per_task = [
-        torch.autograd.grad(
-            loss_list[i], inputs, retain_graph=retain_graph or i < K - 1, allow_unused=True
+    sizes = [t.numel() for t in first]
+    dtype = first[0].dtype
+    for t in first[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    G = torch.zeros(K, sum(sizes), dtype=dtype, device=first[0].device)
+    reached = [False] * len(first)
+    head: list[Tensor | None] = [None] * len(heads)
+    head_reached = [False] * len(heads)
+    inputs = first + heads
+    for i, loss in enumerate(loss_list):
+        grads = torch.autograd.grad(
+            loss, inputs, retain_graph=retain_graph or i < K - 1, allow_unused=True
         )
-        for i in range(K)
-    ]
-    rows: list[Tensor | None] = []
-    for j, p in enumerate(inputs):
-        gs = [per_task[i][j] for i in range(K)]
-        if all(g is None for g in gs):
-            rows.append(None)
-            continue
-        dense = [
-            torch.zeros_like(p) if g is None else (g.to_dense() if g.is_sparse else g) for g in gs
-        ]
-        rows.append(torch.stack(dense))
-    return rows
+        offset = 0
+        for j, (g, n) in enumerate(zip(grads[: len(first)], sizes)):
+            if g is not None:
+                reached[j] = True
+                G[i, offset: offset + n].copy_((g.to_dense() if g.is_sparse else g).reshape(-1))
+            offset += n
+        for j, g in enumerate(grads[len(first):]):
+            if g is None:
+                continue
+            head_reached[j] = True
+            if owners[j] is not None and owners[j] != i:
+                continue
+            term = (g.to_dense() if g.is_sparse else g) * h[i].to(dtype=g.dtype, device=g.device)
+            head[j] = term if head[j] is None else head[j] + term
+        del grads
+    for j, p in enumerate(heads):
+        if head_reached[j] and head[j] is None:  # reached only by other tasks' losses
+            head[j] = torch.zeros_like(p)
+    return _TaskGrads(G, reached, [u if r else None for u, r in zip(head, head_reached)], False, None)
 
 
 def _task_grads(
-    loss_list: list[Tensor], L: Tensor, inputs: list[Tensor], parallel: Parallel,
-    retain_graph: bool,
+    loss_list: list[Tensor], L: Tensor, first: list[Tensor], heads: list[Tensor],
+    owners: list[int | None], h: Tensor, parallel: Parallel, retain_graph: bool,
 ) -> _TaskGrads:
     K = len(loss_list)
     if K == 1 or parallel is False:
-        return _TaskGrads(_looped_grads(loss_list, inputs, retain_graph), False, None)
+        return _looped_grads(loss_list, first, heads, owners, h, retain_graph)
     if parallel is True:
         try:
-            rows = _batched_grads(L, inputs, retain_graph)
+            return _batched_grads(L, first, heads, owners, h, retain_graph)
         except (RuntimeError, NotImplementedError) as exc:
             raise RuntimeError(
                 f"the batched Jacobian failed (parallel=True): {_first_line(exc)}; use "
                 "parallel='auto' or parallel=False to compute it with one backward pass per task"
             ) from exc
-        return _TaskGrads([_densify(r) for r in rows], True, None)
     try:
-        rows = _batched_grads(L, inputs, retain_graph=True)
+        return _batched_grads(L, first, heads, owners, h, retain_graph=True)
     except (RuntimeError, NotImplementedError) as exc:
         reason = f"{type(exc).__name__}: {_first_line(exc)}"
         warnings.warn(
@@ -413,14 +495,11 @@ def _task_grads(
             "passes instead (same result, slower). Pass parallel=False to skip the batched "
             "attempt.",
             BatchedJacobianFallbackWarning,
-            stacklevel=4,
+            stacklevel=3,  # the caller of mtl_backward
         )
-        return _TaskGrads(_looped_grads(loss_list, inputs, retain_graph), False, reason)
-    return _TaskGrads([_densify(r) for r in rows], True, None)
-
-
-def _densify(g: Tensor | None) -> Tensor | None:
-    return g.to_dense() if g is not None and g.is_sparse else g
+        result = _looped_grads(loss_list, first, heads, owners, h, retain_graph)
+        result.fallback_reason = reason
+        return result
 
 
 def _first_line(exc: BaseException) -> str:
@@ -491,6 +570,12 @@ def mtl_backward(
     shared = _param_list(shared_params, "shared parameter")
     groups = _task_groups(task_params, K)
     _check_unique([shared, *groups])
+    devices = {p.device for _, p in shared}
+    if len(devices) > 1:
+        raise ValueError(
+            f"the shared parameters are on several devices ({sorted(map(str, devices))}); their "
+            "Jacobian is one (K, d) tensor, so they must share a device"
+        )
     h = loss_weights(aggregator, K, task_weights)
     values = _loss_values(L)
     feats = _features_list(features) if features is not None else []
@@ -504,32 +589,44 @@ def mtl_backward(
                     "of the shared parameters"
                 )
 
+    if task_params is not None and not isinstance(losses, Tensor):
+        # A group that its own loss does not reach (e.g. groups given in another order than the
+        # losses) would silently receive nothing.
+        for i, group in enumerate(groups):
+            lost = _unreached_targets(loss_list[i], {id(p): name for name, p in group})
+            if lost:
+                raise ValueError(
+                    f"{lost[0]} is not reached by the loss of task {i}"
+                    + (f" (nor are {len(lost) - 1} more of its group)" if len(lost) > 1 else "")
+                    + ": task_params must list each task's own parameters, in the order of the "
+                    "losses"
+                )
+
     # Parameters outside shared and task groups that the losses reach: they get Σ h_i ∇L_i.
     given = {id(p) for _, p in shared} | {id(p) for g in groups for _, p in g}
     others = [p for p in _reachable_leaves(loss_list) if id(p) not in given]
 
-    head_inputs = [p for g in groups for _, p in g] + others
+    group_params = [(name, p) for g in groups for name, p in g]
+    head_inputs = [p for _, p in group_params] + others
+    owners: list[int | None] = [i for i, g in enumerate(groups) for _ in g] + [None] * len(others)
     first = [p for _, p in shared] if level == "parameters" else feats
-    inputs = first + head_inputs
-    grads = _task_grads(loss_list, L, inputs, parallel, retain_graph or level == "features")
-    first_rows, head_rows = grads.rows[: len(first)], grads.rows[len(first):]
+    grads = _task_grads(
+        loss_list, L, first, head_inputs, owners, h, parallel, retain_graph or level == "features"
+    )
 
     # Every given parameter must be reached by some loss.
-    n_group = sum(len(g) for g in groups)
-    if level == "parameters":
-        for (name, _), row in zip(shared, first_rows):
-            if row is None:
-                raise ValueError(f"{name} is not reached by any loss: no task depends on it")
-    else:
-        for j, row in enumerate(first_rows):
-            if row is None:
-                raise ValueError(f"features #{j} is not reached by any loss")
-    for (name, _), row in zip([np for g in groups for np in g], head_rows[:n_group]):
-        if row is None:
+    for j, reached in enumerate(grads.first_reached):
+        if not reached:
+            if level == "parameters":
+                raise ValueError(f"{shared[j][0]} is not reached by any loss: no task depends on it")
+            raise ValueError(f"features #{j} is not reached by any loss")
+    for (name, _), update in zip(group_params, grads.head):
+        if update is None:
             raise ValueError(f"{name} is not reached by any loss")
+    G = grads.G
+    assert G is not None
 
-    # The Jacobian over the concatenation (K, d) and its aggregation.
-    G = torch.cat([r.reshape(K, -1) for r in first_rows], dim=1)  # type: ignore[union-attr]
+    # The aggregation of the Jacobian (K, d) over the concatenation.
     if task_weights is None:
         agg = aggregator.aggregate(G, losses=values)
     else:
@@ -561,20 +658,11 @@ def mtl_backward(
                 )
         shared_updates = list(through)  # type: ignore[arg-type]
 
-    # Head updates: group i gets h_i ∇L_i, other parameters Σ h_i ∇L_i.
-    head_updates: list[Tensor] = []
-    j = 0
-    for i, group in enumerate(groups):
-        for _ in group:
-            row = head_rows[j]
-            head_updates.append(row[i] * h[i].to(dtype=row.dtype, device=row.device))  # type: ignore[index]
-            j += 1
-    for row in head_rows[n_group:]:
-        hw = h.to(dtype=row.dtype, device=row.device)  # type: ignore[union-attr]
-        head_updates.append(torch.tensordot(hw, row, dims=1))  # type: ignore[arg-type]
-
-    for p, g in zip([p for _, p in shared] + head_inputs, list(shared_updates) + head_updates):
-        _accumulate(p, g)
+    # Head updates (group i: h_i ∇L_i; other parameters: Σ h_i ∇L_i) were combined above.
+    targets = [p for _, p in shared] + head_inputs
+    for p, g in zip(targets, list(shared_updates) + list(grads.head)):
+        if g is not None:
+            _accumulate(p, g)
 
     norms = torch.sqrt(torch.clamp(torch.diagonal(M), min=0.0))
     outer = norms[:, None] * norms[None, :]

@@ -1,22 +1,36 @@
 """A multi-task wrapper around any ``torch.optim.Optimizer``.
 
-The training loop keeps its usual shape; ``step`` takes the task losses::
+The training loop keeps its usual shape; ``step`` takes the task losses. The CAME-Grad authors
+call ``optimizer.step([loss_lm, loss_cls], task_weights=[1, 4])`` on a wrapped AdamW; the same
+loop here::
 
     opt = mtl_opt.MultiTaskOptimizer(
         torch.optim.AdamW(model.parameters(), lr=5e-5),
         mtl_opt.get_aggregator("came_grad"),          # rho=0.5, kappa=1.5, nu=0.2
         shared_params=model.encoder,
+        task_params=[model.report_decoder, model.classifier],   # optional
     )
     sched = torch.optim.lr_scheduler.StepLR(opt.optimizer, step_size=1, gamma=0.8)
-    for batch in loader:
-        loss_lm, loss_cls = model(batch)
-        opt.zero_grad()
-        opt.step([loss_lm, loss_cls], task_weights=[1, 4])   # as in the CAME-Grad authors' loop
-    sched.step()
+    for epoch in range(n_epochs):
+        for batch in loader:
+            loss_lm, loss_cls = model(batch)
+            opt.zero_grad()
+            info = opt.step([loss_lm, loss_cls], task_weights=[1, 4])
+        sched.step()
 
-``step(losses)`` runs :func:`mtl_opt.mtl_backward` then the wrapped optimizer's ``step()``. To
-act on the gradients in between (clipping, a ``GradScaler``), call ``backward(losses)``, then
-``step()`` without losses.
+``step(losses)`` runs :func:`mtl_opt.mtl_backward` then the wrapped optimizer's ``step()`` and
+returns the diagnostics (:class:`mtl_opt.MTLBackwardResult`). To act on the gradients in
+between, call ``backward(losses)``, then ``step()`` without losses::
+
+    opt.backward([loss_lm, loss_cls], task_weights=[1, 4])
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+Mixed precision: bfloat16 autocast needs nothing more. A float16 ``GradScaler`` does not fit:
+its overflow steps make the Jacobian non-finite, which raises ``ValueError`` (never a silent
+NaN step) instead of being skipped, and methods that are not positively homogeneous (Nash-MTL)
+would not be unscaled correctly. LR schedulers attach to the wrapped optimizer,
+``opt.optimizer``.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from mtl_opt.backward import (
     MTLBackwardResult,
     Params,
     Parallel,
+    _check_unique,
     _param_list,
     mtl_backward,
 )
@@ -107,9 +122,10 @@ class MultiTaskOptimizer:
 
     def _check_params_in_optimizer(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
-        named = _param_list(self.shared_params, "shared parameter")
-        for i, g in enumerate(self.task_params or []):
-            named += _param_list(g, f"task {i} parameter")
+        groups = [_param_list(self.shared_params, "shared parameter")]
+        groups += [_param_list(g, f"task {i} parameter") for i, g in enumerate(self.task_params or [])]
+        _check_unique(groups)
+        named = [pair for group in groups for pair in group]
         missing = [name for name, p in named if id(p) not in held]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")

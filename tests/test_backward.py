@@ -168,8 +168,9 @@ def test_auto_falls_back_on_a_model_that_breaks_batching(custom, dtype):
     expected_heads = torch.autograd.grad(
         losses[0] + losses[1], [*net.head_a.parameters(), *net.head_b.parameters()], retain_graph=True
     )
-    with pytest.warns(BatchedJacobianFallbackWarning, match="separate backward passes"):
+    with pytest.warns(BatchedJacobianFallbackWarning, match="separate backward passes") as record:
         result = mtl_backward(losses, net.shared(), UnitNormSum())
+    assert record[0].filename == __file__  # the warning points at the caller's line
     assert result.batched is False and result.fallback_reason
     torch.testing.assert_close(flat_grad(net.shared()), UnitNormSum()(G), **tol(dtype))
     for p, e in zip([*net.head_a.parameters(), *net.head_b.parameters()], expected_heads):
@@ -370,6 +371,9 @@ def _bad_cases():
          ValueError, r"shared parameter #6 \(shape \(3,\)\) is not reached"),
         ("unreached module param", lambda n, x, y: dict(shared_params=nn.ModuleDict({"trunk": n.trunk, "extra": nn.Linear(2, 2)})),
          ValueError, "'extra.weight'.*not reached"),
+        ("shared on two devices", lambda n, x, y: dict(
+            shared_params=[*n.trunk.parameters(), nn.Parameter(torch.ones(2, device="meta"))]),
+         ValueError, "several devices"),
         ("shared twice", lambda n, x, y: dict(shared_params=[*n.trunk.parameters(), n.trunk[0].weight]),
          ValueError, "given twice"),
         ("shared and task", lambda n, x, y: dict(task_params=[[n.head_a.weight, n.trunk[0].weight], n.head_b]),
@@ -377,6 +381,8 @@ def _bad_cases():
         ("no shared", lambda n, x, y: dict(shared_params=[]), ValueError, "no shared parameters"),
         ("frozen shared", lambda n, x, y: dict(shared_params=[torch.ones(2)]), ValueError, "does not require grad"),
         ("task_params length", lambda n, x, y: dict(task_params=[n.head_a]), ValueError, "1 groups but there are 2"),
+        ("task_params swapped", lambda n, x, y: dict(task_params=[n.head_b, n.head_a]), ValueError,
+         r"task 0 parameter 'weight' \(shape \(2, 6\)\) is not reached by the loss of task 0 \(nor are 1 more"),
         ("task_params module", lambda n, x, y: dict(task_params=n.head_a), TypeError, "sequence of K"),
         ("task weights refused", lambda n, x, y: dict(task_weights=[1, 4]), ValueError, "no per-task weights"),
         ("task weights length", lambda n, x, y: dict(aggregator=LinearScalarization(), task_weights=[1, 4, 2]),
@@ -403,3 +409,38 @@ def test_bad_input_raises_one_clear_error(case):
     with pytest.raises(exc, match=pattern):
         mtl_backward(kwargs.pop("losses"), kwargs.pop("shared_params"), kwargs.pop("aggregator"), **kwargs)
     assert all(p.grad is None for p in net.parameters()), "nothing may be written on error"
+
+
+def test_batched_and_loop_agree_under_autocast():
+    results = {}
+    for parallel in (True, False):
+        net, (x, y) = TwoHeadNet(), batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses = net.losses(x, y)
+        r = mtl_backward(losses, net.trunk, UnitNormSum(), task_params=[net.head_a, net.head_b],
+                         parallel=parallel)
+        assert r.batched is parallel
+        results[parallel] = grads_of(net)
+    for name, g in results[True].items():
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, results[False][name], rtol=1e-2, atol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_three_tasks_with_mgda_and_came_grad(parallel):
+    """K = 3 (a third loss straight on the trunk's output, no head of its own)."""
+    for agg in (MGDA(), CAMEGrad(task_weights=torch.tensor([1.0, 4.0, 0.5]))):
+        net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+        z = net.features(x)
+        losses = [*net.losses_from(z, y), z.pow(2).mean()]
+        shared = list(net.trunk.parameters())
+        G = explicit_jacobian(losses, shared)
+        h = mtl_opt.loss_weights(agg, 3)
+        expected = torch.autograd.grad(h[0] * losses[0] + h[1] * losses[1], list(net.head_a.parameters()),
+                                       retain_graph=True)
+        r = mtl_backward(losses, shared, agg, parallel=parallel)
+        torch.testing.assert_close(flat_grad(shared), agg(G, losses=torch.stack(losses).detach()))
+        assert r.gramian.shape == (3, 3) and r.batched is parallel
+        assert torch.equal(r.loss_weights, h)
+        for p, e in zip(net.head_a.parameters(), expected):
+            torch.testing.assert_close(p.grad, e)

@@ -284,3 +284,20 @@ def test_degenerate_jacobians_give_finite_directions(name):
         assert torch.isfinite(out).all(), f"{name} is not finite on {label} rows"
         if label == "all_zero":
             assert torch.equal(out, torch.zeros_like(out)), f"{name} moves with an all-zero Jacobian"
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "mgda", "cagrad", "came_grad"])
+def test_float32_rank_deficient_jacobians_are_solved(name):
+    """float32 Gramians of rank < K are slightly indefinite; the exact solvers must still certify."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        K, d = [(5, 2), (7, 2), (7, 8), (8, 17)][trial % 4]
+        G = rng.normal(size=(K, d)) * rng.uniform(0.05, 20.0, size=(K, 1))
+        if trial % 3 == 0:
+            G[1] = -rng.uniform(0.1, 3.0) * G[0]
+        elif trial % 3 == 1:
+            G[2] = rng.uniform(-1, 1) * G[0] + rng.uniform(-1, 1) * G[1]
+        Gt = torch.from_numpy(G).float()
+        agg = mtl_opt.get_aggregator(name)
+        out = agg(Gt, losses=torch.ones(K)) if agg.uses_losses else agg(Gt)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()

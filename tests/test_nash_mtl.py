@@ -97,6 +97,28 @@ def test_newton_converges_quadratically_and_warm_starts():
         np.testing.assert_allclose(again, alpha, rtol=1e-9)
 
 
+@pytest.mark.parametrize("K", [3, 4, 5, 8])
+def test_single_solve_paths_agree_with_the_stacked_solver(K):
+    """One Gramian is solved on Python floats (K <= 4) or with direct LAPACK calls (K > 4); the
+    stacked solver serves batches. All three solve the same regularised equations."""
+    cases = [mtl_opt.aggregator.gramian_of(random_jacobian(K, seed=s, spread=2.0)).numpy() for s in range(3)]
+    # Pareto-stationary rows (weights grow to ~1/√σ: the damped phase and the rounding bound).
+    rows = np.vstack([np.eye(3), -np.ones((1, 3)), np.random.default_rng(K).standard_normal((max(K - 4, 0), 3))])[:K]
+    cases.append(rows @ rows.T)
+    # A float32 Gramian of nearly opposing rows, possibly indefinite after rounding.
+    g = np.random.default_rng(1).standard_normal((1, 40)).astype(np.float32)
+    J = np.vstack([g, -g, np.random.default_rng(2).standard_normal((K - 2, 40)).astype(np.float32)])
+    cases.append((J @ J.T).astype(np.float64))
+    for n, M in enumerate(cases):
+        # Near Pareto stationarity the weights (~1/√σ) are only determined to ~ε/σ·K.
+        rtol = 1e-9 if n < 3 else 1e-5
+        single, info = solvers.nash_exact_single(M)
+        stacked, _ = solvers.nash_exact(M[None])
+        np.testing.assert_allclose(single, stacked[0], rtol=rtol)
+        warm, info_warm = solvers.nash_exact_single(M, single * 1.3)
+        np.testing.assert_allclose(warm, single, rtol=rtol)
+
+
 def test_newton_that_cannot_converge_raises_with_residual_and_iterations(monkeypatch):
     # A Pareto-stationary Gramian needs many steps (β must grow to 1/√σ); allow only two.
     G = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [-1.0, -1.0, 0.0]], dtype=torch.float64)
@@ -310,6 +332,10 @@ def test_state_dict_round_trip_and_reset():
         assert torch.equal(agg(G), other(G))
     agg.reset()
     assert agg.state_dict() == {"step": 0, "alpha": None, "batch_step": 0, "batch_alpha": None}
+    # A counter without cached weights (e.g. a hand-made state) solves at the next call.
+    agg.load_state_dict({"step": 1, "alpha": None, "batch_step": 1, "batch_alpha": None})
+    assert agg(Gs[0]).shape == (30,) and agg.last_info["resolved"]
+    assert agg.aggregate_batch(torch.stack(Gs[:2])).shape == (2, 30) and agg.last_info["resolved"]
     with pytest.raises(ValueError, match="keys"):
         other.load_state_dict({"step": 1})
     with pytest.raises(ValueError, match="alpha"):

@@ -1,4 +1,6 @@
-"""Timing of the Gramian aggregators' K × K work: ``python -m mtl_opt.bench_methods``.
+"""Timing of the Gramian aggregators' K × K work (LS, PCGrad, MGDA, CAGrad, CAME-Grad).
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/bench_methods.py [--methods ...] [--batch 1 64 1024]
 
 Measures ``_batch_weights`` (what one batched study step costs on top of the two matmuls) for
 B independent problems at K = 2 and 3 (the vectorised solvers), and single problems at larger K,
