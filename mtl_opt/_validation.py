@@ -131,7 +131,7 @@ def check_task_vector(values: object, n_tasks: int, name: str) -> Tensor:
         raise TypeError(f"{name} must be a tensor or a sequence of {n_tasks} numbers, got {type(values).__name__}")
     if t.numel() != n_tasks:
         raise ValueError(f"{name} has {t.numel()} entries but there are {n_tasks} tasks")
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise ValueError(f"{name} must be finite, got {t.tolist()}")
     return t
 
