@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from mtl_opt._validation import (
+    all_finite,
     check_finite_rows,
     check_gramian,
     check_jacobian,
@@ -225,8 +226,7 @@ class GramianAggregator(GradientAggregator):
     ) -> AggregationResult:
         M64 = gramian_of(G)
         beta = self._checked_weights(M64, losses, task_weights)
-        direction = beta.to(device=G.device, dtype=G.dtype, non_blocking=True) @ G
-        return AggregationResult(direction=direction, weights=beta, gramian=M64)
+        return AggregationResult(direction=combine_rows(beta, G), weights=beta, gramian=M64)
 
     def batch_weights(
         self, M: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None
@@ -297,7 +297,7 @@ class GramianAggregator(GradientAggregator):
                 f"{type(self).__name__} returned weights of shape {tuple(beta.shape)}, "
                 f"expected ({M64.shape[0]},)"
             )
-        if not bool(torch.isfinite(beta).all()):
+        if not all_finite(beta):
             raise RuntimeError(
                 f"{type(self).__name__} produced non-finite weights {beta.tolist()} "
                 f"for the Gramian {M64.tolist()}"
@@ -308,6 +308,17 @@ class GramianAggregator(GradientAggregator):
         self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
     ) -> Tensor:
         raise NotImplementedError
+
+
+def combine_rows(beta: Tensor, G: Tensor) -> Tensor:
+    """``βᵀ G`` on ``G``'s device and in its dtype: the second (and last) pass over ``G``.
+
+    ``β`` (float64, CPU) travels host-to-device without blocking; a Jacobian that is already
+    float64 on the CPU is combined without a copy of ``β``.
+    """
+    if beta.device != G.device or beta.dtype != G.dtype:
+        beta = beta.to(device=G.device, dtype=G.dtype, non_blocking=True)
+    return beta @ G
 
 
 def _short_repr(value: Any) -> str:

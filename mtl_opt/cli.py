@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("mtl_opt.experiments.ablate_study", "CAME-Grad stage ablation over seeds, with paired confidence intervals"),
     "sweep": ("mtl_opt.experiments.sweep_study", "Ray Tune search over a method's hyperparameters on any problem"),
     "rrg": ("mtl_opt.problems.rrg.cli", "radiology report generation: train, eval, conflict"),
+    "bench": ("mtl_opt.experiments.bench", "time every method against the G Gᵀ + wᵀG floor (and TorchJD)"),
 }
 
 
