@@ -192,7 +192,7 @@ def test_cli_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     code = main(["compare", "--problems", "toy", "zdt1", "dtlz2", "quadratic:imbalance=100", "--methods", "ls",
                  "mgda", "came_grad:kappa=2,nu=0.5", "--steps", "20", "--seeds", "0,3", "--starts", "0,2",
-                 "--out", str(out), "--quiet"])
+                 "--start-jitter", "0.05", "--out", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     assert f"outputs in {out}" in printed and "hypervolume" in printed
@@ -216,6 +216,8 @@ def test_cli_compare_end_to_end(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["methods"] == ["ls", "mgda", "came_grad:kappa=2,nu=0.5"]
     assert config["seeds"] == [0, 3] and config["problems"][0]["steps"] == 20
+    assert config["start_jitter"] == 0.05 and "--start-jitter 0.05" in config["rerun"]
+    assert config["problems"][0]["starts"] == [[-8.5, 7.5], [9.0, 9.0]]  # the listed starts, unperturbed
     assert config["problems"][3]["options"]["imbalance"] == 100
     index = (out / "index.html").read_text()
     links = set(re.findall(r'href="([^"]+\.html)"', index))
@@ -226,7 +228,8 @@ def test_cli_compare_end_to_end(tmp_path, capsys):
 def test_cli_reruns_from_its_config(tmp_path, capsys):
     first, second = tmp_path / "a", tmp_path / "b"
     assert main(["compare", "--problems", "toy", "quadratic_noisy", "--methods", "pcgrad", "nash_mtl",
-                 "--steps", "15", "--seeds", "2x", "--starts", "1,3", "--lr", "0.01", "--out", str(first),
+                 "--steps", "15", "--seeds", "2x", "--starts", "1,3", "--lr", "0.01", "--start-jitter", "0.2",
+                 "--out", str(first),
                  "--quiet", "--no-figures"]) == 0
     assert main(["compare", "--config", str(first / "config.json"), "--out", str(second), "--quiet",
                  "--no-figures"]) == 0
@@ -243,7 +246,7 @@ def test_cli_reruns_from_its_config(tmp_path, capsys):
 def test_parallel_workers_give_identical_results():
     from mtl_opt.experiments.study import run_comparison
 
-    kw = dict(seeds=(0, 1), steps=25, lr=1e-2)
+    kw = dict(seeds=(0, 1), steps=25, lr=1e-2, start_jitter=0.1)
     one = run_comparison(["toy", "quadratic_noisy"], ["ls", "pcgrad", "mgda"], **kw)
     two = run_comparison(["toy", "quadratic_noisy"], ["ls", "pcgrad", "mgda"], workers=2, **kw)
     cols = [c for c in one.final.columns if c != "time_per_step_us"]
