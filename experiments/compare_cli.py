@@ -8,8 +8,9 @@ each problem's protocol starts, sized to finish in about a minute on two cores. 
 ``--protocol nash-toy`` runs the published Toy protocol (Nash-MTL, Navon et al. 2022): the toy
 with the first loss × 0.1, the five starts, Adam with lr 1e-3, 35 000 steps.
 
-Seeds are replicates: a seed drives the gradient noise of noisy problems (``quadratic_noisy``)
-and, with ``--start-jitter SIGMA``, its own Gaussian perturbation of every start (``start`` in
+Seeds are replicates: a seed drives the gradient noise of noisy problems (``quadratic_noisy``),
+PCGrad's random projection orders (one instance per seed) and, with ``--start-jitter SIGMA``,
+its own Gaussian perturbation of every start (``start`` in
 ``final.csv`` stays the index of the unperturbed start). The default problems have no gradient
 noise and the methods are deterministic there, so more than one seed without ``--start-jitter``
 would give identical copies: the command refuses that before any work. ``--protocol nash-toy``
@@ -59,8 +60,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "that list such as '0,2,4', or 'random:N' for N seeded uniform starts")
     parser.add_argument("--seeds", default="0",
                         help="comma-separated seeds, or a count such as '3x' for seeds 0,1,2 (default 0). "
-                        "A seed is a replicate: it drives a noisy problem's gradient noise and, with "
-                        "--start-jitter, its own perturbation of every start. On problems without "
+                        "A seed is a replicate: it drives a noisy problem's gradient noise, PCGrad's random "
+                        "projection orders and, with --start-jitter, its own perturbation of every start. On problems without "
                         "gradient noise (toy, zdt*, dtlz2, quadratic) several seeds need --start-jitter, "
                         "else they would be identical copies and the command stops before any work")
     parser.add_argument("--start-jitter", type=float, default=0.0, metavar="SIGMA",

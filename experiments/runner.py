@@ -576,6 +576,8 @@ def _per_seed_instances(agg: GradientAggregator, seeds: tuple[int, ...]) -> list
     import numpy as np
 
     hyper = agg.hyperparameters()
+    if hyper.get("order") == "fixed":  # PCGrad in index order draws nothing
+        return None
     base = hyper.get("seed")
     base = 0 if base is None else int(base)
     out = []
