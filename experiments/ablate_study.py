@@ -16,7 +16,13 @@ variant                 rectify     inject    fuse    direction
 =====================  ==========  ========  ======  ===========================================
 
 Every variant is the registered ``came_grad`` with the same ``ρ, κ, ν, ω`` and the stage switches
-above, trained on the same seeds. For a metric value ``m`` per seed, the summary gives
+above, trained on the same seeds. A seed is a replicate: on a synthetic problem, seed ``r``
+draws its own starting points, ``problem.initial_points(S, seed=1000 + r)`` with ``S`` the
+number of the problem's protocol starts (:func:`~mtl_opt.experiments.runner.seeded_starts`),
+and the seed's metric is the mean over those ``S`` runs; on a noisy problem the seed also drives
+the gradient noise. Every variant of a seed starts from the same points with the same noise,
+so the comparison is paired per seed. (Other workloads, e.g. ``rrg``, seed their own training.)
+For a metric value ``m`` per seed, the summary gives
 mean ± std per variant, the paired difference to ``linear`` with a Student-t confidence interval
 (:mod:`mtl_opt.experiments.paired_stats`), and the interaction
 
@@ -40,7 +46,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mtl_opt.experiments.workloads import TrainingSettings, Workload, get_workload
+from mtl_opt.experiments.workloads import SyntheticWorkload, TrainingSettings, Workload, get_workload
 
 __all__ = ["INTERACTION", "VARIANTS", "ablate", "configure", "run"]
 
@@ -192,8 +198,11 @@ def ablate(
                                 device=device)
     if out is not None and workload.run_root is None:
         workload.run_root = str(Path(out).expanduser().resolve() / "runs")
-    finals = workload.finals_per_seed(
-        settings, {v: {**method_options, **VARIANTS[v][0]} for v in chosen})
+    cells = {v: {**method_options, **VARIANTS[v][0]} for v in chosen}
+    if isinstance(workload, SyntheticWorkload):
+        finals = _synthetic_finals(workload, settings, cells)
+    else:
+        finals = workload.finals_per_seed(settings, cells)
     rows = []
     for variant in chosen:
         for seed in seed_list:
@@ -205,9 +214,8 @@ def ablate(
     runs = pd.DataFrame(rows)
     summary = summarise(runs, metric=metric, confidence=confidence)
     if verbose and (runs.groupby("variant")[metric].nunique() == 1).all():
-        print(f"ablate: warning: every variant gave the same {metric} on every seed; on a "
-              "deterministic problem the seeds only drive gradient noise (try a noisy problem "
-              "such as quadratic_noisy, or compare starts with mtl-opt compare)", flush=True)
+        print(f"ablate: warning: every variant gave the same {metric} on every seed: the "
+              "intervals below have no spread to measure", flush=True)
     elapsed = time.perf_counter() - started
     how = (f"{method_name} ({', '.join(f'{k}={v}' for k, v in method_options.items()) or 'defaults'}) "
            f"on {workload.name}, {steps} steps, {optimizer} lr={lr:g}, seeds {list(seed_list)}, "
@@ -218,6 +226,7 @@ def ablate(
         _write(Path(out).expanduser().resolve(), summary, runs, how, metric, confidence, {
             "problem": workload.describe(), "method": method_name, "method_options": method_options,
             "variants": {v: VARIANTS[v][0] for v in chosen}, "seeds": list(seed_list),
+            "starts": _starts_note(workload),
             "metric": metric, "mode": mode, "steps": steps, "record_every": record_every,
             "optimizer": optimizer, "lr": lr, "device": device, "confidence": confidence,
             "elapsed_s": round(elapsed, 2),
@@ -229,6 +238,45 @@ def ablate(
         print(to_markdown(summary[cols]))
         print(f"ablate: done in {elapsed:.1f} s")
     return summary
+
+
+def _starts_note(workload: Workload) -> str:
+    """How the runs' starting points were chosen (for config.json)."""
+    if not isinstance(workload, SyntheticWorkload):
+        return "set by the workload"
+    from mtl_opt.experiments.runner import SEEDED_STARTS_OFFSET
+
+    n = len(workload._build().protocol_starts())
+    return f"per seed r: problem.initial_points({n}, seed={SEEDED_STARTS_OFFSET} + r), shared by every variant"
+
+
+def _synthetic_finals(workload: SyntheticWorkload, settings: TrainingSettings,
+                      variants: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[int, dict[str, float]]]:
+    """Final metrics per variant and seed on a synthetic problem, all variants and seeds in one
+    batch; seed ``r`` runs from its own starts (:func:`seeded_starts`), shared by every variant.
+    A seed's metrics are the means over its starts."""
+    from mtl_opt.experiments.runner import run_methods, seeded_starts
+    from mtl_opt.experiments.workloads import normalise_metrics
+    from mtl_opt.registry import get_aggregator
+
+    problem = workload._build()
+    seeds = tuple(settings.seeds)
+    aggs = [get_aggregator(settings.method, **dict(h)) for h in variants.values()]
+    results = run_methods(problem, aggs, starts=seeded_starts(problem, seeds), seeds=seeds,
+                          optimizer=settings.optimizer, lr=float(settings.lr), steps=settings.steps,
+                          record_every=settings.record_every, device=settings.device)
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for name, res in zip(variants, results):
+        out[name] = {}
+        for seed in seeds:
+            mask = res.seed == seed
+            metrics: dict[str, Any] = {f"loss_{k + 1}": res.losses[mask, k].mean()
+                                       for k in range(res.losses.shape[1])}
+            metrics["stationarity"] = res.stationarity[mask].mean()
+            if res.front_distance is not None:
+                metrics["front_distance"] = res.front_distance[mask].mean()
+            out[name][int(seed)] = normalise_metrics(settings.steps, metrics)
+    return out
 
 
 def _write(out: Path, summary: Any, runs: Any, how: str, metric: str, confidence: float,
@@ -254,7 +302,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="CAME-Grad with the shared hyperparameters, e.g. 'came_grad:kappa=2,rho=0.3'")
     parser.add_argument("--seeds", default="5x",
                         help="comma-separated seeds, or a count such as '5x' for 0..4; at least 2 "
-                        "(default 5x)")
+                        "(default 5x). A seed is a replicate: on a synthetic problem seed r runs from its "
+                        "own starts, initial_points(S, seed=1000+r), shared by every variant (paired), "
+                        "and drives the gradient noise of noisy problems")
     parser.add_argument("--metric", default=None,
                         help="metric compared (default: front_distance where the front is known, else loss_mean)")
     parser.add_argument("--mode", choices=["min", "max"], default="min")

@@ -7,6 +7,14 @@ each problem's protocol starts, sized to finish in about a minute on two cores. 
 
 ``--protocol nash-toy`` runs the published Toy protocol (Nash-MTL, Navon et al. 2022): the toy
 with the first loss × 0.1, the five starts, Adam with lr 1e-3, 35 000 steps.
+
+Seeds are replicates: a seed drives the gradient noise of noisy problems (``quadratic_noisy``),
+PCGrad's random projection orders (one instance per seed) and, with ``--start-jitter SIGMA``,
+its own Gaussian perturbation of every start (``start`` in
+``final.csv`` stays the index of the unperturbed start). The default problems have no gradient
+noise and the methods are deterministic there, so more than one seed without ``--start-jitter``
+would give identical copies: the command refuses that before any work. ``--protocol nash-toy``
+runs the published starts unperturbed (one seed).
 """
 
 from __future__ import annotations
@@ -51,7 +59,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="which starts: 'all' (each problem's protocol list), indices into "
                         "that list such as '0,2,4', or 'random:N' for N seeded uniform starts")
     parser.add_argument("--seeds", default="0",
-                        help="comma-separated seeds, or a count such as '3x' for seeds 0,1,2 (default 0)")
+                        help="comma-separated seeds, or a count such as '3x' for seeds 0,1,2 (default 0). "
+                        "A seed is a replicate: it drives a noisy problem's gradient noise, PCGrad's random "
+                        "projection orders and, with --start-jitter, its own perturbation of every start. On problems without "
+                        "gradient noise (toy, zdt*, dtlz2, quadratic) several seeds need --start-jitter, "
+                        "else they would be identical copies and the command stops before any work")
+    parser.add_argument("--start-jitter", type=float, default=0.0, metavar="SIGMA",
+                        help="perturb every start per seed: x0 = start + SIGMA * N(0, I), drawn from a "
+                        "generator seeded by the seed, clamped into the problem's bounds; SIGMA is in the "
+                        "problem's units (zdt/dtlz2 live in [0,1], the toy's starts span [-8.5, 9]) "
+                        "(default 0: the starts as listed)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimisation steps for every problem (default per problem: toy 3000, "
                         "zdt 1000, dtlz2 400, quadratic 1000, quadratic_many 300)")
@@ -82,7 +99,8 @@ def _from_options(args: argparse.Namespace) -> tuple:
     if protocol is not None:
         clashes = [opt for opt, given in (("--problems", args.problems), ("--steps", args.steps),
                                           ("--lr", args.lr), ("--starts", args.starts != "all"),
-                                          ("--optimizer", args.optimizer != "adam")) if given]
+                                          ("--optimizer", args.optimizer != "adam"),
+                                          ("--start-jitter", args.start_jitter != 0.0)) if given]
         if clashes:
             raise ValueError(f"--protocol {args.protocol} fixes {', '.join(clashes)}; drop them or drop --protocol")
     problem_specs = protocol["problems"] if protocol else (args.problems or list(DEFAULT_PROBLEMS))
@@ -122,7 +140,8 @@ def _from_config(args: argparse.Namespace) -> tuple:
     given = [name for name, value in (("--problems", args.problems), ("--methods", args.methods),
                                       ("--steps", args.steps), ("--lr", args.lr), ("--protocol", args.protocol),
                                       ("--starts", args.starts != "all"), ("--seeds", args.seeds != "0"),
-                                      ("--optimizer", args.optimizer != "adam"), ("--device", args.device != "cpu"))
+                                      ("--optimizer", args.optimizer != "adam"), ("--device", args.device != "cpu"),
+                                      ("--start-jitter", args.start_jitter != 0.0))
              if value]
     if given:
         raise ValueError(f"--config fixes the study; drop {', '.join(given)}")
@@ -144,6 +163,7 @@ def _from_config(args: argparse.Namespace) -> tuple:
         args.device = config["device"]
         args.protocol = config.get("protocol")
         args.starts = config.get("starts", "all")
+        args.start_jitter = float(config.get("start_jitter", 0.0))
         record_every = {e["spec"]: int(e["record_every"]) for e in entries}
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{args.config} is not a config.json written by mtl-opt compare: {exc!r}") from None
@@ -220,13 +240,15 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
+    if not (args.start_jitter >= 0 and args.start_jitter < float("inf")):
+        raise ValueError(f"--start-jitter must be a finite number >= 0, got {args.start_jitter}")
 
     progress = None if args.quiet else _Progress(steps)
     t0 = time.perf_counter()
     comp = run_comparison(list(problems), method_specs, starts=starts, seeds=seeds,
                           optimizer=args.optimizer, steps=steps, lr=lrs, record_every=record_every,
                           device=args.device, progress=progress, start_labels=start_labels,
-                          workers=workers)
+                          workers=workers, start_jitter=float(args.start_jitter))
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.done()
@@ -238,6 +260,7 @@ def run(args: argparse.Namespace) -> int:
         "methods": labels,
         "starts": args.starts,
         "seeds": seeds,
+        "start_jitter": float(args.start_jitter),
         "optimizer": args.optimizer,
         "device": args.device,
         "elapsed_seconds": round(elapsed, 3),
@@ -335,6 +358,8 @@ def _rerun_command(args: argparse.Namespace, problems: list[str], labels: list[s
              "--methods " + " ".join(f"'{m}'" if ":" in m else m for m in labels),
              f"--starts {args.starts}", "--seeds " + ",".join(map(str, seeds)), f"--optimizer {args.optimizer}",
              f"--device {args.device}"]
+    if args.start_jitter:
+        parts.append(f"--start-jitter {args.start_jitter}")
     if len(set(steps.values())) == 1:
         parts.append(f"--steps {next(iter(steps.values()))}")
     if len(set(lrs.values())) == 1:

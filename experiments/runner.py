@@ -16,6 +16,15 @@ One step, for every run at once::
     β = method.batch_weights(M)                     # per method slice, float64
     x.grad = βᵀ J;  optimizer.step();  x ← clamp(x, bounds)
 
+Starts and seeds: by default every start is run with every seed (run ``s·R + r`` starts at
+``starts[s]`` with ``seeds[r]``), and a seed drives only the run's gradient noise and the random
+stream of methods with seeded randomness (PCGrad: one instance per run seed, see
+:func:`_per_seed_instances`), so on a problem without gradient noise (``gradient_noise_std == 0``:
+toy, ZDT, DTLZ2, quadratic) the seeds of one start are identical copies for deterministic methods. For seeds that are replicates there, give per-seed starts: a
+``(S, R, dim)`` tensor whose ``[s, r]`` entry is the start of run ``s·R + r``, e.g.
+:func:`seeded_starts` (seed ``r`` draws its own ``S`` starts) or :func:`jittered_starts` (each
+start perturbed per seed).
+
 Recorded (every ``record_every`` steps and at the end): the losses, Pareto stationarity
 ``‖α*ᵀ J‖`` with ``α* = argmin_{α∈Δ} ‖αᵀJ‖`` (the min-norm element of the convex hull of the
 task gradients, on the coordinates no active bound blocks, from the clean gradients), the
@@ -41,14 +50,23 @@ from mtl_opt.problems import ParetoProblem, problem_from_spec
 __all__ = [
     "OPTIMIZERS",
     "RunResult",
+    "SEEDED_STARTS_OFFSET",
+    "jittered_starts",
     "method_from_spec",
     "pareto_stationarity",
     "run_method",
     "run_methods",
+    "seeded_starts",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("adam", "sgd")
 MAX_RECORDED_DIM = 10
+#: :func:`seeded_starts` draws seed ``r``'s starts as ``initial_points(S, seed=OFFSET + r)``, away
+#: from the seeds behind the problems' protocol starts (``seed=0``) and ``--starts random:N``
+#: (``seed=1``).
+SEEDED_STARTS_OFFSET = 1000
+#: :func:`jittered_starts` seeds seed ``r``'s perturbation generator with ``OFFSET + r``.
+JITTER_SEED_OFFSET = 2000
 
 Callback = Callable[[int, dict[str, float]], Any]
 
@@ -57,7 +75,8 @@ Callback = Callable[[int, dict[str, float]], Any]
 class RunResult:
     """The outcome of one method on one problem over ``S`` starts × ``R`` seeds.
 
-    Runs are ordered start-major: run ``s·R + r`` started from ``starts[s]`` with ``seeds[r]``.
+    Runs are ordered start-major: run ``s·R + r`` started from ``starts[s]`` (or ``starts[s, r]``
+    when the starts were given per seed, shape ``(S, R, dim)``) with ``seeds[r]``.
 
     Attributes:
         problem: the problem's name; ``problem_options`` its constructor options.
@@ -121,7 +140,8 @@ def method_from_spec(method: str | GradientAggregator) -> tuple[str, GradientAgg
     name, hyper = mtl_opt.parse_method_spec(method)
     # Built with torch's global generator seeded 0 (and restored after), so that methods
     # whose randomness is seeded from it at construction (PCGrad without seed=) draw the same
-    # orders in every study; pass e.g. "pcgrad:seed=3" to vary them.
+    # orders in every study; pass e.g. "pcgrad:seed=3" to vary them. (The runner itself gives
+    # such methods one instance per run seed, seeded from their seed and the run's seed.)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         agg = mtl_opt.get_aggregator(name, **hyper)
@@ -185,14 +205,21 @@ def _check_settings(optimizer: str, lr: float, steps: int, record_every: int,
     return dev, seeds_t
 
 
-def _check_starts(problem: ParetoProblem, starts: Tensor | Sequence | None) -> Tensor:
+def _check_starts(problem: ParetoProblem, starts: Tensor | Sequence | None,
+                  n_seeds: int | None = None) -> Tensor:
+    """``(S, dim)`` starts shared by every seed, or ``(S, R, dim)`` per-seed starts."""
     if starts is None:
         return problem.protocol_starts().to(torch.float64)
     S = torch.as_tensor(starts, dtype=torch.float64)
     if S.dim() == 1 and S.numel() == problem.dim:
         S = S.unsqueeze(0)
-    if S.dim() != 2 or S.shape[1] != problem.dim or S.shape[0] == 0:
-        raise ValueError(f"starts must have shape (S, {problem.dim}) for {problem.name}, got {tuple(S.shape)}")
+    if S.dim() == 3:
+        if S.shape[2] != problem.dim or S.shape[0] == 0 or (n_seeds is not None and S.shape[1] != n_seeds):
+            raise ValueError(f"per-seed starts must have shape (S, {n_seeds if n_seeds is not None else 'R'}, "
+                             f"{problem.dim}) for {problem.name}, got {tuple(S.shape)}")
+    elif S.dim() != 2 or S.shape[1] != problem.dim or S.shape[0] == 0:
+        raise ValueError(f"starts must have shape (S, {problem.dim}) or per seed (S, R, {problem.dim}) "
+                         f"for {problem.name}, got {tuple(S.shape)}")
     if not bool(torch.isfinite(S).all()):
         raise ValueError("starts must be finite")
     if problem.bounds is not None:
@@ -200,6 +227,53 @@ def _check_starts(problem: ParetoProblem, starts: Tensor | Sequence | None) -> T
         if bool(((S < lo) | (S > hi)).any()):
             raise ValueError(f"starts must lie inside {problem.name}'s bounds [{float(lo.min())}, {float(hi.max())}]")
     return S
+
+
+def seeded_starts(problem: ParetoProblem | str, seeds: Sequence[int], n: int | None = None) -> Tensor:
+    """Per-seed starts ``(n, R, dim)``: seed ``r`` draws its own ``n`` starts,
+    ``problem.initial_points(n, seed=SEEDED_STARTS_OFFSET + r)`` (uniform in the box for ZDT and
+    DTLZ2, uniform in ``[−10, 10]²`` for the toy, ``N(0, 3²)`` per coordinate for the quadratics).
+
+    A seed's starts depend on that seed only (not on the other seeds), and every method run
+    with the same seeds starts from the same points, so comparisons stay paired per seed.
+    ``n`` defaults to the number of the problem's protocol starts.
+    """
+    prob = problem_from_spec(problem)
+    seeds_t = tuple(_check_int("each seed", s, 0) for s in seeds)
+    if not seeds_t:
+        raise ValueError("seeds must be a non-empty sequence of integers")
+    n = len(prob.protocol_starts()) if n is None else _check_int("n", n, 1)
+    draws = [prob.initial_points(n, seed=SEEDED_STARTS_OFFSET + s).to(torch.float64) for s in seeds_t]
+    return torch.stack(draws, dim=1)
+
+
+def jittered_starts(problem: ParetoProblem | str, starts: Tensor | Sequence | None, seeds: Sequence[int],
+                    sigma: float) -> Tensor:
+    """Per-seed starts ``(S, R, dim)``: start ``s`` of seed ``r`` is ``starts[s] + σ ε`` with
+    ``ε ~ N(0, I)`` drawn from a generator seeded ``JITTER_SEED_OFFSET + r`` (one ``(S, dim)``
+    draw per seed, so a run's start depends only on its start and its seed), clamped into the
+    problem's bounds where it has them. ``σ`` is in the problem's own units (ZDT/DTLZ2 live in
+    ``[0, 1]``, the toy's published starts span ``[−8.5, 9]``). ``σ = 0`` repeats every start per
+    seed unchanged.
+    """
+    prob = problem_from_spec(problem)
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"the start jitter must be a finite number >= 0, got {sigma!r}")
+    seeds_t = tuple(_check_int("each seed", s, 0) for s in seeds)
+    if not seeds_t:
+        raise ValueError("seeds must be a non-empty sequence of integers")
+    S0 = _check_starts(prob, starts)
+    if S0.dim() != 2:
+        raise ValueError("jittered_starts takes starts shared by every seed, shape (S, dim)")
+    out = []
+    for s in seeds_t:
+        g = torch.Generator().manual_seed(JITTER_SEED_OFFSET + s)
+        out.append(S0 + float(sigma) * torch.randn(S0.shape, generator=g, dtype=torch.float64))
+    X = torch.stack(out, dim=1)
+    if prob.bounds is not None:
+        lo, hi = (b.to(torch.float64) for b in prob.bounds)
+        X = torch.maximum(torch.minimum(X, hi), lo)
+    return X
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -290,8 +364,15 @@ def run_method(
     Args:
         problem: a problem object or a spec such as ``"zdt1"`` or ``"quadratic:imbalance=100"``.
         method: a :class:`~mtl_opt.GradientAggregator` or a spec such as ``"came_grad:kappa=2"``.
-        starts: (S, dim) starting points; ``None`` uses the problem's protocol starts.
-        seeds: one run per start and seed; a seed drives the run's gradient noise.
+        starts: (S, dim) starting points shared by every seed, or (S, R, dim) per-seed starts
+            (run ``s·R + r`` starts at ``starts[s, r]``; see :func:`seeded_starts` and
+            :func:`jittered_starts`); ``None`` uses the problem's protocol starts.
+        seeds: one run per start and seed. A seed drives the run's gradient noise on noisy
+            problems (``gradient_noise_std > 0``) and the random stream of methods with seeded
+            randomness (PCGrad's orders: one instance per run seed, seeded from the method's
+            ``seed`` and the run seed); nothing else. With shared starts on a deterministic
+            problem the seeds of a start are identical copies for deterministic methods (pass
+            per-seed starts to make them replicates).
         optimizer: ``"adam"`` or ``"sgd"``: torch's updates with their default settings but
             ``lr`` (Adam ``betas=(0.9, 0.999)``, ``eps=1e-8``; SGD without momentum).
         lr: learning rate > 0.
@@ -344,7 +425,7 @@ def run_methods(
     if len({id(a) for a in aggs}) != len(aggs):
         raise ValueError("the same aggregator object was given twice; pass separate objects")
     dev, seeds_t = _check_settings(optimizer, lr, steps, record_every, seeds, device)
-    S0 = _check_starts(prob, starts)
+    S0 = _check_starts(prob, starts, len(seeds_t))
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
 
@@ -353,8 +434,10 @@ def run_methods(
     N, K, d = n_m * n_runs, prob.n_tasks, prob.dim
     for agg in aggs:
         agg.reset()
+    per_seed = [_per_seed_instances(agg, seeds_t) for agg in aggs]
 
-    x0 = S0.repeat_interleave(n_r, dim=0)  # (S*R, d), start-major
+    # (S*R, d), start-major
+    x0 = S0.reshape(n_s * n_r, d) if S0.dim() == 3 else S0.repeat_interleave(n_r, dim=0)
     x = x0.repeat(n_m, 1).to(device=dev).clone()
     opt = _make_optimizer(optimizer, x, float(lr))
     noise_std = float(prob.gradient_noise_std)
@@ -417,7 +500,16 @@ def run_methods(
             t0 = perf()
             # The methods' vectorised weights, unchecked in the loop: a non-finite weight
             # makes x non-finite, which the next record reports naming the method.
-            betas.append(agg._batch_weights(Ms[m], losses=Fs[m] if uses_losses else None, task_weights=None))
+            if per_seed[m] is None:
+                betas.append(agg._batch_weights(Ms[m], losses=Fs[m] if uses_losses else None, task_weights=None))
+            else:  # one instance (own random stream) per run seed: runs r, R + r, 2R + r, ...
+                Mm = Ms[m].reshape(n_s, n_r, K, K)
+                Fm = Fs[m].reshape(n_s, n_r, K) if uses_losses else None
+                bm = torch.empty((n_s, n_r, K), dtype=torch.float64)
+                for r, inst in enumerate(per_seed[m]):
+                    bm[:, r] = inst._batch_weights(Mm[:, r].contiguous(), task_weights=None,
+                                                   losses=Fm[:, r].contiguous() if uses_losses else None)
+                betas.append(bm.reshape(n_runs, K))
             agg_time[m] += perf() - t0
         if general:
             for m, _agg in general:
@@ -467,6 +559,34 @@ def run_methods(
             history=recorder.history(m),
         ))
     return results
+
+
+def _per_seed_instances(agg: GradientAggregator, seeds: tuple[int, ...]) -> list[GradientAggregator] | None:
+    """For a Gramian method with seeded randomness (its constructor takes ``seed``, e.g.
+    PCGrad's random projection orders), one fresh instance per run seed ``r``, seeded with
+    ``SeedSequence((method seed, r))`` (NumPy's seed mixing; a method seed of ``None`` counts as
+    0), so that a seed is a replicate of the method's randomness too and a run's random stream
+    depends only on its method seed and its run seed. ``None`` for every other method."""
+    import inspect
+
+    if not isinstance(agg, GramianAggregator):
+        return None
+    if "seed" not in inspect.signature(type(agg).__init__).parameters:
+        return None
+    import numpy as np
+
+    hyper = agg.hyperparameters()
+    if hyper.get("order") == "fixed":  # PCGrad in index order draws nothing
+        return None
+    base = hyper.get("seed")
+    base = 0 if base is None else int(base)
+    out = []
+    for r in seeds:
+        derived = int(np.random.SeedSequence((base, int(r))).generate_state(1, dtype=np.uint64)[0] >> 2)
+        inst = type(agg)(**{**hyper, "seed": derived})
+        inst.reset()
+        out.append(inst)
+    return out
 
 
 class _Adam:

@@ -16,6 +16,13 @@ Hypervolume reference point, per problem: the component-wise maximum over every 
 losses and the true front, plus 10 % of that set's range in each loss (so every point counts and
 the methods of one problem share one reference). IGD is measured against pymoo's reference
 front for ZDT/DTLZ2 and against 2001 points of the analytic front for the others.
+
+Seeds are replicates. ``start`` is the index of a run's start in the problem's list; a seed
+drives (a) the gradient noise of noisy problems and (b), with ``start_jitter = σ > 0``, a
+perturbation of every start, ``x₀ = start + σ ε`` with ``ε ~ N(0, I)`` drawn per seed
+(:func:`~mtl_opt.experiments.runner.jittered_starts`). On a problem without gradient noise and
+without jitter the methods are deterministic, so several seeds would be identical copies of
+one run: :func:`run_comparison` refuses them before any work.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from mtl_opt.experiments.runner import (
     RunResult,
     _check_settings,
     _check_starts,
+    jittered_starts,
     method_from_spec,
     run_methods,
 )
@@ -86,6 +94,7 @@ def run_comparison(
     progress: Callable[[str, int, int], Any] | None = None,
     start_labels: Mapping[str, Sequence[int]] | None = None,
     workers: int = 1,
+    start_jitter: float = 0.0,
 ) -> Comparison:
     """Run every method on every problem (all runs of one problem in one batch).
 
@@ -94,7 +103,11 @@ def run_comparison(
         methods: method specs (``"came_grad:kappa=2,nu=0.5"``).
         starts: ``None`` (each problem's protocol starts), one (S, dim) tensor for every
             problem, or a mapping from problem name to its (S, dim) starts.
-        seeds: one run per start and seed (the seed drives noisy problems' gradient noise).
+        seeds: one run per start and seed. A seed drives noisy problems' gradient noise and,
+            with ``start_jitter > 0``, its own perturbation of every start. More than one seed
+            on a problem without gradient noise needs ``start_jitter > 0`` (or per-seed starts
+            of shape (S, R, dim)): otherwise the seeds would be identical copies and a
+            ``ValueError`` says so before any run.
         optimizer, steps, lr: as in :func:`~mtl_opt.experiments.runner.run_method`; ``steps``
             and ``lr`` may be per-problem mappings.
         record_every: history interval, or a per-problem mapping (default: ``steps // 200``,
@@ -107,6 +120,9 @@ def run_comparison(
             process, and the results are identical to ``workers=1`` (runs are independent and
             their noise depends only on their seed). Each process pays torch's import (seconds),
             so it only pays off for long studies on otherwise idle cores.
+        start_jitter: σ ≥ 0 of the per-seed Gaussian perturbation of every start, in the
+            problem's units (clamped into the bounds where the problem has them); 0 (default)
+            runs the starts as given.
 
     Every option is checked (problems built, methods parsed, starts shaped) before any run.
     """
@@ -124,7 +140,11 @@ def run_comparison(
     labels = [method_from_spec(m)[0] for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"methods must be distinct, got {labels}")
+    if (isinstance(start_jitter, bool) or not isinstance(start_jitter, (int, float))
+            or not math.isfinite(start_jitter) or start_jitter < 0):
+        raise ValueError(f"start_jitter must be a finite number >= 0, got {start_jitter!r}")
     plan = []
+    copies = []
     for name, prob in zip(names, probs):
         p_steps = steps[name] if isinstance(steps, Mapping) else steps
         p_lr = lr[name] if isinstance(lr, Mapping) else lr
@@ -135,19 +155,32 @@ def run_comparison(
             p_starts = starts.get(name)
         else:
             p_starts = starts
-        S = _check_starts(prob, p_starts)
+        S = base = _check_starts(prob, p_starts, len(seeds))
+        if start_jitter > 0:
+            if S.dim() == 3:
+                raise ValueError(f"{name}: start_jitter perturbs starts shared by every seed; "
+                                 "per-seed starts (S, R, dim) were given")
+            S = jittered_starts(prob, S, seeds, float(start_jitter))
+        elif len(seeds) > 1 and S.dim() == 2 and prob.gradient_noise_std == 0:
+            copies.append(name)
         labels_s = list(range(S.shape[0]))
         if start_labels is not None and name in start_labels:
             labels_s = [int(i) for i in start_labels[name]]
             if len(labels_s) != S.shape[0]:
                 raise ValueError(f"{name}: {len(labels_s)} start labels for {S.shape[0]} starts")
-        plan.append((name, prob, S, int(p_steps), float(p_lr), rec, labels_s))
+        plan.append((name, prob, S, int(p_steps), float(p_lr), rec, labels_s, base))
+    if copies:
+        raise ValueError(
+            f"{len(seeds)} seeds would be {len(seeds)} identical copies of every run on {', '.join(copies)}: "
+            "without gradient noise a seed changes nothing there. Use one seed with more starts "
+            "(--starts random:N), perturb the starts per seed (--start-jitter SIGMA; "
+            "start_jitter= in the API), or a noisy problem such as quadratic_noisy")
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
     runs: list[RunResult] = []
     if workers == 1:
-        for name, prob, S, p_steps, p_lr, rec, labels_s in plan:
+        for name, prob, S, p_steps, p_lr, rec, labels_s, _base in plan:
             cb = None
             if progress is not None:
                 def cb(step: int, _metrics: dict, _name: str = name, _steps: int = p_steps) -> None:
@@ -164,11 +197,13 @@ def run_comparison(
                .reset_index().sort_values("mean_rank", kind="stable").reset_index(drop=True))
     config = {
         "problems": [{"name": name, "options": prob.options(), "steps": s, "lr": l, "record_every": rec,
-                      "start_labels": lab, "starts": S.tolist()} for name, prob, S, s, l, rec, lab in plan],
+                      "start_labels": lab, "starts": base.tolist()}
+                     for name, prob, _S, s, l, rec, lab, base in plan],
         "methods": labels,
         "seeds": list(seeds),
         "optimizer": optimizer,
         "device": str(device),
+        "start_jitter": float(start_jitter),
     }
     return Comparison(final=final, summary=summary, overall=overall, runs=runs,
                       problems=problems_by_name, config=config)
@@ -221,7 +256,7 @@ def _run_parallel(plan: list, methods: list[str], seeds: Sequence[int], optimize
     from concurrent.futures import ProcessPoolExecutor
 
     tasks = []
-    for p_index, (name, prob, S, p_steps, p_lr, rec, labels_s) in enumerate(plan):
+    for p_index, (name, prob, S, p_steps, p_lr, rec, labels_s, _base) in enumerate(plan):
         groups = _split_methods(methods, workers) if len(plan) < workers * 2 else [list(range(len(methods)))]
         for g in groups:
             tasks.append((p_index, g, dict(starts=S, seeds=tuple(seeds), optimizer=optimizer, lr=p_lr,

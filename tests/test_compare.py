@@ -181,6 +181,122 @@ def test_published_toy_results_reappear():
                                rtol=0, atol=2e-3)
 
 
+# ------------------------------------------------------------------------------------ seeds
+def test_seeded_starts_draw_per_seed_and_depend_on_that_seed_only():
+    from mtl_opt.experiments.runner import SEEDED_STARTS_OFFSET, seeded_starts
+
+    toy = get_problem("toy")
+    S = seeded_starts(toy, (0, 1, 2))
+    assert S.shape == (5, 3, 2) and S.dtype == torch.float64
+    for r in range(3):
+        assert torch.equal(S[:, r], toy.initial_points(5, seed=SEEDED_STARTS_OFFSET + r))
+    assert not torch.equal(S[:, 0], S[:, 1])
+    assert not torch.equal(S[:, 0], toy.protocol_starts())  # never the published starts
+    assert torch.equal(seeded_starts("toy", (2,))[:, 0], S[:, 2])
+    zdt = seeded_starts("zdt1", (0, 1), n=4)
+    assert zdt.shape == (4, 2, 30) and float(zdt.min()) >= 0 and float(zdt.max()) <= 1
+
+
+def test_jittered_starts_perturb_each_start_per_seed():
+    from mtl_opt.experiments.runner import jittered_starts
+
+    toy = get_problem("toy")
+    base = toy.protocol_starts()
+    same = jittered_starts(toy, base, (0, 1), 0.0)
+    assert torch.equal(same, base.unsqueeze(1).expand(5, 2, 2))
+    J = jittered_starts(toy, base, (0, 1, 7), 0.5)
+    assert J.shape == (5, 3, 2) and not torch.equal(J[:, 0], J[:, 1])
+    assert torch.equal(jittered_starts(toy, base, (7,), 0.5)[:, 0], J[:, 2])  # its own seed only
+    assert 0.1 < float((J - base.unsqueeze(1)).std()) < 1.0
+    zdt = jittered_starts("zdt1", get_problem("zdt1").protocol_starts(), (0, 1), 5.0)
+    assert float(zdt.min()) == 0.0 and float(zdt.max()) == 1.0  # clamped into the box
+    with pytest.raises(ValueError, match="start jitter"):
+        jittered_starts(toy, base, (0,), -1.0)
+
+
+def test_per_seed_starts_are_the_runs_starts():
+    from mtl_opt.experiments.runner import seeded_starts
+
+    S = seeded_starts("toy", (0, 1), n=3)
+    kw = dict(steps=20, lr=1e-2, record_every=10)
+    r = run_method("toy", "mgda", starts=S, seeds=(0, 1), **kw)
+    assert r.start_index.tolist() == [0, 0, 1, 1, 2, 2] and r.seed.tolist() == [0, 1] * 3
+    torch.testing.assert_close(r.history["x"][0], S.reshape(6, 2), rtol=0, atol=0)
+    # run s·R + r equals that start run on its own
+    alone = run_method("toy", "mgda", starts=S[:, 1], seeds=(1,), **kw)
+    torch.testing.assert_close(r.x[1::2], alone.x, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="per-seed starts must have shape"):
+        run_method("toy", "mgda", starts=S, seeds=(0, 1, 2), **kw)
+
+
+def test_deterministic_methods_repeat_and_pcgrad_draws_per_seed():
+    """Shared starts on a deterministic problem: a deterministic method's seeds are identical
+    copies (as documented), PCGrad's seeds draw their own projection orders (K = 10)."""
+    kw = dict(starts=get_problem("quadratic_many").protocol_starts()[:2], seeds=(0, 1), steps=30, lr=1e-2,
+              record_every=30)
+    ls = run_method("quadratic_many", "ls", **kw)
+    assert torch.equal(ls.x[0::2], ls.x[1::2])
+    fixed = run_method("quadratic_many", "pcgrad:order=fixed", **kw)
+    assert torch.equal(fixed.x[0::2], fixed.x[1::2])
+    pc = run_method("quadratic_many", "pcgrad", **kw)
+    assert not torch.allclose(pc.x[0::2], pc.x[1::2])
+    again = run_method("quadratic_many", "pcgrad", **kw)
+    assert torch.equal(pc.x, again.x)  # reproducible
+    one = run_method("quadratic_many", "pcgrad", **{**kw, "seeds": (1,)})
+    assert torch.equal(one.x, pc.x[1::2])  # a run's orders depend on its own seed only
+    other = run_method("quadratic_many", "pcgrad:seed=4", **kw)
+    assert not torch.allclose(other.x, pc.x)  # and on the method's seed
+
+
+def test_comparison_refuses_identical_copies_before_any_work():
+    from mtl_opt.experiments.study import run_comparison
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="2 identical copies of every run on toy, zdt1") as info:
+        run_comparison(["toy", "zdt1", "quadratic_noisy"], ["ls"], seeds=(0, 1), steps=10**9)
+    assert "--start-jitter" in str(info.value) and "quadratic_noisy" not in str(info.value).split(":")[0]
+    assert time.perf_counter() - t0 < 5  # 10**9 steps never started
+    # a noisy problem's seeds are replicates already
+    noisy = run_comparison(["quadratic_noisy"], ["ls"], seeds=(0, 1), steps=5, lr=1e-2)
+    assert len(noisy.final) == 10
+
+
+def test_comparison_start_jitter_makes_replicates_and_keeps_start_labels():
+    from mtl_opt.experiments.study import run_comparison
+
+    kw = dict(seeds=(0, 1), steps=30, lr=1e-2, start_jitter=0.3)
+    comp = run_comparison(["toy"], ["ls", "mgda"], **kw)
+    f = comp.final
+    assert f["start"].tolist()[:10] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    a, b = f[f["seed"] == 0], f[f["seed"] == 1]
+    assert not (a["loss_1"].to_numpy() == b["loss_1"].to_numpy()).any()  # replicates differ
+    base = get_problem("toy").protocol_starts()
+    x0 = comp.runs[0].history["x"][0]
+    assert float((x0 - base.repeat_interleave(2, 0)).abs().max()) > 0.01
+    assert comp.config["start_jitter"] == 0.3 and comp.config["problems"][0]["starts"] == base.tolist()
+    again = run_comparison(["toy"], ["ls", "mgda"], **kw)
+    cols = [c for c in f.columns if c != "time_per_step_us"]
+    assert f[cols].equals(again.final[cols])  # reproducible
+    # without jitter (one seed) the listed starts are run exactly
+    plain = run_comparison(["toy"], ["ls"], steps=5, lr=1e-2)
+    torch.testing.assert_close(plain.runs[0].history["x"][0], base, rtol=0, atol=0)
+
+
+def test_nash_toy_protocol_runs_the_published_starts_unperturbed():
+    import argparse
+
+    from mtl_opt.experiments import compare_cli
+    from mtl_opt.problems.toy import NASH_TOY_STARTS
+
+    parser = argparse.ArgumentParser()
+    compare_cli.configure(parser)
+    args = parser.parse_args(["--protocol", "nash-toy", "--methods", "ls"])
+    problems, _, _, seeds, starts, labels, steps, lrs, _ = compare_cli._from_options(args)
+    assert seeds == [0] and args.start_jitter == 0.0
+    assert torch.equal(starts["toy"], torch.tensor(NASH_TOY_STARTS, dtype=torch.float64))
+    assert labels["toy"] == [0, 1, 2, 3, 4] and steps["toy"] == 35000 and lrs["toy"] == 1e-3
+
+
 # ------------------------------------------------------------------------------------ CLI
 def _read_csv(path):
     with open(path, newline="") as f:
@@ -192,7 +308,7 @@ def test_cli_compare_end_to_end(tmp_path, capsys):
     out = tmp_path / "cmp"
     code = main(["compare", "--problems", "toy", "zdt1", "dtlz2", "quadratic:imbalance=100", "--methods", "ls",
                  "mgda", "came_grad:kappa=2,nu=0.5", "--steps", "20", "--seeds", "0,3", "--starts", "0,2",
-                 "--out", str(out), "--quiet"])
+                 "--start-jitter", "0.05", "--out", str(out), "--quiet"])
     assert code == 0
     printed = capsys.readouterr().out
     assert f"outputs in {out}" in printed and "hypervolume" in printed
@@ -216,6 +332,8 @@ def test_cli_compare_end_to_end(tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert config["methods"] == ["ls", "mgda", "came_grad:kappa=2,nu=0.5"]
     assert config["seeds"] == [0, 3] and config["problems"][0]["steps"] == 20
+    assert config["start_jitter"] == 0.05 and "--start-jitter 0.05" in config["rerun"]
+    assert config["problems"][0]["starts"] == [[-8.5, 7.5], [9.0, 9.0]]  # the listed starts, unperturbed
     assert config["problems"][3]["options"]["imbalance"] == 100
     index = (out / "index.html").read_text()
     links = set(re.findall(r'href="([^"]+\.html)"', index))
@@ -226,7 +344,8 @@ def test_cli_compare_end_to_end(tmp_path, capsys):
 def test_cli_reruns_from_its_config(tmp_path, capsys):
     first, second = tmp_path / "a", tmp_path / "b"
     assert main(["compare", "--problems", "toy", "quadratic_noisy", "--methods", "pcgrad", "nash_mtl",
-                 "--steps", "15", "--seeds", "2x", "--starts", "1,3", "--lr", "0.01", "--out", str(first),
+                 "--steps", "15", "--seeds", "2x", "--starts", "1,3", "--lr", "0.01", "--start-jitter", "0.2",
+                 "--out", str(first),
                  "--quiet", "--no-figures"]) == 0
     assert main(["compare", "--config", str(first / "config.json"), "--out", str(second), "--quiet",
                  "--no-figures"]) == 0
@@ -243,7 +362,7 @@ def test_cli_reruns_from_its_config(tmp_path, capsys):
 def test_parallel_workers_give_identical_results():
     from mtl_opt.experiments.study import run_comparison
 
-    kw = dict(seeds=(0, 1), steps=25, lr=1e-2)
+    kw = dict(seeds=(0, 1), steps=25, lr=1e-2, start_jitter=0.1)
     one = run_comparison(["toy", "quadratic_noisy"], ["ls", "pcgrad", "mgda"], **kw)
     two = run_comparison(["toy", "quadratic_noisy"], ["ls", "pcgrad", "mgda"], workers=2, **kw)
     cols = [c for c in one.final.columns if c != "time_per_step_us"]
@@ -265,6 +384,10 @@ def test_cli_protocol_rejects_conflicting_options(tmp_path, capsys):
     (["--optimizer", "lbfgs"], "unknown optimizer"),
     (["--starts", "0,9"], "out of range"),
     (["--seeds", "a,b"], "--seeds must be"),
+    (["--seeds", "3x"], "3 identical copies of every run on toy, zdt1, dtlz2, quadratic"),
+    (["--protocol", "nash-toy", "--seeds", "2x"], "identical copies"),
+    (["--protocol", "nash-toy", "--start-jitter", "0.1"], "fixes --start-jitter"),
+    (["--start-jitter", "-1"], "--start-jitter must be"),
 ])
 def test_cli_bad_options_fail_before_work(tmp_path, capsys, argv, message):
     out = tmp_path / "never"
