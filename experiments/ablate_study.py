@@ -143,10 +143,10 @@ def ablate(
     seeds: int | Sequence[int] = 3,
     metric: str | None = None,
     mode: str = "min",
-    steps: int = 1000,
+    steps: int | None = None,
     record_every: int | None = None,
     optimizer: str = "adam",
-    lr: float = 1e-3,
+    lr: float | None = None,
     device: str = "cpu",
     problem_options: Mapping[str, Any] | None = None,
     variants: Sequence[str] | None = None,
@@ -185,6 +185,11 @@ def ablate(
     seed_list = parse_seeds(seeds)
     if len(seed_list) < 2:
         raise ValueError("an ablation needs at least 2 seeds for its confidence intervals")
+    budget = workload.default_budget()
+    steps = int(budget['steps']) if steps is None else steps
+    lr = float(budget['lr']) if lr is None else lr
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
     if record_every is None:
         record_every = max(1, min(100, steps // 10))
     metric = metric or workload.default_metric()
@@ -308,11 +313,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", default=None,
                         help="metric compared (default: front_distance where the front is known, else loss_mean)")
     parser.add_argument("--mode", choices=["min", "max"], default="min")
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default: the problem's budget in mtl-opt compare's suite, e.g. toy 3000; else 1000)")
     parser.add_argument("--record-every", type=int, default=None)
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam",
                         help="Adam normalises gradient scale; compare with sgd to see energy injection")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: the problem's in mtl-opt compare's suite, e.g. toy 1e-2; else 1e-3)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")

@@ -288,10 +288,10 @@ def sweep(
     mode: str = "min",
     scheduler: str = "fifo",
     grace_period: int | None = None,
-    steps: int = 1000,
+    steps: int | None = None,
     record_every: int | None = None,
     optimizer: str = "adam",
-    lr: float = 1e-3,
+    lr: float | None = None,
     device: str | None = None,
     problem_options: Mapping[str, Any] | None = None,
     address: str | None = None,
@@ -363,6 +363,11 @@ def sweep(
         from mtl_opt.registry import parse_method_spec
 
         method_name, method_options = parse_method_spec(method)
+        budget = workload.default_budget()
+        steps = int(budget['steps']) if steps is None else steps
+        lr = float(budget['lr']) if lr is None else lr
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
         if record_every is None:
             record_every = max(1, min(100, steps // 10))
         settings = TrainingSettings(
@@ -544,12 +549,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=["min", "max"], default="min")
     parser.add_argument("--scheduler", choices=["fifo", "asha"], default="fifo",
                         help="asha stops poor trials early (default: fifo)")
-    parser.add_argument("--steps", type=int, default=1000, help="training steps per trial")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps per trial (default: the problem's budget in mtl-opt compare's suite, e.g. toy 3000; else 1000)")
     parser.add_argument("--record-every", type=int, default=None,
                         help="steps between reports (default: steps/10, at most 100)")
     parser.add_argument("--optimizer", choices=["sgd", "adam", "adamw"], default="adam",
                         help="torch optimizer of each trial (adamw: rrg only)")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="learning rate (default: the problem's in mtl-opt compare's suite, e.g. toy 1e-2; else 1e-3)")
     parser.add_argument("--device", default=None,
                         help="torch device of each trial (default: cuda when --gpus-per-trial > 0, else cpu)")
     parser.add_argument("--address", default=None,

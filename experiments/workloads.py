@@ -118,6 +118,10 @@ class Workload(ABC):
     def default_metric(self) -> str:
         return "loss_mean"
 
+    def default_budget(self) -> dict[str, float]:
+        """Steps and learning rate used when a study does not set them."""
+        return {"steps": 1000, "lr": 1e-3}
+
     def final_only(self, metric: str) -> bool:
         """Whether ``metric`` is reported only at the end of a run (not usable by ASHA)."""
         return False
@@ -176,15 +180,24 @@ class SyntheticWorkload(Workload):
     def default_metric(self) -> str:
         return "front_distance" if self._build().has_known_front else "loss_mean"
 
+    def default_budget(self) -> dict[str, float]:
+        """The problem's budget in ``mtl-opt compare``'s default suite (toy: 3000 steps at 1e-2)."""
+        from mtl_opt.experiments.compare_cli import FALLBACK, SUITE_DEFAULTS
+
+        return dict(SUITE_DEFAULTS.get(self._build().name, FALLBACK))
+
     def run(self, settings: TrainingSettings, hyperparameters: Mapping[str, Any],
             callback: Callback) -> None:
         from mtl_opt.experiments.runner import run_method
         from mtl_opt.registry import get_aggregator
 
+        problem = self._build()
+        seeds = tuple(settings.seeds)
         run_method(
-            self._build(),
+            problem,
             get_aggregator(settings.method, **dict(hyperparameters)),
-            seeds=tuple(settings.seeds),
+            starts=self._starts(problem, seeds),
+            seeds=seeds,
             optimizer=settings.optimizer,
             lr=float(settings.lr),
             steps=settings.steps,
@@ -199,7 +212,9 @@ class SyntheticWorkload(Workload):
         from mtl_opt.registry import get_aggregator
 
         aggs = [get_aggregator(settings.method, **dict(h)) for h in variants.values()]
-        results = run_methods(self._build(), aggs, seeds=tuple(settings.seeds),
+        problem = self._build()
+        results = run_methods(problem, aggs, starts=self._starts(problem, tuple(settings.seeds)),
+                              seeds=tuple(settings.seeds),
                               optimizer=settings.optimizer, lr=float(settings.lr),
                               steps=settings.steps, record_every=settings.record_every,
                               device=settings.device)
@@ -216,6 +231,17 @@ class SyntheticWorkload(Workload):
                     metrics["front_distance"] = res.front_distance[mask].mean()
                 out[name][int(seed)] = normalise_metrics(settings.steps, metrics)
         return out
+
+    @staticmethod
+    def _starts(problem: Any, seeds: tuple[int, ...]) -> Any:
+        """The protocol starts for one seed; with several seeds on a problem without gradient
+        noise, each seed draws its own starts (:func:`~mtl_opt.experiments.runner.seeded_starts`)
+        so that the seeds are replicates rather than identical copies."""
+        from mtl_opt.experiments.runner import seeded_starts
+
+        if len(seeds) > 1 and float(getattr(problem, "gradient_noise_std", 0.0)) == 0.0:
+            return seeded_starts(problem, seeds)
+        return None
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "synthetic", "options": self.options}

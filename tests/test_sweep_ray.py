@@ -52,9 +52,11 @@ def test_grid_on_the_toy_problem_writes_every_output(ray_address, tmp_path):
     best = json.loads((out / "best.json").read_text())
     assert best["metric"] == "front_distance"
     assert best["value"] == pytest.approx(table["front_distance"].min())
-    # The trial's metric is the runner's own result for that configuration.
+    # The trial's metric is the runner's own result for that configuration, trained with the
+    # toy's default learning rate (that of mtl-opt compare's suite: 1e-2).
+    assert json.loads((out / "config.json").read_text())["settings"]["lr"] == pytest.approx(1e-2)
     direct = run_method("toy", f"came_grad:kappa={best['config']['kappa']},nu={best['config']['nu']}",
-                        steps=40, record_every=10).summary()
+                        steps=40, record_every=10, lr=1e-2).summary()
     assert best["value"] == pytest.approx(direct["front_distance"], rel=1e-6)
 
 
