@@ -117,6 +117,14 @@ def test_synthetic_items_shapes_ranges_and_determinism():
     assert SyntheticCXR(100, seed=1, views=2)[2]["report"] == item["report"]
 
 
+def test_synthetic_image_cache_returns_the_same_images():
+    plain = SyntheticCXR(3, image_size=32, views=2, seed=8)
+    cached = SyntheticCXR(3, image_size=32, views=2, seed=8, cache_images=True)
+    first = cached[1]["image"]
+    first.zero_()  # a caller writing into its batch must not corrupt the cache
+    assert torch.equal(cached[1]["image"], plain[1]["image"]) and len(cached._cache) == 1
+
+
 def test_synthetic_argument_checks():
     with pytest.raises(ValueError, match="n must"):
         SyntheticCXR(0)
@@ -385,6 +393,24 @@ def test_r2gen_mimic_one_view_and_labels_files(tmp_path):
         R2GenDataset(root, dataset="mimic_cxr", image_size=8, labels_file=str(tmp_path / "short.json"))
 
 
+def test_r2gen_promptmrg_annotation_labels(tmp_path):
+    root, studies = _iu_root(tmp_path)
+    for k, s in enumerate(studies):
+        s["labels"] = [0] * 13 + [1] if k != 1 else [3, 1, 2] + [0] * 11
+    _write(root, {"train": studies})
+    ds = R2GenDataset(root, image_size=8, labels_file="annotation")
+    assert ds[1]["labels"][:3].tolist() == [-1.0, 1.0, 0.0] and torch.isnan(ds[1]["labels"][3:]).all()
+    assert ds[0]["labels"][-1] == 1 and "annotation" in ds.label_source
+    studies[2]["labels"] = [4] * 14
+    del studies[0]["labels"]
+    _write(root, {"train": studies})
+    with pytest.raises(MalformedStudyError, match=r"'CXR0_IM-0000'.*has no 'labels'"):
+        R2GenDataset(root, image_size=8, labels_file="annotation")
+    with pytest.warns(UserWarning, match="skipped 2"):
+        ds = R2GenDataset(root, image_size=8, labels_file="annotation", skip_bad=True)
+    assert [sid for sid, _ in ds.skipped] == ["CXR0_IM-0000", "CXR2_IM-0002"] and len(ds) == 1
+
+
 @pytest.mark.parametrize(
     ("breakage", "match"),
     [
@@ -443,3 +469,13 @@ def test_r2gen_file_level_errors(tmp_path):
     with pytest.warns(UserWarning):
         with pytest.raises(ValueError, match="no usable studies"):
             R2GenDataset(root, skip_bad=True)
+
+
+def test_rrg_import_is_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, mtl_opt.problems.rrg; "
+            "print(','.join(m for m in ('PIL', 'pandas', 'plotly', 'pycocoevalcap') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
+    assert out.stdout.strip() == ""

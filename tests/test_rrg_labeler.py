@@ -114,3 +114,16 @@ def test_reads_synthetic_reports_exactly_without_disagreement(labeler):
                  "Pneumothorax", "Pleural Effusion", "Fracture", "Support Devices"):
         j = OBSERVATIONS.index(name)
         np.testing.assert_array_equal(labels[:, j] == 1, truth[:, j] == 1, err_msg=name)
+
+
+def test_same_labels_on_r2gen_cleaned_text(labeler):
+    """Generated reports come out of the tokenizer cleaned (lower case, no commas, " . ")."""
+    from mtl_opt.problems.rrg import clean_report
+
+    texts, expected = _read("labeler_sentences.tsv")
+    exact, _ = _accuracy(labeler.label([clean_report(t, "iu_xray") for t in texts]), expected)
+    assert exact >= 0.97, exact
+    reports = SyntheticCXR(200, seed=4).reports()
+    raw = labeler.label(reports)
+    cleaned = labeler.label([clean_report(r, "synthetic") for r in reports])
+    np.testing.assert_array_equal(raw, cleaned)

@@ -44,6 +44,14 @@ def test_partial_overlap_matches_hand_computation():
     assert out["CIDEr"] == 0.0  # idf over a one-report set is log(1/1) = 0
 
 
+def test_empty_generated_reports_are_scored_not_rejected():
+    out = nlg_metrics(REFS, ["", REFS[1], ""], meteor=False)
+    assert 0.0 < out["BLEU_1"] < 1.0 and out["ROUGE_L"] == pytest.approx(1 / 3)
+    ce = clinical_efficacy(["Mild cardiomegaly.", "The lungs are clear."], ["", ""])
+    # No Finding: tp 1 (the normal study), fp 1 (the cardiomegaly study) -> F1 2/3.
+    assert ce["f1/No Finding"] == pytest.approx(2 / 3) and ce["f1/Cardiomegaly"] == 0.0
+
+
 def test_disjoint_reports_score_zero_bleu():
     out = nlg_metrics(REFS, ["alpha beta gamma", "delta epsilon", "zeta eta theta"], meteor=False)
     assert out["BLEU_1"] == pytest.approx(0.0, abs=1e-6)
@@ -135,3 +143,33 @@ def test_clinical_efficacy_input_checks():
         clinical_efficacy(np.zeros((2, 13)), np.zeros((2, 13)))
     with pytest.raises(TypeError, match="one string"):
         clinical_efficacy("report", "report")
+
+
+def _fake_java(tmp_path, monkeypatch, body: str) -> None:
+    """Put a `java` that misbehaves first on PATH (a broken or stuck runtime)."""
+    import os
+
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    java = bindir / "java"
+    java.write_text("#!/bin/sh\n" + body + "\n")
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_meteor_jvm_that_dies_is_a_clear_error(tmp_path, monkeypatch):
+    _fake_java(tmp_path, monkeypatch, 'echo "Error occurred during initialization of VM" >&2; exit 1')
+    with pytest.raises(RuntimeError, match="METEOR's Java process failed.*initialization of VM"):
+        nlg_metrics(REFS, REFS, timeout=20)
+
+
+def test_meteor_jvm_that_hangs_times_out(tmp_path, monkeypatch):
+    _fake_java(tmp_path, monkeypatch, "exec sleep 60")
+    with pytest.raises(TimeoutError, match="within 2 s"):
+        nlg_metrics(REFS, REFS, timeout=2)
+
+
+def test_ptb_tokenizer_that_hangs_times_out(tmp_path, monkeypatch):
+    _fake_java(tmp_path, monkeypatch, "exec sleep 60")
+    with pytest.raises(TimeoutError, match="PTB tokenizer"):
+        nlg_metrics(REFS, REFS, tokenization="ptb", meteor=False, timeout=1)

@@ -8,7 +8,8 @@ In the spirit of the CheXpert labeler (Irvin et al., AAAI 2019): three stages pe
    ("heart size", "cardiomediastinal silhouette") that carry no label by themselves and take one
    from a modifier in their clause: "normal / within normal limits / unremarkable" -> negative,
    "enlarged / widened / increased" -> positive, "borderline / top normal / upper limits of
-   normal" -> uncertain. "The lungs are clear" is a negative mention of Lung Opacity.
+   normal" -> uncertain. "The lungs are clear" is a negative mention of Lung Opacity; look-alikes
+   such as "pericardial effusion" are matched and ignored.
 2. **Classification of each mention.** A sentence is cut into clauses at scope breakers ("but",
    "however", "although", "though", "except", "whereas", "there is/are"). Within the clause:
    a double-negated hedge ("cannot be excluded", "not ruled out", "difficult to exclude") anywhere
@@ -37,11 +38,13 @@ import numpy as np
 
 from .observations import N_OBSERVATIONS, OBSERVATION_INDEX, OBSERVATIONS
 
-FINDING, DESCRIPTOR, CLEAR = "finding", "descriptor", "clear"
+FINDING, DESCRIPTOR, CLEAR, IGNORE = "finding", "descriptor", "clear", "ignore"
 POS, NEG, UNC = 1.0, 0.0, -1.0
 
 # (observation, kind, regex). Order matters only for equal-length overlaps; longer matches win.
 MENTIONS: tuple[tuple[str, str, str], ...] = (
+    # Phrases that look like a mention but are not one: consumed, never labelled.
+    ("Pleural Effusion", IGNORE, r"pericardial effusions?"),
     # Enlarged Cardiomediastinum
     ("Enlarged Cardiomediastinum", FINDING,
      r"(?:enlarged|widened|wide|prominent) (?:cardio)?mediastin\w*(?: silhouette| contours?)?"),
@@ -224,6 +227,8 @@ class CheXpertLabeler:
 
     def _classify(self, s: str, start: int, end: int, kind: str) -> float | None:
         lo, hi = self._clause(s, start, end)
+        if kind == IGNORE:
+            return None
         if kind == CLEAR:
             return NEG
         post_hi = min(hi, end + _POST_WINDOW)

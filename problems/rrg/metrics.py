@@ -14,7 +14,9 @@ counts an observation as predicted when its label is ``1`` (uncertain, negative 
 as "not positive", as in R2Gen's ``compute_ce.py`` and PromptMRG's CheXbert metrics). Reported:
 micro and macro precision/recall/F1 over the 14 observations (R2Gen; a 0/0 ratio counts 0, as
 scikit-learn's default), the example-based precision/recall/F1 averaged over reports (PromptMRG's
-``ce_*``), and per-observation F1.
+``ce_*``), and per-observation F1. As in the field, "No Finding" is one of the 14 and a report
+that mentions nothing (even an empty one) is labelled No Finding, so an empty generated report
+scores a true positive against a normal reference.
 """
 
 from __future__ import annotations

@@ -12,7 +12,9 @@ resized to ``image_size`` squared (bilinear), values in [0, 1]; augmentation bel
 
 Classification labels come from, in this order: ``labels_file`` (JSON ``{id: [14 values]}`` or a
 CSV with an ``id`` column and one column per observation, values 1 / 0 / -1 / blank, CheXpert
-order) or the labeler (default :class:`~mtl_opt.problems.rrg.labeler.CheXpertLabeler`) run on the
+order; or the string ``"annotation"`` for PromptMRG's annotation files, whose studies carry
+CheXbert's four classes in a ``labels`` list: 0 blank, 1 positive, 2 negative, 3 uncertain) or the
+labeler (default :class:`~mtl_opt.problems.rrg.labeler.CheXpertLabeler`) run on the
 reference reports, as CheXbert labels are used in the literature.
 
 Malformed input raises ``ValueError`` / ``FileNotFoundError`` naming the study and the file. With
@@ -35,7 +37,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .observations import N_OBSERVATIONS, OBSERVATIONS, labels_to_classes
+from .observations import N_OBSERVATIONS, OBSERVATIONS, classes_to_labels, labels_to_classes
 from .tokenizer import clean_report
 
 R2GEN_DATASETS = ("iu_xray", "mimic_cxr")
@@ -89,6 +91,17 @@ def _label_row(values: Any, where: str) -> np.ndarray:
             raise ValueError(f"{where}: label {OBSERVATIONS[j]!r} is {v!r}, not 1 / 0 / -1 / blank")
         row[j] = f
     return row
+
+
+def _annotation_labels(values: Any, sid: str, path: str) -> np.ndarray:
+    """PromptMRG's per-study ``labels``: 14 CheXbert classes (0 blank, 1 pos, 2 neg, 3 unc)."""
+    if values is None:
+        raise MalformedStudyError(f"study {sid!r} in {path} has no 'labels' (labels_file='annotation')")
+    if (not isinstance(values, list) or len(values) != N_OBSERVATIONS
+            or not all(isinstance(v, int) and 0 <= v <= 3 for v in values)):
+        raise MalformedStudyError(f"study {sid!r} in {path}: 'labels' must be {N_OBSERVATIONS} classes "
+                                  f"in 0..3, got {values!r}")
+    return classes_to_labels(np.asarray(values))
 
 
 def load_image(path: str, image_size: int) -> np.ndarray:
@@ -147,7 +160,20 @@ class R2GenDataset(Dataset):
                 continue
             studies.append(study)
 
-        if labels_file is not None:
+        if labels_file == "annotation":
+            kept = []
+            for s in studies:
+                try:
+                    s["labels"] = _annotation_labels(s.pop("annotation_labels"), s["id"], self.annotation_path)
+                except MalformedStudyError as exc:
+                    if not self.skip_bad:
+                        raise
+                    self.skipped.append((s["id"], str(exc)))
+                    continue
+                kept.append(s)
+            studies = kept
+            self.label_source = f"the 'labels' of {self.annotation_path}"
+        elif labels_file is not None:
             table = _read_labels_file(labels_file)
             kept = []
             for s in studies:
@@ -174,6 +200,8 @@ class R2GenDataset(Dataset):
                 s["labels"] = row
             self.label_source = f"{type(labeler).__name__} on the reference reports"
 
+        for s in studies:
+            s.pop("annotation_labels", None)
         self.studies = studies
         if self.skipped:
             shown = "; ".join(f"{sid}: {why}" for sid, why in self.skipped[:3])
@@ -234,7 +262,7 @@ class R2GenDataset(Dataset):
                 raise MalformedStudyError(f"study {sid!r} in {path}: image file {f} does not exist")
             if self.skip_bad:
                 self._check_readable(sid, f)
-        return {"id": sid, "report": report, "files": files}
+        return {"id": sid, "report": report, "files": files, "annotation_labels": entry.get("labels")}
 
     def _check_readable(self, sid: str, f: str) -> None:
         from PIL import Image

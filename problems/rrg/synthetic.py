@@ -23,8 +23,9 @@ truth; the defaults give the realistic disagreement listed beside each knob.
 * ``undercall`` (0.10): probability the reader misses a present finding and writes the normal
   sentence instead ("no pleural effusion"); doubled for small/mild findings, halved for
   large/severe ones. Lowers report recall against the labels.
-* ``overcall`` (0.03): probability the reader reports an absent finding; half of these are
-  hedged ("cannot exclude a small left pleural effusion"). Lowers report precision.
+* ``overcall`` (0.03): probability the reader reports an absent finding (any but devices,
+  fractures and masses); half of these are hedged ("cannot exclude a small left pleural
+  effusion"). Lowers report precision.
 * ``view_bias`` (0.5): on AP views the heart is drawn 12 % wider (magnification); with this
   probability the reader calls that heart enlarged although the true CTR is normal, and misses a
   small or moderate effusion layering on the supine film. View-dependent over- and under-calling.
@@ -36,6 +37,28 @@ truth; the defaults give the realistic disagreement listed beside each knob.
   content; indications can carry label-like words, as real ones do.
 * ``label_noise`` (0.02): probability each drawn observation's classification label is flipped
   (annotation noise), No Finding recomputed from the flipped labels.
+
+Measured on 3000 studies (``seed=0``), reading the reports with :class:`CheXpertLabeler` and
+comparing "report says positive" with "image label is 1" over the nine drawn observations other
+than Lung Opacity (precision / recall), one knob at a time from no disagreement:
+
+================================  =========  ======  ==================================
+setting                           precision  recall  other effect
+================================  =========  ======  ==================================
+no disagreement                   1.000      1.000   labels = truth, reports exact
+``undercall=0.3``                 1.000      0.627
+``overcall=0.1``                  0.691      1.000   27 % of reports gain an uncertain
+``view_bias=1.0``                 0.865      0.978   AP cardiomegaly / effusion errors
+``hedge=0.5``                     1.000      0.488   31 % of reports carry an uncertain
+``nuisance=3.0``                  1.000      1.000   7.6 sentences per report (4.6)
+``label_noise=0.1``               1.000      1.000   9.6 % of label cells flipped
+defaults                          0.778      0.733   2.2 % of label cells flipped
+================================  =========  ======  ==================================
+
+At the defaults 56 % of the studies are normal, 98 % of the reports contain a negation, 27 % a
+hedge ("possible", "cannot exclude", "may", "questionable", "borderline", "concerning for", "rule
+out"), a report has 5.6 sentences and 0.69 positive observations on average. What each knob does
+to the gradient conflict between the report and classification tasks is measured with the model.
 
 Items are dicts ``{"id", "image" (V, 1, H, W) float in [0, 1], "report", "labels" (14,)}``;
 :meth:`SyntheticCXR.study` returns the truth behind one item and :meth:`SyntheticCXR.true_labels`
@@ -95,14 +118,17 @@ class SyntheticCXR(Dataset):
     """Seeded procedural chest X-ray + report set (see the module docstring for the knobs).
 
     ``views``: 1 (frontal) or 2 (frontal + lateral, the IU X-Ray layout). ``image_size``: pixels
-    per side (32 for tests, 224 on a GPU).
+    per side (32 for tests, 224 on a GPU). ``cache_images``: keep each rendered study in memory
+    after its first read (float32, ``views x size²`` x 4 bytes per study: 200 kB at 224 px), for
+    multi-epoch training where rendering (about 10 ms per study at 224 px on one core) would
+    dominate; each DataLoader worker process holds its own cache.
     """
 
     def __init__(self, n: int, *, image_size: int = 32, views: int = 1, seed: int = 0,
                  undercall: float = 0.10, overcall: float = 0.03, view_bias: float = 0.5,
                  hedge: float = 0.15, nuisance: float = 1.0, label_noise: float = 0.02,
                  ap_fraction: float = 0.25, prevalence: dict[str, float] | None = None,
-                 noise: float = 0.02) -> None:
+                 noise: float = 0.02, cache_images: bool = False) -> None:
         if int(n) != n or n < 1:
             raise ValueError(f"n must be a positive integer, got {n!r}")
         if int(image_size) != image_size or image_size < 16:
@@ -133,6 +159,8 @@ class SyntheticCXR(Dataset):
         self.ap_fraction = float(ap_fraction)
         self.prevalence = prev
         self.noise = float(noise)
+        self.cache_images = bool(cache_images)
+        self._cache: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
         return self.n
@@ -207,9 +235,9 @@ class SyntheticCXR(Dataset):
             _set_no_finding(labels)
         return labels
 
-    def reader_calls(self, index: int) -> list[ReaderCall]:
+    def reader_calls(self, index: int, study: Study | None = None) -> list[ReaderCall]:
         """What the simulated reader reports about each finding of study ``index``."""
-        study = self.study(index)
+        study = self.study(index) if study is None else study
         rng = self._rng(self._check_index(index), 1)
         calls = []
         for name in DEFAULT_PREVALENCE:
@@ -251,17 +279,23 @@ class SyntheticCXR(Dataset):
         """The report the simulated reader writes for study ``index``."""
         index = self._check_index(index)
         study = self.study(index)
-        calls = self.reader_calls(index)
+        calls = self.reader_calls(index, study)
         rng = self._rng(index, 3)
         return write_report(study, calls, rng, nuisance=self.nuisance, hedge=self.hedge)
 
     def image(self, index: int) -> np.ndarray:
         """Images of study ``index``: float32 (views, size, size) in [0, 1]."""
+        index = self._check_index(index)
+        if index in self._cache:
+            return self._cache[index].copy()
         study = self.study(index)
         views = [render_frontal(study, self.image_size, self.noise)]
         if self.views == 2:
             views.append(render_lateral(study, self.image_size, self.noise))
-        return np.stack(views)
+        out = np.stack(views)
+        if self.cache_images:
+            self._cache[index] = out.copy()
+        return out
 
     def __getitem__(self, index: int) -> dict:
         index = self._check_index(index)

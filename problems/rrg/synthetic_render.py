@@ -47,6 +47,7 @@ EFFUSION_HEIGHT = {"small": 0.12, "moderate": 0.28, "large": 0.45}
 PNEUMOTHORAX_RIM = {"small": 0.06, "moderate": 0.12, "large": 0.20}
 LOBE_Y = {"upper": -0.15, "middle": 0.0, "lower": 0.14}
 
+RIB_FIRST, RIB_SPACING, RIB_HALF_THICKNESS = 0.22, 0.065, 0.011
 TISSUE, LUNG, BONE, FLUID, METAL, AIR = 0.38, 0.13, 0.60, 0.50, 0.97, 0.03
 
 
@@ -98,10 +99,12 @@ def _polyline(img: np.ndarray, x: np.ndarray, y: np.ndarray, points, width: floa
 
 
 def _smooth_field(rng: np.random.Generator, x: np.ndarray, y: np.ndarray, n: int, sigma: float) -> np.ndarray:
-    out = np.zeros_like(x)
-    for cx, cy, a in zip(rng.uniform(0.1, 0.9, n), rng.uniform(0.15, 0.85, n), rng.uniform(-1, 1, n)):
-        out += a * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * sigma**2))
-    return out
+    """Sum of ``n`` random isotropic Gaussian bumps; separable, so one (H, n) x (n, W) product."""
+    cx, cy, a = rng.uniform(0.1, 0.9, n), rng.uniform(0.15, 0.85, n), rng.uniform(-1, 1, n)
+    xs, ys = x[0, :], y[:, 0]
+    gx = np.exp(-((xs[None, :] - cx[:, None]) ** 2) / (2 * sigma**2))   # (n, W)
+    gy = np.exp(-((ys[:, None] - cy[None, :]) ** 2) / (2 * sigma**2))   # (H, n)
+    return (gy * a[None, :]) @ gx
 
 
 def heart_half_width(study: Study) -> float:
@@ -127,22 +130,24 @@ def render_frontal(study: Study, size: int, noise: float = 0.02) -> np.ndarray:
     lungs = lung_masks[0] | lung_masks[1]
     markings = 0.04 * _smooth_field(rng, x, y, 24, 0.04)
     img[lungs] = LUNG + markings[lungs]
-    # Ribs: curved bands over the thorax, posterior ribs sloping down laterally.
-    rib_band = np.zeros_like(x, dtype=bool)
-    rib_tops = 0.22 + 0.065 * np.arange(9)
+    # Ribs: nine curved bands over the thorax, sloping down laterally. ``d`` is the height above
+    # the rib curve's shape, so rib k is the set |d - top_k| < half-thickness.
+    d = y - (0.10 * (np.abs(x - 0.5) - 0.1) - 0.03 * np.cos(np.pi * (x - 0.5) * 3))
+    k = np.rint((d - RIB_FIRST) / RIB_SPACING)
+    offset = d - RIB_FIRST - RIB_SPACING * k
+    in_thorax = (np.abs(x - 0.5) > 0.05) & (np.abs(x - 0.5) < 0.36) & (k >= 0) & (k < 9)
+    rib_band = in_thorax & (np.abs(offset) < RIB_HALF_THICKNESS)
     fracture = study.findings.get("fracture")
-    fracture_rib = None if fracture is None else 3 + int(np.random.default_rng([study.anatomy_seed, 7]).integers(0, 4))
-    for k, top in enumerate(rib_tops):
-        curve = top + 0.10 * (np.abs(x - 0.5) - 0.1) ** 1.0 - 0.03 * np.cos(np.pi * (x - 0.5) * 3)
-        band = (np.abs(y - curve) < 0.011) & (np.abs(x - 0.5) > 0.05) & (np.abs(x - 0.5) < 0.36)
-        if fracture_rib == k:
-            cx = 0.24 if fracture.side == "right" else 0.76
-            gap = np.abs(x - cx) < 0.012
-            band &= ~gap
-            step = (np.abs(y - curve - 0.012) < 0.011) & (np.abs(x - cx) < 0.08) & (np.abs(x - cx) >= 0.012) \
-                & ((x > cx) if fracture.side == "right" else (x < cx))
-            band = (band & ~((np.abs(x - cx) < 0.08) & ((x > cx) if fracture.side == "right" else (x < cx)))) | step
-        rib_band |= band
+    if fracture is not None:
+        # A gap and a step: the lateral fragment of one rib (4th to 7th) is displaced downwards.
+        rib = 3 + int(np.random.default_rng([study.anatomy_seed, 7]).integers(0, 4))
+        cx = 0.24 if fracture.side == "right" else 0.76
+        lateral = (np.abs(x - cx) < 0.08) & ((x > cx) if fracture.side == "right" else (x < cx))
+        this_rib = np.abs(d - RIB_FIRST - RIB_SPACING * rib) < 0.05
+        rib_band &= ~(this_rib & ((np.abs(x - cx) < 0.012) | lateral))
+        step = lateral & (np.abs(x - cx) >= 0.012) \
+            & (np.abs(d - RIB_FIRST - RIB_SPACING * rib - 0.012) < RIB_HALF_THICKNESS)
+        rib_band |= step
     img[rib_band] += 0.13
     # Spine and mediastinum.
     img[(np.abs(x - 0.5) < 0.045) & (y > 0.05)] = BONE
