@@ -12,8 +12,10 @@ test reports the way report generation papers do:
 * each method's CE F1 gain over linear scalarization (``ls``; paired by seed, in F1 points ×100);
 * the running share of training steps whose two task gradients had a negative inner product;
 * on synthetic data, CE F1 of the generated reports against the generator's true labels;
+* the classification head's accuracy and positive-class F1 on its own targets (task 2);
 * two baselines computed on the same splits: a **majority-class** classifier (for every
-  observation the training reports' most frequent label, predicted for every test study: its CE)
+  observation the training reports' most frequent label, predicted for every test study: its CE;
+  and the training targets' most frequent class: its accuracy and F1 next to the head's)
   and a **copy** generator (the most common training report, in the tokenizer's view, written for
   every test study: its NLG and CE).
 
@@ -70,6 +72,7 @@ def _run_row(method: str, seed: int, ev: dict[str, Any]) -> dict[str, Any]:
         for preset in CE_PRESETS:
             row[f"true_{_PREFIX[preset]}_F1"] = truth[ce_preset_keys(preset)["f1"]]
     row["cls_accuracy"] = m.get("cls_accuracy")
+    row["cls_F1"] = m.get("cls_f1_positive")
     row["conflict_share"] = ev.get("conflict_share")
     row["train_time_s"] = ev.get("train_time_s")
     return row
@@ -84,6 +87,34 @@ def _majority_labels(train_labels: np.ndarray) -> np.ndarray:
         counts = [(col == 1).sum(), (col == 0).sum(), (col == -1).sum(), np.isnan(col).sum()]
         out[c] = (1.0, 0.0, -1.0, np.nan)[int(np.argmax(counts))]
     return out
+
+
+def _dataset_labels(ds: Any, n: int) -> np.ndarray:
+    """The classification labels (n, 14) of a dataset's first ``n`` studies, without images."""
+    labels = getattr(ds, "labels", None)
+    if callable(labels):
+        return np.stack([np.asarray(labels(i), dtype=np.float64) for i in range(n)])
+    studies = getattr(ds, "studies", None)
+    if studies is not None:
+        return np.stack([np.asarray(s["labels"], dtype=np.float64) for s in studies[:n]])
+    return np.stack([np.asarray(ds[i]["labels"], dtype=np.float64) for i in range(n)])
+
+
+def _majority_classifier(train: np.ndarray, test: np.ndarray) -> dict[str, float]:
+    """Accuracy and positive-class F1 (micro over studies × observations, as the head's
+    ``cls_accuracy`` / ``cls_f1_positive``) of predicting, for every observation, its most
+    frequent training class among blank/positive/negative/uncertain."""
+    from .observations import labels_to_classes
+
+    tr = labels_to_classes(train).numpy()
+    te = labels_to_classes(test).numpy()
+    majority = np.array([np.bincount(tr[:, c], minlength=4).argmax() for c in range(tr.shape[1])])
+    pred = np.broadcast_to(majority, te.shape)
+    tp = int(((pred == 1) & (te == 1)).sum())
+    fp = int(((pred == 1) & (te != 1)).sum())
+    fn = int(((pred != 1) & (te == 1)).sum())
+    return {"cls_accuracy": float((pred == te).mean()),
+            "cls_F1": 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0}
 
 
 def baseline_rows(cfg: RRGConfig, references: list[str], *, seed: int) -> list[dict[str, Any]]:
@@ -110,6 +141,9 @@ def baseline_rows(cfg: RRGConfig, references: list[str], *, seed: int) -> list[d
     majority = np.tile(_majority_labels(labeler.label(train_reports)), (n, 1))
     maj: dict[str, Any] = {"method": BASELINE_MAJORITY, "seed": seed}
     maj.update(_ce_columns(clinical_efficacy(ref_labels, majority)))
+    train_ds = datasets["train"]
+    maj.update(_majority_classifier(_dataset_labels(train_ds, len(train_ds)),
+                                    _dataset_labels(eval_ds, n)))
     if truth is not None:
         ce_t = clinical_efficacy(truth, majority)
         for preset in CE_PRESETS:
@@ -252,7 +286,7 @@ _COLUMNS = [("BLEU_1", "B-1"), ("BLEU_2", "B-2"), ("BLEU_3", "B-3"), ("BLEU_4", 
             ("CE_cg_P", "P (cg)"), ("CE_cg_R", "R (cg)"), ("CE_cg_F1", "F1 (cg)"),
             ("gain_CE_cg_F1", "ΔF1 (cg)"),
             ("true_CE_pm_F1", "F1 true (pm)"), ("true_CE_cg_F1", "F1 true (cg)"),
-            ("conflict_share", "conflict")]
+            ("cls_accuracy", "cls acc"), ("cls_F1", "cls F1"), ("conflict_share", "conflict")]
 
 
 def _cell(row: dict[str, Any], key: str, meteor_on: bool) -> str:
@@ -283,8 +317,10 @@ def format_table(table: list[dict[str, Any]], cfg: RRGConfig, *, seeds: list[int
     for row in table:
         lines.append(f"| {row['method']} | " + " | ".join(_cell(row, k, cfg.meteor) for k, _ in present) + " |")
     data = "synthetic" if cfg.data == "synthetic" else f"{cfg.dataset} ({cfg.data})"
+    from .train import DEFAULT_STEPS_BY_SIZE
+
     n_steps = f"{cfg.epochs} epochs" if cfg.epochs is not None else \
-        f"{cfg.steps if cfg.steps is not None else 'default'} steps"
+        f"{cfg.steps if cfg.steps is not None else DEFAULT_STEPS_BY_SIZE[cfg.model_size]} steps"
     caption = [
         "",
         f"Test split of {data}, model {cfg.model_size}, {n_steps}, batch {cfg.batch_size}, "
@@ -299,7 +335,10 @@ def format_table(table: list[dict[str, Any]], cfg: RRGConfig, *, seeds: list[int
         "conflict: share of training steps whose report and classification gradients on the "
         "shared encoder had a negative inner product.",
         "Baselines: majority class = each observation's most frequent training label for every "
-        "study (CE only); copy = the most common training report for every study.",
+        "study (CE from those labels; cls: the same rule on the classification targets); copy = "
+        "the most common training report for every study.",
+        "cls acc / cls F1: the classification head's accuracy over the 14 × 4 states and its "
+        "positive-class F1 against the classification targets.",
     ]
     if wall_time_s is not None:
         caption.append(f"Wall time {wall_time_s:.0f} s.")
