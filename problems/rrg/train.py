@@ -683,6 +683,14 @@ class _Progress:
         sys.stderr.write(f"\r[{bar}] {step}/{self.total} {rate:.1f} it/s eta {eta:.0f}s {note}\x1b[K")
         sys.stderr.flush()
 
+    def message(self, text: str) -> None:
+        """Print a line above the bar (the bar is redrawn at the next update)."""
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.last = 0.0
+        print(text)
+
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\n")
@@ -843,10 +851,10 @@ def train_rrg(config: RRGConfig | None = None, *,
         epoch_log.write(row)
         epoch_rows.append(row)
         save_checkpoint(setup, out_dir / "checkpoint.pt")
-        if not progress.enabled:
-            say(f"validation at step {state.step} (epoch {row['epoch']:g}): "
-                + " ".join(f"{k}={v:.4f}" for k, v in row.items()
-                           if k.startswith("val_") and k != "val_time_s"))
+        if verbose:
+            progress.message(f"validation at step {state.step} (epoch {row['epoch']:g}): "
+                             + " ".join(f"{k}={v:.4f}" for k, v in row.items()
+                                        if k.startswith("val_") and k != "val_time_s"))
 
     remaining = setup.total_steps - setup.state.step
     try:
@@ -871,11 +879,14 @@ def train_rrg(config: RRGConfig | None = None, *,
     (out_dir / "eval.json").write_text(json.dumps(_public(result), indent=2))
     _write_samples(out_dir / "samples.md", result["samples"], cfg.n_report_samples)
     write_samples_csv(out_dir / "samples.csv", result["samples"])
-    from .metrics import format_metric
+    from .metrics import NLG_KEYS, format_metric
 
-    say(f"eval ({cfg.eval_split}, {result['n']} studies): "
-        + ", ".join(f"{k}={format_metric(v)}" for k, v in result["metrics"].items()
-                    if "/" not in k and not k.endswith("_status")))
+    m = result["metrics"]
+    shown = [*(k for k in NLG_KEYS if k in m), "CE_f1_example", "CE_f1_macro_pos_or_unc",
+             "CEtrue_f1_example", "CEtrue_f1_macro_pos_or_unc", "cls_accuracy", "cls_f1_positive"]
+    say(f"test report ({cfg.eval_split}, {result['n']} studies; all figures in eval.json): "
+        + ", ".join(f"{k}={format_metric(m[k])}" for k in shown if k in m)
+        + f"; conflict share {result['conflict_share']:.3f}")
     say(f"run folder: {out_dir}")
     return {"run_dir": str(out_dir), "final": rows[-1] if rows else {}, "history": rows,
             "epochs": epoch_rows, "eval": _public(result), "n_parameters": n_params}
