@@ -46,16 +46,19 @@ class _Stop(Exception):
 def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_path, capsys):
     """PCGrad (its own random generator), checkpoints every 3 steps in 4-step epochs, so the
     interruption falls mid-epoch; resumed through the command line."""
-    kw = dict(method="pcgrad", steps=7, eval_every=3, log_every=1, **TINY)
+    kw = dict(method="pcgrad", steps=7, eval_every=3, log_every=2, **TINY)
     a_dir, b_dir = tmp_path / "a", tmp_path / "b"
     train_rrg(RRGConfig(out=str(a_dir), **kw))
 
-    def stop_at_5(step, row):
-        if step == 5:
+    def stop_at_6(step, row):
+        # Logged steps are 1, 2, 4, 6, 7; step 6 is logged before its checkpoint is written, so
+        # the run stops with the checkpoint of step 3 and logged rows beyond it.
+        if step == 6:
             raise _Stop
 
     with pytest.raises(_Stop):
-        train_rrg(RRGConfig(out=str(b_dir), **kw), callback=stop_at_5)
+        train_rrg(RRGConfig(out=str(b_dir), **kw), callback=stop_at_6)
+    assert [r["step"] for r in _rows(b_dir / "metrics.csv")] == ["1", "2", "4", "6"]
     saved = torch.load(b_dir / "checkpoint.pt", weights_only=False)
     assert saved["step"] == 3 and saved["train_state"]["batch_in_epoch"] == 3
     assert main(["rrg", "train", "--resume", str(b_dir), "--device", "cpu", "--quiet"]) == 0

@@ -520,7 +520,7 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
                 on_boundary: Callable[[TrainState], None] | None = None,
                 boundary_every: int | None = None) -> list[dict[str, float]]:
     """Run ``n_steps`` more optimisation steps from ``setup.state``; returns the logged rows
-    (every ``log_every`` steps, the first and the last of this call).
+    (every ``log_every`` steps, the run's first step and the last step of this call).
 
     Each step: forward under autocast (CUDA + ``amp``), the K task losses, then
     ``MultiTaskOptimizer.step`` (the method aggregates the encoder's Jacobian; the heads get
@@ -539,13 +539,15 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
     shared = model.shared_parameters()
     rows: list[dict[str, float]] = []
     model.train()
-    first, end = state.step, state.step + n_steps
+    end = state.step + n_steps
     t0 = time.perf_counter()
     while state.step < end:
         for batch in _epoch_batches(setup):
             step = state.step
             batch = to_device(batch, device)
-            log_now = step == first or (step + 1) % cfg.log_every == 0 or step + 1 == end
+            # The run's first step, every log_every-th and this call's last: a resumed run logs
+            # the same steps as an uninterrupted one.
+            log_now = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == end
             with _autocast(cfg, device):
                 out = model(batch["images"], batch["tokens"], batch["classes"])
             losses = [out[n] for n in model.task_names]
