@@ -44,10 +44,14 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _add_run_options(p: argparse.ArgumentParser, *, steps_default: int | None) -> None:
-    p.add_argument("--method", default="came_grad",
-                   help="method spec, e.g. came_grad:kappa=1.5,nu=0.2 (default came_grad with the "
-                        "authors' rho=0.5, kappa=1.5, nu=0.2)")
+def _add_run_options(p: argparse.ArgumentParser, *, steps_default: int | None,
+                     one_run: bool = True) -> None:
+    """The options of one training run (``one_run=False``: without ``--method`` and ``--seed``,
+    which ``compare`` takes as ``--methods`` and ``--seeds``)."""
+    if one_run:
+        p.add_argument("--method", default="came_grad",
+                       help="method spec, e.g. came_grad:kappa=1.5,nu=0.2 (default came_grad with "
+                            "the authors' rho=0.5, kappa=1.5, nu=0.2)")
     p.add_argument("--task-weights", type=_task_weights, default=None,
                    help="weights of report, classification[, contrastive] (default 1,4[,1]: the "
                         "authors' cls_weight=4)")
@@ -86,7 +90,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, steps_default: int | None) -
     p.add_argument("--aggregate-at", choices=["parameters", "representation"], default="parameters",
                    help="aggregate the Jacobian over the encoder's parameters (default) or its "
                         "output features (MGDA-UB)")
-    p.add_argument("--seed", type=int, default=0)
+    if one_run:
+        p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
 
 
@@ -138,7 +143,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="comma-separated method specs, e.g. ls,came_grad or ls,came_grad:kappa=2 "
                         "(the CE gain is taken over 'ls')")
     m.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
-    _add_run_options(m, steps_default=None)
+    _add_run_options(m, steps_default=None, one_run=False)
     m.add_argument("--eval-every", type=int, default=None,
                    help="validate and checkpoint every N steps (default: every epoch; 0: at the end)")
     m.add_argument("--eval-split", choices=["val", "test"], default="test")
@@ -172,14 +177,14 @@ def _config_from_args(args: argparse.Namespace):
 
     synthetic = dict(args.synthetic)
     cfg = RRGConfig(
-        method=args.method, task_weights=args.task_weights, data=args.data, dataset=args.dataset,
+        method=getattr(args, "method", "came_grad"), task_weights=args.task_weights, data=args.data, dataset=args.dataset,
         labels_file=args.labels_file, skip_bad=args.skip_bad, synthetic=synthetic,
         n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, views=args.views,
         image_size=args.image_size, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, grad_clip=args.grad_clip, device=args.device, amp=args.amp,
         amp_dtype=args.amp_dtype, model_size=args.model_size, contrastive=args.contrastive,
-        aggregate_at=args.aggregate_at, seed=args.seed, num_workers=args.num_workers,
+        aggregate_at=args.aggregate_at, seed=getattr(args, "seed", 0), num_workers=args.num_workers,
     )
     return cfg
 
