@@ -70,10 +70,19 @@ def test_meteor_timeout_is_an_error_not_a_hang():
         nlg_metrics(REFS, REFS, timeout=0.001)
 
 
-def test_missing_java_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(metrics_module.shutil, "which", lambda name: None)
+def test_meteor_without_java_is_unavailable_not_zero(tmp_path, monkeypatch):
+    """A PATH with no `java` on it: METEOR is reported unavailable, the other scores still come."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    out = nlg_metrics(REFS, REFS)
+    assert out["METEOR"] is None
+    assert out["METEOR_status"] == metrics_module.METEOR_NO_JAVA
+    assert out["BLEU_4"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics_module.format_metric(out["METEOR"]) == "n/a (no Java)"
+    # The PTB tokenizer cannot run at all without Java: that stays an error.
     with pytest.raises(RuntimeError, match="java"):
-        nlg_metrics(REFS, REFS)
+        nlg_metrics(REFS, REFS, tokenization="ptb", meteor=False)
 
 
 @pytest.mark.parametrize(
@@ -123,6 +132,32 @@ def test_clinical_efficacy_by_hand():
     assert out["precision_example"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert out["recall_example"] == pytest.approx((0.5 + 1 + 0) / 3)
     assert out["f1_example"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+
+
+def test_clinical_efficacy_presets_by_hand():
+    """The same case as above under both named conventions."""
+    ref = _labels([{"Cardiomegaly": 1, "Edema": 1}, {"Cardiomegaly": 0, "Pleural Effusion": 1}, {}])
+    gen = _labels([{"Cardiomegaly": 1, "Edema": -1}, {"Cardiomegaly": 1, "Pleural Effusion": 1},
+                   {"Pneumothorax": 1}])
+    pm = clinical_efficacy(ref, gen, preset="promptmrg")
+    # PromptMRG: example-based, positive only; per report F1 = tp / (tp + (fp + fn)/2):
+    # report 0: 1/(1 + 1/2) = 2/3, report 1: 1/(1 + 1/2) = 2/3, report 2: 0/(0 + 1/2) = 0.
+    assert pm["f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    assert pm["precision"] == pytest.approx(0.5) and pm["recall"] == pytest.approx(0.5)
+    cg = clinical_efficacy(ref, gen, preset="came_grad")
+    # CAME-Grad: macro over the 14, uncertain counts positive, so Edema (1 vs -1) is a hit:
+    # CM tp1 fp1 -> P 1/2 R 1 F1 2/3; Edema 1, 1, 1; PE 1, 1, 1; PTX fp1 -> 0; ten others 0.
+    assert cg["f1"] == pytest.approx((2 / 3 + 1 + 1) / 14)
+    assert cg["precision"] == pytest.approx((0.5 + 1 + 1) / 14)
+    assert cg["recall"] == pytest.approx(3 / 14)
+    assert cg["f1"] == cg["f1_macro_pos_or_unc"] and pm["f1"] == pm["f1_example"]
+    # The rest of the uncertain-positive grid: micro tp 3, fp 2, fn 0; examples 0: 1,1,1.
+    assert cg["precision_micro_pos_or_unc"] == pytest.approx(3 / 5)
+    assert cg["recall_micro_pos_or_unc"] == pytest.approx(1.0)
+    assert cg["f1_example_pos_or_unc"] == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert metrics_module.ce_preset_keys("came_grad")["f1"] == "f1_macro_pos_or_unc"
+    with pytest.raises(ValueError, match="unknown CE preset"):
+        clinical_efficacy(ref, gen, preset="chexbert")
 
 
 def test_clinical_efficacy_of_reports_uses_the_labeler():

@@ -2,7 +2,11 @@
 
 * ``mtl-opt rrg train``: train the multi-task model with any registered method and write a run
   folder (see :mod:`mtl_opt.problems.rrg.train`).
-* ``mtl-opt rrg eval --checkpoint RUN``: re-evaluate a saved run.
+* ``mtl-opt rrg train --resume RUN``: continue an interrupted run from its last checkpoint.
+* ``mtl-opt rrg eval RUN`` (or ``--checkpoint RUN``): re-evaluate a saved run and write its
+  generated reports beside their references.
+* ``mtl-opt rrg compare --methods ls,came_grad``: train several methods on the same data and
+  seeds and print the paper-style table (NLG + CE, CE gain over LS, two baselines).
 * ``mtl-opt rrg conflict``: the mean report/classification gradient cosine and norm ratio on the
   shared encoder over N batches (optionally after some training), to measure how much a data
   setting makes the tasks disagree.
@@ -40,10 +44,14 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
-def _add_run_options(p: argparse.ArgumentParser, *, steps_default: int | None) -> None:
-    p.add_argument("--method", default="came_grad",
-                   help="method spec, e.g. came_grad:kappa=1.5,nu=0.2 (default came_grad with the "
-                        "authors' rho=0.5, kappa=1.5, nu=0.2)")
+def _add_run_options(p: argparse.ArgumentParser, *, steps_default: int | None,
+                     one_run: bool = True) -> None:
+    """The options of one training run (``one_run=False``: without ``--method`` and ``--seed``,
+    which ``compare`` takes as ``--methods`` and ``--seeds``)."""
+    if one_run:
+        p.add_argument("--method", default="came_grad",
+                       help="method spec, e.g. came_grad:kappa=1.5,nu=0.2 (default came_grad with "
+                            "the authors' rho=0.5, kappa=1.5, nu=0.2)")
     p.add_argument("--task-weights", type=_task_weights, default=None,
                    help="weights of report, classification[, contrastive] (default 1,4[,1]: the "
                         "authors' cls_weight=4)")
@@ -66,20 +74,24 @@ def _add_run_options(p: argparse.ArgumentParser, *, steps_default: int | None) -
     length.add_argument("--steps", type=int, default=steps_default, help="training steps")
     length.add_argument("--epochs", type=int, default=None, help="training epochs (instead of --steps)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default 3e-3 for the tiny model, 1e-3 otherwise)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--optimizer", choices=["adamw", "adam", "sgd"], default="adamw")
     p.add_argument("--grad-clip", type=float, default=0.0, help="clip the global gradient norm (0: off)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda (cuda:N) or auto (default: cuda when a GPU is found, else cpu)")
     p.add_argument("--amp", action="store_true", help="mixed precision on CUDA (bfloat16 where supported)")
     p.add_argument("--amp-dtype", choices=["auto", "bfloat16", "float16"], default="auto")
-    p.add_argument("--model-size", choices=["tiny", "small", "base"], default="tiny")
+    p.add_argument("--model-size", "--size", dest="model_size", choices=["tiny", "small", "base"],
+                   default="tiny")
     p.add_argument("--contrastive", action="store_true",
                    help="add image-report contrastive alignment as a third task")
     p.add_argument("--aggregate-at", choices=["parameters", "representation"], default="parameters",
                    help="aggregate the Jacobian over the encoder's parameters (default) or its "
                         "output features (MGDA-UB)")
-    p.add_argument("--seed", type=int, default=0)
+    if one_run:
+        p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
 
 
@@ -91,6 +103,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        description="Train the multi-task report generation model with one method.")
     _add_run_options(t, steps_default=None)
     t.add_argument("--log-every", type=int, default=10, help="log losses, drift, diffusion every N steps")
+    t.add_argument("--eval-every", type=int, default=None,
+                   help="validate and checkpoint every N steps (default: every epoch; 0: at the end)")
+    t.add_argument("--val-max-samples", type=int, default=None, help="validate on at most N studies")
+    t.add_argument("--resume", default=None, metavar="RUN",
+                   help="continue the run in this folder from its last checkpoint (its own options "
+                        "are used; --device may differ)")
     t.add_argument("--eval-split", choices=["val", "test"], default="test")
     t.add_argument("--eval-max-samples", type=int, default=None)
     t.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy)")
@@ -102,13 +120,38 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     e = sub.add_parser("eval", help="re-evaluate a saved run",
                        description="Re-evaluate a saved RRG run from its checkpoint.")
-    e.add_argument("--checkpoint", required=True, help="checkpoint.pt or its run folder")
+    e.add_argument("ckpt", nargs="?", default=None, metavar="CKPT",
+                   help="checkpoint.pt or its run folder")
+    e.add_argument("--checkpoint", default=None, help="the same as CKPT")
     e.add_argument("--split", choices=["val", "test"], default=None, help="default: the run's eval split")
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     e.add_argument("--beam-size", type=int, default=None)
     e.add_argument("--eval-max-samples", type=int, default=None)
     e.add_argument("--no-meteor", action="store_true")
-    e.add_argument("--out", default=None, help="write the metrics here (default: print only)")
+    e.add_argument("--samples", type=int, default=5, help="generated reports in samples-<split>.md")
+    e.add_argument("--out", default=None,
+                   help="a folder for eval-<split>.json and the samples, or a .json file for the "
+                        "metrics (samples beside it); default: the run folder")
+
+    m = sub.add_parser("compare", help="train several methods on the same data and tabulate them",
+                       description="Train each method on the same data and seeds, then print and "
+                                   "write the paper-style table: BLEU-1..4, METEOR, ROUGE-L, "
+                                   "CIDEr, CE under the PromptMRG and CAME-Grad conventions, each "
+                                   "method's CE gain over linear scalarization (ls), and a "
+                                   "majority-class and a copy-the-most-common-report baseline.")
+    m.add_argument("--methods", required=True,
+                   help="comma-separated method specs, e.g. ls,came_grad or ls,came_grad:kappa=2 "
+                        "(the CE gain is taken over 'ls')")
+    m.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    _add_run_options(m, steps_default=None, one_run=False)
+    m.add_argument("--eval-every", type=int, default=None,
+                   help="validate and checkpoint every N steps (default: every epoch; 0: at the end)")
+    m.add_argument("--eval-split", choices=["val", "test"], default="test")
+    m.add_argument("--eval-max-samples", type=int, default=None)
+    m.add_argument("--beam-size", type=int, default=1)
+    m.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
+    m.add_argument("--out", default=None, help="output folder (default runs/rrg-compare-<time>)")
+    m.add_argument("--quiet", action="store_true", help="print only the table and the folder")
 
     c = sub.add_parser("conflict", help="measure report/classification gradient conflict",
                        description="Mean cosine and norm ratio of the two tasks' encoder gradients "
@@ -124,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
         return _run_train(args)
     if args.rrg_command == "eval":
         return _run_eval(args)
+    if args.rrg_command == "compare":
+        return _run_compare(args)
     return _run_conflict(args)
 
 
@@ -132,22 +177,39 @@ def _config_from_args(args: argparse.Namespace):
 
     synthetic = dict(args.synthetic)
     cfg = RRGConfig(
-        method=args.method, task_weights=args.task_weights, data=args.data, dataset=args.dataset,
+        method=getattr(args, "method", "came_grad"), task_weights=args.task_weights, data=args.data, dataset=args.dataset,
         labels_file=args.labels_file, skip_bad=args.skip_bad, synthetic=synthetic,
         n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, views=args.views,
         image_size=args.image_size, steps=args.steps, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         optimizer=args.optimizer, grad_clip=args.grad_clip, device=args.device, amp=args.amp,
         amp_dtype=args.amp_dtype, model_size=args.model_size, contrastive=args.contrastive,
-        aggregate_at=args.aggregate_at, seed=args.seed, num_workers=args.num_workers,
+        aggregate_at=args.aggregate_at, seed=getattr(args, "seed", 0), num_workers=args.num_workers,
     )
     return cfg
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import train_rrg
+    from .train import RRGConfig, train_rrg
 
+    if args.resume is not None:
+        import torch
+
+        from pathlib import Path
+
+        ckpt = Path(args.resume)
+        ckpt = ckpt / "checkpoint.pt" if ckpt.is_dir() else ckpt
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {str(ckpt)!r}")
+        saved = RRGConfig.from_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"])
+        saved.device = args.device
+        result = train_rrg(saved, verbose=not args.quiet, resume=args.resume)
+        if args.quiet:
+            print(result["run_dir"])
+        return 0
     cfg = _config_from_args(args)
+    cfg.eval_every = args.eval_every
+    cfg.val_max_samples = args.val_max_samples
     cfg.log_every = args.log_every
     cfg.eval_split = args.eval_split
     cfg.eval_max_samples = args.eval_max_samples
@@ -165,12 +227,19 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .train import build_datasets, evaluate_rrg, load_run
-
     import torch
 
-    model, tokenizer, cfg, _ = load_run(args.checkpoint, device=args.device)
-    if torch.device(args.device).type != "cuda" and cfg.amp:
+    from .metrics import format_metric
+    from .train import _write_samples, build_datasets, evaluate_rrg, load_run, write_samples_csv
+
+    if args.ckpt is not None and args.checkpoint is not None and args.ckpt != args.checkpoint:
+        raise ValueError(f"two checkpoints given: {args.ckpt!r} and --checkpoint {args.checkpoint!r}")
+    checkpoint = args.ckpt or args.checkpoint
+    if checkpoint is None:
+        raise ValueError("give the checkpoint to evaluate: mtl-opt rrg eval RUN_FOLDER_OR_CKPT")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer, cfg, _ = load_run(checkpoint, device=device)
+    if torch.device(device).type != "cuda" and cfg.amp:
         print("the run was trained with --amp; evaluating in float32 on the CPU", file=sys.stderr)
         cfg.amp = False
     cfg.validate()
@@ -184,15 +253,61 @@ def _run_eval(args: argparse.Namespace) -> int:
     datasets = build_datasets(cfg)
     result = evaluate_rrg(model, tokenizer, datasets[split], cfg, split=split)
     record = {"split": split, "n": result["n"], "metrics": result["metrics"],
-              "checkpoint": str(args.checkpoint), "device": args.device, "amp": cfg.amp,
+              "checkpoint": str(checkpoint), "device": device, "amp": cfg.amp,
               "beam_size": cfg.beam_size}
     text = json.dumps(record, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-        print(f"metrics written to {args.out}", file=sys.stderr)
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent
+    if args.out is None:
+        folder, metrics_path = run_dir, run_dir / f"eval-{split}.json"
+    elif args.out.endswith(".json"):
+        metrics_path = Path(args.out)
+        folder = metrics_path.parent
+    else:
+        folder = Path(args.out)
+        metrics_path = folder / f"eval-{split}.json"
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(text)
+    write_samples_csv(folder / f"samples-{split}.csv", result["samples"])
+    _write_samples(folder / f"samples-{split}.md", result["samples"], args.samples)
+    print(f"metrics written to {metrics_path}; generated reports beside their references in "
+          f"{folder / f'samples-{split}.csv'}", file=sys.stderr)
+    if "METEOR_status" in result["metrics"]:
+        print(f"METEOR {format_metric(result['metrics']['METEOR'])}: "
+              f"{result['metrics']['METEOR_status']}", file=sys.stderr)
     print(text)
     return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare import compare_rrg
+
+    methods = [m.strip() for m in _split_specs(args.methods) if m.strip()]
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    cfg = _config_from_args(args)
+    cfg.eval_every = args.eval_every
+    cfg.eval_split = args.eval_split
+    cfg.eval_max_samples = args.eval_max_samples
+    cfg.beam_size = args.beam_size
+    cfg.meteor = not args.no_meteor
+    compare_rrg(methods, cfg, seeds=seeds, out=args.out, verbose=not args.quiet)
+    return 0
+
+
+def _split_specs(text: str) -> list[str]:
+    """Split ``ls,came_grad:kappa=2,nu=0.1,mgda`` into method specs: a comma followed by
+    ``key=value`` continues the previous spec's hyperparameters."""
+    specs: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if specs and "=" in part and ":" not in part and ":" in specs[-1]:
+            specs[-1] += "," + part
+        else:
+            specs.append(part)
+    return specs
 
 
 def _run_conflict(args: argparse.Namespace) -> int:

@@ -8,11 +8,19 @@ Generation" (ICML 2026) as it goes, evaluates the generated reports with NLG and
 metrics and writes a run folder:
 
 * ``config.json``: the exact :class:`RRGConfig` (and the resolved model config);
-* ``metrics.csv``: one row per logged step: losses, ``drift_cos``, ``diffusion``, timing;
-* ``eval.json``: NLG metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr), clinical efficacy (CE P/R/F1),
-  the classification head's accuracy, and the evaluation losses;
-* ``checkpoint.pt``: model, tokenizer, configs, aggregator and optimizer state;
-* ``samples.md``: a few generated reports next to their references.
+* ``metrics.csv``: one row per logged step: losses, ``drift_cos``, ``diffusion``, the task
+  gradient norms, ``conflict_share`` (the running share of steps whose two task gradients had a
+  negative inner product, counted at every step from the step's Gramian), timing;
+* ``epochs.csv``: one row per validation (every epoch, or every ``eval_every`` steps): the mean
+  training losses, mean cosine and conflict share since the previous row, and the validation
+  losses, NLG and CE metrics;
+* ``eval.json``: the test report: NLG metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr), clinical
+  efficacy (the full CE grid, see :mod:`.metrics`), on synthetic data CE against the
+  generator's true labels (``CEtrue_*``), the classification head's accuracy, the losses;
+* ``checkpoint.pt``: model, tokenizer, configs, optimizer and aggregator state, the data position
+  and every random generator: written at each validation, a run resumes from it
+  (``train_rrg(cfg, resume=run_dir)``) and ends with the same weights as an uninterrupted run;
+* ``samples.md`` / ``samples.csv``: generated reports next to their references (a few / all).
 
 ``drift_cos`` (the cosine between the report and classification gradients on the shared encoder)
 and ``diffusion`` (‖applied update‖ / ‖Σ ω_i g_i‖) are defined in :mod:`.diagnostics`.
@@ -24,6 +32,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import sys
 import json
 import math
 import os
@@ -51,6 +60,7 @@ from .model import MODEL_SIZES, RRGModel, model_config_for_size
 __all__ = [
     "RRGConfig",
     "RRGSetup",
+    "TrainState",
     "build_datasets",
     "build_model",
     "conflict_figures",
@@ -69,6 +79,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd")
 AGGREGATE_AT = ("parameters", "representation")
 DEFAULT_IMAGE_SIZE = {"tiny": 32, "small": 128, "base": 224}
 DEFAULT_STEPS = 200
+#: Defaults that let each size learn both tasks (measured for tiny: at lr 1e-3 the tiny model is
+#: still far from learning after 400 steps; at 3e-3 it learns both tasks in 400).
+DEFAULT_STEPS_BY_SIZE = {"tiny": 400, "small": DEFAULT_STEPS, "base": DEFAULT_STEPS}
+DEFAULT_LR_BY_SIZE = {"tiny": 3e-3, "small": 1e-3, "base": 1e-3}
 CHECKPOINT_FORMAT = "mtl_opt.rrg/1"
 
 
@@ -90,15 +104,18 @@ class RRGConfig:
         n_train, n_val, n_test: synthetic split sizes.
         views: views per synthetic study.
         image_size: pixels per side (default 32 tiny, 128 small, 224 base).
-        steps / epochs: training length (give at most one; default 200 steps).
-        batch_size, lr, weight_decay, optimizer, grad_clip: the torch optimizer.
-        device: ``"cpu"`` or ``"cuda"`` (``"cuda:1"``...).
+        steps / epochs: training length (give at most one; default 400 steps for tiny, 200 else).
+        batch_size, lr, weight_decay, optimizer, grad_clip: the torch optimizer (``lr`` defaults
+            to 3e-3 for tiny and 1e-3 for the larger sizes).
+        device: ``"cpu"``, ``"cuda"`` (``"cuda:1"``...) or ``"auto"`` (CUDA when available).
         amp: mixed precision (CUDA only): autocast in ``amp_dtype`` (bfloat16 where supported).
         model_size: ``"tiny"`` (≈1e5 parameters), ``"small"``, ``"base"`` (tens of millions).
         contrastive: add the image–report contrastive task (K = 3).
         aggregate_at: ``"parameters"`` (the Jacobian over the encoder's parameters) or
             ``"representation"`` (over the encoder's output, MGDA-UB style).
         log_every: log (and measure drift/diffusion) every this many steps.
+        eval_every: validate (and checkpoint) every this many steps; ``None``: once per epoch;
+            ``0``: only at the end. Validation runs on at most ``val_max_samples`` studies.
         eval_split: split evaluated after training (``"val"`` or ``"test"``).
         eval_max_samples: evaluate on at most this many studies (``None``: all).
         beam_size, max_gen_length: decoding (``max_gen_length`` defaults to the tokenizer's).
@@ -122,7 +139,7 @@ class RRGConfig:
     steps: int | None = None
     epochs: int | None = None
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float | None = None
     weight_decay: float = 0.01
     optimizer: str = "adamw"
     grad_clip: float = 0.0
@@ -133,6 +150,8 @@ class RRGConfig:
     contrastive: bool = False
     aggregate_at: str = "parameters"
     log_every: int = 10
+    eval_every: int | None = None
+    val_max_samples: int | None = None
     eval_split: str = "test"
     eval_max_samples: int | None = None
     beam_size: int = 1
@@ -165,7 +184,7 @@ class RRGConfig:
         for key in ("batch_size", "log_every", "beam_size", "n_train", "n_val", "n_test", "views"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("weight_decay and grad_clip must be >= 0")
@@ -182,7 +201,13 @@ class RRGConfig:
                                  f"(report, classification{', contrastive' if self.contrastive else ''})")
             if not all(math.isfinite(w) and w > 0 for w in self.task_weights):
                 raise ValueError(f"task_weights must be finite and > 0, got {self.task_weights}")
-        device = torch.device(self.device)
+        if self.eval_every is not None and self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        for key in ("eval_max_samples", "val_max_samples"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ValueError(f"{key} must be >= 1, got {v}")
+        device = torch.device(self.resolved_device())
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
         if device.type not in ("cpu", "cuda"):
@@ -224,6 +249,20 @@ class RRGConfig:
         if self.task_weights is not None:
             return [float(w) for w in self.task_weights]
         return [*AUTHORS_TASK_WEIGHTS, *([1.0] if self.contrastive else [])]
+
+    def resolved_lr(self) -> float:
+        return float(self.lr) if self.lr is not None else DEFAULT_LR_BY_SIZE[self.model_size]
+
+    def resolved_steps(self, steps_per_epoch: int) -> int:
+        if self.epochs is not None:
+            return self.epochs * steps_per_epoch
+        return DEFAULT_STEPS_BY_SIZE[self.model_size] if self.steps is None else self.steps
+
+    def resolved_device(self) -> str:
+        """``device``, with ``"auto"`` resolved to ``"cuda"`` when a GPU is found, else ``"cpu"``."""
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
 
     def resolved_image_size(self) -> int:
         return self.image_size or DEFAULT_IMAGE_SIZE[self.model_size]
@@ -281,9 +320,9 @@ def make_loader(ds: Any, tokenizer: Any, cfg: RRGConfig, *, shuffle: bool, seed:
 
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
-        ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=g if shuffle else None,
+        ds, batch_size=cfg.batch_size, shuffle=shuffle, generator=g,
         collate_fn=functools.partial(collate_rrg, tokenizer=tokenizer),
-        num_workers=cfg.num_workers, pin_memory=torch.device(cfg.device).type == "cuda",
+        num_workers=cfg.num_workers, pin_memory=torch.device(cfg.resolved_device()).type == "cuda",
         drop_last=False,
     )
 
@@ -328,10 +367,10 @@ def _seed_everything(seed: int) -> None:
 def _make_optimizer(cfg: RRGConfig, model: RRGModel) -> torch.optim.Optimizer:
     params = list(model.parameters())
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.resolved_lr(), weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.resolved_lr(), momentum=0.9, weight_decay=cfg.weight_decay)
 
 
 def build_model(cfg: RRGConfig, tokenizer: Any) -> RRGModel:
@@ -362,6 +401,44 @@ class RRGSetup:
     mto: Any
     loader: Any
     total_steps: int
+    state: TrainState = field(default_factory=lambda: TrainState())
+    shuffle_generator: torch.Generator | None = None
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+
+@dataclass
+class TrainState:
+    """Where a run is: everything besides the model and optimizer a resumed run needs.
+
+    ``epoch_generator_state`` is the shuffling generator's state at the start of the current
+    epoch: the epoch's order is redrawn from it and its first ``batch_in_epoch`` batches skipped.
+    ``n_conflict`` / ``n_measured``: steps whose task gradients had a negative inner product /
+    steps whose Gramian was seen (the running conflict share is their ratio). ``interval`` sums
+    the per-step figures since the last validation (for ``epochs.csv``).
+    """
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    epoch_generator_state: torch.Tensor | None = None
+    n_conflict: int = 0
+    n_measured: int = 0
+    interval: dict[str, Any] = field(default_factory=dict)
+
+    def conflict_share(self) -> float:
+        return self.n_conflict / self.n_measured if self.n_measured else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "epoch_generator_state": self.epoch_generator_state,
+                "n_conflict": self.n_conflict, "n_measured": self.n_measured}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        return cls(**d)
 
 
 def prepare_run(cfg: RRGConfig) -> RRGSetup:
@@ -372,7 +449,7 @@ def prepare_run(cfg: RRGConfig) -> RRGSetup:
 
     cfg.validate()
     _seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
+    device = torch.device(cfg.resolved_device())
     if cfg.amp:
         _amp_dtype(cfg, device)  # raises before any work when the GPU cannot do it
     datasets = build_datasets(cfg)
@@ -389,40 +466,88 @@ def prepare_run(cfg: RRGConfig) -> RRGSetup:
     mto = mtl_opt.MultiTaskOptimizer(optimizer, aggregator, model.shared_parameters(),
                                      task_params=model.task_parameters())
     loader = make_loader(datasets["train"], tokenizer, cfg, shuffle=True, seed=cfg.seed)
-    if cfg.epochs is not None:
-        total = cfg.epochs * len(loader)
-    else:
-        total = DEFAULT_STEPS if cfg.steps is None else cfg.steps
+    total = cfg.resolved_steps(len(loader))
     return RRGSetup(cfg, device, datasets, tokenizer, model, name, hyper, aggregator, weights, mode,
-                    optimizer, mto, loader, total)
+                    optimizer, mto, loader, total, TrainState(),
+                    torch.Generator().manual_seed(cfg.seed))
+
+
+def _epoch_batches(setup: RRGSetup):
+    """The remaining batches of the current epoch: its order is drawn from the shuffling
+    generator's state at the epoch's start (as ``DataLoader(shuffle=True)`` draws it) and the
+    ``batch_in_epoch`` batches already taken are skipped without being loaded."""
+    from torch.utils.data import DataLoader
+
+    state, loader = setup.state, setup.loader
+    g = setup.shuffle_generator
+    if state.epoch_generator_state is None:
+        state.epoch_generator_state = g.get_state()
+    g.set_state(state.epoch_generator_state)
+    order = torch.randperm(len(loader.dataset), generator=g).tolist()
+    rest = order[state.batch_in_epoch * setup.cfg.batch_size:]
+    # Its own generator, so that starting an iterator leaves the global RNG alone (a resumed run
+    # starts one mid-epoch where an uninterrupted run does not).
+    seeds = torch.Generator().manual_seed(setup.cfg.seed * 100_003 + state.epoch)
+    return DataLoader(loader.dataset, batch_size=setup.cfg.batch_size, sampler=rest,
+                      collate_fn=loader.collate_fn, num_workers=loader.num_workers,
+                      pin_memory=loader.pin_memory, generator=seeds)
+
+
+def _add_interval(state: TrainState, loss_vals: torch.Tensor, cos: float | None) -> None:
+    iv = state.interval
+    iv["steps"] = iv.get("steps", 0) + 1
+    iv["loss_sum"] = loss_vals.detach() + iv["loss_sum"] if "loss_sum" in iv else loss_vals.detach().clone()
+    if cos is not None:
+        iv["n_cos"] = iv.get("n_cos", 0) + 1
+        iv["cos_sum"] = iv.get("cos_sum", 0.0) + cos
+        iv["n_conflict"] = iv.get("n_conflict", 0) + (cos < 0)
+
+
+def _step_cosine(M: torch.Tensor | None, state: TrainState) -> float | None:
+    """The report/classification cosine of this step's Gramian (no extra pass); counts it."""
+    if M is None:
+        return None
+    m = M.detach().to("cpu", torch.float64)
+    denom = math.sqrt(max(float(m[0, 0]), 0.0) * max(float(m[1, 1]), 0.0))
+    state.n_measured += 1
+    if float(m[0, 1]) < 0:
+        state.n_conflict += 1
+    return float(m[0, 1]) / denom if denom > 0 else None
 
 
 def train_steps(setup: RRGSetup, n_steps: int, *,
-                on_log: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Run ``n_steps`` optimisation steps; returns the logged rows (every ``log_every`` steps,
-    the first and the last).
+                on_log: Callable[[dict[str, float]], None] | None = None,
+                on_boundary: Callable[[TrainState], None] | None = None,
+                boundary_every: int | None = None) -> list[dict[str, float]]:
+    """Run ``n_steps`` more optimisation steps from ``setup.state``; returns the logged rows
+    (every ``log_every`` steps, the run's first step and the last step of this call).
 
     Each step: forward under autocast (CUDA + ``amp``), the K task losses, then
     ``MultiTaskOptimizer.step`` (the method aggregates the encoder's Jacobian; the heads get
-    their own task's gradient). At parameter level the logged drift/diffusion come from the
-    step's own Gramian at no extra cost; at representation level the encoder's Jacobian is
-    computed separately on logged steps.
+    their own task's gradient). Every step's Gramian ``M`` gives the sign of ``⟨g_1, g_2⟩``
+    for the running conflict share at no extra cost (at representation level it is the Gramian
+    of the feature gradients). At parameter level the logged drift/diffusion come from the same
+    Gramian; at representation level the encoder's Jacobian is computed separately on logged
+    steps. ``on_boundary(state)`` runs after every ``boundary_every``-th step (global count) and
+    after the last one (validation and checkpoints hook in there).
     """
     cfg, model, mto, device = setup.cfg, setup.model, setup.mto, setup.device
+    state = setup.state
     weights = setup.task_weights
     w_t = torch.tensor(weights, dtype=torch.float64)
     scale_losses = setup.task_weights_mode == "loss_scale"
     shared = model.shared_parameters()
     rows: list[dict[str, float]] = []
     model.train()
-    step, t0 = 0, time.perf_counter()
-    epoch = 0
-    while step < n_steps:
-        for batch in setup.loader:
-            if step >= n_steps:
-                break
+    end = state.step + n_steps
+    t0 = time.perf_counter()
+    while state.step < end:
+        for batch in _epoch_batches(setup):
+            step = state.step
             batch = to_device(batch, device)
-            log_now = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == n_steps
+            # The run's first step, every log_every-th and this call's last: a resumed run logs
+            # the same steps as an uninterrupted one.
+            log_now = step == 0 or (step + 1) % cfg.log_every == 0 or step + 1 == end
             with _autocast(cfg, device):
                 out = model(batch["images"], batch["tokens"], batch["classes"])
             losses = [out[n] for n in model.task_names]
@@ -446,116 +571,336 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
                 # level) or its pull-back through the features (representation level).
                 result = mto.step(step_losses, **kwargs)
                 combined = float(shared_grad(shared).double().norm()) if log_now else None
-            step += 1
-            if not log_now:
-                continue
-            loss_vals = result.losses / (w_t if scale_losses else 1.0)
-            row: dict[str, float] = {"step": step, "epoch": epoch,
-                                     "time_s": round(time.perf_counter() - t0, 4)}
-            for n, v in zip(model.task_names, loss_vals.tolist()):
-                row[f"loss_{n}"] = v
-            row["loss_weighted"] = float((w_t * loss_vals).sum())
-            if G_enc is None:
-                row.update(conflict_figures(result.gramian, weights,
-                                            row_scale=weights if scale_losses else None,
-                                            combined_norm=combined))
-            else:
-                row.update(conflict_of_gradients(G_enc, weights))
-                row["combined_norm"] = combined
-                row["diffusion"] = combined / row["joint_norm"] if row["joint_norm"] > 0 else float("nan")
-            if result.weights is not None:
-                for i, b in enumerate(result.weights.tolist()):
-                    row[f"beta_{i + 1}"] = b
-            rows.append(row)
-            if on_log is not None:
-                on_log(row)
-        epoch += 1
+            state.step += 1
+            state.batch_in_epoch += 1
+            cos = _step_cosine(result.gramian, state)
+            loss_vals = result.losses.detach().to("cpu", torch.float64) / (w_t if scale_losses else 1.0)
+            _add_interval(state, loss_vals, cos)
+            if log_now:
+                row: dict[str, float] = {"step": state.step, "epoch": state.epoch,
+                                         "time_s": round(time.perf_counter() - t0, 4)}
+                for n, v in zip(model.task_names, loss_vals.tolist()):
+                    row[f"loss_{n}"] = v
+                row["loss_weighted"] = float((w_t * loss_vals).sum())
+                if G_enc is None:
+                    row.update(conflict_figures(result.gramian, weights,
+                                                row_scale=weights if scale_losses else None,
+                                                combined_norm=combined))
+                else:
+                    row.update(conflict_of_gradients(G_enc, weights))
+                    row["combined_norm"] = combined
+                    row["diffusion"] = combined / row["joint_norm"] if row["joint_norm"] > 0 else float("nan")
+                row["conflict_share"] = state.conflict_share()
+                if result.weights is not None:
+                    for i, b in enumerate(result.weights.tolist()):
+                        row[f"beta_{i + 1}"] = b
+                rows.append(row)
+                if on_log is not None:
+                    on_log(row)
+            if on_boundary is not None and (
+                    state.step == end or (boundary_every and state.step % boundary_every == 0)):
+                on_boundary(state)
+            if state.step >= end:
+                break
+        else:
+            # The epoch ran out: the next one draws a new order from where the generator is now.
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            state.epoch_generator_state = setup.shuffle_generator.get_state()
     return rows
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    import numpy as np
+
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
+    import numpy as np
+
+    torch.set_rng_state(st["torch"])
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def save_checkpoint(setup: RRGSetup, path: str | os.PathLike) -> None:
+    """Write everything a run needs to resume (atomically: a crash mid-write keeps the old file)."""
+    model, state = setup.model, setup.state
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "config": setup.cfg.to_dict(),
+        "model_config": model.cfg.to_dict(),
+        "model": model.state_dict(),
+        "tokenizer": setup.tokenizer.state_dict(),
+        "optimizer": setup.mto.state_dict(),
+        "step": state.step,
+        "total_steps": setup.total_steps,
+        "train_state": state.to_dict(),
+        "shuffle_generator": setup.shuffle_generator.get_state(),
+        "rng": _rng_state(setup.device),
+    }
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def restore_checkpoint(setup: RRGSetup, ckpt: dict[str, Any]) -> None:
+    """Load a checkpoint of :func:`save_checkpoint` into a fresh :func:`prepare_run` setup."""
+    if "train_state" not in ckpt:
+        raise ValueError("this checkpoint predates resumable checkpoints (no training state in it)")
+    setup.model.load_state_dict(ckpt["model"])
+    setup.mto.load_state_dict(ckpt["optimizer"])
+    setup.state = TrainState.from_dict(ckpt["train_state"])
+    setup.shuffle_generator.set_state(ckpt["shuffle_generator"])
+    _set_rng_state(ckpt["rng"], setup.device)
+
+
+class _Progress:
+    """A one-line progress bar on stderr (redrawn in place on a terminal, silent otherwise)."""
+
+    def __init__(self, total: int, start: int, enabled: bool) -> None:
+        self.total, self.start = total, start
+        self.enabled = enabled and sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.last = 0.0
+
+    def update(self, step: int, note: str = "") -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self.last < 0.2 and step < self.total:
+            return
+        self.last = now
+        done = step / max(self.total, 1)
+        rate = (step - self.start) / max(now - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
+        sys.stderr.write(f"\r[{bar}] {step}/{self.total} {rate:.1f} it/s eta {eta:.0f}s {note}\x1b[K")
+        sys.stderr.flush()
+
+    def message(self, text: str) -> None:
+        """Print a line above the bar (the bar is redrawn at the next update)."""
+        if self.enabled:
+            sys.stderr.write("\r\x1b[K")
+            sys.stderr.flush()
+            self.last = 0.0
+        print(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+
+class _CSVLog:
+    """Append rows to a CSV; on resume keep only the rows up to the checkpoint's step."""
+
+    def __init__(self, path: Path, keep_until: int | None) -> None:
+        self.path = path
+        self.fieldnames: list[str] | None = None
+        kept: list[dict[str, str]] = []
+        if keep_until is not None and path.is_file():
+            with path.open(newline="") as f:
+                reader = csv.DictReader(f)
+                self.fieldnames = list(reader.fieldnames or []) or None
+                kept = [r for r in reader if float(r["step"]) <= keep_until]
+        self.file = path.open("w", newline="")
+        self.writer: csv.DictWriter | None = None
+        if self.fieldnames:
+            self._start(self.fieldnames)
+            for r in kept:
+                self.writer.writerow(r)
+            self.file.flush()
+
+    def _start(self, fieldnames: list[str]) -> None:
+        self.fieldnames = fieldnames
+        self.writer = csv.DictWriter(self.file, fieldnames=fieldnames, extrasaction="ignore")
+        self.writer.writeheader()
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self.writer is None:
+            self._start(list(row))
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def _default_out() -> Path:
     return Path("runs") / time.strftime("rrg-%Y%m%d-%H%M%S")
 
 
-def train_rrg(config: RRGConfig, *, callback: Callable[[int, dict[str, float]], None] | None = None,
-              verbose: bool = False) -> dict[str, Any]:
-    """Train and evaluate one RRG run; returns ``{"run_dir", "final", "history", "eval",
-    "n_parameters"}``.
+def train_rrg(config: RRGConfig | None = None, *,
+              callback: Callable[[int, dict[str, float]], None] | None = None,
+              verbose: bool = False, resume: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Train and evaluate one RRG run; returns ``{"run_dir", "final", "history", "epochs",
+    "eval", "n_parameters"}``.
 
     ``callback(step, metrics)`` is called at every log interval with the logged row (a sweep
-    reports from it). See the module docstring for the run folder's contents. All options are
-    checked before any work starts.
+    reports from it). Validation (on ``val``, METEOR off) and a checkpoint follow every epoch, or
+    every ``eval_every`` steps, and the end of training; then the test report is written. See the
+    module docstring for the run folder's contents. All options are checked before any work.
+
+    ``resume``: a run folder (or its ``checkpoint.pt``): continue that run from its last
+    checkpoint with its own config (``config`` must be ``None`` or equal to it, except ``device``
+    and ``out``); the finished run has the same weights as one that was never interrupted.
     """
+    ckpt = None
+    if resume is not None:
+        ckpt_path = Path(resume)
+        if ckpt_path.is_dir():
+            ckpt_path = ckpt_path / "checkpoint.pt"
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {str(ckpt_path)!r}")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{str(ckpt_path)!r} is not an mtl-opt RRG checkpoint")
+        saved = RRGConfig.from_dict(ckpt["config"])
+        if config is not None:
+            differ = sorted(k for k, v in config.to_dict().items()
+                            if k not in ("device", "out") and saved.to_dict()[k] != v)
+            if differ:
+                raise ValueError(f"resume: the config differs from the checkpoint's in {differ}")
+            saved.device = config.device
+        saved.out = str(ckpt_path.parent)
+        config = saved
+    if config is None:
+        raise ValueError("train_rrg needs a config or a run to resume")
     cfg = config
     cfg.validate()
     out_dir = Path(cfg.out) if cfg.out else _default_out()
     say = print if verbose else (lambda *a, **k: None)
     setup = prepare_run(cfg)
     model, tokenizer = setup.model, setup.tokenizer
+    if ckpt is not None:
+        restore_checkpoint(setup, ckpt)
+        say(f"resuming {out_dir} at step {setup.state.step} of {setup.total_steps}")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_params = model.n_parameters()
+    period = setup.steps_per_epoch if cfg.eval_every is None else cfg.eval_every
     say(f"model {cfg.model_size}: {n_params['total']:,} parameters ({n_params['encoder']:,} shared); "
         f"vocabulary {tokenizer.vocab_size}; method {setup.aggregator!r}; "
         f"task weights {setup.task_weights} ({setup.task_weights_mode}); {setup.total_steps} steps "
-        f"on {setup.device}")
+        f"({setup.steps_per_epoch} per epoch) on {setup.device}")
     config_record = {
         "rrg": cfg.to_dict(), "model": model.cfg.to_dict(),
         "method": {"name": setup.method, **setup.hyperparameters, "repr": repr(setup.aggregator)},
         "task_weights": setup.task_weights, "task_weights_mode": setup.task_weights_mode,
-        "total_steps": setup.total_steps, "task_names": list(model.task_names),
+        "lr": cfg.resolved_lr(),
+        "total_steps": setup.total_steps, "steps_per_epoch": setup.steps_per_epoch,
+        "validation_every": period or None, "task_names": list(model.task_names),
         "n_parameters": n_params,
         "tokenizer": {"vocab_size": tokenizer.vocab_size, "max_length": tokenizer.max_length},
         "dataset_sizes": {k: len(v) for k, v in setup.datasets.items()},
         "skipped_studies": {k: [list(x) for x in getattr(v, "skipped", [])]
                             for k, v in setup.datasets.items()},
+        "device": str(setup.device),
         "torch": torch.__version__,
     }
-    (out_dir / "config.json").write_text(json.dumps(config_record, indent=2, default=str))
+    if ckpt is None:
+        (out_dir / "config.json").write_text(json.dumps(config_record, indent=2, default=str))
     n_skipped = sum(len(v) for v in config_record["skipped_studies"].values())
     if n_skipped:
         say(f"skipped {n_skipped} malformed studies (listed in config.json)")
 
-    csv_path = out_dir / "metrics.csv"
-    with csv_path.open("w", newline="") as csv_file:
-        writer: list[csv.DictWriter] = []
+    keep = setup.state.step if ckpt is not None else None
+    step_log = _CSVLog(out_dir / "metrics.csv", keep)
+    epoch_log = _CSVLog(out_dir / "epochs.csv", keep)
+    progress = _Progress(setup.total_steps, setup.state.step, verbose)
+    epoch_rows: list[dict[str, Any]] = []
+    val_cfg = RRGConfig.from_dict({**cfg.to_dict(), "meteor": False,
+                                   "eval_max_samples": cfg.val_max_samples})
+    t_train = [0.0]
 
-        def on_log(row: dict[str, float]) -> None:
-            if not writer:
-                writer.append(csv.DictWriter(csv_file, fieldnames=list(row)))
-                writer[0].writeheader()
-            writer[0].writerow(row)
-            csv_file.flush()
+    def on_log(row: dict[str, float]) -> None:
+        step_log.write(row)
+        progress.update(int(row["step"]), f"loss_report={row['loss_report']:.3f}")
+        if not progress.enabled:
             say(_format_row(row))
-            if callback is not None:
-                callback(int(row["step"]), dict(row))
+        if callback is not None:
+            callback(int(row["step"]), dict(row))
 
+    def on_boundary(state: TrainState) -> None:
+        iv, state.interval = state.interval, {}
+        row: dict[str, Any] = {"step": state.step,
+                               "epoch": round(state.step / setup.steps_per_epoch, 4)}
+        if iv:
+            means = (iv["loss_sum"] / iv["steps"]).tolist()
+            for n, v in zip(model.task_names, means):
+                row[f"train_loss_{n}"] = v
+            n_cos = iv.get("n_cos", 0)
+            row["train_cos_mean"] = iv["cos_sum"] / n_cos if n_cos else float("nan")
+            row["train_conflict_share"] = iv["n_conflict"] / n_cos if n_cos else float("nan")
+        row["conflict_share_running"] = state.conflict_share()
+        if "val" in setup.datasets and len(setup.datasets["val"]) > 0:
+            t = time.perf_counter()
+            val = evaluate_rrg(model, tokenizer, setup.datasets["val"], val_cfg, split="val")
+            model.train()
+            m = val["metrics"]
+            for k in [*(f"eval_loss_{n}" for n in model.task_names), "BLEU_1", "BLEU_4", "ROUGE_L",
+                      "CIDEr", "CE_f1_example", "CE_f1_macro_pos_or_unc", "CE_f1_micro", "cls_accuracy"]:
+                if k in m:
+                    row[f"val_{k.replace('eval_', '')}"] = m[k]
+            row["val_time_s"] = round(time.perf_counter() - t, 3)
+        epoch_log.write(row)
+        epoch_rows.append(row)
+        save_checkpoint(setup, out_dir / "checkpoint.pt")
+        if verbose:
+            progress.message(f"validation at step {state.step} (epoch {row['epoch']:g}): "
+                             + " ".join(f"{k}={v:.4f}" for k, v in row.items()
+                                        if k.startswith("val_") and k != "val_time_s"))
+
+    remaining = setup.total_steps - setup.state.step
+    try:
         t0 = time.perf_counter()
-        rows = train_steps(setup, setup.total_steps, on_log=on_log)
-        train_time = time.perf_counter() - t0
+        rows = train_steps(setup, remaining, on_log=on_log, on_boundary=on_boundary,
+                           boundary_every=period or None)
+        t_train[0] = time.perf_counter() - t0
+    finally:
+        progress.close()
+        step_log.close()
+        epoch_log.close()
+    if remaining == 0 and not (out_dir / "checkpoint.pt").exists():
+        save_checkpoint(setup, out_dir / "checkpoint.pt")
 
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "config": cfg.to_dict(),
-        "model_config": model.cfg.to_dict(),
-        "model": model.state_dict(),
-        "tokenizer": tokenizer.state_dict(),
-        "optimizer": setup.mto.state_dict(),
-        "step": setup.total_steps,
-    }
-    torch.save(ckpt, out_dir / "checkpoint.pt")
     eval_ds = setup.datasets[cfg.eval_split]
     t1 = time.perf_counter()
     result = evaluate_rrg(model, tokenizer, eval_ds, cfg, split=cfg.eval_split)
     result["eval_time_s"] = time.perf_counter() - t1
-    result["train_time_s"] = train_time
+    result["train_time_s"] = t_train[0]
     result["steps"] = setup.total_steps
+    result["conflict_share"] = setup.state.conflict_share()
     (out_dir / "eval.json").write_text(json.dumps(_public(result), indent=2))
     _write_samples(out_dir / "samples.md", result["samples"], cfg.n_report_samples)
-    say(f"eval ({cfg.eval_split}, {result['n']} studies): "
-        + ", ".join(f"{k}={v:.4f}" for k, v in result["metrics"].items() if "/" not in k))
+    write_samples_csv(out_dir / "samples.csv", result["samples"])
+    from .metrics import NLG_KEYS, format_metric
+
+    m = result["metrics"]
+    shown = [*(k for k in NLG_KEYS if k in m), "CE_f1_example", "CE_f1_macro_pos_or_unc",
+             "CEtrue_f1_example", "CEtrue_f1_macro_pos_or_unc", "cls_accuracy", "cls_f1_positive"]
+    say(f"test report ({cfg.eval_split}, {result['n']} studies; all figures in eval.json): "
+        + ", ".join(f"{k}={format_metric(m[k])}" for k in shown if k in m)
+        + f"; conflict share {result['conflict_share']:.3f}")
     say(f"run folder: {out_dir}")
     return {"run_dir": str(out_dir), "final": rows[-1] if rows else {}, "history": rows,
-            "eval": _public(result), "n_parameters": n_params}
+            "epochs": epoch_rows, "eval": _public(result), "n_parameters": n_params}
+
+
+def write_samples_csv(path: Path, samples: list[dict[str, str]]) -> None:
+    """All generated reports beside their references: columns ``id, reference, generated``."""
+    with Path(path).open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "reference", "generated"])
+        w.writeheader()
+        for s_ in samples:
+            w.writerow({k: s_[k] for k in ("id", "reference", "generated")})
 
 
 def conflict_study(cfg: RRGConfig, n_batches: int = 10) -> dict[str, Any]:
@@ -573,7 +918,7 @@ def conflict_study(cfg: RRGConfig, n_batches: int = 10) -> dict[str, Any]:
 
 
 def _format_row(row: dict[str, float]) -> str:
-    keys = [k for k in row if k.startswith("loss_")] + ["drift_cos", "diffusion"]
+    keys = [k for k in row if k.startswith("loss_")] + ["drift_cos", "diffusion", "conflict_share"]
     return f"step {int(row['step'])}: " + " ".join(f"{k}={row[k]:.4f}" for k in keys if k in row)
 
 
@@ -599,7 +944,9 @@ def evaluate_rrg(model: RRGModel, tokenizer: Any, dataset: Any, cfg: RRGConfig, 
 
     References are the tokenizer's view of the ground truth (cleaned, truncated to its maximum
     length, as R2Gen scores them). Returns ``{"split", "n", "metrics", "samples"}`` where metrics
-    hold the NLG scores, the clinical-efficacy scores of the generated reports (``CE_*``), the
+    hold the NLG scores, the clinical-efficacy scores of the generated reports (``CE_*``, the
+    whole grid of :func:`~.metrics.clinical_efficacy`; ``CEtrue_*`` against the generator's true
+    labels when the dataset has them), the
     classification head's accuracy over the 14 × 4 states and positive-class F1 (``cls_*``), and
     the mean evaluation losses (``eval_loss_*``).
     """
@@ -608,6 +955,7 @@ def evaluate_rrg(model: RRGModel, tokenizer: Any, dataset: Any, cfg: RRGConfig, 
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    base = dataset
     if cfg.eval_max_samples is not None and cfg.eval_max_samples < len(dataset):
         from torch.utils.data import Subset
 
@@ -642,6 +990,14 @@ def evaluate_rrg(model: RRGModel, tokenizer: Any, dataset: Any, cfg: RRGConfig, 
     metrics: dict[str, float] = {}
     metrics.update(nlg_metrics(refs, hyps, meteor=cfg.meteor))
     metrics.update({f"CE_{k}": v for k, v in clinical_efficacy(refs, hyps).items()})
+    true_labels = getattr(base, "true_labels", None)
+    if callable(true_labels):
+        # Synthetic data: the generated reports against the generator's noise-free labels.
+        import numpy as np
+
+        truth = np.stack([true_labels(i) for i in range(len(refs))])
+        metrics.update({f"CEtrue_{k}": v for k, v in clinical_efficacy(truth, hyps).items()
+                        if "/" not in k})
     metrics["cls_accuracy"] = correct / total
     metrics["cls_f1_positive"] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
     for n, s in loss_sums.items():
