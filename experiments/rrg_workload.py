@@ -75,6 +75,13 @@ class RRGWorkload(Workload):
     def default_metric(self) -> str:
         return "loss_weighted"
 
+    def default_budget(self) -> dict[str, float]:
+        """The RRG trainer's own defaults for the configured model size (tiny: 400 steps at 3e-3)."""
+        from mtl_opt.problems.rrg.train import DEFAULT_LR_BY_SIZE, DEFAULT_STEPS_BY_SIZE, RRGConfig
+
+        size = RRGConfig(**self.options).model_size
+        return {"steps": DEFAULT_STEPS_BY_SIZE[size], "lr": DEFAULT_LR_BY_SIZE[size]}
+
     def final_only(self, metric: str) -> bool:
         return is_evaluation_metric(metric)
 
