@@ -58,14 +58,21 @@ def gramian_of(G: Tensor) -> Tensor:
     The K × K post-processing runs in NumPy: at small ``d`` the per-operation overhead of tiny
     torch ops (a few µs each) would otherwise dominate the call.
     """
-    G = G.detach()
+    if G.requires_grad:
+        G = G.detach()
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
     M = _gram(work)
     if M.device.type != "cpu":
         M = M.cpu()  # the one device-to-host transfer
-    a = M.numpy().astype(np.float64)
-    if work.dtype != torch.float64 and _needs_float64(np.diagonal(a), G, G.shape[1]):
-        a = _gram(G.double()).cpu().numpy()
+    a = M.numpy()
+    if work.dtype != torch.float64:
+        a = a.astype(np.float64)
+        # Common case: every squared norm finite and far above the underflow range (a K-long
+        # comparison in Python; NaN fails it too).
+        if not _diagonal_in_range(a, underflow_threshold(G.shape[1])) and _needs_float64(
+            np.diagonal(a), G, G.shape[1]
+        ):
+            a = _gram(G.double()).cpu().numpy()
     if not np.isfinite(a).all():
         _raise_non_finite_gramian(torch.from_numpy(a), G)
     return torch.from_numpy((a + a.T) * 0.5)  # exactly symmetric
@@ -80,7 +87,19 @@ def underflow_threshold(d: int) -> float:
     the norm, far below float32 rounding; the same bound holds for off-diagonal entries
     (``|M_ij| ≤ √(M_ii M_jj)``).
     """
-    return float(torch.finfo(torch.float32).tiny) * 2.0**24 * max(int(d), 1)
+    return _F32_TINY_2_24 * max(d, 1)
+
+
+_F32_TINY_2_24 = float(torch.finfo(torch.float32).tiny) * 2.0**24
+_F64_MAX = float(np.finfo(np.float64).max)
+
+
+def _diagonal_in_range(a: np.ndarray, low: float) -> bool:
+    """Every diagonal entry of the square ``a`` in ``[low, float64 max]`` (NaN fails)."""
+    for x in a.ravel()[:: a.shape[0] + 1].tolist():
+        if not low <= x <= _F64_MAX:
+            return False
+    return True
 
 
 def _needs_float64(diag: np.ndarray, G: Tensor, d: int) -> bool:
