@@ -555,7 +555,8 @@ def mtl_backward(
             ``aggregator.aggregate(G, losses=<detached losses>, task_weights=...)``
             (``task_weights`` only when given here).
         task_params: optional ``[group_0, ..., group_{K-1}]``: group ``i`` (a module or an
-            iterable of tensors) receives ``h_i ∇L_i`` only.
+            iterable of tensors) receives ``h_i ∇L_i`` only, and must be reached by loss ``i``
+            (checked; the losses must then be a list or ``torch.stack`` of the K losses).
         task_weights: per-task weights for this call, passed to the aggregator (which must
             accept them) and used as ``h``.
         features: the shared representation (a tensor or a sequence of tensors in the graph)
