@@ -187,3 +187,18 @@ def test_float32_gramian_of_rank_deficient_jacobian_is_accepted():
     assert M.dtype == torch.float64 and torch.equal(M, M.T)
     mgda = mtl_opt.get_aggregator("mgda")
     torch.testing.assert_close(mgda.weights(M32), mgda.weights(M32.double()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_rows_next_to_tiny_rows_in_a_float32_batch(name):
+    G32 = torch.stack([conflicting(seed=0) * 1e-25, conflicting(seed=1)])
+    G32[0, 2] = 0.0  # a task without gradient next to underflowing ones
+    G32[1, 0] = 0.0  # a zero row in an entry that float32 handles
+    agg = make(name)
+    got = agg.aggregate_batch(G32, **extra(agg, 3, B=2))
+    reference = make(name).aggregate_batch(G32.double(), **extra(agg, 3, B=2))
+    for b in range(2):  # each entry at its own scale
+        scale = float(reference[b].abs().max())
+        torch.testing.assert_close(got[b], reference[b].float(), rtol=1e-5, atol=1e-6 * scale)
+    single = make(name).aggregate(G32[0], **extra(agg, 3)).weights
+    torch.testing.assert_close(single, make(name).aggregate(G32[0].double(), **extra(agg, 3)).weights, rtol=1e-9, atol=0)
