@@ -25,10 +25,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
-
-import numpy as np
 
 from mtl_opt._validation import (
     _needs_float64,
@@ -277,7 +276,8 @@ class GramianAggregator(GradientAggregator):
         if work.dtype != torch.float64 and _needs_float64(
             np.diagonal(a, axis1=1, axis2=2), Gd, Gd.shape[2]
         ):
-            a = (Gd.double() @ Gd.double().transpose(1, 2)).cpu().numpy()
+            G64 = Gd.double()  # float32 squared norms out of range: the rare float64 path
+            a = (G64 @ G64.transpose(1, 2)).cpu().numpy()
         if not np.isfinite(a).all():
             diag = np.diagonal(a, axis1=1, axis2=2)
             bad = np.argwhere(~np.isfinite(diag)).tolist()
@@ -290,8 +290,9 @@ class GramianAggregator(GradientAggregator):
             )
         M = torch.from_numpy(0.5 * (a + a.transpose(0, 2, 1)))
         beta = self._checked_batch_weights(M, losses, task_weights)
-        if G.dtype in _HALF_DTYPES:
-            return _checked_half(torch.einsum("bk,bkd->bd", beta.to(device=G.device, dtype=torch.float32), G.float()), G.dtype)
+        if G.dtype in _HALF_DTYPES:  # combined in float32, checked to fit (see combine_rows)
+            beta32 = beta.to(device=G.device, dtype=torch.float32)
+            return _checked_half(torch.einsum("bk,bkd->bd", beta32, G.float()), G.dtype)
         return torch.einsum("bk,bkd->bd", beta.to(device=G.device, dtype=G.dtype), G)
 
     def _checked_batch_weights(
