@@ -96,6 +96,10 @@ class CAMEGrad(GramianAggregator):
             task_weights = [float(w) for w in self._omega]
         self.task_weights = task_weights
 
+    def loss_weights(self, n_tasks: int) -> Tensor | None:
+        """``ω``: the weights that parameters outside the Jacobian apply to the losses."""
+        return None if self._omega is None else self._omega_for(n_tasks, None)
+
     @staticmethod
     def _check_omega(omega: Tensor) -> Tensor:
         if bool((omega < 0).any()):

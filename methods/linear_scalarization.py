@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,8 +35,18 @@ class LinearScalarization(GramianAggregator):
                 raise ValueError("LinearScalarization: weights must not be empty")
             check_task_vector(weights, n, "LinearScalarization weights")
             weights = [float(w) for w in weights]
+        # Stored under another name than the keyword: ``weights`` is the public method
+        # GramianAggregator.weights(M) (β for a Gramian), which an attribute would shadow.
         self.weights_ = None if weights is None else torch.tensor(weights, dtype=torch.float64)
-        self.weights = weights
+        self.scalarization_weights: list[float] | None = weights
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """``{"weights": w}`` (the constructor keyword; ``None`` means all ones)."""
+        return {"weights": self.scalarization_weights}
+
+    def loss_weights(self, n_tasks: int) -> Tensor | None:
+        """``w``: the weights that parameters outside the Jacobian apply to the losses."""
+        return self.weights_  # the caller checks its length against n_tasks
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         K = M.shape[0]

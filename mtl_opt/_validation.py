@@ -26,6 +26,11 @@ def check_jacobian(G: object) -> None:
         raise ValueError("the Jacobian has d = 0 columns: there is no parameter to update")
     if G.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"the Jacobian must be a floating-point tensor, got dtype {G.dtype}")
+    if G.device.type == "meta":
+        raise ValueError(
+            "the Jacobian is on the 'meta' device (a shape without values): materialise it on a "
+            "real device (e.g. .to_empty(device='cpu') and fill it) before aggregating"
+        )
 
 
 def check_finite_rows(G: Tensor) -> None:
@@ -42,18 +47,77 @@ def gramian_of(G: Tensor) -> Tensor:
     The product runs on ``G``'s device in ``G``'s dtype (float16/bfloat16 are upcast to float32),
     and the K × K result is the call's one device-to-host transfer. A non-finite entry anywhere in
     row ``i`` makes ``M_ii`` non-finite, so checking ``M`` checks ``G`` without another pass.
+    ``M`` is formed from ``G.detach()``: the weights ``β`` are constants of the graph.
+
+    float32 range: squared norms of rows below ~1e-19 underflow and rows above ~1e19 overflow
+    although ``G`` itself is representable. When a diagonal entry is non-finite or below
+    :func:`underflow_threshold`, ``M`` is recomputed from ``G`` in float64 (a rare path; the
+    common case costs nothing extra). Only a ``G`` that is itself non-finite, or whose squared
+    norms overflow float64 too, raises.
 
     The K × K post-processing runs in NumPy: at small ``d`` the per-operation overhead of tiny
     torch ops (a few µs each) would otherwise dominate the call.
     """
+    if G.requires_grad:
+        G = G.detach()
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
     M = _gram(work)
     if M.device.type != "cpu":
         M = M.cpu()  # the one device-to-host transfer
-    a = M.detach().numpy().astype(np.float64)
+    a = M.numpy()
+    if work.dtype != torch.float64:
+        a = a.astype(np.float64)
+        # Common case: every squared norm finite and far above the underflow range (a K-long
+        # comparison in Python; NaN fails it too).
+        if not _diagonal_in_range(a, underflow_threshold(G.shape[1])) and _needs_float64(
+            np.diagonal(a), G, G.shape[1]
+        ):
+            a = _gram(G.double()).cpu().numpy()
     if not np.isfinite(a).all():
-        _raise_non_finite_gramian(torch.from_numpy(a), G.dtype)
+        _raise_non_finite_gramian(torch.from_numpy(a), G)
     return torch.from_numpy((a + a.T) * 0.5)  # exactly symmetric
+
+
+def underflow_threshold(d: int) -> float:
+    """Smallest float32 squared row norm trusted without a float64 recomputation.
+
+    Each product ``g_k²`` that falls below float32's smallest normal number (``tiny = 2⁻¹²⁶``)
+    is rounded with an absolute error up to ``2⁻¹⁵⁰ = tiny·2⁻²⁴``, so a sum of ``d`` of them
+    is off by at most ``d·tiny·2⁻²⁴``. Above ``tiny·2²⁴·d`` that error is below ``2⁻⁴⁸`` of
+    the norm, far below float32 rounding; the same bound holds for off-diagonal entries
+    (``|M_ij| ≤ √(M_ii M_jj)``).
+    """
+    return _F32_TINY_2_24 * max(d, 1)
+
+
+_F32_TINY_2_24 = float(torch.finfo(torch.float32).tiny) * 2.0**24
+_F64_MAX = float(np.finfo(np.float64).max)
+
+
+def _diagonal_in_range(a: np.ndarray, low: float) -> bool:
+    """Every diagonal entry of the square ``a`` in ``[low, float64 max]`` (NaN fails)."""
+    for x in a.ravel()[:: a.shape[0] + 1].tolist():
+        if not low <= x <= _F64_MAX:
+            return False
+    return True
+
+
+def _needs_float64(diag: np.ndarray, G: Tensor, d: int) -> bool:
+    """Whether a float32 Gramian with diagonal ``diag`` lost range (overflow or underflow).
+
+    Exactly-zero rows of ``G`` (a task with no gradient) are fine in float32; a zero diagonal
+    entry is checked against its row (one pass over that row only) before recomputing.
+    ``diag`` has shape (K,) for ``G`` (K, d) or (B, K) for ``G`` (B, K, d).
+    """
+    suspect = ~np.isfinite(diag) | (diag < underflow_threshold(d))
+    if not suspect.any():
+        return False
+    if (~np.isfinite(diag)).any():
+        return True
+    for index in zip(*np.nonzero(suspect)):
+        if diag[index] != 0.0 or bool(G[index].any()):
+            return True  # a nonzero row whose squared norm underflowed
+    return False
 
 
 #: Column block of the CPU Gramian (see :func:`_gram`).
@@ -80,15 +144,17 @@ def _gram(work: Tensor) -> Tensor:
     return M
 
 
-def _raise_non_finite_gramian(M: Tensor, dtype: torch.dtype) -> None:
+def _raise_non_finite_gramian(M: Tensor, G: Tensor) -> None:
+    """``M`` (float64, from float64 arithmetic) is not finite: name the rows and the cause."""
+    check_finite_rows(G)  # a NaN or inf in G itself
     diag = torch.diagonal(M)
     bad = [i for i, ok in enumerate(torch.isfinite(diag).tolist()) if not ok]
     if bad:
         raise ValueError(
-            f"the Jacobian is not finite: task row(s) {bad} contain NaN or inf "
-            f"(or their squared norm overflows {dtype})"
+            f"the squared norm of task row(s) {bad} of the Jacobian overflows float64; "
+            "rescale the losses"
         )
-    raise ValueError(f"the Gramian G Gᵀ overflows {dtype}; rescale the losses")
+    raise ValueError("the Gramian G Gᵀ overflows float64; rescale the losses")
 
 
 def all_finite(t: Tensor) -> bool:
@@ -99,20 +165,62 @@ def all_finite(t: Tensor) -> bool:
 
 
 def check_gramian(M: object) -> Tensor:
-    """A user-supplied Gramian: square, finite, symmetric; returned as float64 CPU."""
+    """A user-supplied Gramian: square, finite, symmetric, positive semidefinite; float64 CPU.
+
+    A Gramian ``G Gᵀ`` has a non-negative diagonal and no negative eigenvalue; eigenvalues
+    below ``-tol·scale`` (``scale = max |M_ij|``, ``tol = max(1e-8, 16·eps(M.dtype))`` so that
+    float32 Gramians of rank-deficient Jacobians pass) are rejected.
+    """
     if not isinstance(M, Tensor):
         raise TypeError(f"the Gramian must be a torch.Tensor of shape (K, K), got {type(M).__name__}")
     if M.dim() != 2 or M.shape[0] != M.shape[1]:
         raise ValueError(f"the Gramian must be square (K, K), got shape {tuple(M.shape)}")
     if M.shape[0] == 0:
         raise ValueError("the Gramian has K = 0 rows: there is no task to aggregate")
-    M64 = M.detach().to(device="cpu", dtype=torch.float64)
-    if not bool(torch.isfinite(M64).all()):
-        raise ValueError("the Gramian is not finite (NaN or inf entries)")
-    scale = float(M64.abs().max())
-    if float((M64 - M64.T).abs().max()) > 1e-6 * max(scale, 1e-300):
-        raise ValueError("the Gramian is not symmetric")
-    return 0.5 * (M64 + M64.T)
+    return check_gramian_batch(M[None], single=True)[0]
+
+
+def check_gramian_batch(M: object, *, single: bool = False) -> Tensor:
+    """A batch of user-supplied Gramians (B, K, K): the checks of :func:`check_gramian` on
+    every entry; returned as float64 CPU, exactly symmetric."""
+    what = "the Gramian" if single else "the Gramians"
+    if not isinstance(M, Tensor) or M.dim() != 3 or M.shape[1] != M.shape[2]:
+        shape = tuple(M.shape) if isinstance(M, Tensor) else type(M).__name__
+        raise ValueError(f"a batch of Gramians must have shape (B, K, K), got {shape}")
+    if M.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{what} must be floating-point, got dtype {M.dtype}")
+    if M.device.type == "meta":
+        raise ValueError(f"{what} is on the 'meta' device (a shape without values)")
+    if M.shape[0] == 0 or M.shape[1] == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(M.shape)}): there is no task to aggregate")
+    a = M.detach().to(device="cpu", dtype=torch.float64).numpy()
+    where = (lambda b: "") if single else (lambda b: f" (batch entry {b})")
+    finite = np.isfinite(a).all(axis=(1, 2))
+    if not finite.all():
+        raise ValueError(f"{what} is not finite (NaN or inf entries){where(int(np.argmin(finite)))}")
+    scale = np.maximum(np.abs(a).max(axis=(1, 2)), 1e-300)
+    asym = np.abs(a - a.transpose(0, 2, 1)).max(axis=(1, 2)) > 1e-6 * scale
+    if asym.any():
+        raise ValueError(f"{what} is not symmetric{where(int(np.argmax(asym)))}")
+    sym = (a + a.transpose(0, 2, 1)) * 0.5
+    diag = np.diagonal(sym, axis1=1, axis2=2)
+    negative = (diag < 0).any(axis=1)
+    if negative.any():
+        b = int(np.argmax(negative))
+        raise ValueError(
+            f"{what} has a negative diagonal entry {float(diag[b].min())!r}{where(b)}: squared "
+            "norms cannot be negative (a Gramian is G Gᵀ)"
+        )
+    tol = max(1e-8, 16.0 * float(torch.finfo(M.dtype).eps))
+    lowest = np.linalg.eigvalsh(sym)[:, 0]
+    not_psd = lowest < -tol * scale
+    if not_psd.any():
+        b = int(np.argmax(not_psd))
+        raise ValueError(
+            f"{what} is not positive semidefinite: eigenvalue {float(lowest[b])!r}{where(b)} "
+            f"(a Gramian G Gᵀ has none below 0; tolerance {tol:g} of the largest entry)"
+        )
+    return torch.from_numpy(sym)
 
 
 def check_task_vector(values: object, n_tasks: int, name: str) -> Tensor:

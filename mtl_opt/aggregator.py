@@ -21,16 +21,19 @@ was given raises :class:`ValueError` rather than ignoring it (see ``uses_losses`
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from mtl_opt._validation import (
-    all_finite,
+    _needs_float64,
     check_finite_rows,
     check_gramian,
+    check_gramian_batch,
     check_jacobian,
     check_task_vector,
     gramian_of,
@@ -128,6 +131,15 @@ class GradientAggregator:
 
     def reset(self) -> None:
         """Forget all state accumulated over calls (random generators are re-seeded)."""
+
+    def loss_weights(self, n_tasks: int) -> Tensor | None:
+        """The method's own per-task weights ``h`` (K,) that :func:`mtl_opt.mtl_backward` applies
+        to the losses of parameters outside the Jacobian (task heads, other parameters).
+
+        ``None`` (the default) means all ones. Methods with a per-task weights hyperparameter
+        (linear scalarization's ``w``, CAME-Grad's ``ω``) override it.
+        """
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         """State accumulated over calls (not hyperparameters). Empty for stateless methods."""
@@ -231,37 +243,56 @@ class GramianAggregator(GradientAggregator):
     def batch_weights(
         self, M: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None
     ) -> Tensor:
-        """Weights of ``B`` independent problems: Gramians (B, K, K) -> (B, K), float64 CPU."""
-        if not isinstance(M, Tensor) or M.dim() != 3 or M.shape[1] != M.shape[2]:
-            shape = tuple(M.shape) if isinstance(M, Tensor) else type(M).__name__
-            raise ValueError(f"a batch of Gramians must have shape (B, K, K), got {shape}")
-        M64 = M.detach().to(device="cpu", dtype=torch.float64)
-        if not bool(torch.isfinite(M64).all()):
-            raise ValueError("the Gramians are not finite (NaN or inf entries)")
-        K = M64.shape[1]
+        """Weights of ``B`` independent problems: Gramians (B, K, K) -> (B, K), float64 CPU.
+
+        Every entry gets the checks of :meth:`weights` (finite, symmetric, positive
+        semidefinite); ``losses`` (B, K) must be finite in every row.
+        """
+        M64 = check_gramian_batch(M)
+        B, K = M64.shape[0], M64.shape[1]
         losses_t = None
         if losses is not None:
+            if not isinstance(losses, Tensor) or tuple(losses.shape) != (B, K):
+                got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                raise ValueError(f"batched losses must have shape (B, K) = {(B, K)}, got {got}")
             losses_t = losses.detach().to(device="cpu", dtype=torch.float64)
-            if tuple(losses_t.shape) != (M64.shape[0], K):
-                raise ValueError(f"batched losses must have shape {(M64.shape[0], K)}, got {tuple(losses_t.shape)}")
+            if not bool(torch.isfinite(losses_t).all()):
+                raise ValueError("the losses must be finite")
+            if not self.uses_losses:
+                losses_t = None
+        elif self.requires_losses:
+            self._check_context(K, None, None)  # raises the standard message
         _, weights_t = self._check_context(
             K, None if losses_t is None else losses_t[0], task_weights
         )  # losses were checked above; pass one row so requires_losses is satisfied
-        return self._checked_batch_weights(0.5 * (M64 + M64.transpose(1, 2)), losses_t, weights_t)
+        return self._checked_batch_weights(M64, losses_t, weights_t)
 
     def _aggregate_batch(
         self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
     ) -> Tensor:
-        work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-        M = (work @ work.transpose(1, 2)).to(device="cpu", dtype=torch.float64)
-        diag = torch.diagonal(M, dim1=1, dim2=2)
-        if not bool(torch.isfinite(M).all()):
-            bad = torch.nonzero(~torch.isfinite(diag)).tolist()
+        Gd = G.detach()
+        work = Gd if Gd.dtype in (torch.float32, torch.float64) else Gd.float()
+        a = (work @ work.transpose(1, 2)).cpu().numpy().astype(np.float64)
+        if work.dtype != torch.float64 and _needs_float64(
+            np.diagonal(a, axis1=1, axis2=2), Gd, Gd.shape[2]
+        ):
+            G64 = Gd.double()  # float32 squared norms out of range: the rare float64 path
+            a = (G64 @ G64.transpose(1, 2)).cpu().numpy()
+        if not np.isfinite(a).all():
+            diag = np.diagonal(a, axis1=1, axis2=2)
+            bad = np.argwhere(~np.isfinite(diag)).tolist()
+            if bool(torch.isfinite(G).all()):
+                where = f"(batch, task) entries {bad[:10]}" if bad else "an off-diagonal entry"
+                raise ValueError(f"the Gramians overflow float64 at {where}; rescale the losses")
+            bad = torch.nonzero(~torch.isfinite(G).all(dim=2)).tolist()
             raise ValueError(
                 f"the Jacobians are not finite: (batch, task) entries {bad[:10]} contain NaN or inf"
             )
-        M = 0.5 * (M + M.transpose(1, 2))
+        M = torch.from_numpy(0.5 * (a + a.transpose(0, 2, 1)))
         beta = self._checked_batch_weights(M, losses, task_weights)
+        if G.dtype in _HALF_DTYPES:  # combined in float32, checked to fit (see combine_rows)
+            beta32 = beta.to(device=G.device, dtype=torch.float32)
+            return _checked_half(torch.einsum("bk,bkd->bd", beta32, G.float()), G.dtype)
         return torch.einsum("bk,bkd->bd", beta.to(device=G.device, dtype=G.dtype), G)
 
     def _checked_batch_weights(
@@ -297,7 +328,8 @@ class GramianAggregator(GradientAggregator):
                 f"{type(self).__name__} returned weights of shape {tuple(beta.shape)}, "
                 f"expected ({M64.shape[0]},)"
             )
-        if not all_finite(beta):
+        # β is K numbers: checked in Python (a fraction of a NumPy/torch reduction's overhead).
+        if not all(map(math.isfinite, beta.tolist())):
             raise RuntimeError(
                 f"{type(self).__name__} produced non-finite weights {beta.tolist()} "
                 f"for the Gramian {M64.tolist()}"
@@ -310,12 +342,29 @@ class GramianAggregator(GradientAggregator):
         raise NotImplementedError
 
 
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _checked_half(direction32: Tensor, dtype: torch.dtype) -> Tensor:
+    """Cast a float32 direction to a half dtype, raising if it does not fit."""
+    out = direction32.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        name = str(dtype).replace("torch.", "")
+        raise ValueError(f"the direction overflows {name}; rescale the losses")
+    return out
+
+
 def combine_rows(beta: Tensor, G: Tensor) -> Tensor:
     """``βᵀ G`` on ``G``'s device and in its dtype: the second (and last) pass over ``G``.
 
     ``β`` (float64, CPU) travels host-to-device without blocking; a Jacobian that is already
-    float64 on the CPU is combined without a copy of ``β``.
+    float64 on the CPU is combined without a copy of ``β``. ``β`` is a constant: the result is
+    differentiable w.r.t. ``G`` when ``G`` requires grad. float16/bfloat16 Jacobians are
+    combined in float32 (β is not rounded to half precision) and the result is checked to fit
+    the half dtype (else ``ValueError``).
     """
+    if G.dtype in _HALF_DTYPES:
+        return _checked_half(beta.to(device=G.device, dtype=torch.float32) @ G.float(), G.dtype)
     if beta.device != G.device or beta.dtype != G.dtype:
         beta = beta.to(device=G.device, dtype=G.dtype, non_blocking=True)
     return beta @ G

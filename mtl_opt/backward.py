@@ -16,9 +16,10 @@ per-task weights (linear scalarization's ``weights``, CAME-Grad's ``task_weights
 * **shared parameters** receive the aggregated direction ``d = aggregator(G)``, split back into
   the parameters' shapes;
 * **task parameters** (``task_params=[group_1, ..., group_K]``): group ``i`` receives
-  ``h_i ∇L_i`` and nothing from the other losses (a head is trained by its own task only). When
-  the losses are given as a list, a group parameter that its own loss does not reach raises
-  (groups listed in another order than the losses would otherwise silently get nothing);
+  ``h_i ∇L_i`` and nothing from the other losses (a head is trained by its own task only). A
+  group parameter that its own loss does not reach raises (groups listed in another order than
+  the losses would otherwise silently get nothing); the losses must then be a list or
+  ``torch.stack`` of the K losses, whose entries the autograd graph tells apart;
 * **every other parameter** that the losses reach (found by walking the autograd graph, as
   ``.backward()`` does) receives ``Σ_i h_i ∇L_i``, the gradient of the weighted joint loss.
 
@@ -76,7 +77,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
@@ -155,10 +156,9 @@ def loss_weights(
     """The weights ``h`` (K,) float64 that parameters outside the Jacobian apply to the losses.
 
     In order of precedence: the call's ``task_weights`` (only for methods with
-    ``accepts_task_weights``); ``aggregator.loss_weights(n_tasks)`` when the method defines it;
-    the method's own per-task weights hyperparameter when it accepts task weights (named
-    ``task_weights``, as CAME-Grad's ω, or ``weights``, as linear scalarization's ``w``; ``None``
-    means ones); otherwise ones.
+    ``accepts_task_weights``); else the method's own per-task weights,
+    :meth:`GradientAggregator.loss_weights` (linear scalarization's ``w``, CAME-Grad's ``ω``),
+    where ``None`` means ones.
     """
     if task_weights is not None:
         if not aggregator.accepts_task_weights:
@@ -167,15 +167,10 @@ def loss_weights(
                 "losses instead or use a method that takes task weights (ls, came_grad)"
             )
         return check_task_vector(task_weights, n_tasks, "task_weights")
-    own = getattr(aggregator, "loss_weights", None)
-    if callable(own):
-        return check_task_vector(own(n_tasks), n_tasks, f"{type(aggregator).__name__}.loss_weights")
-    if aggregator.accepts_task_weights:
-        for attribute in ("task_weights", "weights"):
-            value = getattr(aggregator, attribute, None)
-            if value is not None and not callable(value):
-                return check_task_vector(value, n_tasks, f"{type(aggregator).__name__}.{attribute}")
-    return torch.ones(n_tasks, dtype=torch.float64)
+    own = aggregator.loss_weights(n_tasks)
+    if own is None:
+        return torch.ones(n_tasks, dtype=torch.float64)
+    return check_task_vector(own, n_tasks, f"{type(aggregator).__name__}.loss_weights")
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,15 +332,43 @@ def _reachable_leaves(roots: Sequence[Tensor]) -> list[Tensor]:
     return leaves
 
 
-def _unreached_targets(root: Tensor, targets: dict[int, str]) -> list[str]:
-    """Names of the target leaves that ``root`` does not depend on (breadth-first, so that the
-    heads, which sit next to the loss, are found without walking the whole trunk)."""
+def _per_task_roots(loss_list: list[Tensor], L: Tensor, losses: object) -> list[Tensor | Any]:
+    """For each task, the tensor or autograd node whose graph holds exactly its loss.
+
+    A list of losses gives them directly. A 1-D tensor gives one graph node for all K entries
+    (``L.unbind()[i]`` reaches every entry through that node), so per-task reachability needs
+    the node that built it: for ``torch.stack([L_0, ..., L_{K-1}])`` its inputs, in order.
+    Any other 1-D tensor is rejected with ``task_params`` (its entries cannot be told apart).
+    """
+    if not isinstance(losses, Tensor):
+        return list(loss_list)
+    node = L.grad_fn
+    if node is not None and type(node).__name__ == "StackBackward0" and len(node.next_functions) == len(loss_list):
+        roots: list[Tensor | Any] = []
+        for nxt, _ in node.next_functions:
+            roots.append(nxt)  # None: that entry does not depend on any grad-requiring tensor
+        return roots
+    raise ValueError(
+        "with task_params, give the losses as a list [loss_0, ..., loss_{K-1}] or as "
+        "torch.stack([...]): the entries of this 1-D tensor come from one operation "
+        f"({type(node).__name__ if node is not None else 'a leaf'}), so the parameters each "
+        "task's own loss reaches cannot be checked"
+    )
+
+
+def _unreached_targets(root: Tensor | Any, targets: dict[int, str]) -> list[str]:
+    """Names of the target leaves that ``root`` (a tensor or an autograd node) does not depend
+    on (breadth-first, so that the heads, which sit next to the loss, are found without walking
+    the whole trunk)."""
     missing = dict(targets)
-    if root.grad_fn is None:
+    if isinstance(root, Tensor) and root.grad_fn is None:
         missing.pop(id(root), None)
         return list(missing.values())
-    queue = deque([root.grad_fn])
-    visited = {id(root.grad_fn)}
+    if root is None:
+        return list(missing.values())
+    start = root.grad_fn if isinstance(root, Tensor) else root
+    queue = deque([start])
+    visited = {id(start)}
     while queue and missing:
         node = queue.popleft()
         variable = getattr(node, "variable", None)
@@ -532,7 +555,8 @@ def mtl_backward(
             ``aggregator.aggregate(G, losses=<detached losses>, task_weights=...)``
             (``task_weights`` only when given here).
         task_params: optional ``[group_0, ..., group_{K-1}]``: group ``i`` (a module or an
-            iterable of tensors) receives ``h_i ∇L_i`` only.
+            iterable of tensors) receives ``h_i ∇L_i`` only, and must be reached by loss ``i``
+            (checked; the losses must then be a list or ``torch.stack`` of the K losses).
         task_weights: per-task weights for this call, passed to the aggregator (which must
             accept them) and used as ``h``.
         features: the shared representation (a tensor or a sequence of tensors in the graph)
@@ -589,11 +613,12 @@ def mtl_backward(
                     "of the shared parameters"
                 )
 
-    if task_params is not None and not isinstance(losses, Tensor):
+    if task_params is not None:
         # A group that its own loss does not reach (e.g. groups given in another order than the
         # losses) would silently receive nothing.
+        roots = _per_task_roots(loss_list, L, losses)
         for i, group in enumerate(groups):
-            lost = _unreached_targets(loss_list[i], {id(p): name for name, p in group})
+            lost = _unreached_targets(roots[i], {id(p): name for name, p in group})
             if lost:
                 raise ValueError(
                     f"{lost[0]} is not reached by the loss of task {i}"

@@ -35,6 +35,8 @@ would not be unscaled correctly. LR schedulers attach to the wrapped optimizer,
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Sequence
 from typing import Any
 
@@ -242,8 +244,16 @@ class MultiTaskOptimizer:
                 f"the state was saved with aggregator {saved} but this optimizer uses "
                 f"{type(self.aggregator).__name__}"
             )
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.aggregator.load_state_dict(state["aggregator"])
+        # Atomic: the aggregator state is validated on a copy first, and the wrapped optimizer
+        # is restored if its own load fails, so a rejected state changes nothing.
+        copy.deepcopy(self.aggregator).load_state_dict(state["aggregator"])
+        backup = copy.deepcopy(self.optimizer.state_dict())
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.aggregator.load_state_dict(state["aggregator"])
+        except BaseException:
+            self.optimizer.load_state_dict(backup)
+            raise
 
     def __repr__(self) -> str:
         shared = [p for _, p in _param_list(self.shared_params, "shared parameter")]

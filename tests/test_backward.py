@@ -444,3 +444,39 @@ def test_three_tasks_with_mgda_and_came_grad(parallel):
         assert torch.equal(r.loss_weights, h)
         for p, e in zip(net.head_a.parameters(), expected):
             torch.testing.assert_close(p.grad, e)
+
+
+# --------------------------------------------------------------------------------------------
+# Task groups are checked against their own loss also when the losses are one stacked tensor
+# --------------------------------------------------------------------------------------------
+def test_swapped_task_groups_raise_for_stacked_losses():
+    net, (x, y) = TwoHeadNet(), batch()
+    L = torch.stack(net.losses(x, y))
+    # unbind() gives one node for all entries: each reaches every loss, so it cannot tell.
+    parts = L.unbind()
+    assert parts[0].grad_fn is parts[1].grad_fn
+    with pytest.raises(ValueError, match="not reached by the loss of task 0"):
+        mtl_backward(L, net.trunk, LinearScalarization(), task_params=[net.head_b, net.head_a])
+    assert all(p.grad is None for p in net.parameters())  # nothing written
+
+
+def test_stacked_losses_with_task_groups_equal_the_list_form():
+    net, (x, y) = TwoHeadNet(), batch()
+    groups = [net.head_a, net.head_b]
+    mtl_backward(net.losses(x, y), net.trunk, MGDA(), task_params=groups)
+    expected = grads_of(net)
+    net.zero_grad(set_to_none=True)
+    mtl_backward(torch.stack(net.losses(x, y)), net.trunk, MGDA(), task_params=groups)
+    got = grads_of(net)
+    assert set(got) == set(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+        assert got[name].abs().sum() > 0, name
+
+
+def test_task_groups_with_an_unstacked_loss_tensor_are_refused_clearly():
+    net, (x, y) = TwoHeadNet(), batch()
+    L = torch.cat([loss.reshape(1) for loss in net.losses(x, y)])
+    with pytest.raises(ValueError, match="torch.stack"):
+        mtl_backward(L, net.trunk, LinearScalarization(), task_params=[net.head_a, net.head_b])
+    mtl_backward(L, net.trunk, LinearScalarization())  # without task groups it is fine

@@ -153,3 +153,46 @@ def test_missing_losses_are_reported(name, kw):
         pytest.skip("method does not need losses")
     with pytest.raises(ValueError, match="losses"):
         agg(jacobian())
+
+
+def _losses_for(agg, K, B=None):
+    if not agg.uses_losses:
+        return {}
+    row = torch.linspace(0.5, 2.0, K, dtype=torch.float64)
+    return {"losses": row if B is None else row.expand(B, K).clone()}
+
+
+@spec_params
+def test_weights_and_batch_weights_equal_the_beta_of_aggregate(name, kw):
+    # `weights(M)` is the public method of every Gramian method: no attribute may shadow it.
+    G = jacobian()
+    M = G @ G.T
+    agg = make(name, kw)
+    if not isinstance(agg, mtl_opt.GramianAggregator):
+        pytest.skip("not a Gramian weighting")
+    beta = agg.aggregate(G, **_losses_for(agg, G.shape[0])).weights
+    single = make(name, kw).weights(M, **_losses_for(agg, G.shape[0]))
+    batch = make(name, kw).batch_weights(M[None], **_losses_for(agg, G.shape[0], B=1))
+    torch.testing.assert_close(single, beta, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(batch[0], beta, rtol=1e-12, atol=1e-12)
+
+
+@spec_params
+def test_jacobian_that_requires_grad_is_differentiable_with_constant_weights(name, kw):
+    G = jacobian().requires_grad_(True)
+    agg = make(name, kw)
+    res = agg.aggregate(G, **_losses_for(agg, G.shape[0]))
+    (grad,) = torch.autograd.grad(res.direction.sum(), G)
+    if res.weights is not None:  # d = βᵀG with β constant: ∂(Σ_k d_k)/∂G_ik = β_i
+        torch.testing.assert_close(grad, res.weights[:, None].expand_as(G), rtol=1e-12, atol=1e-12)
+    Gb = torch.stack([jacobian(seed=1), jacobian(seed=2)]).requires_grad_(True)
+    batch_agg = make(name, kw)
+    out = batch_agg.aggregate_batch(Gb, **_losses_for(batch_agg, Gb.shape[1], B=2))
+    (grad_b,) = torch.autograd.grad(out.sum(), Gb)
+    assert torch.isfinite(grad_b).all()
+    if isinstance(batch_agg, mtl_opt.GramianAggregator):
+        Gd = Gb.detach()
+        betas = make(name, kw).batch_weights(
+            Gd @ Gd.transpose(1, 2), **_losses_for(batch_agg, Gb.shape[1], B=2)
+        )
+        torch.testing.assert_close(grad_b, betas[:, :, None].expand_as(Gb), rtol=1e-12, atol=1e-12)

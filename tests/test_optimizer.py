@@ -265,3 +265,21 @@ def test_readme_shows_the_tested_quickstart():
     assert readme.count(marker) == len(blocks), "every marker must be followed by a python block"
     for block in blocks:
         assert block == QUICKSTART.read_text()
+
+
+def test_rejected_aggregator_state_leaves_the_optimizer_untouched():
+    net, opt = make(RunningNormWeights(decay=0.3))
+    _run(net, opt, 2, seed=0)
+    before = copy.deepcopy(opt.state_dict())
+    _, other = make(RunningNormWeights(decay=0.3), lr=0.5)  # fresh Adam state, another lr
+    state = copy.deepcopy(other.state_dict())
+    state["aggregator"] = {"bogus": 1}  # rejected by the aggregator (KeyError)
+    with pytest.raises(KeyError):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert after["optimizer"]["param_groups"][0]["lr"] == 0.02
+    assert after["aggregator"]["steps"] == before["aggregator"]["steps"] == 2
+    assert torch.equal(after["aggregator"]["ema"], before["aggregator"]["ema"])
+    for key, value in before["optimizer"]["state"].items():
+        for name, t in value.items():
+            assert torch.equal(torch.as_tensor(after["optimizer"]["state"][key][name]), torch.as_tensor(t))
