@@ -87,6 +87,11 @@ class PCGrad(GramianAggregator):
         return orders
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        if M.shape[0] == 2:  # the K = 2 closed form on Python floats (no order to draw)
+            (m11, m12), (_, m22) = M.tolist()
+            beta1 = 1.0 - (m12 / m11 if m12 < 0 and m11 > 0 else 0.0)
+            beta2 = 1.0 - (m12 / m22 if m12 < 0 and m22 > 0 else 0.0)
+            return torch.tensor([beta1, beta2], dtype=torch.float64)
         return self._batch_weights(M[None], losses=None, task_weights=None)[0]
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
