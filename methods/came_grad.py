@@ -129,7 +129,10 @@ class CAMEGrad(GramianAggregator):
         then does the cone projection).
         """
         (m11, m12), (m21, m22) = M.tolist()
-        o1, o2 = self._omega_for(2, task_weights).tolist()
+        if task_weights is None and self._omega is None:
+            o1 = o2 = 1.0
+        else:
+            o1, o2 = self._omega_for(2, task_weights).tolist()
 
         def norm(v1: float, v2: float) -> float:  # ‖v1 g1 + v2 g2‖
             return math.sqrt(max(v1 * m11 * v1 + v1 * m12 * v2 + v2 * m21 * v1 + v2 * m22 * v2, 0.0))
