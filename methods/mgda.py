@@ -55,6 +55,7 @@ class MGDA(GramianAggregator):
     def __init__(self, normalization: str = "none") -> None:
         self.normalization = check_choice("normalization", normalization, _NORMALIZATIONS, owner="MGDA")
         self.requires_losses = self.normalization in ("loss", "loss+")
+        self.uses_losses = self.requires_losses  # "none" and "l2" ignore the losses
 
     def _scales_inverse(self, M: np.ndarray, losses: Tensor | None) -> np.ndarray:
         """``1/s_i`` per batch entry, shape (B, K); zero-norm rows get 0 under l2 / loss+."""
