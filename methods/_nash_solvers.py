@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from operator import mul
 from typing import Any
 
 import numpy as np
@@ -315,7 +316,7 @@ def _nash_exact_lapack(M: np.ndarray, alpha0: np.ndarray | None) -> tuple[np.nda
                 f"{info}) at iteration {it}; cosine matrix {C.tolist()}"
             )
         step = dpotrs(factor, r)[0]
-        lam2 = float(r @ step)
+        lam2 = sum(map(mul, r_list, step.tolist()))
         if lam2 <= 1.0 / 16.0:  # quadratic phase: Newton step plus Chebyshev's correction
             update = dpotrs(factor, step * step)[0]
             update -= step
