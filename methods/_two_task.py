@@ -14,11 +14,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import torch
+from torch import Tensor
+
 from mtl_opt.simplex import ZERO_NORM_RTOL
 
-__all__ = ["conflict_averse_2", "min_norm_2"]
+__all__ = ["conflict_averse_2", "min_norm_2", "weight_pair"]
 
 _INF = math.inf
+
+
+def weight_pair(beta1: float, beta2: float) -> Tensor:
+    """``β = (β1, β2)`` as a float64 tensor (through NumPy: a few times cheaper than
+    ``torch.tensor`` on a Python list)."""
+    return torch.from_numpy(np.array([beta1, beta2], dtype=np.float64))
 
 
 def min_norm_2(m11: float, m12: float, m22: float) -> float:

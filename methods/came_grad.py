@@ -11,7 +11,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range, check_task_vector
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt.methods._two_task import conflict_averse_2
+from mtl_opt.methods._two_task import conflict_averse_2, weight_pair
 from mtl_opt.registry import register_aggregator
 from mtl_opt.simplex import conflict_averse_batch_np
 
@@ -156,7 +156,7 @@ class CAMEGrad(GramianAggregator):
         if self.fuse:
             keep, add = 1.0 - self.nu, self.nu * self.kappa
             e1, e2 = keep * e1 + add * o1, keep * e2 + add * o2
-        return torch.tensor([e1, e2], dtype=torch.float64)
+        return weight_pair(e1, e2)
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()

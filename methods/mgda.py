@@ -13,7 +13,7 @@ from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.registry import register_aggregator
 from mtl_opt.simplex import min_norm_batch_np
 
-from mtl_opt.methods._two_task import min_norm_2
+from mtl_opt.methods._two_task import min_norm_2, weight_pair
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -103,7 +103,7 @@ class MGDA(GramianAggregator):
         if self.normalization != "none":
             m11, m12, m22 = m11 * inv1 * inv1, m12 * inv1 * inv2, m22 * inv2 * inv2
         a1 = min_norm_2(m11, m12, m22)
-        return torch.tensor([2 * a1, 2 * (1.0 - a1)], dtype=torch.float64)
+        return weight_pair(2 * a1, 2 * (1.0 - a1))
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()
