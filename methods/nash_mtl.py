@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from operator import mul
 from typing import Any, ClassVar
 
 import numpy as np
@@ -229,7 +230,12 @@ class NashMTL(GramianAggregator):
             return alpha.copy()
         if alpha.shape[0] == 1:  # one problem: the same arithmetic on Python floats
             a = alpha[0]
-            norm = math.sqrt(max(float(a @ M[0] @ a), 0.0))
+            if a.shape[0] <= 8:
+                a_list = a.tolist()
+                sq = sum(ai * sum(map(mul, row, a_list)) for ai, row in zip(a_list, M[0].tolist()))
+            else:
+                sq = float(a @ M[0] @ a)
+            norm = math.sqrt(max(sq, 0.0))
             return alpha * (self.max_norm / norm if norm > self.max_norm else 1.0)
         if alpha.shape[1] == 2:
             a0, a1 = alpha[:, 0], alpha[:, 1]
