@@ -248,61 +248,83 @@ def nash_exact_single(
             beta = 1.0 / math.sqrt(denom)
             alpha = np.array([beta / math.sqrt(a), beta / math.sqrt(c)])
             return alpha, {"iterations": 0, "residual": abs(beta * beta * denom - 1.0)}
-    diag = M.diagonal()
-    if K < 3 or not diag.min() > 0.0:
+    if K < 3 or not min(M.diagonal().tolist()) > 0.0:
         alpha, info = nash_exact(M[None], None if alpha0 is None else alpha0[None])
         return alpha[0], info
-    if K <= _PURE_PYTHON_MAX_K:
-        return _nash_exact_lists(M, alpha0)
-    lapack = _lapack()
-    inv_norm = 1.0 / np.sqrt(diag)
-    C = M * np.outer(inv_norm, inv_norm)
-    C.flat[:: K + 1] = 1.0
+    return _nash_exact_lapack(M, alpha0)
+
+
+def _nash_exact_lapack(M: np.ndarray, alpha0: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """The Newton iteration of :func:`newton_cosine` for one Gramian with positive diagonal.
+
+    Lean bookkeeping for the per-step path: the K × K work goes to LAPACK directly (``dpotrf``
+    factors the scaled Hessian once per step, ``dpotrs`` solves for the Newton step and for
+    Chebyshev's correction with that factor), the scalar tests run on Python floats, and the
+    regularisation's eigenvalue is computed only when the Cholesky factorisation of ``C`` fails.
+    """
+    K = M.shape[0]
+    dpotrf, dpotrs = _cholesky_routines()
+    eye, diag_idx = _identity(K)
+    inv_norm = 1.0 / np.sqrt(M.diagonal())
+    C = M * inv_norm
+    C *= inv_norm[:, None]
+    C.flat[diag_idx] = 1.0
     sigma = RIDGE
-    if lapack.dpotrf(C)[1] != 0:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
+    if dpotrf(C)[1] != 0:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
         sigma = RIDGE + max(0.0, -float(np.linalg.eigvalsh(C)[0]))
-    C.flat[:: K + 1] = 1.0 + sigma
-    if alpha0 is not None and alpha0.min() > 0.0 and math.isfinite(alpha0.sum()):
-        beta = alpha0 / inv_norm
-    else:
+    C.flat[diag_idx] = 1.0 + sigma
+    beta = None
+    if alpha0 is not None:
+        start = alpha0.tolist()
+        if all(a > 0.0 for a in start) and math.isfinite(sum(start)):
+            beta = alpha0 / inv_norm
+    if beta is None:
         beta = np.ones(K)
     Cb = C @ beta
     scale = math.sqrt(K / float(beta @ Cb))
     beta *= scale
     Cb *= scale
-    absC = None
-    r = beta
+    rounding = 4.0 * K * _EPS
+    abs_row_max = None  # max_i Σ_j |C_ij|, computed when first needed
+    worst = math.inf
     for it in range(MAX_NEWTON_ITERATIONS + 1):
         if it:
             Cb = C @ beta
         r = beta * Cb
         r -= 1.0
-        worst = float(np.abs(r).max())
+        r_list = r.tolist()
+        worst = max(map(abs, r_list))
         if worst <= RESIDUAL_TOL:
             return beta * inv_norm, {"iterations": it, "residual": worst}
         if worst <= 1e-4:  # maybe at the rounding floor: compare with the rounding bound
-            if absC is None:
-                absC = np.abs(C)
-            bound = RESIDUAL_TOL + 4.0 * K * _EPS * beta * (absC @ beta)
-            if bool(np.all(np.abs(r) <= bound)):
-                return beta * inv_norm, {"iterations": it, "residual": worst}
+            # β_i (|C|β)_i ≤ max(β)² max_i Σ_j |C_ij|: skip the exact bound when even this fails.
+            if abs_row_max is None:
+                abs_row_max = float(np.abs(C).sum(axis=1).max())
+            if worst <= RESIDUAL_TOL + rounding * abs_row_max * max(beta.tolist()) ** 2:
+                bound = (np.abs(C) @ beta) * beta
+                if all(abs(x) <= RESIDUAL_TOL + rounding * y for x, y in zip(r_list, bound.tolist())):
+                    return beta * inv_norm, {"iterations": it, "residual": worst}
         if it == MAX_NEWTON_ITERATIONS:
             break
-        H = C * np.outer(beta, beta)
-        H.flat[:: K + 1] += 1.0
-        factor, info = lapack.dpotrf(H)
+        H = C * beta
+        H *= beta[:, None]
+        H += eye
+        factor, info = dpotrf(H)
         if info != 0:
             raise NashSolverError(
                 f"Nash-MTL Newton step: the scaled Hessian is not positive definite (LAPACK info "
                 f"{info}) at iteration {it}; cosine matrix {C.tolist()}"
             )
-        step = lapack.dpotrs(factor, r)[0]
-        lam2 = float(r @ step)
+        step = dpotrs(factor, r)[0]
+        lam2 = sum(map(mul, r_list, step.tolist()))
         if lam2 <= 1.0 / 16.0:  # quadratic phase: Newton step plus Chebyshev's correction
-            beta = beta * (1.0 - step + lapack.dpotrs(factor, step * step)[0])
+            update = dpotrs(factor, step * step)[0]
+            update -= step
+            update += 1.0
+            beta = beta * update
             continue
         full = 1.0 - step  # damped phase (Newton decrement λ > 1/4)
-        t = 1.0 / (1.0 + np.sqrt(lam2))
+        t = 1.0 / (1.0 + math.sqrt(lam2))
         if bool(np.all(full > 0.0)):
             b_full = beta * full
             if _objective(C[None], b_full[None])[0] < _objective(C[None], beta[None])[0]:
@@ -310,110 +332,27 @@ def nash_exact_single(
         beta = beta - t * beta * step
     raise NashSolverError(
         f"Nash-MTL Newton solver did not converge in {MAX_NEWTON_ITERATIONS} iterations: "
-        f"residual max|β∘(Cβ) − 1| = {float(np.abs(r).max()):.3e} "
+        f"residual max|β∘(Cβ) − 1| = {worst:.3e} "
         f"(tolerance {RESIDUAL_TOL:.1e}) for the cosine matrix {C.tolist()}"
     )
 
 
-_PURE_PYTHON_MAX_K = 4
+_IDENTITY: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
 
-def _nash_exact_lists(M: np.ndarray, alpha0: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """The same Newton iteration on Python floats: at K ≤ 4 one numpy call costs more than the
-    arithmetic it would vectorise, so plain floats are faster per solve."""
-    K = M.shape[0]
-    rows = M.tolist()
-    inv_norm = [1.0 / math.sqrt(rows[i][i]) for i in range(K)]
-    C = [[v * ni for v in map(mul, row, inv_norm)] for ni, row in zip(inv_norm, rows)]
-    for i in range(K):
-        C[i][i] = 1.0
-    sigma = RIDGE
-    if _cholesky(C) is None:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
-        sigma = RIDGE + max(0.0, -float(np.linalg.eigvalsh(np.array(C))[0]))
-    for i in range(K):
-        C[i][i] = 1.0 + sigma
-    beta = None
-    if alpha0 is not None:
-        start = alpha0.tolist()
-        if all(a > 0.0 and math.isfinite(a) for a in start):
-            beta = [a / n for a, n in zip(start, inv_norm)]
-    if beta is None:
-        beta = [1.0] * K
-    scale = math.sqrt(K / sum(map(mul, beta, [sum(map(mul, row, beta)) for row in C])))
-    beta = [b * scale for b in beta]
-    rounding = 4.0 * K * _EPS
-    worst = math.inf
-    for it in range(MAX_NEWTON_ITERATIONS + 1):
-        r = [b * sum(map(mul, row, beta)) - 1.0 for b, row in zip(beta, C)]
-        worst = max(map(abs, r))
-        if worst <= RESIDUAL_TOL or (worst <= 1e-4 and all(
-            abs(x) <= RESIDUAL_TOL + rounding * b * sum(map(mul, map(abs, row), beta))
-            for x, b, row in zip(r, beta, C)
-        )):
-            alpha = np.array(list(map(mul, beta, inv_norm)))
-            return alpha, {"iterations": it, "residual": worst}
-        if it == MAX_NEWTON_ITERATIONS:
-            break
-        H = [[bi * v for v in map(mul, row, beta)] for bi, row in zip(beta, C)]
-        for i in range(K):
-            H[i][i] += 1.0
-        L = _cholesky(H)
-        if L is None:
-            raise NashSolverError(
-                f"Nash-MTL Newton step: the scaled Hessian is not positive definite at "
-                f"iteration {it}; cosine matrix {C}"
-            )
-        step = _cholesky_solve(L, r)
-        lam2 = sum(map(mul, r, step))
-        if lam2 <= 1.0 / 16.0:  # quadratic phase: Newton step plus Chebyshev's correction
-            corr = _cholesky_solve(L, [x * x for x in step])
-            beta = [b * (1.0 - s + c) for b, s, c in zip(beta, step, corr)]
-            continue
-        t = 1.0 / (1.0 + math.sqrt(lam2))  # damped phase (Newton decrement λ > 1/4)
-        full = [b * (1.0 - s) for b, s in zip(beta, step)]
-        if all(x > 0.0 for x in full) and _f_lists(C, full) < _f_lists(C, beta):
-            t = 1.0
-        beta = [b - t * b * s for b, s in zip(beta, step)]
-    raise NashSolverError(
-        f"Nash-MTL Newton solver did not converge in {MAX_NEWTON_ITERATIONS} iterations: "
-        f"residual max|β∘(Cβ) − 1| = {worst:.3e} (tolerance {RESIDUAL_TOL:.1e}) "
-        f"for the cosine matrix {C}"
-    )
+def _identity(K: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(I_K, flat indices of the diagonal)``, built once per ``K`` (read-only)."""
+    if K not in _IDENTITY:
+        eye = np.eye(K)
+        eye.setflags(write=False)
+        _IDENTITY[K] = (eye, np.arange(0, K * K, K + 1))
+    return _IDENTITY[K]
 
 
-def _f_lists(C: list[list[float]], beta: list[float]) -> float:
-    quad = sum(map(mul, beta, [sum(map(mul, row, beta)) for row in C]))
-    return 0.5 * quad - sum(map(math.log, beta))
-
-
-def _cholesky(A: list[list[float]]) -> list[list[float]] | None:
-    """Lower Cholesky factor (rows, without the zero upper part) of a small symmetric matrix,
-    or ``None`` if it is not positive definite."""
-    L: list[list[float]] = []
-    for i, Ai in enumerate(A):
-        Li: list[float] = []
-        for j in range(i):
-            Lj = L[j]
-            Li.append((Ai[j] - sum(map(mul, Li, Lj[:j]))) / Lj[j])
-        d = Ai[i] - sum(map(mul, Li, Li))
-        if not d > 0.0:
-            return None
-        Li.append(math.sqrt(d))
-        L.append(Li)
-    return L
-
-
-def _cholesky_solve(L: list[list[float]], b: list[float]) -> list[float]:
-    """Solve ``L Lᵀ x = b`` with the factor of :func:`_cholesky`."""
-    K = len(b)
-    y: list[float] = []
-    for i in range(K):
-        Li = L[i]
-        y.append((b[i] - sum(map(mul, Li, y))) / Li[i])
-    x = [0.0] * K
-    for i in range(K - 1, -1, -1):
-        x[i] = (y[i] - sum([L[k][i] * x[k] for k in range(i + 1, K)])) / L[i][i]
-    return x
+def _cholesky_routines() -> tuple[Any, Any]:
+    """LAPACK's ``dpotrf`` (Cholesky factor) and ``dpotrs`` (solve with it), imported once."""
+    lapack = _lapack()
+    return lapack.dpotrf, lapack.dpotrs
 
 
 _LAPACK: Any = None

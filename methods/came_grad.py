@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range, check_task_vector
 from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.methods._two_task import conflict_averse_2, weight_pair
 from mtl_opt.registry import register_aggregator
 from mtl_opt.simplex import conflict_averse_batch_np
 
@@ -118,7 +120,47 @@ class CAMEGrad(GramianAggregator):
         return self._omega
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        if M.shape[0] == 2:
+            beta = self._weights_2(M, task_weights)
+            if beta is not None:
+                return beta
         return self._batch_weights(M[None], losses=None, task_weights=task_weights)[0]
+
+    def _weights_2(self, M: Tensor, task_weights: Tensor | None) -> Tensor | None:
+        """K = 2 on Python floats: :meth:`_batch_weights`' three stages without arrays.
+
+        ``None`` when the rectification's optimum is at the origin of the hull (the batched path
+        then does the cone projection).
+        """
+        (m11, m12), (m21, m22) = M.tolist()
+        if task_weights is None and self._omega is None:
+            o1 = o2 = 1.0
+        else:
+            o1, o2 = self._omega_for(2, task_weights).tolist()
+
+        def norm(v1: float, v2: float) -> float:  # ‖v1 g1 + v2 g2‖
+            return math.sqrt(max(v1 * m11 * v1 + v1 * m12 * v2 + v2 * m21 * v1 + v2 * m22 * v2, 0.0))
+
+        joint_norm = norm(o1, o2)
+        u1 = u2 = 0.0
+        if self.rectify:
+            u_rect = conflict_averse_2(m11, m12, m22, self.rho)
+            if u_rect is None:
+                return None
+            u1, u2 = u_rect
+        if self.inject:
+            v1, v2, v_norm = (u1, u2, norm(u1, u2)) if self.rectify else (o1, o2, joint_norm)
+            factor = self.kappa * joint_norm / (v_norm + self.eps)
+            e1, e2 = v1 * factor, v2 * factor
+        elif self.rectify:
+            total = o1 + o2
+            e1, e2 = total * u1, total * u2
+        else:
+            e1, e2 = o1, o2
+        if self.fuse:
+            keep, add = 1.0 - self.nu, self.nu * self.kappa
+            e1, e2 = keep * e1 + add * o1, keep * e2 + add * o2
+        return weight_pair(e1, e2)
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -10,6 +12,8 @@ from mtl_opt._validation import check_choice
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.registry import register_aggregator
 from mtl_opt.simplex import min_norm_batch_np
+
+from mtl_opt.methods._two_task import min_norm_2, weight_pair
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -51,6 +55,7 @@ class MGDA(GramianAggregator):
     def __init__(self, normalization: str = "none") -> None:
         self.normalization = check_choice("normalization", normalization, _NORMALIZATIONS, owner="MGDA")
         self.requires_losses = self.normalization in ("loss", "loss+")
+        self.uses_losses = self.requires_losses  # "none" and "l2" ignore the losses
 
     def _scales_inverse(self, M: np.ndarray, losses: Tensor | None) -> np.ndarray:
         """``1/s_i`` per batch entry, shape (B, K); zero-norm rows get 0 under l2 / loss+."""
@@ -72,9 +77,33 @@ class MGDA(GramianAggregator):
         return inv
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        if M.shape[0] == 2:
+            return self._weights_2(M, losses)
         return self._batch_weights(
             M[None], losses=None if losses is None else losses[None], task_weights=None
         )[0]
+
+    def _weights_2(self, M: Tensor, losses: Tensor | None) -> Tensor:
+        """K = 2 on Python floats: the batched path's scales and closed form, without arrays."""
+        (m11, m12), (m21, m22) = M.tolist()
+        inv1 = inv2 = 1.0
+        if self.normalization in ("loss", "loss+"):
+            if losses is None:
+                raise ValueError(f"{self!r} needs the task losses: call it with losses=...")
+            L1, L2 = losses.tolist()
+            if not (L1 > 0 and L2 > 0):
+                raise ValueError(
+                    f"{self!r} divides by the task losses, which must be positive; got {[L1, L2]}"
+                )
+            inv1, inv2 = inv1 / L1, inv2 / L2
+        if self.normalization in ("l2", "loss+"):
+            n1, n2 = math.sqrt(max(m11, 0.0)), math.sqrt(max(m22, 0.0))
+            inv1 = inv1 / n1 if n1 > 0 else 0.0
+            inv2 = inv2 / n2 if n2 > 0 else 0.0
+        if self.normalization != "none":
+            m11, m12, m22 = m11 * inv1 * inv1, m12 * inv1 * inv2, m22 * inv2 * inv2
+        a1 = min_norm_2(m11, m12, m22)
+        return weight_pair(2 * a1, 2 * (1.0 - a1))
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()

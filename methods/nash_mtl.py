@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from operator import mul
 from typing import Any, ClassVar
 
 import numpy as np
@@ -226,10 +228,16 @@ class NashMTL(GramianAggregator):
         """``α · min(1, max_norm/‖αᵀG‖)`` with ``‖αᵀG‖² = αᵀMα`` (B, K)."""
         if self.max_norm == 0.0:
             return alpha.copy()
-        if alpha.shape[0] == 1:
+        if alpha.shape[0] == 1:  # one problem: the same arithmetic on Python floats
             a = alpha[0]
-            sq = np.array([float(a @ M[0] @ a)])
-        elif alpha.shape[1] == 2:
+            if a.shape[0] <= 8:
+                a_list = a.tolist()
+                sq = sum(ai * sum(map(mul, row, a_list)) for ai, row in zip(a_list, M[0].tolist()))
+            else:
+                sq = float(a @ M[0] @ a)
+            norm = math.sqrt(max(sq, 0.0))
+            return alpha * (self.max_norm / norm if norm > self.max_norm else 1.0)
+        if alpha.shape[1] == 2:
             a0, a1 = alpha[:, 0], alpha[:, 1]
             sq = M[:, 0, 0] * a0 * a0 + 2.0 * M[:, 0, 1] * a0 * a1 + M[:, 1, 1] * a1 * a1
         else:

@@ -99,8 +99,8 @@ def test_newton_converges_quadratically_and_warm_starts():
 
 @pytest.mark.parametrize("K", [3, 4, 5, 8])
 def test_single_solve_paths_agree_with_the_stacked_solver(K):
-    """One Gramian is solved on Python floats (K <= 4) or with direct LAPACK calls (K > 4); the
-    stacked solver serves batches. All three solve the same regularised equations."""
+    """One Gramian is solved with direct LAPACK calls; the stacked solver serves batches. Both
+    solve the same regularised equations."""
     cases = [mtl_opt.aggregator.gramian_of(random_jacobian(K, seed=s, spread=2.0)).numpy() for s in range(3)]
     # Pareto-stationary rows (weights grow to ~1/√σ: the damped phase and the rounding bound).
     rows = np.vstack([np.eye(3), -np.ones((1, 3)), np.random.default_rng(K).standard_normal((max(K - 4, 0), 3))])[:K]
