@@ -165,23 +165,45 @@ def _min_norm_2(M: np.ndarray) -> np.ndarray:
     return np.stack([a1, 1.0 - a1], axis=1)
 
 
+def _correlation_eigh(A: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(d, λ, V)`` with ``A = D C D``, ``D = diag(d)``, ``d_i = √A_ii`` and ``C = V diag(λ) Vᵀ``.
+
+    Decomposing the correlation matrix ``C`` (entries ≤ 1) instead of ``A`` keeps every entry's
+    rounding relative to ``√(A_ii A_jj)``: with task gradients of very different sizes a plain
+    eigendecomposition of ``A`` would add errors of order ``ε · max_i A_ii`` to the small rows'
+    entries and wipe out their digits. Zero rows (``A_ii = 0``) stay zero.
+    """
+    d = np.sqrt(np.clip(np.diag(A), 0.0, None))
+    inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1.0), 0.0)
+    C = A * inv[:, None] * inv[None, :]
+    lam, V = np.linalg.eigh(0.5 * (C + C.T))
+    return d, lam, V
+
+
 def _psd_part(A: np.ndarray) -> np.ndarray:
-    """The nearest positive semi-definite matrix (negative eigenvalues set to zero).
+    """A positive semi-definite matrix equal to ``A`` up to ``A``'s own rounding.
 
     A Gramian computed in float32 (or of rank below K) can have eigenvalues slightly below zero;
-    the min-norm and conflict-averse problems are only convex on the PSD part, which differs from
-    ``A`` at the level of the Gramian's own rounding. Returned unchanged when already PSD.
+    the min-norm and conflict-averse problems are only convex on a PSD Gramian. The negative
+    eigenvalues of the correlation matrix (see :func:`_correlation_eigh`) are set to zero, which
+    changes each entry by a relative amount of the order of ``C``'s most negative eigenvalue
+    (tiny rows keep their digits). Returned unchanged when already PSD.
     """
-    lam, V = np.linalg.eigh(A)
+    lam_A = np.linalg.eigvalsh(A)
+    if lam_A.min() >= 0.0:
+        return A
+    d, lam, V = _correlation_eigh(A)
     if lam.min() >= 0.0:
         return A
-    return (V * np.clip(lam, 0.0, None)) @ V.T
+    C = (V * np.clip(lam, 0.0, None)) @ V.T
+    return C * d[:, None] * d[None, :]
 
 
 def _factor(A: np.ndarray) -> np.ndarray:
-    """``R`` with ``RᵀR = A`` (A PSD), from the eigendecomposition; negative rounding clipped."""
-    lam, V = np.linalg.eigh(A)
-    return np.sqrt(np.clip(lam, 0.0, None))[:, None] * V.T
+    """``R`` with ``RᵀR = A`` (A PSD), from the correlation eigendecomposition (rounding stays
+    relative to each row's size); negative rounding clipped."""
+    d, lam, V = _correlation_eigh(A)
+    return (np.sqrt(np.clip(lam, 0.0, None))[:, None] * V.T) * d[None, :]
 
 
 def _bordered_solve(A_SS: np.ndarray, rhs_top: np.ndarray, rhs_bottom: float) -> np.ndarray:
@@ -374,10 +396,10 @@ def _conflict_averse_small(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndar
     pick1 = (F1 <= F2) & (F1 <= Fe)
     pick2 = ~pick1 & (F2 <= Fe)
     w1 = np.where(pick1, 1.0, np.where(pick2, 0.0, w1e))
-    r = np.where(pick1, r1, np.where(pick2, r2, s * t))
     w = np.stack([w1, 1.0 - w1], axis=1)
-    live = (r * r > ZERO_NORM_RTOL * np.maximum(m11, m22)) & (s > 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        r = np.where(pick1, r1, np.where(pick2, r2, s * t))
+        live = (r * r > ZERO_NORM_RTOL * np.maximum(m11, m22)) & (s > 0.0)
         factor = np.where(live, s / r, 0.0)
     coef = 0.5 + factor[:, None] * w
     at_origin = ~live & (s > 0.0)
@@ -407,25 +429,46 @@ def _ca_on_support(
     return w, float(t)
 
 
-def _ca_kkt_ok(A: np.ndarray, b: np.ndarray, s: float, w: np.ndarray, tol: float) -> bool:
+def _ca_certificate(
+    A: np.ndarray, b: np.ndarray, s: np.ndarray, w: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Primal/dual certificate of a candidate ``w ∈ Δ`` (batched, normalised units ``max_i A_ii = 1``).
+
+    With ``r = √(wᵀAw)`` the candidate's direction is ``u = Gᵀγ``, ``γ = 1/K + (s/r) w``; it is
+    primal-feasible (``‖u − g0‖ = s``) and its primal value is the worst task's directional
+    derivative ``p(w) = min_i g_i·u = min_i (Aγ)_i``. By weak duality (for any ``w' ∈ Δ``:
+    ``min_i g_i·u ≤ w'ᵀGu ≤ w'ᵀG g0 + s‖Gᵀw'‖ = F(w')``) the gap ``F(w) − p(w) ≥ 0`` bounds both
+    ``F(w) − F*`` and ``p* − p(w)``.
+
+    Returns ``(gap, allowance, live)``: ``allowance`` bounds the float64 rounding of ``gap`` —
+    ``(Aw)_i`` to ``Kε·(|A|w)_i`` and ``r²`` to ``Kε·ρ`` with ``ρ = |w|ᵀ|A||w|`` — giving
+    ``4Kε(1 + s·max_i(|A|w)_i/r + s·ρ/r²)``. It is of order ``Kε(1 + s)`` unless ``x = Gᵀw`` is a
+    cancelling combination of larger rows (``ρ ≫ r²``), where the Gramian itself has lost those
+    digits. ``live`` is False where ``r² ≤ ZERO_NORM_RTOL`` (no direction to certify).
+    """
+    K = A.shape[-1]
+    absA = np.abs(A)
+    Aw = np.einsum("bij,bj->bi", A, w)
+    r2 = np.einsum("bi,bi->b", w, Aw)
+    live = (r2 > ZERO_NORM_RTOL) & np.isfinite(w).all(axis=1)
+    r = np.sqrt(np.where(live, r2, 1.0))
+    gamma = 1.0 / K + (s / r)[:, None] * w
+    primal = np.einsum("bij,bj->bi", A, gamma).min(axis=1)
+    dual = np.einsum("bi,bi->b", w, b) + s * r
+    absw = np.abs(w)
+    q = np.einsum("bij,bj->bi", absA, absw).max(axis=1)
+    rho = np.einsum("bi,bij,bj->b", absw, absA, absw)
+    allowance = 4.0 * K * _EPS * (1.0 + s * q / r + s * rho / (r * r))
+    return np.where(live, dual - primal, np.inf), allowance, live
+
+
+def _ca_certified(A: np.ndarray, b: np.ndarray, s: float, w: np.ndarray, tol: float) -> bool:
+    """True when the candidate ``w`` (projected onto Δ) has a primal/dual gap ≤ ``tol`` + rounding."""
     if not np.isfinite(w).all() or w.min() < -tol:
         return False
     w = _clean_simplex(w)
-    r2 = float(w @ A @ w)
-    if r2 <= ZERO_NORM_RTOL:
-        return False
-    grad = b + (s / np.sqrt(r2)) * (A @ w)
-    return float(w @ grad - grad.min()) <= tol + _near_origin_slack(s, r2)
-
-
-def _near_origin_slack(s: float | np.ndarray, r2: float | np.ndarray) -> float | np.ndarray:
-    """Extra KKT slack for ``∇F = b + s·Mw/r`` when ``r = ‖g_w‖`` is small (normalised units).
-
-    ``r²`` and ``Mw`` carry absolute rounding errors of order ``ε`` (float64 unit roundoff), so
-    ``s·Mw/r`` is only known to about ``s·ε/r²``; near the origin that, not the solver, limits
-    what the test can certify. Negligible unless ``r² ≲ 1e-6``.
-    """
-    return 100.0 * s * _EPS / r2
+    gap, allowance, live = _ca_certificate(A[None], b[None], np.array([s]), w[None])
+    return bool(live[0] and gap[0] <= tol + allowance[0])
 
 
 def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -472,7 +515,7 @@ def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.nd
             tried.add(key)
             cand = _ca_on_support(A, b, s, support)
             if cand is not None:
-                if _ca_kkt_ok(A, b, s, cand[0], tol):
+                if _ca_certified(A, b, s, cand[0], tol):
                     return finish(cand[0])
                 suggestion = cand[1]
         h = np.sqrt(max(float(wt @ A @ wt), 0.0)) - s * t
@@ -480,7 +523,7 @@ def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.nd
             lo = t
         else:
             hi = t
-        if _ca_kkt_ok(A, b, s, wt, tol) and abs(h) <= tol:
+        if _ca_certified(A, b, s, wt, tol) and abs(h) <= tol:
             return finish(wt)
         if suggestion is not None and lo < suggestion < hi:
             t = suggestion
@@ -595,15 +638,11 @@ def _conflict_averse_3(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]
     w = np.clip(w, 0.0, None)
     w /= w.sum(axis=1, keepdims=True)
     coef = _coefficients(M, w, s * np.sqrt(scale))
-    # KKT test where the optimum is away from the origin (the enumeration covers the rest).
-    r2 = np.einsum("bi,bij,bj->b", w, A, w)
-    live = (r2 > ZERO_NORM_RTOL) & (s > 0) & (scale > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        grad = b + (s / np.sqrt(np.where(live, r2, 1.0)))[:, None] * np.einsum("bij,bj->bi", A, w)
-    viol = np.einsum("bi,bi->b", w, grad) - grad.min(axis=1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        slack = np.where(live, _near_origin_slack(s, np.where(live, r2, 1.0)), 0.0)
-    bad = live & (viol > _KKT_RTOL * (1.0 + s) + slack)
+    # Primal/dual certificate where the optimum is away from the origin (the enumeration covers
+    # the rest); failing entries are re-solved by the general solver.
+    gap, allowance, live = _ca_certificate(A, b, s, w)
+    live &= (s > 0) & (scale > 0)
+    bad = live & (gap > _KKT_RTOL * (1.0 + s) + allowance)
     for idx in np.flatnonzero(bad):
         w[idx], coef[idx] = _conflict_averse_general(M[idx], c)
     return w, coef
