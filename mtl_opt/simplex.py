@@ -200,10 +200,7 @@ def _psd_part(A: np.ndarray) -> np.ndarray:
     changes each entry by a relative amount of the order of ``C``'s most negative eigenvalue
     (tiny rows keep their digits). Returned unchanged when already PSD.
     """
-    lam_A = np.linalg.eigvalsh(A)
-    if lam_A.min() >= 0.0:
-        return A
-    d, lam, V = _correlation_eigh(A)
+    d, lam, V = _correlation_eigh(A)  # PSD exactly when A is (a congruence)
     if lam.min() >= 0.0:
         return A
     C = (V * np.clip(lam, 0.0, None)) @ V.T
