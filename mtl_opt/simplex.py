@@ -16,7 +16,8 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
 * ``K = 3``: vectorised over the batch too: the optimum lies in the relative interior of one of
   the triangle's 7 faces, where it is that face's stationary point (closed form on vertices and
   edges, a bordered 4 × 4 solve on the triangle); the best candidate is kept and must pass the
-  KKT test below, and an entry that fails it is re-solved by the general method.
+  test below (min-norm: KKT; conflict-averse: the primal/dual certificate), and an entry that
+  fails it is re-solved by the general method.
 * ``K ≥ 4`` (and the K = 3 fallback): the min-norm point comes from a non-negative
   least-squares problem (Lawson–Hanson active set, :func:`scipy.optimize.nnls`): with
   ``M = LLᵀ``, ``v* = argmin_{v≥0} ‖Lᵀv‖² + (1 − 1ᵀv)²`` gives ``α* = v*/1ᵀv*`` (the KKT
@@ -413,6 +414,16 @@ def _conflict_averse_small(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndar
     at_origin = ~live & (s > 0.0)
     if at_origin.any():
         coef[at_origin] += _cone_projection(M[at_origin])
+    # The closed form can lose digits when the rows' sizes differ a lot (e.g. m22 ≪ m11 on the
+    # edge); an edge answer off the primal/dual certificate is re-solved by the general solver.
+    edge = live & ~pick1 & ~pick2
+    if edge.any():
+        A, scale = _normalised(M[edge])
+        b = A.sum(axis=2) / 2.0
+        s_n = s[edge] / np.sqrt(np.where(scale > 0, scale, 1.0))
+        gap, allowance, ok = _ca_certificate(A, b, s_n, w[edge])
+        for idx in np.flatnonzero(edge)[ok & (gap > _KKT_RTOL * (1.0 + s_n) + allowance)]:
+            w[idx], coef[idx] = _conflict_averse_general(M[idx], c)
     return w, coef
 
 
@@ -609,7 +620,8 @@ def _conflict_averse_3(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]
     """Exact conflict-averse weights at K = 3 for a batch: the best stationary point over the
     7 faces (vertices; on edge (i, j) ``t² = (M_ii M_jj − M_ij²)/(D s² − (b_j − b_i)²)``,
     ``w_i = (M_jj − M_ij)/D + t (b_j − b_i)/D``; on the triangle ``w = a + t e`` from the bordered
-    system), then the KKT test of ``F``; failing entries go to the general solver."""
+    system), then the primal/dual certificate (:func:`_ca_certificate`); failing entries go to
+    the general solver."""
     B = M.shape[0]
     A, scale = _normalised(M)
     b = A.sum(axis=2) / 3.0
