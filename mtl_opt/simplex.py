@@ -49,8 +49,11 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
 A solver that cannot certify its answer raises :class:`RuntimeError`; it never returns an
 unverified point. Precision: the Gramian squares the rows, so a combination ``‖Gᵀw‖`` near zero
 is only known to about ``√(ε · max_i M_ii)`` (``ε`` the float64 unit roundoff); the min-norm
-objective ``αᵀMα`` is exact to ``~1e-10 · max_i M_ii``, and ``F`` to that plus
-``c‖g0‖ · √(ε · max_i M_ii)`` when its optimum is near the origin. Task gradients of very
+objective ``αᵀMα`` is exact to ``~1e-10 · max_i M_ii``, and ``F`` to ``1e-10 · (1 + s) · max_i M_ii``
+(``s`` in units of ``max_i ‖g_i‖``) unless its optimum ``x*`` is a cancelling combination much
+shorter than the rows it combines (near the origin of the hull): there ``x*/‖x*‖``, hence the
+direction, depends on digits the Gramian does not hold, and the certificate's rounding allowance
+(see :func:`_ca_certificate`) grows accordingly. Task gradients of very
 different sizes are fine: the PSD repair and the NNLS factor work on the correlation matrix
 ``D⁻¹MD⁻¹`` (``D = diag(√M_ii)``), so a small row's entries keep their relative precision.
 (Measured on 5000 random problems, K = 3 … 8, row-norm ratios 1e2 … 1e6: duality gap on the
