@@ -265,25 +265,111 @@ def test_positive_homogeneity(seed, scale):
         torch.testing.assert_close(scaled, scale * base, rtol=1e-9, atol=1e-12 * scale)
 
 
-@pytest.mark.parametrize("name", mtl_opt.available_aggregators())
-def test_degenerate_jacobians_give_finite_directions(name):
-    g = t([1.0, -2.0, 0.5, 3.0])
-    cases = {
-        "identical": torch.stack([g, g, g]),
-        "collinear": torch.stack([g, 2 * g, 0.5 * g]),
-        "opposite": torch.stack([g, -g, 0.3 * g]),
-        "zero_row": torch.stack([g, torch.zeros(4, dtype=f64), -g + 1]),
-        "all_zero": torch.zeros(3, 4, dtype=f64),
-        "single": g[None],
-        "tiny": 1e-150 * torch.stack([g, -g + 1]),
-    }
+DEGENERATE_G = t([1.0, -2.0, 0.5, 3.0])
+DEGENERATE_CASES = {
+    "identical": torch.stack([DEGENERATE_G, DEGENERATE_G, DEGENERATE_G]),
+    "collinear": torch.stack([DEGENERATE_G, 2 * DEGENERATE_G, 0.5 * DEGENERATE_G]),
+    "opposite": torch.stack([DEGENERATE_G, -DEGENERATE_G, 0.3 * DEGENERATE_G]),
+    "zero_row": torch.stack([DEGENERATE_G, torch.zeros(4, dtype=f64), 1 - DEGENERATE_G]),
+    "all_zero": torch.zeros(3, 4, dtype=f64),
+    "single": DEGENERATE_G[None],
+    "tiny": 1e-150 * torch.stack([DEGENERATE_G, 1 - DEGENERATE_G]),
+}
+
+
+def _two_row_pcgrad(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    dot = g @ h
+    return (g - dot / (h @ h) * h) + (h - dot / (g @ g) * g) if dot < 0 else g + h
+
+
+def _two_row_min_norm(g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    a = float(((h - g) @ h) / ((h - g) @ (h - g)))
+    a = min(max(a, 0.0), 1.0)
+    return a * g + (1 - a) * h
+
+
+def _documented_degenerate_values() -> dict[tuple[str, str], torch.Tensor]:
+    """The documented directions of each method's default aggregator on degenerate rows (see the
+    methods' docstrings), derived by hand for ``g = (1, −2, 0.5, 3)``, ``‖g‖² = 14.25``."""
+    g, cases = DEGENERATE_G, DEGENERATE_CASES
+    zero, ones = torch.zeros(4, dtype=f64), torch.ones(4, dtype=f64)
+    unit = g / g.norm()
+    c, R = 0.4, 1.0 + 0.4**2  # CAGrad's defaults: c = 0.4, rescale=1 divides by 1 + c²
+    kappa = 1.5  # CAME-Grad's default energy factor
+    expected = {}
     for label, G in cases.items():
+        expected["ls", label] = G.sum(dim=0)  # linear scalarization: the sum of the rows
+        expected["came_grad", label] = kappa * G.sum(dim=0)  # u_rect ∥ g_joint: κ g_joint
+    expected["came_grad", "tiny"] = None  # u_rect is not parallel to g_joint there
+    expected.update({
+        # PCGrad: no conflict → plain sum; exactly opposing rows cancel whatever the order; a
+        # zero row is never projected on, so the two others follow the two-row closed form.
+        ("pcgrad", "identical"): 3 * g,
+        ("pcgrad", "collinear"): 3.5 * g,
+        ("pcgrad", "opposite"): zero,
+        ("pcgrad", "zero_row"): _two_row_pcgrad(g, 1 - g),
+        ("pcgrad", "all_zero"): zero,
+        ("pcgrad", "single"): g,
+        ("pcgrad", "tiny"): 1e-150 * _two_row_pcgrad(g, 1 - g),
+        # MGDA: d = K · (min-norm point of the hull); the origin is in the hull for opposite
+        # rows and for a zero row, so d = 0 there.
+        ("mgda", "identical"): 3 * g,
+        ("mgda", "collinear"): 3 * 0.5 * g,
+        ("mgda", "opposite"): zero,
+        ("mgda", "zero_row"): zero,
+        ("mgda", "all_zero"): zero,
+        ("mgda", "single"): g,
+        ("mgda", "tiny"): 2e-150 * _two_row_min_norm(g, 1 - g),
+        # CAGrad: d = K (g0 + c‖g0‖ g_w/‖g_w‖) / R. Identical / collinear rows: g_w* is the
+        # shortest row along g. Opposite rows (c < 1): g_w* = −g, u = 0.1 g (1 − c). A zero row
+        # beside rows agreeing with g0 = (1, 1, 1, 1)/3: g_w* = 0 and d = K g0 / R.
+        # K = 1: d = (1 + c) g / R.
+        ("cagrad", "identical"): 3 * (1 + c) * g / R,
+        ("cagrad", "collinear"): 3.5 * (1 + c) * g / R,
+        ("cagrad", "opposite"): 3 * 0.1 * (1 - c) * g / R,
+        ("cagrad", "zero_row"): ones / R,
+        ("cagrad", "all_zero"): zero,
+        ("cagrad", "single"): (1 + c) * g / R,
+        ("cagrad", "tiny"): None,
+        # Nash-MTL (default max_norm = 1): K identical rows give α_i = 1/(√K‖g‖), direction
+        # √K g/‖g‖, clipped to norm 1 (raw values are checked in the test below).
+        ("nash_mtl", "identical"): unit,
+        ("nash_mtl", "collinear"): unit,
+        ("nash_mtl", "all_zero"): zero,
+    })
+    return expected
+
+
+@pytest.mark.parametrize("name", mtl_opt.available_aggregators())
+def test_degenerate_jacobians_give_documented_directions(name):
+    """Finite everywhere, and the documented value wherever the method's docstring states one."""
+    expected = _documented_degenerate_values()
+    for label, G in DEGENERATE_CASES.items():
         torch.manual_seed(0)
         agg = mtl_opt.get_aggregator(name)
         out = agg(G, losses=torch.ones(G.shape[0], dtype=f64)) if agg.uses_losses else agg(G)
         assert torch.isfinite(out).all(), f"{name} is not finite on {label} rows"
         if label == "all_zero":
             assert torch.equal(out, torch.zeros_like(out)), f"{name} moves with an all-zero Jacobian"
+        want = expected.get((name, label))
+        if want is not None:
+            atol = 1e-12 * float(G.abs().max()) * G.shape[0]
+            rtol = 1e-7 if name == "came_grad" else 1e-9  # CAME-Grad: exact up to ε/‖u_rect‖, ε = 1e-8
+            torch.testing.assert_close(out, want, rtol=rtol, atol=atol, msg=f"{name} on {label} rows")
+        if name == "nash_mtl" and label == "opposite":
+            # Pareto-stationary rows: the opposing contributions vanish as O(√σ), σ = 1e-9.
+            assert float(out.norm()) <= 1e-4 * float(DEGENERATE_G.norm())
+
+
+def test_nash_mtl_identical_rows_unclipped():
+    """Nash-MTL's documented example: two identical rows give α_i = 1/(√2‖g‖), direction
+    √2 g/‖g‖ (``max_norm=0`` leaves it unclipped); three give √3 g/‖g‖. The regularisation
+    σ = 1e-9 moves these by a relative ~1e-9."""
+    g = DEGENERATE_G
+    for K in (2, 3):
+        agg = mtl_opt.get_aggregator("nash_mtl", max_norm=0)
+        out = agg(torch.stack([g] * K))
+        torch.testing.assert_close(out, math.sqrt(K) * g / g.norm(), rtol=1e-7, atol=0.0)
 
 
 @pytest.mark.parametrize("name", ["pcgrad", "mgda", "cagrad", "came_grad"])

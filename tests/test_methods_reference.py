@@ -28,6 +28,28 @@ def random_jacobian(K: int, seed: int) -> np.ndarray:
     return G
 
 
+def mixed_scale_jacobian(K: int, seed: int) -> np.ndarray:
+    """Rows whose norms span a ratio of 1e4 … 1e6 (log-uniform in between, both ends present)."""
+    rng = np.random.default_rng(5000 + 1000 * K + seed)
+    ratio = 10.0 ** rng.uniform(4.0, 6.0)
+    norms = np.exp(rng.uniform(0.0, np.log(ratio), size=K))
+    norms[rng.permutation(K)[:2]] = [1.0, ratio]
+    G = rng.normal(size=(K, D))
+    return G / np.linalg.norm(G, axis=1, keepdims=True) * norms[:, None]
+
+
+# A reviewer's reproducer (row norms ≈ 1e3, 4e-3, 2e2, 2, c = 0.4): the solver once certified a
+# direction with g_4·d ≈ −145 where the optimum has min_i g_i·d ≈ −0.215.
+REPRODUCER_G = np.array(
+    [
+        [-629.354924, 231.511064, 700.151751, 663.657571],
+        [0.001972, 0.000209, -0.000592, -0.000126],
+        [-72.498546, 108.737383, -30.027813, 173.965939],
+        [-1.67085, 0.829629, -0.574739, -1.173159],
+    ]
+)
+
+
 def assert_direction_close(ours: torch.Tensor, ref: np.ndarray, G: np.ndarray, rtol: float = 1e-6):
     scale = np.abs(G).sum(axis=0).max() + np.linalg.norm(ref)
     err = np.abs(ours.numpy() - ref).max()
@@ -111,7 +133,15 @@ def test_mgda_matches_qp_on_rows(K, normalization):
 
 # ----------------------------------------------------------------------------- CAGrad / CAME-Grad
 def cagrad_primal_value(G: np.ndarray, c: float) -> float:
-    """``max_d min_i g_i·d  s.t.  ‖d − g0‖ ≤ c‖g0‖`` (CAGrad's primal, eq. 3), by cvxpy."""
+    """``max_d min_i g_i·d  s.t.  ‖d − g0‖ ≤ c‖g0‖`` (CAGrad's primal, eq. 3), by cvxpy.
+
+    Solved on the rows divided by the largest row norm (the value scales with its square), so
+    that the conic solver's tolerances are relative to the problem's scale."""
+    unit = float(np.linalg.norm(G, axis=1).max())
+    return _cagrad_primal_value_unit(G / unit, c) * unit**2
+
+
+def _cagrad_primal_value_unit(G: np.ndarray, c: float) -> float:
     g0 = G.mean(axis=0)
     d, t = cp.Variable(G.shape[1]), cp.Variable()
     problem = cp.Problem(cp.Maximize(t), [G @ d >= t, cp.norm(d - g0) <= c * np.linalg.norm(g0)])
@@ -161,6 +191,54 @@ def test_cagrad_direction_is_primal_optimal(K, c):
     scale = np.abs(G).max() ** 2 * G.shape[1]
     assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) * (1 + 1e-12)
     assert (G @ d).min() >= cagrad_primal_value(G, c) - 1e-9 * scale
+
+
+@pytest.mark.parametrize("K", range(3, 9))
+@pytest.mark.parametrize("c", [0.1, 0.4, 2.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_cagrad_direction_is_primal_optimal_mixed_scales(K, c, seed):
+    """Row norms 1e4 … 1e6 apart: still feasible and as good as the conic solver's optimum, to
+    1e-9 of the largest ‖g_i‖² (the old KKT allowance let gaps of 1e-4 of it through)."""
+    G = mixed_scale_jacobian(K, seed)
+    d = mtl_opt.get_aggregator("cagrad", c=c, rescale=0)(torch.from_numpy(G)).numpy() / K
+    g0 = G.mean(axis=0)
+    scale = float(np.max(np.sum(G * G, axis=1)))
+    assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) * (1 + 1e-10)
+    assert (G @ d).min() >= cagrad_primal_value(G, c) - 1e-9 * scale
+
+
+@pytest.mark.parametrize("method", ["cagrad", "came_grad"])
+def test_mixed_scale_reproducer_is_primal_optimal(method):
+    """The reviewer's reproducer through the public aggregators (with ``inject = fuse = False``
+    and unit task weights CAME-Grad returns ``K · u_rect``, CAGrad's mean-scale direction)."""
+    G, c = REPRODUCER_G, 0.4
+    if method == "cagrad":
+        agg = mtl_opt.get_aggregator("cagrad", c=c, rescale=0)
+    else:
+        agg = mtl_opt.get_aggregator("came_grad", rho=c, inject=False, fuse=False)
+    d = agg(torch.from_numpy(G)).numpy() / 4
+    value = cagrad_primal_value(G, c)
+    assert abs(value + 0.2150454) < 1e-6  # the primal optimum, min_i g_i·d
+    scale = float(np.max(np.sum(G * G, axis=1)))
+    assert (G @ d).min() >= value - 1e-9 * scale
+
+
+@pytest.mark.parametrize("K", K_VALUES)
+@pytest.mark.parametrize("normalization", ["none", "l2"])
+def test_mgda_matches_qp_on_mixed_scale_rows(K, normalization):
+    G = mixed_scale_jacobian(K, 3)
+    norms = np.linalg.norm(G, axis=1)
+    rows = G if normalization == "none" else G / norms[:, None]
+    unit = np.linalg.norm(rows, axis=1).max()
+    alpha = min_norm_reference(rows / unit)
+    x = alpha @ rows
+    ours = mtl_opt.get_aggregator("mgda", normalization=normalization)(torch.from_numpy(G)).numpy()
+    if normalization == "none":  # d = K α*ᵀG: compare the min-norm points' values on the rows
+        ours_x = ours / K
+        assert ours_x @ ours_x <= x @ x + 1e-9 * unit**2
+        assert ours_x @ ours_x - (G @ ours_x).min() <= 2e-10 * unit**2  # Wolfe duality gap
+    else:
+        assert_direction_close(torch.from_numpy(ours), K * alpha @ G, G)  # weights on unit rows
 
 
 @pytest.mark.parametrize("K", K_VALUES)
