@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    if not args.no_memory:
-        _fix_glibc_mmap_threshold()
+    # No allocator setting before the timed rounds: _fix_glibc_mmap_threshold (needed by the
+    # memory pass below) serves every allocation above 64 KiB from a fresh mapping, whose page
+    # faults would be timed as well (they doubled the cost of large fresh tensors here).
     parallel = {"auto": "auto", "batched": True, "loop": False}[args.parallel]
     model = SharedEncoderTwoHeads(width=args.width, depth=args.depth).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)

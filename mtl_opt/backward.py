@@ -927,5 +927,8 @@ def _aggregate_blocks(
     )
     M = gramian_of_blocks(blocks)
     beta = aggregator._checked_weights(M, losses_t, weights_t)
-    pieces = [combine_rows(beta, b).view(p.shape) for b, p in zip(blocks, params)]
+    # βᵀ G_j as a (1, K) × (K, n_j) product (β moved to the blocks' device and dtype once):
+    # what combine_rows computes, as one GEMM per block.
+    row = beta.to(device=blocks[0].device, dtype=blocks[0].dtype, non_blocking=True)[None]
+    pieces = [torch.mm(row, b).view(p.shape) for b, p in zip(blocks, params)]
     return _BlockedAggregationResult(pieces, beta, M), M, pieces
