@@ -154,7 +154,12 @@ class MTLBackwardResult:
 
     @property
     def direction(self) -> Tensor:
-        """The aggregated direction (flat, over the shared parameters or the features)."""
+        """The aggregated direction (flat, over the shared parameters or the features).
+
+        For a :class:`GramianAggregator` at the parameters it is concatenated from the shared
+        parameters' pieces on first access, and raises ``RuntimeError`` if their ``.grad``
+        (which may be those pieces) was modified in place before (see the module docstring).
+        """
         return self.aggregation.direction
 
     @property
@@ -814,6 +819,13 @@ class _BlockedAggregationResult(AggregationResult):
         object.__setattr__(self, "_pieces", pieces)
         object.__setattr__(self, "_versions", None)
         object.__setattr__(self, "_flat", None)
+
+    def __repr__(self) -> str:  # never assembles (nor refuses) the direction
+        n = sum(t.numel() for t in self._pieces) if self._flat is None else self._flat.numel()
+        return (
+            f"AggregationResult(direction=<{n} values, blocked>, weights={self.weights!r}, "
+            f"gramian={self.gramian!r})"
+        )
 
     def _freeze_versions(self) -> None:
         object.__setattr__(self, "_versions", [t._version for t in self._pieces])

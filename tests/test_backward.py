@@ -627,3 +627,13 @@ def test_blocked_path_rejects_non_finite_jacobian_before_writing():
     with pytest.raises(ValueError, match=r"Jacobian is not finite: task row\(s\) \[(0, )?1\]"):
         mtl_backward(losses, [w, v], MGDA(), parallel=True)
     assert w.grad is None and v.grad is None
+
+
+def test_blocked_result_repr_does_not_assemble_the_direction():
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    result = mtl_backward(net.losses(x, y), net.trunk, MGDA(), parallel=True)
+    for p in net.trunk.parameters():
+        p.grad.mul_(2.0)
+    text = repr(result.aggregation)  # no error although the pieces were modified
+    assert "blocked" in text and "weights" in text
+    assert repr(result).startswith("MTLBackwardResult(level='parameters'")
