@@ -485,10 +485,9 @@ def test_task_groups_with_an_unstacked_loss_tensor_are_refused_clearly():
 # --------------------------------------------------------------------------------------------
 # The blocked path (GramianAggregator at the parameters: no flat G) equals the flat path
 # --------------------------------------------------------------------------------------------
-def _fresh_aggregator(name: str) -> mtl_opt.GradientAggregator:
+def _fresh_aggregator(name: str, **kw) -> mtl_opt.GradientAggregator:
     import inspect
 
-    kw = {}
     if "seed" in inspect.signature(mtl_opt.aggregator_class(name).__init__).parameters:
         kw["seed"] = 0
     torch.manual_seed(1234)
@@ -519,13 +518,21 @@ def _assert_same_state(a, b, where="state"):
         assert a == b, where
 
 
+BLOCKED_SPECS = [(name, {}) for name in mtl_opt.available_aggregators()] + [
+    s for s in [("nash_mtl", {"update_weights_every": 2}), ("pcgrad", {"order": "random"})]
+    if s[0] in mtl_opt.available_aggregators()
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("name", mtl_opt.available_aggregators())
-def test_blocked_path_equals_flat_path_over_three_steps(name, dtype):
+@pytest.mark.parametrize(
+    "name,kw", BLOCKED_SPECS, ids=[n + "".join(f"-{k}={v}" for k, v in kw.items()) for n, kw in BLOCKED_SPECS]
+)
+def test_blocked_path_equals_flat_path_over_three_steps(name, kw, dtype):
     from mtl_opt.backward import _BlockedAggregationResult
 
     nets = [TwoHeadNet(dtype=dtype), TwoHeadNet(dtype=dtype)]
-    aggs = [_fresh_aggregator(name), _fresh_aggregator(name)]
+    aggs = [_fresh_aggregator(name, **kw), _fresh_aggregator(name, **kw)]
     t = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-10)
     for step in range(3):
         x, y = batch(seed=10 + step, dtype=dtype)
