@@ -19,6 +19,12 @@ whether the batched (vmap) Jacobian was used, and the peak extra memory of one s
 ``max_memory_allocated``; Linux CPU: growth of the resident set, see
 :func:`mtl_opt.experiments.bench.measure_peak_memory`). Writes ``train_step.csv`` and
 ``train_step.md`` under ``--out`` and prints the table.
+
+Allocator (Linux CPU): glibc serves every allocation of 32 MiB or more (here each K-row Jacobian
+block of a 2048 × 2048 layer) from a fresh mapping, whose pages fault in again at every step.
+With the default allocator the parameter-level step paid about a third of its time in those
+faults; run with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4000000000
+MALLOC_TOP_PAD_=268435456`` (or a caching allocator such as jemalloc) to time the arithmetic.
 """
 
 from __future__ import annotations
@@ -112,8 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     device = torch.device(args.device)
-    if not args.no_memory:
-        _fix_glibc_mmap_threshold()
+    # No allocator setting before the timed rounds: _fix_glibc_mmap_threshold (needed by the
+    # memory pass below) serves every allocation above 64 KiB from a fresh mapping, whose page
+    # faults would be timed as well (they doubled the cost of large fresh tensors here).
     parallel = {"auto": "auto", "batched": True, "loop": False}[args.parallel]
     model = SharedEncoderTwoHeads(width=args.width, depth=args.depth).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)

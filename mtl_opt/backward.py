@@ -34,9 +34,22 @@ One backward pass
 All per-task gradients (shared, task and other parameters) come from ONE batched autograd call,
 ``torch.autograd.grad(L, inputs, grad_outputs=I_K, is_grads_batched=True)``, which vectorises the
 K vector-Jacobian products with ``vmap``; task and other parameters then combine their K rows
-with ``h``. The batched call holds K rows of every input's gradient and the concatenated
-``G``; the per-task loop copies each task's gradients straight into ``G`` (peak: one task's
-gradients plus ``G``). Some graphs cannot be batched (operations without a batching rule, such
+with ``h``. The batched call holds K rows of every input's gradient, the blocks
+``G_j`` (K × n_j) of ``G = [G_1 | ... | G_n]``; the per-task loop copies each task's gradients
+straight into ``G`` (peak: one task's gradients plus ``G``).
+
+No flat Jacobian for Gramian methods: when the aggregator is a :class:`GramianAggregator` (that
+keeps the base class's ``aggregate``) and the blocks come from the batched call, ``G`` is never
+concatenated. The Gramian is ``M = Σ_j G_j G_jᵀ`` (in the blocks' dtype, then float64 on the
+CPU, with the checks and the float32 range fallback of :func:`mtl_opt._validation.gramian_of`;
+:func:`gramian_of_blocks`), ``β`` comes from the aggregator's one weights call (so stateful
+methods advance exactly as with ``aggregate(G)``), and each parameter's piece ``βᵀ G_j``
+becomes its ``.grad`` without a copy (or is added to an existing ``.grad``). The result's
+``direction`` is then concatenated on first access; it refuses (``RuntimeError``) once those
+``.grad`` tensors were modified in place, e.g. by ``clip_grad_norm_``, so read it first. Other
+aggregators (and float16/bfloat16 or mixed-dtype parameters) use the concatenated ``G``.
+Gradients that this call computed itself (task and other parameters, the ``features=`` pass
+through the encoder) also become ``.grad`` without a copy when ``.grad`` is ``None``. Some graphs cannot be batched (operations without a batching rule, such
 as sparse embedding gradients or custom autograd functions that read values in their backward);
 with ``parallel="auto"`` the call then falls back to K separate backward passes, warns with
 :class:`BatchedJacobianFallbackWarning` and records the reason in the result. The two paths
@@ -79,11 +92,24 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mtl_opt._validation import check_task_vector, gramian_of
-from mtl_opt.aggregator import AggregationResult, GradientAggregator, GramianAggregator
+from mtl_opt._validation import (
+    GRAMIAN_BLOCK,
+    _diagonal_in_range,
+    _gram,
+    check_task_vector,
+    gramian_of,
+    underflow_threshold,
+)
+from mtl_opt.aggregator import (
+    AggregationResult,
+    GradientAggregator,
+    GramianAggregator,
+    combine_rows,
+)
 
 __all__ = [
     "BatchedJacobianFallbackWarning",
@@ -128,7 +154,12 @@ class MTLBackwardResult:
 
     @property
     def direction(self) -> Tensor:
-        """The aggregated direction (flat, over the shared parameters or the features)."""
+        """The aggregated direction (flat, over the shared parameters or the features).
+
+        For a :class:`GramianAggregator` at the parameters it is concatenated from the shared
+        parameters' pieces on first access, and raises ``RuntimeError`` if their ``.grad``
+        (which may be those pieces) was modified in place before (see the module docstring).
+        """
         return self.aggregation.direction
 
     @property
@@ -419,6 +450,15 @@ class _TaskGrads:
     head: list[Tensor | None]
     batched: bool
     fallback_reason: str | None
+    blocks: list[Tensor] | None = None  # batched path: the (K, n_j) blocks, G not yet built
+
+    def flat(self) -> Tensor:
+        """``G`` (K, d), concatenating the blocks on first use (one copy of the Jacobian)."""
+        if self.G is None and self.blocks is not None:
+            self.G = torch.cat(self.blocks, dim=1)
+            self.blocks = None
+        assert self.G is not None
+        return self.G
 
 
 def _combine_head_rows(rows: list[Tensor | None], owners: list[int | None], h: Tensor) -> list[Tensor | None]:
@@ -447,10 +487,11 @@ def _batched_grads(
     rows = [g.to_dense() if g is not None and g.is_sparse else g for g in rows]
     first_rows, head_rows = rows[: len(first)], rows[len(first):]
     reached = [r is not None for r in first_rows]
-    G = None
+    blocks = None
     if all(reached):
-        G = torch.cat([r.reshape(K, -1) for r in first_rows], dim=1)  # type: ignore[union-attr]
-    return _TaskGrads(G, reached, _combine_head_rows(head_rows, owners, h), True, None)
+        # Kept as blocks: a GramianAggregator never needs the concatenated G (see mtl_backward).
+        blocks = [r.reshape(K, -1) for r in first_rows]  # type: ignore[union-attr]
+    return _TaskGrads(None, reached, _combine_head_rows(head_rows, owners, h), True, None, blocks)
 
 
 def _looped_grads(
@@ -648,46 +689,64 @@ def mtl_backward(
     for (name, _), update in zip(group_params, grads.head):
         if update is None:
             raise ValueError(f"{name} is not reached by any loss")
-    G = grads.G
-    assert G is not None
-
-    # The aggregation of the Jacobian (K, d) over the concatenation.
-    if task_weights is None:
-        agg = aggregator.aggregate(G, losses=values)
-    else:
-        agg = aggregator.aggregate(G, losses=values, task_weights=task_weights)
-    direction = agg.direction
-    if tuple(direction.shape) != (G.shape[1],):
-        raise RuntimeError(
-            f"{type(aggregator).__name__} returned a direction of shape {tuple(direction.shape)}, "
-            f"expected ({G.shape[1]},)"
+    shared_t = [p for _, p in shared]
+    if level == "parameters" and _blocked_eligible(aggregator, grads.blocks):
+        # GramianAggregator at the parameters: M and βᵀG_j per parameter, never the flat G.
+        assert grads.blocks is not None
+        agg, M, shared_updates = _aggregate_blocks(
+            aggregator, grads.blocks, shared_t, values, task_weights
         )
-    if agg.weights is None and not bool(torch.isfinite(direction).all()):
-        raise RuntimeError(f"{type(aggregator).__name__} returned a non-finite direction")
-    M = agg.gramian if agg.gramian is not None else gramian_of(G)
-
-    # Shared updates: the direction itself, or (features=) one pass of Σ β_i L_i through z.
-    if level == "parameters":
-        shared_updates = _split(direction, [p for _, p in shared])
+        grads.blocks = None  # the Jacobian can be freed before .grad is written
+        owned = [True] * len(shared_updates)
     else:
-        grad_z = [piece.view_as(z) for piece, z in zip(_split_flat(direction, feats), feats)]
-        shared_t = [p for _, p in shared]
-        through = torch.autograd.grad(
-            feats, shared_t, grad_outputs=grad_z, retain_graph=retain_graph, allow_unused=True
-        )
-        for (name, _), g in zip(shared, through):
-            if g is None:
-                raise ValueError(
-                    f"{name} is not reached through the features: features= must be the output "
-                    "of the shared parameters"
-                )
-        shared_updates = list(through)  # type: ignore[arg-type]
+        G = grads.flat()
+        # The aggregation of the Jacobian (K, d) over the concatenation.
+        if task_weights is None:
+            agg = aggregator.aggregate(G, losses=values)
+        else:
+            agg = aggregator.aggregate(G, losses=values, task_weights=task_weights)
+        direction = agg.direction
+        if tuple(direction.shape) != (G.shape[1],):
+            raise RuntimeError(
+                f"{type(aggregator).__name__} returned a direction of shape "
+                f"{tuple(direction.shape)}, expected ({G.shape[1]},)"
+            )
+        if agg.weights is None and not bool(torch.isfinite(direction).all()):
+            raise RuntimeError(f"{type(aggregator).__name__} returned a non-finite direction")
+        M = agg.gramian if agg.gramian is not None else gramian_of(G)
+        del G
 
-    # Head updates (group i: h_i ∇L_i; other parameters: Σ h_i ∇L_i) were combined above.
-    targets = [p for _, p in shared] + head_inputs
-    for p, g in zip(targets, list(shared_updates) + list(grads.head)):
+        # Shared updates: the direction itself, or (features=) one pass of Σ β_i L_i through z.
+        if level == "parameters":
+            shared_updates = _split(direction, shared_t)
+            owned = [False] * len(shared_updates)  # views of the returned direction: copied
+        else:
+            grad_z = [piece.view_as(z) for piece, z in zip(_split_flat(direction, feats), feats)]
+            grads.G = None
+            through = torch.autograd.grad(
+                feats, shared_t, grad_outputs=grad_z, retain_graph=retain_graph, allow_unused=True
+            )
+            for (name, _), g in zip(shared, through):
+                if g is None:
+                    raise ValueError(
+                        f"{name} is not reached through the features: features= must be the "
+                        "output of the shared parameters"
+                    )
+            shared_updates = list(through)  # type: ignore[arg-type]
+            # Fresh tensors from autograd, unless one passes grad_z (hence the direction)
+            # through unchanged (e.g. features that are a view of a parameter).
+            direction_storage = direction.untyped_storage().data_ptr()
+            owned = [g.untyped_storage().data_ptr() != direction_storage for g in through]  # type: ignore[union-attr]
+
+    # Head updates (group i: h_i ∇L_i; other parameters: Σ h_i ∇L_i) were combined above: fresh
+    # tensors owned by this call.
+    for p, g, own in zip(shared_t, shared_updates, owned):
+        _accumulate(p, g, owned=own)
+    for p, g in zip(head_inputs, grads.head):
         if g is not None:
-            _accumulate(p, g)
+            _accumulate(p, g, owned=True)
+    if isinstance(agg, _BlockedAggregationResult):
+        agg._freeze_versions()
 
     norms = torch.sqrt(torch.clamp(torch.diagonal(M), min=0.0))
     outer = norms[:, None] * norms[None, :]
@@ -714,14 +773,174 @@ def _split(flat: Tensor, params: list[Tensor]) -> list[Tensor]:
     return [piece.view(p.shape) for piece, p in zip(_split_flat(flat, params), params)]
 
 
-def _accumulate(p: Tensor, g: Tensor) -> None:
-    """Add ``g`` to ``p.grad`` like autograd's accumulation (a fresh tensor if there is none)."""
-    g = g.detach().to(dtype=p.dtype, device=p.device)
+def _accumulate(p: Tensor, g: Tensor, *, owned: bool = False) -> None:
+    """Add ``g`` to ``p.grad`` like autograd's accumulation.
+
+    Without a ``.grad``, an ``owned`` gradient (a fresh tensor that nothing else holds) of
+    ``p``'s dtype, device and strides becomes ``.grad`` itself, as autograd's own accumulation
+    steals a fresh gradient; any other is copied into a fresh tensor laid out like ``p``.
+    """
+    g = g.detach()
     if p.grad is None:
+        if (
+            owned and g.dtype == p.dtype and g.device == p.device and not g.is_sparse
+            and g.shape == p.shape and g.stride() == p.stride()
+        ):
+            p.grad = g
+            return
+        g = g.to(dtype=p.dtype, device=p.device)
         fresh = torch.empty_like(p, memory_format=torch.preserve_format)
         fresh.copy_(g)
         p.grad = fresh
-    elif p.grad.is_sparse:
+        return
+    g = g.to(dtype=p.dtype, device=p.device)
+    if p.grad.is_sparse:
         p.grad = p.grad + g
     else:
         p.grad.add_(g)
+
+
+# --------------------------------------------------------------------------------------------
+# The blocked path: a GramianAggregator over the per-parameter blocks of G
+# --------------------------------------------------------------------------------------------
+class _BlockedAggregationResult(AggregationResult):
+    """An :class:`AggregationResult` whose flat ``direction`` is assembled on first access.
+
+    On the blocked path each shared parameter's piece ``βᵀ G_j`` is written to its ``.grad``
+    (without a copy when it had none), so the flat direction is only concatenated when someone
+    reads it. The pieces may then be the parameters' ``.grad`` tensors: reading ``direction``
+    after they were modified in place (``clip_grad_norm_``, a later accumulation,
+    ``zero_grad(set_to_none=False)``) raises instead of returning the modified values.
+    """
+
+    def __init__(self, pieces: list[Tensor], weights: Tensor, gramian: Tensor) -> None:
+        object.__setattr__(self, "weights", weights)
+        object.__setattr__(self, "gramian", gramian)
+        object.__setattr__(self, "_pieces", pieces)
+        object.__setattr__(self, "_versions", None)
+        object.__setattr__(self, "_flat", None)
+
+    def __repr__(self) -> str:  # never assembles (nor refuses) the direction
+        n = sum(t.numel() for t in self._pieces) if self._flat is None else self._flat.numel()
+        return (
+            f"AggregationResult(direction=<{n} values, blocked>, weights={self.weights!r}, "
+            f"gramian={self.gramian!r})"
+        )
+
+    def _freeze_versions(self) -> None:
+        object.__setattr__(self, "_versions", [t._version for t in self._pieces])
+
+    @property  # type: ignore[override]
+    def direction(self) -> Tensor:  # noqa: D401
+        """The aggregated direction (d,), concatenated from the per-parameter pieces."""
+        if self._flat is None:
+            versions = self._versions
+            if versions is not None and any(
+                t._version != v for t, v in zip(self._pieces, versions)
+            ):
+                raise RuntimeError(
+                    "the direction of this mtl_backward call is no longer available: its pieces "
+                    "are the shared parameters' .grad tensors, which were modified in place "
+                    "since (gradient clipping, a later accumulation or zero_grad("
+                    "set_to_none=False)); read result.direction before modifying .grad"
+                )
+            flat = torch.cat([t.reshape(-1) for t in self._pieces])
+            object.__setattr__(self, "_flat", flat)
+            object.__setattr__(self, "_pieces", [])
+        return self._flat
+
+
+def _blocked_eligible(aggregator: GradientAggregator, blocks: list[Tensor] | None) -> bool:
+    """Whether the aggregation can run on the blocks: a GramianAggregator that keeps the base
+    class's ``aggregate`` (validation, Gramian, ``βᵀG``), over float32/float64 blocks of one
+    dtype on one real device with d > 0. Anything else takes the flat path."""
+    if blocks is None or not blocks or not isinstance(aggregator, GramianAggregator):
+        return False
+    cls = type(aggregator)
+    if (
+        cls.aggregate is not GradientAggregator.aggregate
+        or cls._aggregate is not GramianAggregator._aggregate
+        or cls._validate_jacobian is not GramianAggregator._validate_jacobian
+    ):
+        return False
+    dtype, device = blocks[0].dtype, blocks[0].device
+    if dtype not in (torch.float32, torch.float64) or device.type == "meta":
+        return False
+    if any(b.dtype != dtype or b.device != device for b in blocks):
+        return False
+    return sum(b.shape[1] for b in blocks) > 0
+
+
+def _gram_blocks(blocks: list[Tensor]) -> Tensor:
+    """``Σ_j G_j G_jᵀ`` in the blocks' dtype, on their device."""
+    M = _gram(blocks[0])
+    for b in blocks[1:]:
+        if b.shape[1] > 2 * GRAMIAN_BLOCK:
+            M.add_(_gram(b))
+        elif b.shape[1] > 0:
+            M.addmm_(b, b.T)
+    return M
+
+
+def gramian_of_blocks(blocks: list[Tensor]) -> Tensor:
+    """:func:`mtl_opt._validation.gramian_of` of ``G = [G_1 | ... | G_n]`` given its column
+    blocks, without concatenating them: ``M = Σ_j G_j G_jᵀ``, float64 CPU, exactly symmetric.
+
+    Same semantics as ``gramian_of``: the product runs in the blocks' dtype; a float32 diagonal
+    entry that is non-finite or below :func:`~mtl_opt._validation.underflow_threshold` of the
+    total width (of a row that is not exactly zero) triggers a float64 recomputation; a
+    non-finite result raises naming the task rows that hold NaN/inf, or the overflow.
+    """
+    K = blocks[0].shape[0]
+    d = sum(b.shape[1] for b in blocks)
+    M = _gram_blocks(blocks)
+    if M.device.type != "cpu":
+        M = M.cpu()  # the one device-to-host transfer
+    a = M.numpy()
+    if blocks[0].dtype != torch.float64:
+        a = a.astype(np.float64)
+        if not _diagonal_in_range(a, underflow_threshold(d)):
+            diag = np.diagonal(a)
+            suspect = ~np.isfinite(diag) | (diag < underflow_threshold(d))
+            recompute = bool((~np.isfinite(diag)).any())
+            for i in np.nonzero(suspect)[0].tolist():
+                if recompute:
+                    break
+                if diag[i] != 0.0 or any(bool(b[i].any()) for b in blocks):
+                    recompute = True  # a nonzero row whose squared norm underflowed
+            if recompute:
+                a = _gram_blocks([b.double() for b in blocks]).cpu().numpy()
+    if not np.isfinite(a).all():
+        finite_rows = torch.ones(K, dtype=torch.bool)
+        for b in blocks:
+            finite_rows &= torch.isfinite(b).all(dim=1).cpu()
+        if not bool(finite_rows.all()):
+            bad = [i for i, ok in enumerate(finite_rows.tolist()) if not ok]
+            raise ValueError(f"the Jacobian is not finite: task row(s) {bad} contain NaN or inf")
+        bad = [i for i, x in enumerate(np.diagonal(a).tolist()) if not np.isfinite(x)]
+        if bad:
+            raise ValueError(
+                f"the squared norm of task row(s) {bad} of the Jacobian overflows float64; "
+                "rescale the losses"
+            )
+        raise ValueError("the Gramian G Gᵀ overflows float64; rescale the losses")
+    return torch.from_numpy((a + a.T) * 0.5)
+
+
+def _aggregate_blocks(
+    aggregator: GramianAggregator, blocks: list[Tensor], params: list[Tensor], values: Tensor,
+    task_weights: object | None,
+) -> tuple[_BlockedAggregationResult, Tensor, list[Tensor]]:
+    """What ``aggregator.aggregate(cat(blocks), losses=values, task_weights=...)`` computes, on
+    the blocks: the same context checks, Gramian and one ``_checked_weights`` call (so stateful
+    methods advance exactly as with ``aggregate``), then ``βᵀ G_j`` per parameter."""
+    losses_t, weights_t = aggregator._check_context(
+        blocks[0].shape[0], values, task_weights  # type: ignore[arg-type]
+    )
+    M = gramian_of_blocks(blocks)
+    beta = aggregator._checked_weights(M, losses_t, weights_t)
+    # βᵀ G_j as a (1, K) × (K, n_j) product (β moved to the blocks' device and dtype once):
+    # what combine_rows computes, as one GEMM per block.
+    row = beta.to(device=blocks[0].device, dtype=blocks[0].dtype, non_blocking=True)[None]
+    pieces = [torch.mm(row, b).view(p.shape) for b, p in zip(blocks, params)]
+    return _BlockedAggregationResult(pieces, beta, M), M, pieces

@@ -480,3 +480,167 @@ def test_task_groups_with_an_unstacked_loss_tensor_are_refused_clearly():
     with pytest.raises(ValueError, match="torch.stack"):
         mtl_backward(L, net.trunk, LinearScalarization(), task_params=[net.head_a, net.head_b])
     mtl_backward(L, net.trunk, LinearScalarization())  # without task groups it is fine
+
+
+# --------------------------------------------------------------------------------------------
+# The blocked path (GramianAggregator at the parameters: no flat G) equals the flat path
+# --------------------------------------------------------------------------------------------
+def _fresh_aggregator(name: str, **kw) -> mtl_opt.GradientAggregator:
+    import inspect
+
+    if "seed" in inspect.signature(mtl_opt.aggregator_class(name).__init__).parameters:
+        kw["seed"] = 0
+    torch.manual_seed(1234)
+    return mtl_opt.get_aggregator(name, **kw)
+
+
+def _assert_same_state(a, b, where="state"):
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), where
+        for k in a:
+            _assert_same_state(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=where)
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-6), where
+    elif hasattr(a, "__array__") and not isinstance(a, (str, bytes)):
+        import numpy as np
+
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6, err_msg=where)
+    else:
+        assert a == b, where
+
+
+BLOCKED_SPECS = [(name, {}) for name in mtl_opt.available_aggregators()] + [
+    s for s in [("nash_mtl", {"update_weights_every": 2}), ("pcgrad", {"order": "random"})]
+    if s[0] in mtl_opt.available_aggregators()
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "name,kw", BLOCKED_SPECS, ids=[n + "".join(f"-{k}={v}" for k, v in kw.items()) for n, kw in BLOCKED_SPECS]
+)
+def test_blocked_path_equals_flat_path_over_three_steps(name, kw, dtype):
+    from mtl_opt.backward import _BlockedAggregationResult
+
+    nets = [TwoHeadNet(dtype=dtype), TwoHeadNet(dtype=dtype)]
+    aggs = [_fresh_aggregator(name, **kw), _fresh_aggregator(name, **kw)]
+    t = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-8, atol=1e-10)
+    for step in range(3):
+        x, y = batch(seed=10 + step, dtype=dtype)
+        results = []
+        for net, agg, parallel in zip(nets, aggs, [True, False]):  # batched: blocked; loop: flat
+            net.zero_grad(set_to_none=True)
+            results.append(
+                mtl_backward(
+                    net.losses(x, y), net.trunk, agg, task_params=[net.head_a, net.head_b],
+                    parallel=parallel,
+                )
+            )
+        blocked, flat = results
+        if isinstance(aggs[0], mtl_opt.GramianAggregator):
+            assert isinstance(blocked.aggregation, _BlockedAggregationResult)
+        assert not isinstance(flat.aggregation, _BlockedAggregationResult)
+        for (n, p), (_, q) in zip(nets[0].named_parameters(), nets[1].named_parameters()):
+            assert p.grad.dtype == dtype
+            torch.testing.assert_close(p.grad, q.grad, **t, msg=f"step {step}: {n}")
+        torch.testing.assert_close(blocked.direction, flat.direction, **t)
+        assert blocked.direction.dtype == dtype and blocked.direction.shape == flat.direction.shape
+        torch.testing.assert_close(blocked.gramian, flat.gramian, rtol=1e-5, atol=1e-8)
+        assert blocked.gramian.dtype == torch.float64
+        assert torch.equal(blocked.gramian, blocked.gramian.T)
+        torch.testing.assert_close(blocked.cosines, flat.cosines, rtol=1e-5, atol=1e-6)
+        if flat.weights is None:
+            assert blocked.weights is None
+        else:
+            torch.testing.assert_close(blocked.weights, flat.weights, rtol=1e-4, atol=1e-6)
+        _assert_same_state(aggs[0].state_dict(), aggs[1].state_dict())
+        with torch.no_grad():  # a step, so that the next Jacobian differs
+            for net in nets:
+                for p in net.parameters():
+                    p -= 0.05 * p.grad
+
+
+def test_blocked_path_writes_fresh_grads_without_copy_and_accumulates():
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    shared = list(net.trunk.parameters())
+    G = explicit_jacobian(net.losses(x, y), shared)
+    beta = torch.tensor([0.25, 1.5], dtype=torch.float64)
+    result = mtl_backward(net.losses(x, y), shared, FixedWeights([0.25, 1.5]), parallel=True)
+    torch.testing.assert_close(flat_grad(shared), beta @ G, rtol=1e-10, atol=1e-12)
+    for p in shared:
+        assert p.grad.shape == p.shape and p.grad.stride() == p.stride()
+    # A second call adds to the existing .grad (the pieces of that call are separate tensors).
+    second = mtl_backward(net.losses(x, y), shared, FixedWeights([0.25, 1.5]), parallel=True)
+    torch.testing.assert_close(flat_grad(shared), 2 * (beta @ G), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(second.direction, beta @ G, rtol=1e-10, atol=1e-12)
+    # The first call's pieces are the .grad tensors, now modified: its direction refuses.
+    with pytest.raises(RuntimeError, match="modified in place"):
+        result.direction
+
+
+def test_blocked_direction_read_before_clipping_is_kept():
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    shared = list(net.trunk.parameters())
+    result = mtl_backward(net.losses(x, y), shared, LinearScalarization([1.0, 2.0]), parallel=True)
+    before = result.direction.clone()
+    torch.nn.utils.clip_grad_norm_(shared, max_norm=1e-3)
+    assert torch.equal(result.direction, before)  # cached at first read
+    assert float(flat_grad(shared).norm()) == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("scale", [1e-25, 1e25, 1.0])
+def test_gramian_of_blocks_matches_gramian_of(scale):
+    from mtl_opt._validation import gramian_of
+    from mtl_opt.backward import gramian_of_blocks
+
+    g = torch.Generator().manual_seed(3)
+    G = (torch.randn(3, 40, generator=g, dtype=torch.float64) * scale).float()
+    G[1, :] = 0.0  # an exactly-zero task row is fine in float32
+    blocks = [G[:, :7], G[:, 7:8], G[:, 8:]]
+    torch.testing.assert_close(gramian_of_blocks(blocks), gramian_of(G), rtol=1e-6, atol=0.0)
+    M = gramian_of_blocks(blocks)
+    M64 = G.double() @ G.double().T
+    torch.testing.assert_close(M, M64, rtol=1e-5, atol=1e-6 * float(M64.abs().max()))
+
+
+def test_gramian_of_blocks_names_non_finite_rows_and_overflow():
+    from mtl_opt.backward import gramian_of_blocks
+
+    G = torch.ones(3, 6)
+    G[2, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"task row\(s\) \[2\] contain NaN or inf"):
+        gramian_of_blocks([G[:, :3], G[:, 3:]])
+    big = torch.full((2, 4), 1e200, dtype=torch.float64)
+    big[0] = 1.0
+    with pytest.raises(ValueError, match=r"task row\(s\) \[1\] of the Jacobian overflows float64"):
+        gramian_of_blocks([big[:, :2], big[:, 2:]])
+
+
+def test_blocked_path_rejects_non_finite_jacobian_before_writing():
+    w = torch.tensor([1.0, 2.0, 3.0], requires_grad=True)
+    v = torch.tensor([0.5, -1.0], requires_grad=True)
+    # Finite loss values; the gradient of task 1 is infinite (d√u/du at u = 0).
+    losses = [(w * w).sum() + v.sum(), (w.sum() - 6.0).pow(2).sqrt() + v.sum()]
+    # (The batched backward also turns task 0's zero cotangent through √ into 0·∞ = NaN.)
+    with pytest.raises(ValueError, match=r"Jacobian is not finite: task row\(s\) \[(0, )?1\]"):
+        mtl_backward(losses, [w, v], MGDA(), parallel=True)
+    assert w.grad is None and v.grad is None
+
+
+def test_blocked_result_repr_does_not_assemble_the_direction():
+    net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+    result = mtl_backward(net.losses(x, y), net.trunk, MGDA(), parallel=True)
+    for p in net.trunk.parameters():
+        p.grad.mul_(2.0)
+    text = repr(result.aggregation)  # no error although the pieces were modified
+    assert "blocked" in text and "weights" in text
+    assert repr(result).startswith("MTLBackwardResult(level='parameters'")
