@@ -74,7 +74,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from operator import mul
 from typing import Any
 
 import numpy as np
@@ -248,14 +247,20 @@ def nash_exact_single(
             beta = 1.0 / math.sqrt(denom)
             alpha = np.array([beta / math.sqrt(a), beta / math.sqrt(c)])
             return alpha, {"iterations": 0, "residual": abs(beta * beta * denom - 1.0)}
-    if K < 3 or not min(M.diagonal().tolist()) > 0.0:
-        alpha, info = nash_exact(M[None], None if alpha0 is None else alpha0[None])
-        return alpha[0], info
-    return _nash_exact_lapack(M, alpha0)
+    if K >= 3:
+        result = _nash_exact_lapack(M, alpha0)
+        if result is not None:
+            return result
+    alpha, info = nash_exact(M[None], None if alpha0 is None else alpha0[None])
+    return alpha[0], info
 
 
-def _nash_exact_lapack(M: np.ndarray, alpha0: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """The Newton iteration of :func:`newton_cosine` for one Gramian with positive diagonal.
+def _nash_exact_lapack(
+    M: np.ndarray, alpha0: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The Newton iteration of :func:`newton_cosine` for one Gramian (``K ≥ 3``).
+
+    Returns ``None`` (use the stacked solver) when a task's gradient is zero.
 
     Lean bookkeeping for the per-step path. It runs in the units of ``M``: with
     ``M' = M + σ diag(M)`` (``= D^{1/2} C' D^{1/2}``) and ``α = D^{-1/2} β``, the scaled residual
@@ -280,20 +285,23 @@ def _nash_exact_lapack(M: np.ndarray, alpha0: np.ndarray | None) -> tuple[np.nda
     the residual is evaluated as usual.
     """
     K = M.shape[0]
-    dpotrf, dpotrs = _cholesky_routines()
-    eye, diag_idx = _identity(K)
+    dpotrf, dpotrs, eye, diag_idx, ones, twos, ridge = _constants(K)
     diag = M.diagonal()
     sigma = RIDGE
     if dpotrf(M)[1] != 0:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
+        if not min(diag.tolist()) > 0.0:
+            return None  # a zero-gradient task (positive definite M has a positive diagonal)
         inv_norm = 1.0 / np.sqrt(diag)
         C = M * inv_norm
         C *= inv_norm[:, None]
         C.flat[diag_idx] = 1.0
         sigma = RIDGE + max(0.0, -float(np.linalg.eigvalsh(C)[0]))
-    Mr = M.copy()
-    Mr.flat[diag_idx] = diag * (1.0 + sigma)
+    if sigma == RIDGE:  # M' = M + σ diag(M): off-diagonal entries times 1, diagonal times 1 + σ
+        Mr = M * ridge
+    else:
+        Mr = M.copy()
+        Mr.flat[diag_idx] = diag * (1.0 + sigma)
     diag_r = Mr.diagonal()
-    ones = _ones(K)
     alpha = None
     if alpha0 is not None:
         start = alpha0.tolist()
@@ -303,7 +311,6 @@ def _nash_exact_lapack(M: np.ndarray, alpha0: np.ndarray | None) -> tuple[np.nda
         alpha = 1.0 / np.sqrt(diag)
     # Best common scale of the start: f(sα) is minimised at s² = K / αᵀM'α.
     alpha = alpha * math.sqrt(K / alpha.dot(Mr.dot(alpha)))
-    twos = ones + ones
     rounding = 4.0 * K * _EPS
     certify = 8.0 * K * (K + 2) * _EPS
     worst = math.inf
@@ -335,8 +342,7 @@ def _nash_exact_lapack(M: np.ndarray, alpha0: np.ndarray | None) -> tuple[np.nda
                 f"{info}) at iteration {it}; Gramian {Mr.tolist()}"
             )
         step = dpotrs(factor, r)[0]
-        s_list = step.tolist()
-        lam2 = sum(map(mul, r_list, s_list))
+        lam2 = float(r.dot(step))
         if lam2 <= 1.0 / 16.0:  # quadratic phase
             # Newton step plus Chebyshev's correction
             update = dpotrs(factor, step * step)[0]
@@ -378,17 +384,22 @@ def _identity(K: int) -> tuple[np.ndarray, np.ndarray]:
     return _IDENTITY[K]
 
 
-_ONES: dict[int, np.ndarray] = {}
+_CONSTANTS: dict[int, tuple[Any, ...]] = {}
 
 
-def _ones(K: int) -> np.ndarray:
-    """A read-only vector of K ones, built once per ``K``."""
-    ones = _ONES.get(K)
-    if ones is None:
-        ones = np.ones(K)
-        ones.setflags(write=False)
-        _ONES[K] = ones
-    return ones
+def _constants(K: int) -> tuple[Any, ...]:
+    """``(dpotrf, dpotrs, I_K, diagonal's flat indices, ones(K), 2·ones(K), 1 + RIDGE·I_K)``,
+    built once per ``K`` (arrays read-only)."""
+    constants = _CONSTANTS.get(K)
+    if constants is None:
+        eye, diag_idx = _identity(K)
+        ones, twos, ridge = np.ones(K), np.full(K, 2.0), np.ones((K, K))
+        ridge.flat[diag_idx] = 1.0 + RIDGE
+        for array in (ones, twos, ridge):
+            array.setflags(write=False)
+        constants = (*_cholesky_routines(), eye, diag_idx, ones, twos, ridge)
+        _CONSTANTS[K] = constants
+    return constants
 
 
 def _cholesky_routines() -> tuple[Any, Any]:
