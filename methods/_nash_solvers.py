@@ -50,12 +50,18 @@ near a Pareto-stationary point). Once ``λ ≤ 1/4`` the step is Newton's plus C
 third-order correction: the third derivative of ``f`` is diagonal (``−2/β_i³``), so the
 correction is ``β ∘ H⁻¹(s ∘ s)``, one more solve with the same factorisation, and convergence is
 cubic (``|s_i| ≤ 1/4`` and ``‖H⁻¹(s∘s)‖ ≤ 1/16`` keep ``β > 0``). From a warm start (the
-previous step's weights, rescaled to the best common scale) this usually takes two iterations.
+previous step's weights, rescaled to the best common scale ``s² = K / βᵀC'β``, which absorbs
+any change of the gradients' scale between steps) this usually takes two iterations.
 
 It stops when every ``|r_i| ≤ RESIDUAL_TOL + 4 K ε β_i (|C'| β)_i`` (the tolerance 1e-10 plus
 the rounding error of computing ``r_i`` in float64, which only matters near Pareto-stationary
 points, where ``β`` is large) and raises :class:`NashSolverError` with the residual and the
-iteration count if that does not happen within ``MAX_NEWTON_ITERATIONS`` steps.
+iteration count if that does not happen within ``MAX_NEWTON_ITERATIONS`` steps. The
+single-Gramian path (:func:`nash_exact_single`) also stops right after a Newton-plus-Chebyshev
+step whose new residual is certified below the tolerance without evaluating it: the residual
+after that step is exactly ``2 s∘c − s∘s∘s + c∘s∘s − c∘c`` (``c = H⁻¹(s∘s)``), at most
+``3λ³ + 2λ⁴`` (see ``_nash_exact_lapack``), so it returns the iterate at which the stacked
+solver, evaluating that residual, stops too.
 
 At ``K = 2`` there is a closed form. With ``M = [[a, b], [b, c]]`` the two equations
 ``α_1 (a α_1 + b α_2) = 1 = α_2 (b α_1 + c α_2)`` give, subtracted, ``a α_1² = c α_2²``, so
@@ -233,10 +239,12 @@ def nash_exact_single(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`nash_exact` for ONE Gramian ``M`` (K, K), with few numpy calls (the per-step path).
 
-    Same equations, regularisation, Newton steps and stopping rule as the stacked version; only
-    the bookkeeping differs (direct LAPACK calls, the regularisation's eigenvalue computed only
-    when a Cholesky factorisation of ``C`` fails). Gramians with a zero-gradient task use the
-    stacked version.
+    Same equations, regularisation and Newton steps as the stacked version, and the same
+    returned iterate; the bookkeeping differs (the iteration runs in the units of ``M``, direct
+    LAPACK calls, the regularisation's eigenvalue computed only when a Cholesky factorisation of
+    ``M`` fails) and the last step is certified instead of re-evaluated, in which case
+    ``info["residual"]`` is the certified upper bound on the residual (see
+    ``_nash_exact_lapack``). Gramians with a zero-gradient task use the stacked version.
     """
     K = M.shape[0]
     if K == 2:
