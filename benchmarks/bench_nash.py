@@ -3,7 +3,8 @@
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_nash.py [--calls-exact 2000] [--calls-cvxpy 40]
 
 For K = 2, 4, 8 both solvers get the same slowly drifting sequence of Gramians (as in training:
-every call re-solves, warm-started from the previous weights). Printed, as medians over calls:
+every call re-solves, warm-started from the previous weights; the directions drift by a random
+walk and the gradient norms shrink by 1% per step, see ``drifting_gramians``). Printed, as medians over calls:
 
 * ``solve``: the Nash solve alone (``nash_exact_single`` vs the cvxpy SCA ``nash_cvxpy`` with
   its compiled Problem; same regularised equations);
@@ -29,13 +30,18 @@ from mtl_opt.methods import NashMTL
 from mtl_opt.methods._nash_solvers import NashSCAProblem, nash_cvxpy, nash_exact_single
 
 
-def drifting_gramians(K: int, n: int, d: int = 64, seed: int = 0) -> list[torch.Tensor]:
+def drifting_gramians(K: int, n: int, d: int = 64, seed: int = 0, shrink: float = 0.99) -> list[torch.Tensor]:
+    """Gramians of a Jacobian that drifts as in training: every step each gradient gets an
+    independent random change of 5% of its size (a random walk: the directions drift) and the
+    whole Jacobian shrinks by ``shrink`` (1% per step by default: the gradient norms decay as the
+    loss goes down, so the Gramian's scale changes between solves)."""
     gen = torch.Generator().manual_seed(seed)
     G = torch.randn(K, d, generator=gen, dtype=torch.float64)
     out = []
-    for _ in range(n):
+    for step in range(n):
         G = G + 0.05 * torch.randn(K, d, generator=gen, dtype=torch.float64)
-        out.append(G @ G.T)
+        J = G * shrink**step
+        out.append(J @ J.T)
     return out
 
 

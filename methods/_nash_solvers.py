@@ -50,12 +50,18 @@ near a Pareto-stationary point). Once ``λ ≤ 1/4`` the step is Newton's plus C
 third-order correction: the third derivative of ``f`` is diagonal (``−2/β_i³``), so the
 correction is ``β ∘ H⁻¹(s ∘ s)``, one more solve with the same factorisation, and convergence is
 cubic (``|s_i| ≤ 1/4`` and ``‖H⁻¹(s∘s)‖ ≤ 1/16`` keep ``β > 0``). From a warm start (the
-previous step's weights, rescaled to the best common scale) this usually takes two iterations.
+previous step's weights, rescaled to the best common scale ``s² = K / βᵀC'β``, which absorbs
+any change of the gradients' scale between steps) this usually takes two iterations.
 
 It stops when every ``|r_i| ≤ RESIDUAL_TOL + 4 K ε β_i (|C'| β)_i`` (the tolerance 1e-10 plus
 the rounding error of computing ``r_i`` in float64, which only matters near Pareto-stationary
 points, where ``β`` is large) and raises :class:`NashSolverError` with the residual and the
-iteration count if that does not happen within ``MAX_NEWTON_ITERATIONS`` steps.
+iteration count if that does not happen within ``MAX_NEWTON_ITERATIONS`` steps. The
+single-Gramian path (:func:`nash_exact_single`) also stops right after a Newton-plus-Chebyshev
+step whose new residual is certified below the tolerance without evaluating it: the residual
+after that step is exactly ``2 s∘c − s∘s∘s + c∘s∘s − c∘c`` (``c = H⁻¹(s∘s)``), at most
+``3λ³ + 2λ⁴`` (see ``_nash_exact_lapack``), so it returns the iterate at which the stacked
+solver, evaluating that residual, stops too.
 
 At ``K = 2`` there is a closed form. With ``M = [[a, b], [b, c]]`` the two equations
 ``α_1 (a α_1 + b α_2) = 1 = α_2 (b α_1 + c α_2)`` give, subtracted, ``a α_1² = c α_2²``, so
@@ -74,7 +80,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from operator import mul
 from typing import Any
 
 import numpy as np
@@ -234,10 +239,12 @@ def nash_exact_single(
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """:func:`nash_exact` for ONE Gramian ``M`` (K, K), with few numpy calls (the per-step path).
 
-    Same equations, regularisation, Newton steps and stopping rule as the stacked version; only
-    the bookkeeping differs (direct LAPACK calls, the regularisation's eigenvalue computed only
-    when a Cholesky factorisation of ``C`` fails). Gramians with a zero-gradient task use the
-    stacked version.
+    Same equations, regularisation and Newton steps as the stacked version, and the same
+    returned iterate; the bookkeeping differs (the iteration runs in the units of ``M``, direct
+    LAPACK calls, the regularisation's eigenvalue computed only when a Cholesky factorisation of
+    ``M`` fails) and the last step is certified instead of re-evaluated, in which case
+    ``info["residual"]`` is the certified upper bound on the residual (see
+    ``_nash_exact_lapack``). Gramians with a zero-gradient task use the stacked version.
     """
     K = M.shape[0]
     if K == 2:
@@ -248,92 +255,128 @@ def nash_exact_single(
             beta = 1.0 / math.sqrt(denom)
             alpha = np.array([beta / math.sqrt(a), beta / math.sqrt(c)])
             return alpha, {"iterations": 0, "residual": abs(beta * beta * denom - 1.0)}
-    if K < 3 or not min(M.diagonal().tolist()) > 0.0:
-        alpha, info = nash_exact(M[None], None if alpha0 is None else alpha0[None])
-        return alpha[0], info
-    return _nash_exact_lapack(M, alpha0)
+    if K >= 3:
+        result = _nash_exact_lapack(M, alpha0)
+        if result is not None:
+            return result
+    alpha, info = nash_exact(M[None], None if alpha0 is None else alpha0[None])
+    return alpha[0], info
 
 
-def _nash_exact_lapack(M: np.ndarray, alpha0: np.ndarray | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """The Newton iteration of :func:`newton_cosine` for one Gramian with positive diagonal.
+def _nash_exact_lapack(
+    M: np.ndarray, alpha0: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, Any]] | None:
+    """The Newton iteration of :func:`newton_cosine` for one Gramian (``K ≥ 3``).
 
-    Lean bookkeeping for the per-step path: the K × K work goes to LAPACK directly (``dpotrf``
-    factors the scaled Hessian once per step, ``dpotrs`` solves for the Newton step and for
-    Chebyshev's correction with that factor), the scalar tests run on Python floats, and the
-    regularisation's eigenvalue is computed only when the Cholesky factorisation of ``C`` fails.
+    Returns ``None`` (use the stacked solver) when a task's gradient is zero.
+
+    Lean bookkeeping for the per-step path. It runs in the units of ``M``: with
+    ``M' = M + σ diag(M)`` (``= D^{1/2} C' D^{1/2}``) and ``α = D^{-1/2} β``, the scaled residual
+    ``r = α ∘ (M'α) − 1`` and the scaled Hessian ``H = I + diag(α) M' diag(α)`` are exactly those
+    of the cosine form, so the Newton steps are the same (up to rounding) without building ``C``.
+    ``dpotrf`` factors ``H`` once per step and ``dpotrs`` solves for the Newton step and for
+    Chebyshev's correction with that factor; scalar tests run on Python floats; the
+    regularisation's eigenvalue is computed only when the Cholesky factorisation of ``M`` fails.
+
+    Certified last step. In the scaled variable the residual after a step ``α ← α ∘ (1 + d)`` is,
+    exactly, ``r' = r + H d + d ∘ (r + (H − I) d)``. For the Newton-plus-Chebyshev step
+    ``d = −s + c`` (``H s = r``, ``H c = s ∘ s``) this is ``r' = 2 s∘c − s∘s∘s + c∘s∘s − c∘c``;
+    with ``‖s‖ ≤ λ`` (``H ⪰ I``, ``λ`` the Newton decrement) and ``‖c‖ ≤ λ²`` it is at most
+    ``3λ³ + 2λ⁴``. So when ``3λ³ + 2λ⁴ + 2ρ ≤ RESIDUAL_TOL`` the step lands within tolerance and
+    is returned without evaluating ``M'α`` again: the same iterate at which the stacked solver,
+    evaluating that residual, stops. ``ρ`` bounds the rounding: of the computed ``r``
+    (``γ_{K+1} α_i(|M'|α)_i``), of the Cholesky solves (backward error ``γ_{3K+1} |L||Lᵀ|``, with
+    ``(|L||Lᵀ|)_ij ≤ √(H_ii H_jj)``) and of forming the new ``α``. All are at most
+    ``ε K (K + 2) (1 + tr H)`` up to constants; we use ``ρ = 8 K (K + 2) ε (1 + tr H)``.
+    ``info["residual"]`` is then that bound, not a measured value.
+    Near a Pareto-stationary point (huge ``α``, ``tr H`` ~ 1/σ) ``ρ`` exceeds the tolerance and
+    the residual is evaluated as usual.
     """
     K = M.shape[0]
-    dpotrf, dpotrs = _cholesky_routines()
-    eye, diag_idx = _identity(K)
-    inv_norm = 1.0 / np.sqrt(M.diagonal())
-    C = M * inv_norm
-    C *= inv_norm[:, None]
-    C.flat[diag_idx] = 1.0
+    dpotrf, dpotrs, eye, diag_idx, ones, twos, ridge = _constants(K)
+    diag = M.diagonal()
     sigma = RIDGE
-    if dpotrf(C)[1] != 0:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
+    if dpotrf(M)[1] != 0:  # not positive definite: λ_min(C) ≤ 0 (up to rounding)
+        if not min(diag.tolist()) > 0.0:
+            return None  # a zero-gradient task (positive definite M has a positive diagonal)
+        inv_norm = 1.0 / np.sqrt(diag)
+        C = M * inv_norm
+        C *= inv_norm[:, None]
+        C.flat[diag_idx] = 1.0
         sigma = RIDGE + max(0.0, -float(np.linalg.eigvalsh(C)[0]))
-    C.flat[diag_idx] = 1.0 + sigma
-    beta = None
+    if sigma == RIDGE:  # M' = M + σ diag(M): off-diagonal entries times 1, diagonal times 1 + σ
+        Mr = M * ridge
+    else:
+        Mr = M.copy()
+        Mr.flat[diag_idx] = diag * (1.0 + sigma)
+    diag_r = Mr.diagonal()
+    alpha = None
     if alpha0 is not None:
         start = alpha0.tolist()
-        if all(a > 0.0 for a in start) and math.isfinite(sum(start)):
-            beta = alpha0 / inv_norm
-    if beta is None:
-        beta = np.ones(K)
-    Cb = C @ beta
-    scale = math.sqrt(K / float(beta @ Cb))
-    beta *= scale
-    Cb *= scale
+        if min(start) > 0.0 and math.isfinite(sum(start)):
+            alpha = alpha0
+    if alpha is None:
+        alpha = 1.0 / np.sqrt(diag)
+    # Best common scale of the start: f(sα) is minimised at s² = K / αᵀM'α.
+    alpha = alpha * math.sqrt(K / alpha.dot(Mr.dot(alpha)))
     rounding = 4.0 * K * _EPS
-    abs_row_max = None  # max_i Σ_j |C_ij|, computed when first needed
+    certify = 8.0 * K * (K + 2) * _EPS
     worst = math.inf
     for it in range(MAX_NEWTON_ITERATIONS + 1):
-        if it:
-            Cb = C @ beta
-        r = beta * Cb
-        r -= 1.0
+        H = alpha[:, None] * alpha
+        H *= Mr
+        H += eye
+        # The row sums of H are 1 + α_i (M'α)_i: one product gives the residual too.
+        r = H.dot(ones) - twos
         r_list = r.tolist()
         worst = max(map(abs, r_list))
         if worst <= RESIDUAL_TOL:
-            return beta * inv_norm, {"iterations": it, "residual": worst}
+            return alpha, {"iterations": it, "residual": worst}
+        trace = 0.0  # tr H = K + Σ_i α_i² M'_ii, computed when needed
         if worst <= 1e-4:  # maybe at the rounding floor: compare with the rounding bound
-            # β_i (|C|β)_i ≤ max(β)² max_i Σ_j |C_ij|: skip the exact bound when even this fails.
-            if abs_row_max is None:
-                abs_row_max = float(np.abs(C).sum(axis=1).max())
-            if worst <= RESIDUAL_TOL + rounding * abs_row_max * max(beta.tolist()) ** 2:
-                bound = (np.abs(C) @ beta) * beta
+            # α_i(|M'|α)_i ≤ (Σ_j α_j √M'_jj)² ≤ K (tr H − K): skip the exact bound when even
+            # this (doubled, for a Gramian only positive semi-definite up to rounding) fails.
+            trace = K + float((alpha * alpha).dot(diag_r))
+            if worst <= RESIDUAL_TOL + 2.0 * rounding * K * trace:
+                bound = (np.abs(Mr) @ alpha) * alpha
                 if all(abs(x) <= RESIDUAL_TOL + rounding * y for x, y in zip(r_list, bound.tolist())):
-                    return beta * inv_norm, {"iterations": it, "residual": worst}
+                    return alpha, {"iterations": it, "residual": worst}
         if it == MAX_NEWTON_ITERATIONS:
             break
-        H = C * beta
-        H *= beta[:, None]
-        H += eye
         factor, info = dpotrf(H)
         if info != 0:
             raise NashSolverError(
                 f"Nash-MTL Newton step: the scaled Hessian is not positive definite (LAPACK info "
-                f"{info}) at iteration {it}; cosine matrix {C.tolist()}"
+                f"{info}) at iteration {it}; Gramian {Mr.tolist()}"
             )
         step = dpotrs(factor, r)[0]
-        lam2 = sum(map(mul, r_list, step.tolist()))
-        if lam2 <= 1.0 / 16.0:  # quadratic phase: Newton step plus Chebyshev's correction
+        lam2 = float(r.dot(step))
+        if lam2 <= 1.0 / 16.0:  # quadratic phase
+            # Newton step plus Chebyshev's correction
             update = dpotrs(factor, step * step)[0]
             update -= step
-            update += 1.0
-            beta = beta * update
+            update += ones
+            alpha = alpha * update
+            if lam2 <= 1e-6:  # certify it: |r'_i| ≤ 3λ³ + 2λ⁴ (see above)
+                if not trace:
+                    # (at the new α; one computed at the old α differs by (1 + d_i)² ≤ 1.01)
+                    trace = K + float((alpha * alpha).dot(diag_r))
+                lam = math.sqrt(lam2)
+                bound = lam * lam2 * (3.0 + 2.0 * lam) + 2.0 * certify * (1.0 + trace)
+                if bound <= RESIDUAL_TOL:
+                    return alpha, {"iterations": it + 1, "residual": bound}
             continue
         full = 1.0 - step  # damped phase (Newton decrement λ > 1/4)
         t = 1.0 / (1.0 + math.sqrt(lam2))
         if bool(np.all(full > 0.0)):
-            b_full = beta * full
-            if _objective(C[None], b_full[None])[0] < _objective(C[None], beta[None])[0]:
+            a_full = alpha * full
+            if _objective(Mr[None], a_full[None])[0] < _objective(Mr[None], alpha[None])[0]:
                 t = 1.0
-        beta = beta - t * beta * step
+        alpha = alpha - t * alpha * step
     raise NashSolverError(
         f"Nash-MTL Newton solver did not converge in {MAX_NEWTON_ITERATIONS} iterations: "
-        f"residual max|β∘(Cβ) − 1| = {worst:.3e} "
-        f"(tolerance {RESIDUAL_TOL:.1e}) for the cosine matrix {C.tolist()}"
+        f"residual max|α∘(M'α) − 1| = {worst:.3e} "
+        f"(tolerance {RESIDUAL_TOL:.1e}) for the regularised Gramian {Mr.tolist()}"
     )
 
 
@@ -347,6 +390,24 @@ def _identity(K: int) -> tuple[np.ndarray, np.ndarray]:
         eye.setflags(write=False)
         _IDENTITY[K] = (eye, np.arange(0, K * K, K + 1))
     return _IDENTITY[K]
+
+
+_CONSTANTS: dict[int, tuple[Any, ...]] = {}
+
+
+def _constants(K: int) -> tuple[Any, ...]:
+    """``(dpotrf, dpotrs, I_K, diagonal's flat indices, ones(K), 2·ones(K), 1 + RIDGE·I_K)``,
+    built once per ``K`` (arrays read-only)."""
+    constants = _CONSTANTS.get(K)
+    if constants is None:
+        eye, diag_idx = _identity(K)
+        ones, twos, ridge = np.ones(K), np.full(K, 2.0), np.ones((K, K))
+        ridge.flat[diag_idx] = 1.0 + RIDGE
+        for array in (ones, twos, ridge):
+            array.setflags(write=False)
+        constants = (*_cholesky_routines(), eye, diag_idx, ones, twos, ridge)
+        _CONSTANTS[K] = constants
+    return constants
 
 
 def _cholesky_routines() -> tuple[Any, Any]:
