@@ -18,7 +18,13 @@ Both are solved *exactly* (to rounding), never by a fixed number of iterations:
   edges, a bordered 4 × 4 solve on the triangle); the best candidate is kept and must pass the
   test below (min-norm: KKT; conflict-averse: the primal/dual certificate), and an entry that
   fails it is re-solved by the general method.
-* ``K ≥ 4`` (and the K = 3 fallback): the min-norm point comes from a non-negative
+* ``K = 4, 5``: the same enumeration over all ``2^K − 1`` faces, vectorised over the batch
+  *and* the faces: each face's bordered system, padded to ``(K + 1) × (K + 1)`` with identity
+  rows/columns off its support, goes into one batched solve (:func:`_face_systems`); the
+  candidates (min-norm: the face's affine minimiser; conflict-averse: ``w = a + t e``,
+  ``t = √(m²/(s² − κ²))``) that are points of the simplex are compared by their true objective
+  value, and the winner passes the same KKT test / certificate or goes to the general method.
+* ``K ≥ 6`` (and the K ≤ 5 fallback): the min-norm point comes from a non-negative
   least-squares problem (Lawson–Hanson active set, :func:`scipy.optimize.nnls`): with
   ``M = LLᵀ``, ``v* = argmin_{v≥0} ‖Lᵀv‖² + (1 − 1ᵀv)²`` gives ``α* = v*/1ᵀv*`` (the KKT
   conditions of the NNLS problem are those of the min-norm problem scaled by ``1ᵀv*``). The
@@ -293,6 +299,8 @@ def conflict_averse_batch_np(M: np.ndarray, c: float) -> tuple[np.ndarray, np.nd
         return _conflict_averse_small(M, c)
     if K == 3:
         return _conflict_averse_3(M, c)
+    if K <= _FACE_MAX_K:
+        return _conflict_averse_faces(M, c)
     pairs = [_conflict_averse_general(M[b], c) for b in range(B)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
@@ -306,6 +314,8 @@ def min_norm_batch_np(M: np.ndarray) -> np.ndarray:
         return _min_norm_2(M)
     if K == 3:
         return _min_norm_3(M)
+    if K <= _FACE_MAX_K:
+        return _min_norm_faces(M)
     return np.stack([_min_norm_general(M[b]) for b in range(B)])
 
 
@@ -666,6 +676,145 @@ def _conflict_averse_3(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]
     gap, allowance, live = _ca_certificate(A, b, s, w)
     live &= (s > 0) & (scale > 0)
     bad = live & (gap > _KKT_RTOL * (1.0 + s) + allowance)
+    for idx in np.flatnonzero(bad):
+        w[idx], coef[idx] = _conflict_averse_general(M[idx], c)
+    return w, coef
+
+
+# ------------------------------------------------------------------------------------------------
+# K = 4, 5, vectorised over the batch: every face of the simplex, in one batched solve
+# ------------------------------------------------------------------------------------------------
+_FACE_MAX_K = 5  # 2^K − 1 faces; beyond K = 5 the enumeration outgrows the general solvers
+_FACE_CONSTANTS: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+
+def _face_constants(K: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-K constants of the face enumeration: the boolean supports of the ``2^K − 1`` faces
+    (F, K), the support products ``1_S 1_Sᵀ`` (F, K, K) and the padded bordered matrices without
+    the Gramian block (F, K + 1, K + 1): identity off the support, the border ``1_S``."""
+    if K not in _FACE_CONSTANTS:
+        codes = np.arange(1, 2**K)
+        mask = ((codes[:, None] >> np.arange(K)[None, :]) & 1).astype(bool)
+        fm = mask.astype(np.float64)
+        pair = fm[:, :, None] * fm[:, None, :]
+        base = np.zeros((mask.shape[0], K + 1, K + 1))
+        base[:, np.arange(K), np.arange(K)] = 1.0 - fm
+        base[:, :K, K] = fm
+        base[:, K, :K] = fm
+        _FACE_CONSTANTS[K] = (mask, pair, base)
+    return _FACE_CONSTANTS[K]
+
+
+def _face_systems(A: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Affine stationary data of every face at once (normalised ``A``, shape (B, K, K)).
+
+    For the face with support ``S`` the bordered system ``[[A_SS, 1], [1ᵀ, 0]] [x; ν] = [y; z]``
+    is padded to ``(K + 1) × (K + 1)`` with identity rows/columns off ``S`` (so ``x_i = 0`` there),
+    giving a (B, F, K + 1, K + 1) stack solved by one batched ``np.linalg.solve`` for two
+    right-hand sides: ``(0, 1)`` (the affine min-norm coefficients ``a``) and ``(−b_S, 0)`` (the
+    shift direction ``e``). Each face's block is divided by its largest diagonal entry first
+    (``a`` and ``e`` are unchanged by that), so faces of small rows keep their conditioning.
+    Only an exactly singular bordered matrix (zero determinant, which would stop the batched
+    solve) is replaced by the identity and marked not ``ok``; an ill-conditioned face (nearly
+    affinely dependent rows, or rows of very different sizes, whose determinant can be tiny
+    yet the face the optimal one) is solved anyway. That is safe because the callers compare
+    candidates only by their true objective value at a point of the simplex, and the winner must
+    still pass the KKT test or the primal/dual certificate, else the general solver is used: an
+    inaccurate face can lose, or send an entry to the fallback, never return an unverified point.
+    Entries off the support are set to exactly zero. Returns ``(a, e, ok)`` of shapes (B, F, K),
+    (B, F, K) and (B, F).
+    """
+    B, K = A.shape[0], A.shape[1]
+    mask, pair, base = _face_constants(K)
+    F = mask.shape[0]
+    diag = np.diagonal(A, axis1=1, axis2=2)  # (B, K), ≥ 0 on a Gramian
+    top = np.max(diag[:, None, :] * mask, axis=2)  # (B, F): each face's largest diagonal entry
+    top[top <= 0] = 1.0
+    inv_top = 1.0 / top
+    Bm = np.empty((B, F, K + 1, K + 1))
+    Bm[...] = base
+    Bm[:, :, :K, :K] += A[:, None] * pair * inv_top[:, :, None, None]
+    ok = np.linalg.det(Bm) != 0.0
+    if not ok.all():
+        Bm[~ok] = np.eye(K + 1)
+    rhs = np.zeros((B, F, K + 1, 2))
+    rhs[:, :, K, 0] = 1.0
+    if b is not None:
+        rhs[:, :, :K, 1] = -b[:, None, :] * mask * inv_top[:, :, None]
+    sol = np.linalg.solve(Bm, rhs)
+    ok &= np.isfinite(sol).all(axis=(2, 3))
+    on = mask & ok[:, :, None]
+    a = np.where(on, sol[:, :, :K, 0], 0.0)
+    e = np.where(on, sol[:, :, :K, 1], 0.0) if b is not None else None
+    return a, e, ok
+
+
+def _min_norm_faces(M: np.ndarray) -> np.ndarray:
+    """Exact min-norm weights for a batch with 3 ≤ K ≤ 5: the optimum lies in the relative
+    interior of one of the ``2^K − 1`` faces, where it is that face's affine minimiser ``a``
+    (:func:`_face_systems`). Each face's ``a`` that is a point of the simplex (``a ≥ 0``,
+    rescaled to ``Σ a = 1``; the vertices always are) is a candidate; the one of smallest
+    ``aᵀAa`` is kept and must pass the KKT test of :func:`_min_norm_3`; an entry that fails it is
+    re-solved by the general solver."""
+    B, K = M.shape[0], M.shape[1]
+    A, scale = _normalised(M)
+    a, _, ok = _face_systems(A, None)
+    total = a.sum(axis=2)
+    ok &= (a >= 0).all(axis=2) & (total > 0)
+    a = a / np.where(ok, total, 1.0)[:, :, None]  # points of Δ where ok
+    values = np.where(ok, np.einsum("bfi,bij,bfj->bf", a, A, a), np.inf)
+    alpha = a[np.arange(B), np.argmin(values, axis=1)]
+    alpha = np.clip(alpha, 0.0, None)
+    alpha /= alpha.sum(axis=1, keepdims=True)
+    grad = np.einsum("bij,bj->bi", A, alpha)
+    f = np.einsum("bi,bi->b", alpha, grad)
+    bad = (grad.min(axis=1) < f - _KKT_RTOL) & (scale > 0)
+    for idx in np.flatnonzero(bad):
+        alpha[idx] = _min_norm_general(M[idx])
+    alpha[scale <= 0] = 1.0 / K
+    return alpha
+
+
+def _conflict_averse_faces(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
+    """Exact conflict-averse weights for a batch with 3 ≤ K ≤ 5: on every face ``w = a + t e``
+    with ``t = √(m²/(s² − κ²))`` (``m² = aᵀAa``, ``κ² = eᵀAe``; vertices are ``w = e_i``), the
+    feasible candidate of smallest ``F(w) = w·b + s√(wᵀAw)`` (evaluated directly, so a
+    candidate's value is always a true objective value), then the primal/dual certificate
+    (:func:`_ca_certificate`) as at K = 3, and an optimum at the origin is certified by the cone
+    projection (as in :func:`_conflict_averse_general`); failing entries go to the general
+    solver."""
+    B, K = M.shape[0], M.shape[1]
+    A, scale = _normalised(M)
+    b = A.sum(axis=2) / K
+    s = c * np.sqrt(np.maximum(b.sum(axis=1) / K, 0.0))
+    s2 = (s * s)[:, None]
+    a, e, ok = _face_systems(A, b)
+    vertex = _face_constants(K)[0].sum(axis=1) == 1  # (F,)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        msq = np.maximum(np.einsum("bfi,bij,bfj->bf", a, A, a), 0.0)
+        ksq = np.maximum(np.einsum("bfi,bij,bfj->bf", e, A, e), 0.0)
+        t = np.sqrt(msq / (s2 - ksq))
+        w = a + t[:, :, None] * e
+        total = w.sum(axis=2)
+        ok &= (s2 > ksq) & np.isfinite(w).all(axis=2) & (w >= 0).all(axis=2) & (total > 0)
+        w = np.where(ok[:, :, None], w / np.where(ok, total, 1.0)[:, :, None], 0.0)  # points of Δ
+    w = np.where(vertex[None, :, None], a, w)
+    ok |= vertex[None]
+    r2 = np.maximum(np.einsum("bfi,bij,bfj->bf", w, A, w), 0.0)
+    values = np.where(ok, np.einsum("bfi,bi->bf", w, b) + s[:, None] * np.sqrt(r2), np.inf)
+    w = w[np.arange(B), np.argmin(values, axis=1)]
+    w = np.clip(w, 0.0, None)
+    w /= w.sum(axis=1, keepdims=True)
+    coef = _coefficients(M, w, s * np.sqrt(scale))
+    gap, allowance, live = _ca_certificate(A, b, s, w)
+    bad = live & (s > 0) & (scale > 0) & (gap > _KKT_RTOL * (1.0 + s) + allowance)
+    # At the origin (r = 0, so F(w) = 0): certified as in the general solver by
+    # ‖proj_{cone(rows)}(−g0)‖ ≤ s, with v = γ − 1/K the cone projection's coefficients.
+    origin = ~live & (s > 0) & (scale > 0)
+    if origin.any():
+        v = coef[origin] - 1.0 / K
+        p2 = np.einsum("bi,bij,bj->b", v, A[origin], v)
+        bad[np.flatnonzero(origin)[p2 > s[origin] ** 2 * (1.0 + 1e-9)]] = True
     for idx in np.flatnonzero(bad):
         w[idx], coef[idx] = _conflict_averse_general(M[idx], c)
     return w, coef

@@ -356,3 +356,156 @@ def test_two_tasks_without_radius_emit_no_warning():
         warnings.simplefilter("error")
         gamma = conflict_averse_coefficients(gramian(G), 0.0)
     torch.testing.assert_close(gamma, torch.full((2,), 0.5, dtype=torch.float64))
+
+
+# ------------------------------------------------- K = 4, 5: face enumeration in one batched solve
+def _assert_enumeration_matches_general(G: np.ndarray, c: float) -> None:
+    """The K = 4, 5 face enumeration and the general (NNLS / root-search) solvers agree: the
+    min-norm objective to the KKT tolerance (gap ≤ 2e-10 · max_i M_ii) and F to the certificate's
+    ``1e-10 · (1 + s)`` (test margins as at K = 3)."""
+    from mtl_opt.simplex import _conflict_averse_faces, _conflict_averse_general, _min_norm_faces, _min_norm_general
+
+    M = G @ G.T
+    K = M.shape[0]
+    scale = M.diagonal().max()
+    a_enum, a_general = _min_norm_faces(M[None])[0], _min_norm_general(M)
+    assert a_enum.min() >= 0 and abs(a_enum.sum() - 1) < 1e-12
+    assert abs(a_enum @ M @ a_enum - a_general @ M @ a_general) <= 2e-10 * scale
+    w_enum, gamma_enum = (x[0] for x in _conflict_averse_faces(M[None], c))
+    w_general, gamma_general = _conflict_averse_general(M, c)
+    assert w_enum.min() >= 0 and abs(w_enum.sum() - 1) < 1e-12
+    s = c * np.sqrt(max(M.sum() / K**2, 0.0))
+    assert abs(F(M, w_enum, c) - F(M, w_general, c)) <= 1e-9 * scale + 1e-7 * s * np.sqrt(scale)
+    if a_general @ M @ a_general > 1e-12 * scale:  # unique direction away from the origin
+        np.testing.assert_allclose(gamma_enum @ G, gamma_general @ G, atol=1e-6 * np.sqrt(scale))
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(jacobians(k_min=4, k_max=5), st.sampled_from([0.0, 0.3, 1.0, 2.5]))
+def test_four_and_five_task_face_enumeration_agrees_with_the_general_solvers(G, c):
+    _assert_enumeration_matches_general(G, c)
+
+
+def _degenerate_jacobian(K: int, kind: str) -> np.ndarray:
+    rng = np.random.default_rng(K)
+    G = rng.normal(size=(K, 6))
+    if kind == "zero":
+        G[2] = 0.0
+    elif kind == "duplicate":
+        G[3] = G[1]
+    elif kind == "opposite":
+        G[1] = -0.7 * G[0]
+    elif kind == "near-opposite":
+        G[1] = -2.0 * G[0] + 1e-6 * rng.normal(size=6)
+    elif kind == "collinear":
+        G = np.outer(rng.normal(size=K), rng.normal(size=6))
+    elif kind == "all-zero":
+        G[:] = 0.0
+    return G
+
+
+@pytest.mark.parametrize("K", [4, 5])
+@pytest.mark.parametrize("kind", ["zero", "duplicate", "opposite", "near-opposite", "collinear", "all-zero"])
+@pytest.mark.parametrize("c", [0.0, 0.4, 1.5])
+def test_face_enumeration_degenerate_gramians(K, kind, c):
+    _assert_enumeration_matches_general(_degenerate_jacobian(K, kind), c)
+
+
+@pytest.mark.parametrize("K", [4, 5])
+@pytest.mark.parametrize("c", [0.1, 0.4, 2.0])
+def test_face_enumeration_mixed_scales(K, c):
+    """Row-norm ratios up to 1e6 (faces of tiny rows have tiny bordered determinants)."""
+    for seed in range(6):
+        _assert_enumeration_matches_general(mixed_scale_jacobian(K, 12 if seed % 2 else K - 1, 900 + seed), c)
+
+
+def _recording(monkeypatch, name: str) -> list:
+    """Wrap the general solver ``name`` of mtl_opt.simplex so that its calls are recorded."""
+    import mtl_opt.simplex as simplex
+
+    calls: list = []
+    original = getattr(simplex, name)
+
+    def wrapped(*args):
+        calls.append(args)
+        return original(*args)
+
+    monkeypatch.setattr(simplex, name, wrapped)
+    return calls
+
+
+@pytest.mark.parametrize("K", [4, 5])
+def test_face_enumeration_certifies_random_problems_without_fallback(K, monkeypatch):
+    """The public batched entry points take the enumeration at K = 4, 5 and certify it on
+    well-conditioned problems (no general-solver call), with KKT / duality holding."""
+    mn_calls = _recording(monkeypatch, "_min_norm_general")
+    ca_calls = _recording(monkeypatch, "_conflict_averse_general")
+    rng = np.random.default_rng(K)
+    G = rng.normal(size=(16, K, 20)) * rng.uniform(0.1, 10.0, size=(16, K, 1))
+    M = G @ G.transpose(0, 2, 1)
+    alpha = min_norm_weights(torch.from_numpy(M)).numpy()
+    w = conflict_averse_weights(torch.from_numpy(M), 0.4).numpy()
+    assert mn_calls == [] and ca_calls == []
+    for b in range(16):
+        scale = M[b].diagonal().max()
+        grad = M[b] @ alpha[b]
+        assert grad.min() >= alpha[b] @ grad - 1e-10 * scale
+        assert F(M[b], w[b], 0.4) <= min(F(M[b], v, 0.4) for v in rng.dirichlet(np.ones(K), 30)) + 1e-12 * scale
+
+
+@pytest.mark.parametrize("K", [4, 5])
+def test_face_enumeration_falls_back_when_it_cannot_certify(K, monkeypatch):
+    """An enumeration that cannot certify its candidate hands the entry to the general solver.
+
+    Simulated: only the vertex faces are offered (the others marked not solvable), while the
+    optimum of orthogonal rows is on no vertex; the vertex fails the KKT test / certificate, so the
+    general solver must be called, and its certified answer returned."""
+    import mtl_opt.simplex as simplex
+
+    original = simplex._face_systems
+
+    def vertices_only(A, b):
+        a, e, ok = original(A, b)
+        ok = ok & (simplex._face_constants(A.shape[1])[0].sum(axis=1) == 1)
+        return a, e, ok
+
+    monkeypatch.setattr(simplex, "_face_systems", vertices_only)
+    mn_calls = _recording(monkeypatch, "_min_norm_general")
+    ca_calls = _recording(monkeypatch, "_conflict_averse_general")
+    M = np.diag(np.arange(1.0, K + 1.0))[None]
+    alpha = simplex.min_norm_batch_np(M)[0]
+    assert len(mn_calls) == 1
+    expected = (1 / np.arange(1.0, K + 1.0)) / (1 / np.arange(1.0, K + 1.0)).sum()
+    np.testing.assert_allclose(alpha, expected, rtol=1e-10)
+    w, _ = simplex.conflict_averse_batch_np(M, 0.4)
+    assert len(ca_calls) == 1
+    assert F(M[0], w[0], 0.4) < min(F(M[0], v, 0.4) for v in np.eye(K)) - 1e-3  # not a vertex
+
+
+@pytest.mark.parametrize(("K", "seed"), [(4, 12), (5, 14)])
+def test_face_enumeration_natural_fallback_near_opposite_rows(K, seed, monkeypatch):
+    """Near-opposite rows (origin almost in the hull): the enumeration's best candidate fails the
+    KKT test, the general solver is called, and the answer is certified."""
+    from mtl_opt.simplex import _min_norm_faces
+
+    calls = _recording(monkeypatch, "_min_norm_general")
+    rng = np.random.default_rng(seed)
+    G = rng.normal(size=(K, 3))
+    G[1] = -2.0 * G[0] + 1e-6 * rng.normal(size=3)
+    M = G @ G.T
+    alpha = _min_norm_faces(M[None])[0]
+    assert len(calls) == 1
+    grad = M @ alpha
+    assert grad.min() >= alpha @ grad - 1e-10 * M.diagonal().max()
+
+
+@pytest.mark.parametrize("K", [4, 5])
+def test_face_enumeration_origin_optimum_is_certified_by_the_cone_projection(K, monkeypatch):
+    """Collinear conflicting rows with c ≥ 1: the origin is optimal and certified by
+    ‖proj_{cone(rows)}(−g0)‖ ≤ s without the general solver; the direction is the primal optimum
+    closest to g0 (here d = 0, as at K = 2, 3)."""
+    calls = _recording(monkeypatch, "_conflict_averse_general")
+    rows = np.array([[1.0, 0.0], [-2.0, 0.0], [0.5, 0.0], [-1.0, 0.0], [3.0, 0.0]])[:K]
+    gamma = conflict_averse_coefficients(torch.from_numpy(rows @ rows.T), 1.2).numpy()
+    np.testing.assert_allclose(gamma @ rows, np.zeros(2), atol=1e-12)
+    assert calls == []
