@@ -714,8 +714,9 @@ def _face_systems(A: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.n
     right-hand sides: ``(0, 1)`` (the affine min-norm coefficients ``a``) and ``(−b_S, 0)`` (the
     shift direction ``e``). Each face's block is divided by its largest diagonal entry first
     (``a`` and ``e`` are unchanged by that), so faces of small rows keep their conditioning.
-    Only an exactly singular bordered matrix (zero determinant, which would stop the batched
-    solve) is replaced by the identity and marked not ``ok``; an ill-conditioned face (nearly
+    Only an exactly singular bordered matrix (a zero pivot, which stops the batched solve; then
+    the faces of zero determinant are replaced by the identity and the solve repeated) is marked
+    not ``ok``; an ill-conditioned face (nearly
     affinely dependent rows, or rows of very different sizes, whose determinant can be tiny
     yet the face the optimal one) is solved anyway. That is safe because the callers compare
     candidates only by their true objective value at a point of the simplex, and the winner must
@@ -734,15 +735,18 @@ def _face_systems(A: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, np.n
     Bm = np.empty((B, F, K + 1, K + 1))
     Bm[...] = base
     Bm[:, :, :K, :K] += A[:, None] * pair * inv_top[:, :, None, None]
-    ok = np.linalg.det(Bm) != 0.0
-    if not ok.all():
-        Bm[~ok] = np.eye(K + 1)
     rhs = np.zeros((B, F, K + 1, 2))
     rhs[:, :, K, 0] = 1.0
     if b is not None:
         rhs[:, :, :K, 1] = -b[:, None, :] * mask * inv_top[:, :, None]
-    sol = np.linalg.solve(Bm, rhs)
-    ok &= np.isfinite(sol).all(axis=(2, 3))
+    try:
+        sol = np.linalg.solve(Bm, rhs)
+    except np.linalg.LinAlgError:  # some face exactly singular: take it out and solve again
+        singular = np.linalg.det(Bm) == 0.0
+        Bm[singular] = np.eye(K + 1)
+        sol = np.linalg.solve(Bm, rhs)
+        sol[singular] = np.nan
+    ok = np.isfinite(sol).all(axis=(2, 3))
     on = mask & ok[:, :, None]
     a = np.where(on, sol[:, :, :K, 0], 0.0)
     e = np.where(on, sol[:, :, :K, 1], 0.0) if b is not None else None
@@ -762,7 +766,7 @@ def _min_norm_faces(M: np.ndarray) -> np.ndarray:
     total = a.sum(axis=2)
     ok &= (a >= 0).all(axis=2) & (total > 0)
     a = a / np.where(ok, total, 1.0)[:, :, None]  # points of Δ where ok
-    values = np.where(ok, np.einsum("bfi,bij,bfj->bf", a, A, a), np.inf)
+    values = np.where(ok, ((a @ A) * a).sum(axis=2), np.inf)
     alpha = a[np.arange(B), np.argmin(values, axis=1)]
     alpha = np.clip(alpha, 0.0, None)
     alpha /= alpha.sum(axis=1, keepdims=True)
@@ -791,8 +795,8 @@ def _conflict_averse_faces(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndar
     a, e, ok = _face_systems(A, b)
     vertex = _face_constants(K)[0].sum(axis=1) == 1  # (F,)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        msq = np.maximum(np.einsum("bfi,bij,bfj->bf", a, A, a), 0.0)
-        ksq = np.maximum(np.einsum("bfi,bij,bfj->bf", e, A, e), 0.0)
+        msq = np.maximum(((a @ A) * a).sum(axis=2), 0.0)
+        ksq = np.maximum(((e @ A) * e).sum(axis=2), 0.0)
         t = np.sqrt(msq / (s2 - ksq))
         w = a + t[:, :, None] * e
         total = w.sum(axis=2)
@@ -800,7 +804,7 @@ def _conflict_averse_faces(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndar
         w = np.where(ok[:, :, None], w / np.where(ok, total, 1.0)[:, :, None], 0.0)  # points of Δ
     w = np.where(vertex[None, :, None], a, w)
     ok |= vertex[None]
-    r2 = np.maximum(np.einsum("bfi,bij,bfj->bf", w, A, w), 0.0)
+    r2 = np.maximum(((w @ A) * w).sum(axis=2), 0.0)
     values = np.where(ok, np.einsum("bfi,bi->bf", w, b) + s[:, None] * np.sqrt(r2), np.inf)
     w = w[np.arange(B), np.argmin(values, axis=1)]
     w = np.clip(w, 0.0, None)

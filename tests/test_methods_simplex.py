@@ -482,21 +482,27 @@ def test_face_enumeration_falls_back_when_it_cannot_certify(K, monkeypatch):
     assert F(M[0], w[0], 0.4) < min(F(M[0], v, 0.4) for v in np.eye(K)) - 1e-3  # not a vertex
 
 
-@pytest.mark.parametrize(("K", "seed"), [(4, 12), (5, 14)])
-def test_face_enumeration_natural_fallback_near_opposite_rows(K, seed, monkeypatch):
-    """Near-opposite rows (origin almost in the hull): the enumeration's best candidate fails the
-    KKT test, the general solver is called, and the answer is certified."""
+@pytest.mark.parametrize("K", [4, 5])
+def test_face_enumeration_natural_fallback_near_opposite_rows(K, monkeypatch):
+    """Near-opposite rows (origin almost in the hull, objective ~1e-12 of the scale): on some of
+    these the enumeration's best candidate fails the KKT test (about 1–2 % of them); those entries
+    go to the general solver, and every returned point is certified."""
     from mtl_opt.simplex import _min_norm_faces
 
     calls = _recording(monkeypatch, "_min_norm_general")
-    rng = np.random.default_rng(seed)
-    G = rng.normal(size=(K, 3))
-    G[1] = -2.0 * G[0] + 1e-6 * rng.normal(size=3)
-    M = G @ G.T
-    alpha = _min_norm_faces(M[None])[0]
-    assert len(calls) == 1
-    grad = M @ alpha
-    assert grad.min() >= alpha @ grad - 1e-10 * M.diagonal().max()
+    Gs = []
+    for seed in range(200):
+        rng = np.random.default_rng(seed)
+        G = rng.normal(size=(K, 3))
+        G[1] = -2.0 * G[0] + 1e-6 * rng.normal(size=3)
+        Gs.append(G)
+    G = np.stack(Gs)
+    M = G @ G.transpose(0, 2, 1)
+    alpha = _min_norm_faces(M)
+    assert 1 <= len(calls) <= 20
+    for b in range(len(M)):
+        grad = M[b] @ alpha[b]
+        assert grad.min() >= alpha[b] @ grad - 1e-10 * M[b].diagonal().max()
 
 
 @pytest.mark.parametrize("K", [4, 5])
