@@ -24,6 +24,7 @@ import socket
 from contextlib import contextmanager
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = [
     "RaySession",
@@ -109,6 +110,31 @@ def check_trial_resources(
         )
 
 
+def ray_token_available() -> bool:
+    """Whether this process can present a Ray authentication token: ``RAY_AUTH_TOKEN``,
+    ``RAY_AUTH_TOKEN_PATH``, or the default token file ``~/.ray/auth_token`` that ``ray start``
+    writes on the head (copy it to other machines, or print it with ``ray get-auth-token``)."""
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return True
+    return (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def prepare_cluster_auth(address: str | None) -> None:
+    """Before Ray is imported: present the token when joining an existing cluster.
+
+    Since Ray 2.59 ``ray start --head`` enables token authentication, and a driver joins such a
+    cluster at an explicit address only with ``RAY_AUTH_MODE=token`` set before ``import ray``
+    (Ray reads it at import). A token-mode driver also joins clusters without authentication, so
+    when ``address`` names a cluster, a token is available and the user has not set
+    ``RAY_AUTH_MODE``, it is set to ``token`` for this process.
+    """
+    address = address if address is not None else (os.environ.get("RAY_ADDRESS") or None)
+    if address is None or address.strip().lower() in ("", "local"):
+        return
+    if "RAY_AUTH_MODE" not in os.environ and ray_token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 @dataclass(frozen=True)
 class RaySession:
     """What :func:`ray_session` connected to."""
@@ -132,6 +158,7 @@ def ray_session(
     ``num_cpus``/``num_gpus`` size the embedded instance only.
     """
     quiet_ray_environment()
+    prepare_cluster_auth(address)  # effective only if Ray is not imported yet
     if address is None:
         address = os.environ.get("RAY_ADDRESS") or None
     if address is not None and address.strip().lower() in ("local", ""):
@@ -158,7 +185,13 @@ def ray_session(
             try:
                 ray.init(address=address, **kwargs)
             except ConnectionError as exc:
-                raise ConnectionError(f"could not join the Ray cluster at {address!r}: {exc}") from None
+                raise ConnectionError(
+                    f"could not join the Ray cluster at {address!r}: {exc}. If the cluster uses "
+                    "token authentication (the default of `ray start` since Ray 2.59), make its "
+                    "token available here (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, or "
+                    "~/.ray/auth_token; `ray get-auth-token` on the head prints it) and set "
+                    "RAY_AUTH_MODE=token before Ray is imported (mtl-opt sweep does this itself)."
+                ) from None
         started_here = True
     try:
         yield RaySession(address, started_here, dict(ray.cluster_resources()))

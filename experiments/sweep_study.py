@@ -332,9 +332,11 @@ def sweep(
         reuse_actors: keep Ray workers between trials (default); ``False`` starts a fresh worker,
             which re-imports torch, per trial.
     """
+    from mtl_opt.experiments.ray_session import check_trial_resources, prepare_cluster_auth, ray_session
+
+    prepare_cluster_auth(address)  # Ray reads RAY_AUTH_MODE when it is imported
     from ray import tune
 
-    from mtl_opt.experiments.ray_session import check_trial_resources, ray_session
     from mtl_opt.experiments.sweep_table import best_trial, build_tables, records_from_results
 
     echo = verbose

@@ -1,5 +1,6 @@
 """Checks made before Ray is asked for anything: reachability and resources."""
 
+import os
 import socket
 import time
 
@@ -57,3 +58,37 @@ def test_gpu_request_on_a_cluster_without_gpus_fails_with_a_message():
 def test_nonpositive_cpu_request_is_rejected():
     with pytest.raises(ValueError, match="positive"):
         check_trial_resources({"CPU": 2.0}, 0, 0)
+
+
+def test_joining_a_cluster_presents_an_available_token(monkeypatch, tmp_path):
+    """`ray start --head` enables token authentication (Ray >= 2.59); a driver joins it at an
+    explicit address only with RAY_AUTH_MODE=token, set before Ray is imported."""
+    from mtl_opt.experiments.ray_session import prepare_cluster_auth, ray_token_available
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(key, raising=False)
+    assert not ray_token_available()
+    prepare_cluster_auth("127.0.0.1:6379")
+    assert "RAY_AUTH_MODE" not in os.environ  # no token: nothing to present
+
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("x" * 64)
+    assert ray_token_available()
+    prepare_cluster_auth(None)  # an embedded local Ray: untouched
+    assert "RAY_AUTH_MODE" not in os.environ
+    prepare_cluster_auth("local")
+    assert "RAY_AUTH_MODE" not in os.environ
+    prepare_cluster_auth("127.0.0.1:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "token"
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the user's choice wins
+    prepare_cluster_auth("127.0.0.1:6379")
+    assert os.environ["RAY_AUTH_MODE"] == "disabled"
+
+    monkeypatch.delenv("RAY_AUTH_MODE")
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")  # the address may come from RAY_ADDRESS
+    (tmp_path / ".ray" / "auth_token").unlink()
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "secret")
+    prepare_cluster_auth(None)
+    assert os.environ["RAY_AUTH_MODE"] == "token"
