@@ -185,11 +185,7 @@ def ablate(
     seed_list = parse_seeds(seeds)
     if len(seed_list) < 2:
         raise ValueError("an ablation needs at least 2 seeds for its confidence intervals")
-    budget = workload.default_budget()
-    steps = int(budget['steps']) if steps is None else steps
-    lr = float(budget['lr']) if lr is None else lr
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps, lr = workload.resolve_budget(steps, lr)
     if record_every is None:
         record_every = max(1, min(100, steps // 10))
     metric = metric or workload.default_metric()

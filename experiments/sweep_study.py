@@ -365,11 +365,7 @@ def sweep(
         from mtl_opt.registry import parse_method_spec
 
         method_name, method_options = parse_method_spec(method)
-        budget = workload.default_budget()
-        steps = int(budget['steps']) if steps is None else steps
-        lr = float(budget['lr']) if lr is None else lr
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        steps, lr = workload.resolve_budget(steps, lr)
         if record_every is None:
             record_every = max(1, min(100, steps // 10))
         settings = TrainingSettings(

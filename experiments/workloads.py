@@ -122,6 +122,15 @@ class Workload(ABC):
         """Steps and learning rate used when a study does not set them."""
         return {"steps": 1000, "lr": 1e-3}
 
+    def resolve_budget(self, steps: int | None, lr: float | None) -> tuple[int, float]:
+        """``steps`` and ``lr`` as given, or the workload's defaults where ``None``."""
+        budget = self.default_budget()
+        steps = int(budget["steps"]) if steps is None else steps
+        lr = float(budget["lr"]) if lr is None else lr
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        return steps, lr
+
     def final_only(self, metric: str) -> bool:
         """Whether ``metric`` is reported only at the end of a run (not usable by ASHA)."""
         return False

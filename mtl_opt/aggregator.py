@@ -112,21 +112,7 @@ class GradientAggregator:
         if not isinstance(self, GramianAggregator):
             check_finite_rows(G.reshape(-1, G.shape[-1]))
         B, K = G.shape[0], G.shape[1]
-        losses_t = None
-        if losses is not None:
-            if not isinstance(losses, Tensor) or tuple(losses.shape) != (B, K):
-                got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-                raise ValueError(f"batched losses must have shape (B, K) = {(B, K)}, got {got}")
-            losses_t = losses.detach().to(device="cpu", dtype=torch.float64)
-            if not bool(torch.isfinite(losses_t).all()):
-                raise ValueError("the losses must be finite")
-            if not self.uses_losses:
-                losses_t = None
-        elif self.requires_losses:
-            self._check_context(K, None, None)  # raises the standard message
-        _, weights_t = self._check_context(
-            K, None if losses_t is None else losses_t[0], task_weights
-        )  # losses were checked above; pass one row so requires_losses is satisfied
+        losses_t, weights_t = self._check_batch_context(B, K, losses, task_weights)
         return self._aggregate_batch(G, losses=losses_t, task_weights=weights_t)
 
     def reset(self) -> None:
@@ -189,6 +175,26 @@ class GradientAggregator:
         ]
         return torch.stack(rows) if rows else G.new_zeros((0, G.shape[-1]))
 
+    def _check_batch_context(
+        self, B: int, K: int, losses: Tensor | None, task_weights: Tensor | None
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The batched form of :meth:`_check_context`: ``losses`` (B, K), finite in every row."""
+        losses_t = None
+        if losses is not None:
+            if not isinstance(losses, Tensor) or tuple(losses.shape) != (B, K):
+                got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                raise ValueError(f"batched losses must have shape (B, K) = {(B, K)}, got {got}")
+            losses_t = losses.detach().to(device="cpu", dtype=torch.float64)
+            if not bool(torch.isfinite(losses_t).all()):
+                raise ValueError("the losses must be finite")
+            if not self.uses_losses:
+                losses_t = None
+        elif self.requires_losses:
+            self._check_context(K, None, None)  # raises the standard message
+        # The losses were checked above; one row satisfies requires_losses.
+        _, weights_t = self._check_context(K, None if losses_t is None else losses_t[0], task_weights)
+        return losses_t, weights_t
+
     def _check_context(
         self, n_tasks: int, losses: Tensor | None, task_weights: Tensor | None
     ) -> tuple[Tensor | None, Tensor | None]:
@@ -250,21 +256,7 @@ class GramianAggregator(GradientAggregator):
         """
         M64 = check_gramian_batch(M)
         B, K = M64.shape[0], M64.shape[1]
-        losses_t = None
-        if losses is not None:
-            if not isinstance(losses, Tensor) or tuple(losses.shape) != (B, K):
-                got = tuple(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-                raise ValueError(f"batched losses must have shape (B, K) = {(B, K)}, got {got}")
-            losses_t = losses.detach().to(device="cpu", dtype=torch.float64)
-            if not bool(torch.isfinite(losses_t).all()):
-                raise ValueError("the losses must be finite")
-            if not self.uses_losses:
-                losses_t = None
-        elif self.requires_losses:
-            self._check_context(K, None, None)  # raises the standard message
-        _, weights_t = self._check_context(
-            K, None if losses_t is None else losses_t[0], task_weights
-        )  # losses were checked above; pass one row so requires_losses is satisfied
+        losses_t, weights_t = self._check_batch_context(B, K, losses, task_weights)
         return self._checked_batch_weights(M64, losses_t, weights_t)
 
     def _aggregate_batch(
