@@ -599,6 +599,22 @@ def _triangle_systems(A: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, 
     return sol[:, :3, 0], (sol[:, :3, 1] if b is not None else None), ok
 
 
+def _certified_min_norm(M: np.ndarray, A: np.ndarray, scale: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Project the enumerated candidates onto Δ and keep those that pass the KKT test
+    ``(Aα)_i ≥ αᵀAα − tol`` (A = M / scale); the others are re-solved by the general solver.
+    All-zero Gramians get the uniform weights."""
+    K = M.shape[-1]
+    alpha = np.clip(alpha, 0.0, None)
+    alpha /= alpha.sum(axis=1, keepdims=True)
+    grad = np.einsum("bij,bj->bi", A, alpha)
+    f = np.einsum("bi,bi->b", alpha, grad)
+    bad = (grad.min(axis=1) < f - _KKT_RTOL) & (scale > 0)
+    for idx in np.flatnonzero(bad):
+        alpha[idx] = _min_norm_general(M[idx])
+    alpha[scale <= 0] = 1.0 / K
+    return alpha
+
+
 def _min_norm_3(M: np.ndarray) -> np.ndarray:
     """Exact min-norm weights at K = 3 for a batch: the best of the affine minimisers of the 7
     faces (vertices, clipped edge closed forms, the triangle's bordered solve), then the KKT test;
@@ -617,16 +633,7 @@ def _min_norm_3(M: np.ndarray) -> np.ndarray:
     cands.append(np.where(ok[:, None], a, cands[0]))
     W = np.stack(cands, axis=1)  # (B, 7, 3)
     values = np.einsum("bci,bij,bcj->bc", W, A, W)
-    alpha = W[np.arange(B), np.argmin(values, axis=1)]
-    alpha = np.clip(alpha, 0.0, None)
-    alpha /= alpha.sum(axis=1, keepdims=True)
-    grad = np.einsum("bij,bj->bi", A, alpha)
-    f = np.einsum("bi,bi->b", alpha, grad)
-    bad = (grad.min(axis=1) < f - _KKT_RTOL) & (scale > 0)
-    for idx in np.flatnonzero(bad):
-        alpha[idx] = _min_norm_general(M[idx])
-    alpha[scale <= 0] = 1.0 / 3.0
-    return alpha
+    return _certified_min_norm(M, A, scale, W[np.arange(B), np.argmin(values, axis=1)])
 
 
 def _conflict_averse_3(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
@@ -758,25 +765,16 @@ def _min_norm_faces(M: np.ndarray) -> np.ndarray:
     interior of one of the ``2^K − 1`` faces, where it is that face's affine minimiser ``a``
     (:func:`_face_systems`). Each face's ``a`` that is a point of the simplex (``a ≥ 0``,
     rescaled to ``Σ a = 1``; the vertices always are) is a candidate; the one of smallest
-    ``aᵀAa`` is kept and must pass the KKT test of :func:`_min_norm_3`; an entry that fails it is
+    ``aᵀAa`` is kept and must pass the KKT test of :func:`_certified_min_norm`; an entry that fails it is
     re-solved by the general solver."""
-    B, K = M.shape[0], M.shape[1]
+    B = M.shape[0]
     A, scale = _normalised(M)
     a, _, ok = _face_systems(A, None)
     total = a.sum(axis=2)
     ok &= (a >= 0).all(axis=2) & (total > 0)
     a = a / np.where(ok, total, 1.0)[:, :, None]  # points of Δ where ok
     values = np.where(ok, ((a @ A) * a).sum(axis=2), np.inf)
-    alpha = a[np.arange(B), np.argmin(values, axis=1)]
-    alpha = np.clip(alpha, 0.0, None)
-    alpha /= alpha.sum(axis=1, keepdims=True)
-    grad = np.einsum("bij,bj->bi", A, alpha)
-    f = np.einsum("bi,bi->b", alpha, grad)
-    bad = (grad.min(axis=1) < f - _KKT_RTOL) & (scale > 0)
-    for idx in np.flatnonzero(bad):
-        alpha[idx] = _min_norm_general(M[idx])
-    alpha[scale <= 0] = 1.0 / K
-    return alpha
+    return _certified_min_norm(M, A, scale, a[np.arange(B), np.argmin(values, axis=1)])
 
 
 def _conflict_averse_faces(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:

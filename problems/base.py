@@ -120,7 +120,10 @@ class ParetoProblem:
         if n < 1:
             raise ValueError(f"{self.name}: the number of initial points must be >= 1, got {n}")
         if self.bounds is None:
-            raise NotImplementedError
+            raise NotImplementedError(
+                f"{self.name} has no bounds to draw starting points from; "
+                "an unbounded problem overrides initial_points"
+            )
         g = torch.Generator().manual_seed(int(seed))
         lo, hi = self.bounds
         u = torch.rand((n, self.dim), generator=g, dtype=torch.float64)
