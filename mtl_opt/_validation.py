@@ -122,25 +122,41 @@ def _needs_float64(diag: np.ndarray, G: Tensor, d: int) -> bool:
 
 #: Column block of the CPU Gramian (see :func:`_gram`).
 GRAMIAN_BLOCK = 1 << 16
+#: From this width on, K < 4 Jacobians get the blocked Gramian too.
+GRAMIAN_WIDE = 1 << 22
 
 
 def _gram(work: Tensor) -> Tensor:
-    """``work @ work.T``; on the CPU for wide ``work``, accumulated over column blocks.
+    """``work @ work.T``; on the CPU for wide ``work``, summed over 65 536-column blocks.
 
-    MKL's single-call product of a (K × d)·(d × K) pair with d ~ 10⁶ picks a slow kernel for some
-    K (at K = 8 it ran 2.5× slower than the same product accumulated over 65 536-column blocks with
-    ``addmm_``; at K = 4 and 16 the two are on par). Blocked accumulation also sums float32 in
-    shorter runs, so it is, if anything, more accurate. K < 4 (where the single product was as
-    fast or faster) and GPUs get the single product.
+    MKL's single-call product of a (K × d)·(d × K) pair with d ≥ 10⁶ picks a slow kernel for some
+    K and accumulates each entry in one float32 run. The blocked form is one batched product of
+    the (K × 65 536) blocks (``torch.bmm`` over a strided view: no copy) and a sum of the K × K
+    partial Gramians. Measured on one thread of a 2-core x86 machine: K = 8, d = 10⁶ in 4.3 ms
+    instead of 6.8 ms; K = 2 and 4, d = 10⁷ in 6.3 and 12.4 ms instead of 7.3 and 21 ms; K = 4,
+    d = 10⁶ on par. It is also more accurate: the largest relative error of a float32 Gramian
+    (against float64) at d = 10⁷ drops from ~1e-3 to ~1e-6. Rows or columns of unit stride (a row slice, a transposed array) are both
+    blocked through views. K < 4 below ``GRAMIAN_WIDE`` columns (where the single product was up
+    to 5 % faster), narrow Jacobians, other layouts and GPUs get the single product.
     """
-    d = work.shape[1]
-    if work.device.type != "cpu" or work.shape[0] < 4 or d <= 2 * GRAMIAN_BLOCK:
+    K, d = work.shape
+    if (
+        work.device.type != "cpu"
+        or d <= 2 * GRAMIAN_BLOCK
+        or (K < 4 and d < GRAMIAN_WIDE)
+        or (work.stride(1) != 1 and work.stride(0) != 1)
+    ):
         return work @ work.T
-    head = work[:, :GRAMIAN_BLOCK]
-    M = head @ head.T
-    for start in range(GRAMIAN_BLOCK, d, GRAMIAN_BLOCK):
-        block = work[:, start:start + GRAMIAN_BLOCK]
-        M.addmm_(block, block.T)
+    n_blocks = d // GRAMIAN_BLOCK
+    covered = n_blocks * GRAMIAN_BLOCK
+    if work.stride(1) == 1:  # rows of unit stride: blocks (n_blocks, K, BLOCK)
+        blocks = work[:, :covered].view(K, n_blocks, GRAMIAN_BLOCK).transpose(0, 1)
+    else:  # columns of unit stride (a transposed (d, K) array): the same blocks, transposed
+        blocks = work.T[:covered].view(n_blocks, GRAMIAN_BLOCK, K).transpose(1, 2)
+    M = torch.bmm(blocks, blocks.transpose(1, 2)).sum(dim=0)
+    if covered < d:
+        tail = work[:, covered:]
+        M.addmm_(tail, tail.T)
     return M
 
 

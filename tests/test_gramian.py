@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mtl_opt._validation import GRAMIAN_BLOCK, gramian_of
+from mtl_opt._validation import GRAMIAN_BLOCK, GRAMIAN_WIDE, gramian_of
 
 
 @pytest.mark.parametrize("K", [1, 2, 4, 8])
@@ -21,6 +21,27 @@ def test_gramian_matches_float64_reference(K, d):
     assert float((M - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     G64 = G.double()
     torch.testing.assert_close(gramian_of(G64), ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize(
+    "K, layout",
+    [(4, "row_slice"), (4, "transposed"), (5, "row_slice"), (6, "transposed"), (2, "wide"), (3, "wide")],
+)
+def test_blocked_gramian_of_strided_and_very_wide_jacobians(K, layout):
+    """Rows that are slices of longer rows and transposed (column-major) Jacobians, both blocked
+    through strided views, and K < 4 beyond ``GRAMIAN_WIDE`` columns (blocked too)."""
+    g = torch.Generator().manual_seed(K)
+    d = GRAMIAN_WIDE + 7 if layout == "wide" else 3 * GRAMIAN_BLOCK + 11
+    if layout == "row_slice":
+        G = torch.randn(K, d + 100, generator=g)[:, 50:50 + d]
+    elif layout == "transposed":
+        G = torch.randn(d, K, generator=g).T
+    else:
+        G = torch.randn(K, d, generator=g)
+    ref = G.double() @ G.double().T
+    M = gramian_of(G)
+    # float32 sums of 65 536-term blocks; a wrong block or stride would be off by O(1).
+    assert float((M - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
 
 
 def test_small_jacobians_take_the_single_product():
