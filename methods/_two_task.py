@@ -20,15 +20,20 @@ from torch import Tensor
 
 from mtl_opt.simplex import ZERO_NORM_RTOL
 
-__all__ = ["conflict_averse_2", "min_norm_2", "weight_pair"]
+__all__ = ["conflict_averse_2", "min_norm_2", "weight_pair", "weight_vector"]
 
 _INF = math.inf
 
 
 def weight_pair(beta1: float, beta2: float) -> Tensor:
-    """``β = (β1, β2)`` as a float64 tensor (through NumPy: a few times cheaper than
+    """``β = (β1, β2)`` as a float64 tensor (see :func:`weight_vector`)."""
+    return weight_vector([beta1, beta2])
+
+
+def weight_vector(beta: list[float]) -> Tensor:
+    """``β`` (Python floats) as a float64 tensor (through NumPy: a few times cheaper than
     ``torch.tensor`` on a Python list)."""
-    return torch.from_numpy(np.array([beta1, beta2], dtype=np.float64))
+    return torch.from_numpy(np.array(beta, dtype=np.float64))
 
 
 def min_norm_2(m11: float, m12: float, m22: float) -> float:

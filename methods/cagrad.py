@@ -8,7 +8,8 @@ from torch import Tensor
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.registry import register_aggregator
-from mtl_opt.methods._two_task import conflict_averse_2, weight_pair
+from mtl_opt._active_set import ACTIVE_SET_MAX_K, conflict_averse_floats
+from mtl_opt.methods._two_task import conflict_averse_2, weight_pair, weight_vector
 from mtl_opt.simplex import conflict_averse_batch_np
 
 
@@ -68,12 +69,18 @@ class CAGrad(GramianAggregator):
         return {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        if M.shape[0] == 2:
+        K = M.shape[0]
+        if K == 2:
             (m11, m12), (_, m22) = M.tolist()
             coef = conflict_averse_2(m11, m12, m22, self.c)
             if coef is not None:  # else: optimum at the hull's origin, solved by the batched path
                 scale = 2 / self._divisor()
                 return weight_pair(coef[0] * scale, coef[1] * scale)
+        elif 3 <= K <= ACTIVE_SET_MAX_K:
+            solved = conflict_averse_floats(M.tolist(), self.c)
+            if solved is not None:  # else: uncertified or at the hull's origin: batched path
+                scale = K / self._divisor()
+                return weight_vector([g * scale for g in solved[1]])
         return self._batch_weights(M[None], losses=None, task_weights=None)[0]
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:

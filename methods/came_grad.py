@@ -11,7 +11,8 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range, check_task_vector
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt.methods._two_task import conflict_averse_2, weight_pair
+from mtl_opt._active_set import ACTIVE_SET_MAX_K, conflict_averse_floats
+from mtl_opt.methods._two_task import conflict_averse_2, weight_vector
 from mtl_opt.registry import register_aggregator
 from mtl_opt.simplex import conflict_averse_batch_np
 
@@ -120,47 +121,55 @@ class CAMEGrad(GramianAggregator):
         return self._omega
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        if M.shape[0] == 2:
-            beta = self._weights_2(M, task_weights)
+        if M.shape[0] <= ACTIVE_SET_MAX_K:
+            beta = self._weights_floats(M, task_weights)
             if beta is not None:
                 return beta
         return self._batch_weights(M[None], losses=None, task_weights=task_weights)[0]
 
-    def _weights_2(self, M: Tensor, task_weights: Tensor | None) -> Tensor | None:
-        """K = 2 on Python floats: :meth:`_batch_weights`' three stages without arrays.
+    def _weights_floats(self, M: Tensor, task_weights: Tensor | None) -> Tensor | None:
+        """One Gramian on Python floats: :meth:`_batch_weights`' three stages without arrays,
+        with the K = 2 closed form or the certified active set for the rectification.
 
-        ``None`` when the rectification's optimum is at the origin of the hull (the batched path
-        then does the cone projection).
+        ``None`` when the rectification's optimum is at the origin of the hull or the active set
+        cannot certify it (the batched path then decides, with the cone projection).
         """
-        (m11, m12), (m21, m22) = M.tolist()
+        m = M.tolist()
+        K = len(m)
         if task_weights is None and self._omega is None:
-            o1 = o2 = 1.0
+            omega = [1.0] * K
         else:
-            o1, o2 = self._omega_for(2, task_weights).tolist()
+            omega = self._omega_for(K, task_weights).tolist()
 
-        def norm(v1: float, v2: float) -> float:  # ‖v1 g1 + v2 g2‖
-            return math.sqrt(max(v1 * m11 * v1 + v1 * m12 * v2 + v2 * m21 * v1 + v2 * m22 * v2, 0.0))
+        def norm(v: list[float]) -> float:  # ‖vᵀG‖
+            return math.sqrt(max(sum(v[i] * m[i][j] * v[j] for i in range(K) for j in range(K)), 0.0))
 
-        joint_norm = norm(o1, o2)
-        u1 = u2 = 0.0
+        joint_norm = norm(omega)
+        u_rect = [0.0] * K
         if self.rectify:
-            u_rect = conflict_averse_2(m11, m12, m22, self.rho)
-            if u_rect is None:
+            if K == 2:
+                solved = conflict_averse_2(m[0][0], m[0][1], m[1][1], self.rho)
+            elif K >= 3:
+                pair = conflict_averse_floats(m, self.rho)
+                solved = None if pair is None else pair[1]
+            else:
                 return None
-            u1, u2 = u_rect
+            if solved is None:
+                return None
+            u_rect = list(solved)
         if self.inject:
-            v1, v2, v_norm = (u1, u2, norm(u1, u2)) if self.rectify else (o1, o2, joint_norm)
+            v, v_norm = (u_rect, norm(u_rect)) if self.rectify else (omega, joint_norm)
             factor = self.kappa * joint_norm / (v_norm + self.eps)
-            e1, e2 = v1 * factor, v2 * factor
+            energy = [x * factor for x in v]
         elif self.rectify:
-            total = o1 + o2
-            e1, e2 = total * u1, total * u2
+            total = sum(omega)
+            energy = [total * x for x in u_rect]
         else:
-            e1, e2 = o1, o2
+            energy = list(omega)
         if self.fuse:
             keep, add = 1.0 - self.nu, self.nu * self.kappa
-            e1, e2 = keep * e1 + add * o1, keep * e2 + add * o2
-        return weight_pair(e1, e2)
+            energy = [keep * x + add * o for x, o in zip(energy, omega)]
+        return weight_vector(energy)
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()

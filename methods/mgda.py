@@ -11,9 +11,10 @@ from torch import Tensor
 from mtl_opt._validation import check_choice
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.registry import register_aggregator
+from mtl_opt._active_set import ACTIVE_SET_MAX_K, min_norm_floats
 from mtl_opt.simplex import min_norm_batch_np
 
-from mtl_opt.methods._two_task import min_norm_2, weight_pair
+from mtl_opt.methods._two_task import min_norm_2, weight_pair, weight_vector
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -77,33 +78,41 @@ class MGDA(GramianAggregator):
         return inv
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        if M.shape[0] == 2:
-            return self._weights_2(M, losses)
+        if M.shape[0] <= ACTIVE_SET_MAX_K:
+            beta = self._weights_floats(M, losses)
+            if beta is not None:
+                return beta
         return self._batch_weights(
             M[None], losses=None if losses is None else losses[None], task_weights=None
         )[0]
 
-    def _weights_2(self, M: Tensor, losses: Tensor | None) -> Tensor:
-        """K = 2 on Python floats: the batched path's scales and closed form, without arrays."""
-        (m11, m12), (m21, m22) = M.tolist()
-        inv1 = inv2 = 1.0
+    def _weights_floats(self, M: Tensor, losses: Tensor | None) -> Tensor | None:
+        """One Gramian on Python floats: the batched path's scales, then the K = 2 closed form
+        or the certified active set (``None`` when it cannot certify; the batched path decides)."""
+        m = M.tolist()
+        K = len(m)
+        inv = [1.0] * K
         if self.normalization in ("loss", "loss+"):
             if losses is None:
                 raise ValueError(f"{self!r} needs the task losses: call it with losses=...")
-            L1, L2 = losses.tolist()
-            if not (L1 > 0 and L2 > 0):
+            L = losses.tolist()
+            if not all(v > 0 for v in L):
                 raise ValueError(
-                    f"{self!r} divides by the task losses, which must be positive; got {[L1, L2]}"
+                    f"{self!r} divides by the task losses, which must be positive; got {L}"
                 )
-            inv1, inv2 = inv1 / L1, inv2 / L2
+            inv = [i / v for i, v in zip(inv, L)]
         if self.normalization in ("l2", "loss+"):
-            n1, n2 = math.sqrt(max(m11, 0.0)), math.sqrt(max(m22, 0.0))
-            inv1 = inv1 / n1 if n1 > 0 else 0.0
-            inv2 = inv2 / n2 if n2 > 0 else 0.0
+            norms = [math.sqrt(max(m[i][i], 0.0)) for i in range(K)]
+            inv = [i / n if n > 0 else 0.0 for i, n in zip(inv, norms)]
         if self.normalization != "none":
-            m11, m12, m22 = m11 * inv1 * inv1, m12 * inv1 * inv2, m22 * inv2 * inv2
-        a1 = min_norm_2(m11, m12, m22)
-        return weight_pair(2 * a1, 2 * (1.0 - a1))
+            m = [[m[i][j] * inv[i] * inv[j] for j in range(K)] for i in range(K)]
+        if K == 2:
+            a1 = min_norm_2(m[0][0], m[0][1], m[1][1])
+            return weight_pair(2 * a1, 2 * (1.0 - a1))
+        if K == 1:
+            return None
+        alpha = min_norm_floats(m)
+        return None if alpha is None else weight_vector([K * a for a in alpha])
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()
