@@ -234,6 +234,20 @@ def newton_cosine(
     )
 
 
+def nash_two_floats(a: float, b: float, c: float) -> tuple[list[float], dict[str, Any]] | None:
+    """The K = 2 closed form of the regularised Nash weights on Python floats, from the Gramian
+    entries ``M11 = a``, ``M12 = b``, ``M22 = c``: with ``cos = b/√(ac)`` and
+    ``D = 1 + cos + σ + max(0, |cos| − 1)``, ``α = (β/√a, β/√c)``, ``β = 1/√D``.
+    ``None`` when a task's gradient is zero (the stacked solver handles it)."""
+    if not (a > 0.0 and c > 0.0):
+        return None
+    cos = b / (math.sqrt(a) * math.sqrt(c))
+    denom = 1.0 + cos + RIDGE + max(0.0, abs(cos) - 1.0)
+    beta = 1.0 / math.sqrt(denom)
+    alpha = [beta / math.sqrt(a), beta / math.sqrt(c)]
+    return alpha, {"iterations": 0, "residual": abs(beta * beta * denom - 1.0)}
+
+
 def nash_exact_single(
     M: np.ndarray, alpha0: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
@@ -248,13 +262,9 @@ def nash_exact_single(
     """
     K = M.shape[0]
     if K == 2:
-        a, b, c = float(M[0, 0]), float(M[0, 1]), float(M[1, 1])
-        if a > 0.0 and c > 0.0:
-            cos = b / (math.sqrt(a) * math.sqrt(c))
-            denom = 1.0 + cos + RIDGE + max(0.0, abs(cos) - 1.0)
-            beta = 1.0 / math.sqrt(denom)
-            alpha = np.array([beta / math.sqrt(a), beta / math.sqrt(c)])
-            return alpha, {"iterations": 0, "residual": abs(beta * beta * denom - 1.0)}
+        closed = nash_two_floats(float(M[0, 0]), float(M[0, 1]), float(M[1, 1]))
+        if closed is not None:
+            return np.array(closed[0]), closed[1]
     if K >= 3:
         result = _nash_exact_lapack(M, alpha0)
         if result is not None:

@@ -18,7 +18,9 @@ from mtl_opt.methods._nash_solvers import (
     nash_cvxpy,
     nash_exact,
     nash_exact_single,
+    nash_two_floats,
 )
+from mtl_opt.methods._two_task import weight_pair
 from mtl_opt.registry import register_aggregator
 
 __all__ = ["NashMTL", "NashSolverError"]
@@ -166,14 +168,30 @@ class NashMTL(GramianAggregator):
     # Weights
     # ------------------------------------------------------------------------------------
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        M_np = M.numpy()
-        K = M_np.shape[0]
+        K = M.shape[0]
         if self._alpha is not None and self._alpha.shape[0] != K:
             raise ValueError(
                 f"NashMTL was last called with {self._alpha.shape[0]} tasks and now gets {K}; "
                 "call reset() between runs with different numbers of tasks"
             )
-        if self._alpha is None or self._step % self.update_weights_every == 0:
+        resolve = self._alpha is None or self._step % self.update_weights_every == 0
+        if K == 2 and resolve and self.solver == "exact":
+            (a, b), (_, c) = M.tolist()
+            closed = nash_two_floats(a, b, c)
+            if closed is not None:  # the closed form and the clip on floats: no arrays
+                alpha, info = closed
+                self._alpha = np.array(alpha)
+                self.last_info = {"solver": self.solver, "resolved": True, **info}
+                self._step += 1
+                factor = 1.0
+                if self.max_norm != 0.0:
+                    a1, a2 = alpha
+                    sq = a1 * (a * a1 + b * a2) + a2 * (b * a1 + c * a2)
+                    norm = math.sqrt(max(sq, 0.0))
+                    factor = self.max_norm / norm if norm > self.max_norm else 1.0
+                return weight_pair(alpha[0] * factor, alpha[1] * factor)
+        M_np = M.numpy()
+        if resolve:
             if self.solver == "exact":
                 alpha, info = nash_exact_single(M_np, self._alpha)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -55,16 +56,26 @@ def gramian_of(G: Tensor) -> Tensor:
     common case costs nothing extra). Only a ``G`` that is itself non-finite, or whose squared
     norms overflow float64 too, raises.
 
-    The K × K post-processing runs in NumPy: at small ``d`` the per-operation overhead of tiny
-    torch ops (a few µs each) would otherwise dominate the call.
+    The K × K post-processing runs on Python floats for K ≤ 8 (one ``tolist``, the checks and
+    the symmetrisation in the interpreter, one array at the end) and in NumPy beyond: each tiny
+    torch or NumPy operation costs a few µs, and 10–20 µs right after the product has streamed
+    ``G`` through the caches; the float path cut the post-processing from ~190 to ~70 µs in that
+    state.
     """
     if G.requires_grad:
         G = G.detach()
     work = G if G.dtype in (torch.float32, torch.float64) else G.float()
     M = _gram(work)
-    if M.device.type != "cpu":
-        M = M.cpu()  # the one device-to-host transfer
-    a = M.numpy()
+    if M.shape[0] <= _FLOAT_PATH_MAX_K:
+        rows = M.tolist()  # the one device-to-host transfer
+        symmetric = _checked_symmetric(rows, 0.0 if work.dtype == torch.float64 else underflow_threshold(G.shape[1]))
+        if symmetric is not None:
+            return torch.from_numpy(np.array(symmetric, dtype=np.float64))
+        a = np.array(rows, dtype=np.float32 if work.dtype != torch.float64 else np.float64)
+    else:
+        if M.device.type != "cpu":
+            M = M.cpu()  # the one device-to-host transfer
+        a = M.numpy()
     if work.dtype != torch.float64:
         a = a.astype(np.float64)
         # Common case: every squared norm finite and far above the underflow range (a K-long
@@ -76,6 +87,22 @@ def gramian_of(G: Tensor) -> Tensor:
     if not np.isfinite(a).all():
         _raise_non_finite_gramian(torch.from_numpy(a), G)
     return torch.from_numpy((a + a.T) * 0.5)  # exactly symmetric
+
+
+_FLOAT_PATH_MAX_K = 8
+
+
+def _checked_symmetric(rows: list[list[float]], low: float) -> list[list[float]] | None:
+    """``(M + Mᵀ)/2`` of a K × K Gramian given as nested lists, or ``None`` when an entry is
+    not finite or a diagonal entry is below ``low`` (the caller's rare path decides then)."""
+    K = len(rows)
+    for i in range(K):
+        if not low <= rows[i][i] <= _F64_MAX:  # NaN fails too
+            return None
+    for row in rows:
+        if not all(map(math.isfinite, row)):
+            return None
+    return [[(ri[j] + rows[j][i]) * 0.5 for j in range(K)] for i, ri in enumerate(rows)]
 
 
 def underflow_threshold(d: int) -> float:
