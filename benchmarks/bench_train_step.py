@@ -23,13 +23,16 @@ whether the batched (vmap) Jacobian was used, and the peak extra memory of one s
 Allocator (Linux CPU): glibc serves every allocation of 32 MiB or more (here each K-row Jacobian
 block of a 2048 × 2048 layer) from a fresh mapping, whose pages fault in again at every step.
 With the default allocator the parameter-level step paid about a third of its time in those
-faults; run with ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4000000000
-MALLOC_TOP_PAD_=268435456`` (or a caching allocator such as jemalloc) to time the arithmetic.
+faults; run with ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch backs large CPU tensors with transparent
+huge pages) or ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4000000000
+MALLOC_TOP_PAD_=268435456`` (or a caching allocator such as jemalloc) to time the arithmetic. Both
+must be in the environment before Python starts; the header line says whether THP was on.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -131,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods or mtl_opt.available_aggregators()
     print(f"shared encoder: {_count(model.encoder):,} parameters; heads: "
           f"{_count(model.head_cls) + _count(model.head_reg):,}; batch {args.batch}; "
-          f"{args.threads} thread(s); {device}", flush=True)
+          f"{args.threads} thread(s); {device}; THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}", flush=True)
 
     configs = [("baseline (L1+L2).backward()", None, "-")]
     configs += [(m, m, level) for level in args.levels for m in methods]
@@ -173,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     df.to_csv(out / "train_step.csv", index=False)
     head = (f"Produced by `python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}`: "
             f"shared encoder {_count(model.encoder):,} parameters, batch {args.batch}, "
-            f"{args.threads} thread(s), {device}, median of {args.steps} steps.\n\n")
+            f"{args.threads} thread(s), {device}, THP_MEM_ALLOC_ENABLE="
+            f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, median of {args.steps} steps.\n\n")
     (out / "train_step.md").write_text(head + _markdown_table(df) + "\n")
     print(_markdown_table(df))
     print(f"wrote {out / 'train_step.csv'} and {out / 'train_step.md'}")
