@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_opt._validation import check_task_vector
-from mtl_opt.aggregator import GramianAggregator
+from mtl_opt._validation import check_finite_rows, check_task_vector
+from mtl_opt.aggregator import AggregationResult, GramianAggregator, combine_rows
 from mtl_opt.registry import register_aggregator
 
 
@@ -21,12 +21,16 @@ class LinearScalarization(GramianAggregator):
     of the summed loss, so it sets the library's scale convention (directions are on the scale of
     the *sum* of task gradients).
 
+    It needs no Gramian: ``aggregate(G)`` is one pass over ``G`` (its ``gramian`` is ``None``;
+    :func:`mtl_opt.mtl_backward` still reports the Gramian of the Jacobian it builds).
+
     Args:
         weights: the ``w_i`` (length K, finite); ``None`` means all ones. A call's
             ``task_weights=`` overrides them for that call.
     """
 
     accepts_task_weights = True
+    aggregate_is_weighting = True
 
     def __init__(self, weights: Sequence[float] | Tensor | None = None) -> None:
         if weights is not None:
@@ -48,8 +52,34 @@ class LinearScalarization(GramianAggregator):
         """``w``: the weights that parameters outside the Jacobian apply to the losses."""
         return self.weights_  # the caller checks its length against n_tasks
 
+    def _aggregate(
+        self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
+    ) -> AggregationResult:
+        """``d = wᵀG`` in one pass over ``G``: LS needs no Gramian (``gramian`` is ``None``).
+
+        Finiteness is checked on the direction instead (see :func:`_check_finite_direction`).
+        """
+        beta = self._weights_for(G.shape[0], task_weights)
+        direction = combine_rows(beta, G)
+        _check_finite_direction(direction, G)
+        return AggregationResult(direction=direction, weights=beta, gramian=None)
+
+    def _aggregate_batch(
+        self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
+    ) -> Tensor:
+        w = self._weights_for(G.shape[1], task_weights)
+        if G.dtype in (torch.float16, torch.bfloat16):
+            direction = torch.einsum("k,bkd->bd", w.to(device=G.device, dtype=torch.float32), G.float())
+            out = direction.to(G.dtype)
+        else:
+            out = torch.einsum("k,bkd->bd", w.to(device=G.device, dtype=G.dtype), G)
+        _check_finite_direction(out, G)
+        return out
+
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        K = M.shape[0]
+        return self._weights_for(M.shape[0], task_weights)
+
+    def _weights_for(self, K: int, task_weights: Tensor | None) -> Tensor:
         w = task_weights if task_weights is not None else self.weights_
         if w is None:
             return torch.ones(K, dtype=torch.float64)
@@ -59,4 +89,26 @@ class LinearScalarization(GramianAggregator):
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         # The weights do not depend on M: one row, repeated (no loop over the batch).
-        return self._weights(M[0], losses=None, task_weights=task_weights).expand(M.shape[0], -1).clone()
+        return self._weights_for(M.shape[1], task_weights).expand(M.shape[0], -1).clone()
+
+
+def _check_finite_direction(direction: Tensor, G: Tensor) -> None:
+    """Raise naming the non-finite rows of ``G`` (K, d) or entries of ``G`` (B, K, d) when the
+    direction is not finite, or that the direction overflows when ``G`` itself is finite.
+
+    A NaN or infinity anywhere in ``G`` reaches the direction (``0 · inf`` is NaN too), so one
+    sum over the direction (no allocation) screens it; only a non-finite sum (which a finite
+    direction can reach by overflow) pays for the element-wise test.
+    """
+    if bool(torch.isfinite(direction.sum())) or bool(torch.isfinite(direction).all()):
+        return
+    if G.dim() == 2:
+        check_finite_rows(G)
+    else:
+        bad = torch.nonzero(~torch.isfinite(G).all(dim=2)).tolist()
+        if bad:
+            raise ValueError(
+                f"the Jacobians are not finite: (batch, task) entries {bad[:10]} contain NaN or inf"
+            )
+    name = str(direction.dtype).replace("torch.", "")
+    raise ValueError(f"the direction wᵀG overflows {name}; rescale the losses or the weights")

@@ -225,7 +225,14 @@ class GramianAggregator(GradientAggregator):
 
     Subclasses implement :meth:`_weights`, which receives the Gramian as a float64 CPU tensor and
     returns ``β`` (K,) float64. The Gramian is the only device-to-host transfer of a call.
+
+    Class attribute ``aggregate_is_weighting``: a subclass that overrides ``_aggregate`` only to
+    skip work (linear scalarization needs no Gramian) and still returns ``βᵀG`` with the β of
+    :meth:`weights` sets it to True, so that :func:`mtl_opt.mtl_backward` may still aggregate
+    per parameter block.
     """
+
+    aggregate_is_weighting: ClassVar[bool] = False
 
     def weights(
         self, M: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None

@@ -852,14 +852,15 @@ class _BlockedAggregationResult(AggregationResult):
 
 def _blocked_eligible(aggregator: GradientAggregator, blocks: list[Tensor] | None) -> bool:
     """Whether the aggregation can run on the blocks: a GramianAggregator that keeps the base
-    class's ``aggregate`` (validation, Gramian, ``βᵀG``), over float32/float64 blocks of one
+    class's ``aggregate`` (validation, Gramian, ``βᵀG``; or declares with ``aggregate_is_weighting``
+    that its own ``_aggregate`` returns the same ``βᵀG``), over float32/float64 blocks of one
     dtype on one real device with d > 0. Anything else takes the flat path."""
     if blocks is None or not blocks or not isinstance(aggregator, GramianAggregator):
         return False
     cls = type(aggregator)
     if (
         cls.aggregate is not GradientAggregator.aggregate
-        or cls._aggregate is not GramianAggregator._aggregate
+        or (cls._aggregate is not GramianAggregator._aggregate and not cls.aggregate_is_weighting)
         or cls._validate_jacobian is not GramianAggregator._validate_jacobian
     ):
         return False

@@ -387,3 +387,44 @@ def test_float32_rank_deficient_jacobians_are_solved(name):
         agg = mtl_opt.get_aggregator(name)
         out = agg(Gt, losses=torch.ones(K)) if agg.uses_losses else agg(Gt)
         assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------------------------
+# Linear scalarization: one pass over G, no Gramian, finiteness checked on the direction
+# --------------------------------------------------------------------------------------------
+def test_ls_is_one_weighted_sum_without_a_gramian():
+    from mtl_opt.methods import LinearScalarization
+
+    G = torch.tensor([[1.0, -2.0, 0.5], [3.0, 0.25, -1.0]])
+    res = LinearScalarization([2.0, -0.5]).aggregate(G)
+    assert res.gramian is None
+    torch.testing.assert_close(res.direction, 2.0 * G[0] - 0.5 * G[1])
+    assert res.weights.tolist() == [2.0, -0.5]
+    batched = LinearScalarization([2.0, -0.5]).aggregate_batch(torch.stack([G, -G]))
+    torch.testing.assert_close(batched, torch.stack([res.direction, -res.direction]))
+
+
+@pytest.mark.parametrize("weights", [None, [1.0, 0.0, 1.0]])  # a zero weight does not hide a NaN
+def test_ls_names_the_non_finite_row(weights):
+    from mtl_opt.methods import LinearScalarization
+
+    G = torch.ones(3, 5)
+    G[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"task row\(s\) \[1\]"):
+        LinearScalarization(weights)(G)
+    Gb = torch.ones(2, 3, 5)
+    Gb[1, 2, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"entries \[\[1, 2\]\]"):
+        LinearScalarization(weights).aggregate_batch(Gb)
+
+
+def test_ls_overflow_of_the_direction_and_of_its_sum_only():
+    from mtl_opt.methods import LinearScalarization
+
+    big = torch.full((2, 4), 3e38)
+    with pytest.raises(ValueError, match="overflows float32"):
+        LinearScalarization()(big)  # 6e38 per entry: beyond float32
+    # Entries that fit but whose sum does not: the screen's fallback test passes them.
+    fits = torch.full((2, 4), 1e38)
+    out = LinearScalarization()(fits)
+    assert torch.isfinite(out).all() and not torch.isfinite(out.sum())
