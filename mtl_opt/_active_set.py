@@ -27,7 +27,8 @@ Both first try the interior of the whole simplex (one bordered solve: the optimu
 step is often interior), and run the active set only when that point is not a certified optimum.
 Both methods decrease the objective strictly at every step and never revisit a support, so they
 stop after finitely many steps (a cap guards against rounding cycles). Whatever they return is
-certified; when a certificate fails, a bordered system is singular (affinely dependent rows), or
+certified; when a certificate fails, a bordered system is singular (affinely dependent rows, to
+rounding), the min-norm weights are not unique (a vertex off the support ties), or
 the conflict-averse optimum sits at the origin of the hull (the non-smooth case that needs a cone
 projection), the functions return ``None`` and the caller uses the batched solver, which handles
 every case. Work in normalised units ``A = M / max_i M_ii``; each bordered block is divided by its
@@ -50,6 +51,8 @@ ACTIVE_SET_MAX_K = 8
 # Stationarity slack inside the iterations (normalised units): a vertex enters the support only
 # when it improves the objective by more than rounding.
 _STEP_TOL = 64.0 * _EPS
+# Smallest pivot accepted in a bordered solve (its entries are at most 1 in size).
+_PIVOT_TOL = 1e-13
 
 
 def min_norm_floats(M: list[list[float]]) -> list[float] | None:
@@ -108,12 +111,24 @@ def _matvec(A: list[list[float]], x: list[float]) -> list[float]:
 
 
 def _min_norm_certified(A: list[list[float]], alpha: list[float]) -> list[float] | None:
-    """``alpha`` projected onto Δ when it passes the KKT test ``min_i (Aα)_i ≥ αᵀAα − tol``."""
+    """``alpha`` projected onto Δ when it passes the KKT test ``min_i (Aα)_i ≥ αᵀAα − tol`` and
+    is the only minimiser.
+
+    The minimiser ``α`` (not the point ``αᵀG``) can be non-unique when a vertex off the support
+    ties with it (``(Aα)_j = αᵀAα``: duplicate or affinely dependent rows, the origin in the
+    hull). Methods that apply ``α`` to other rows than those of ``A`` (MGDA with a
+    normalisation) would then depend on which minimiser a solver picks, so such cases go to the
+    batched solver, which every call path shares.
+    """
     alpha = _on_simplex(alpha)
     if alpha is None:
         return None
     grad = _matvec(A, alpha)
-    if min(grad) < sum(map(mul, alpha, grad)) - _KKT_RTOL:
+    value = sum(map(mul, alpha, grad))
+    if min(grad) < value - _KKT_RTOL:
+        return None
+    ties = sum(1 for g in grad if g <= value + _KKT_RTOL)
+    if ties > sum(1 for a in alpha if a > 0.0):
         return None
     return alpha
 
@@ -290,8 +305,9 @@ def _bordered_solve(
     """``[[A_SS/τ, 1], [1ᵀ, 0]] [x; ν] = [y; z]`` for ``(y, z) = (0, 1)`` and, when ``b`` is
     given, ``(−b_S/τ, 0)`` (``τ = max_{i∈S} A_ii``; the solutions do not depend on it).
 
-    Gaussian elimination with partial pivoting on the ``(|S| + 1)``-square system; ``None`` when a
-    pivot is zero or the solution is not finite (affinely dependent rows).
+    Gaussian elimination with partial pivoting on the ``(|S| + 1)``-square system, whose entries
+    are at most 1 in size; ``None`` when a pivot is below ``1e-13`` (affinely dependent rows, to
+    rounding) or the solution is not finite.
     """
     n = len(S)
     tau = max(A[i][i] for i in S)
@@ -315,8 +331,8 @@ def _bordered_solve(
             v = abs(rows[r][col])
             if v > best:
                 piv, best = r, v
-        if not best > 0.0:
-            return None
+        if not best > _PIVOT_TOL:
+            return None  # (nearly) affinely dependent rows: the face's minimiser is not unique
         if piv != col:
             rows[col], rows[piv] = rows[piv], rows[col]
         prow = rows[col]

@@ -48,9 +48,14 @@ def _ca_value(M: np.ndarray, w: np.ndarray, c: float) -> tuple[float, float]:
 # Min-norm point
 # ------------------------------------------------------------------------------------------------
 def test_min_norm_is_certified_and_no_worse_than_the_batched_solver() -> None:
-    for G, M in _problems(0, 600):
+    for G, M in _problems(0, 600, generic=True):
+        assert min_norm_floats(M.tolist()) is not None  # generic problems: never handed over
+    handed_over = 0
+    for G, M in _problems(0, 600):  # duplicates and d < K included
         alpha = min_norm_floats(M.tolist())
-        assert alpha is not None  # Wolfe's method certifies every one of these
+        if alpha is None:  # a non-unique minimiser α (ties off the support, singular faces)
+            handed_over += 1
+            continue
         a = np.array(alpha)
         scale = M.diagonal().max()
         assert a.min() >= 0.0 and abs(a.sum() - 1.0) < 1e-12
@@ -58,6 +63,40 @@ def test_min_norm_is_certified_and_no_worse_than_the_batched_solver() -> None:
         assert grad.min() >= a @ grad - 1e-9 * scale  # KKT, independently of the solver
         ref = min_norm_batch_np(M[None])[0]
         assert a @ M @ a <= ref @ M @ ref + 1e-13 * scale
+    assert handed_over < 300  # the degenerate share, not everything
+
+
+def test_min_norm_hands_over_non_unique_minimisers() -> None:
+    """The point αᵀG is unique, α is not: a duplicated row, or rows through the origin of the
+    hull (d = 1). MGDA applies α to other rows than the normalised ones, so these go to the
+    batched solver that every call path shares."""
+    duplicate = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert min_norm_floats((duplicate @ duplicate.T).tolist()) is None
+    collinear = np.array([[2.0], [1.0], [-1.0]])
+    assert min_norm_floats((collinear @ collinear.T).tolist()) is None
+
+
+def test_mgda_normalised_single_call_matches_batched_on_degenerate_jacobians() -> None:
+    """Opposing pairs, zero rows, d < K and rows of sizes 1e-4 … 1e4: with normalisation the
+    direction depends on which minimiser α is used, so both paths must pick the same."""
+    rng = np.random.default_rng(123)
+    for normalization in ("l2", "loss+"):
+        agg = MGDA(normalization)
+        for _ in range(400):
+            K = int(rng.integers(3, ACTIVE_SET_MAX_K + 1))
+            d = int(rng.integers(1, 30))
+            G = rng.standard_normal((K, d)) * 10.0 ** rng.uniform(-4, 4, size=(K, 1))
+            G += rng.uniform(-2, 2) * rng.standard_normal(d)
+            if rng.random() < 0.3:
+                G[int(rng.integers(K))] = 0.0
+            if rng.random() < 0.3:
+                G[1] = -G[0] * rng.uniform(0.1, 10)
+            M = torch.from_numpy(0.5 * (G @ G.T + (G @ G.T).T))
+            losses = torch.from_numpy(rng.uniform(0.5, 2.0, size=K))
+            fast = agg._weights(M, losses=losses, task_weights=None).numpy() @ G
+            ref = agg._batch_weights(M[None], losses=losses[None], task_weights=None)[0].numpy() @ G
+            scale = K * np.linalg.norm(G, axis=1).max()
+            assert np.abs(fast - ref).max() <= 1e-6 * scale
 
 
 @pytest.mark.parametrize(
@@ -66,7 +105,7 @@ def test_min_norm_is_certified_and_no_worse_than_the_batched_solver() -> None:
         ([[1, 0, 0], [0, 1, 0], [0, 0, 1]], [1 / 3, 1 / 3, 1 / 3]),  # interior: the centroid
         ([[1, 0, 0], [0, 1, 0], [3, 3, 0]], [0.5, 0.5, 0.0]),  # the third row is not used
         ([[1, 0, 0, 0], [0, 2, 0, 0], [5, 5, 5, 0], [0, 0, 0, 4]], [16 / 21, 8 / 21, 0, 4 / 21]),  # α ∝ 1/‖g_i‖²
-        ([[1, 1], [1, -1], [-1, 0], [2, 2]], [0.0, 0.0]),  # the origin is in the hull
+        ([[1, 0], [0, 1], [-1, -1]], [0.0, 0.0]),  # the origin is in the hull (α unique)
     ],
 )
 def test_min_norm_known_points(rows: list[list[float]], point: list[float]) -> None:
