@@ -38,6 +38,7 @@ largest diagonal entry, as in the batched face systems.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from operator import mul
 
 from mtl_opt.simplex import _EPS, _KKT_RTOL, ZERO_NORM_RTOL
@@ -186,66 +187,75 @@ def _face_step(
 # ------------------------------------------------------------------------------------------------
 def _wolfe(A: list[list[float]], K: int) -> list[float] | None:
     """Wolfe's min-norm-point method on the Gramian ``A`` (normalised units)."""
-    j = min(range(K), key=lambda i: A[i][i])
-    S = [j]
-    x = [0.0] * K
-    x[j] = 1.0
-    for _ in range(8 * K + 8):
-        grad = _matvec(A, x)
-        value = sum(map(mul, x, grad))
-        j = min(range(K), key=grad.__getitem__)
-        if grad[j] >= value - _STEP_TOL or j in S:
-            return x
-        S.append(j)
-        for _minor in range(K + 1):
-            sol = _bordered_solve(A, S, None)
-            if sol is None:
-                return None
-            y = sol[0]
-            if min(y) > 0.0:
-                for k, yk in zip(S, y):
-                    x[k] = yk
-                break
-            S = _step_to_boundary(x, S, y)
-        else:
-            return None
-    return None
+
+    def affine_minimiser(S: list[int]) -> tuple[list[float], bool] | None:
+        sol = _bordered_solve(A, S, None)
+        return None if sol is None else (sol[0], False)
+
+    start = min(range(K), key=lambda i: A[i][i])
+    return _active_set(K, start, lambda x: _matvec(A, x), affine_minimiser, _STEP_TOL)
 
 
 def _conflict_averse_active_set(
     A: list[list[float]], b: list[float], s: float, K: int
 ) -> list[float] | None:
     """The active-set method on ``F(w) = wᵀb + s√(wᵀAw)`` (normalised units)."""
-    vertex_values = [b[i] + s * math.sqrt(max(A[i][i], 0.0)) for i in range(K)]
-    j = min(range(K), key=vertex_values.__getitem__)
-    S = [j]
-    w = [0.0] * K
-    w[j] = 1.0
-    for _ in range(8 * K + 8):
+
+    def gradient(w: list[float]) -> list[float] | None:  # ∇F = b + s·Aw/r
         Aw = _matvec(A, w)
         r2 = sum(map(mul, w, Aw))
         if not r2 > ZERO_NORM_RTOL:
             return None  # at the origin of the hull: F is not differentiable there
         factor = s / math.sqrt(r2)
-        grad = [bi + factor * awi for bi, awi in zip(b, Aw)]
-        value = sum(map(mul, w, grad))
+        return [bi + factor * awi for bi, awi in zip(b, Aw)]
+
+    vertex_values = [b[i] + s * math.sqrt(max(A[i][i], 0.0)) for i in range(K)]
+    start = min(range(K), key=vertex_values.__getitem__)
+    return _active_set(
+        K, start, gradient, lambda S: _face_step(A, b, s, S), _STEP_TOL * (1.0 + s)
+    )
+
+
+def _active_set(
+    K: int,
+    start: int,
+    gradient: Callable[[list[float]], list[float] | None],
+    face_step: Callable[[list[int]], tuple[list[float], bool] | None],
+    tol: float,
+) -> list[float] | None:
+    """The primal active-set scheme shared by both problems, from the vertex ``start``.
+
+    ``gradient(x)`` is the objective's gradient (``None``: not differentiable there);
+    ``face_step(S)`` is where the objective goes on the affine hull of ``S`` (see
+    :func:`_face_step`; ``None``: hand over). Major steps add the vertex of least gradient while it
+    beats ``xᵀ∇`` by more than ``tol``; minor steps move to the face's minimiser, or toward it (or
+    along the ray) until a coordinate reaches zero.
+    """
+    S = [start]
+    x = [0.0] * K
+    x[start] = 1.0
+    for _ in range(8 * K + 8):
+        grad = gradient(x)
+        if grad is None:
+            return None
+        value = sum(map(mul, x, grad))
         j = min(range(K), key=grad.__getitem__)
-        if grad[j] >= value - _STEP_TOL * (1.0 + s) or j in S:
-            return w
+        if grad[j] >= value - tol or j in S:
+            return x
         S.append(j)
         for _minor in range(K + 1):
-            step = _face_step(A, b, s, S)
+            step = face_step(S)
             if step is None:
                 return None
             y, is_ray = step
             if is_ray:  # follow the ray to the boundary
-                S = _step_along(w, S, y)
+                S = _step_along(x, S, y)
             elif min(y) > 0.0:
                 for k, yk in zip(S, y):
-                    w[k] = yk
+                    x[k] = yk
                 break
             else:
-                S = _step_to_boundary(w, S, y)
+                S = _step_to_boundary(x, S, y)
         else:
             return None
     return None
