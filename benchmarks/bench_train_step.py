@@ -8,8 +8,10 @@ parameters) with a classification head (cross-entropy over 10 classes) and a reg
 (mean squared error). One step is forward, backward and ``torch.optim.SGD.step``:
 
 * ``baseline``: ``(L_1 + L_2).backward()``, the step every ratio is quoted against;
-* ``parameters``: :func:`mtl_opt.mtl_backward` over the encoder's parameters (full Jacobian,
-  K × d with d ≈ 10⁷), the heads trained by their own task;
+* ``parameters``: :func:`mtl_opt.mtl_backward` over the encoder's parameters, the heads trained
+  by their own task; the linear layers' Gramian and update come from their inputs and output
+  gradients (``factor_linear=True``, the default), the LayerNorm's from its Jacobian rows;
+* ``rows``: the same with ``factor_linear=False``: the full Jacobian, K × d with d ≈ 10⁷;
 * ``features``: :func:`mtl_opt.mtl_backward` with ``features=z`` (the encoder's output;
   representation-level aggregation, MGDA-UB): the Jacobian is K × (batch · width) and the
   encoder is traversed once.
@@ -94,8 +96,10 @@ def _make_step(model: SharedEncoderTwoHeads, opt: torch.optim.Optimizer, batch, 
             res = mtl_opt.mtl_backward(
                 losses, model.encoder, agg, task_params=[model.head_cls, model.head_reg],
                 features=z if level == "features" else None, parallel=parallel,
+                factor_linear=level != "rows",
             )
             info["batched"] = res.batched
+            info["factored"] = res.factored_params
         opt.step()
 
     return step, info
@@ -104,7 +108,11 @@ def _make_step(model: SharedEncoderTwoHeads, opt: torch.optim.Optimizer, batch, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--methods", nargs="+", default=None, help="method specs (default: every registered method)")
-    p.add_argument("--levels", nargs="+", default=["parameters", "features"], choices=["parameters", "features"])
+    p.add_argument("--levels", nargs="+", default=["parameters", "rows", "features"],
+                   choices=["parameters", "rows", "features"],
+                   help="parameters: mtl_backward at the parameters (linear layers factored); rows: "
+                        "the same with factor_linear=False (every Jacobian row); features: "
+                        "features=z (default: all three)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration (default 10)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--batch", type=int, default=64)
@@ -167,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         med = statistics.median(ts)
         rows.append({"method": label, "level": level, "steps": args.steps, "median_ms": med,
                      "min_ms": min(ts), "max_ms": max(ts), "ratio_to_baseline": med / base_ms,
-                     "batched_jacobian": info.get("batched"), "peak_mem_mb": peak})
+                     "batched_jacobian": info.get("batched"),
+                     "factored_params": info.get("factored"), "peak_mem_mb": peak})
 
     import pandas as pd
 

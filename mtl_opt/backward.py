@@ -63,6 +63,22 @@ two graphs at once. :class:`mtl_opt.MultiTaskOptimizer` settles ``"auto"`` on it
 then passes ``parallel=True`` or ``False``, which never retain the graph unless asked; a
 hand-written loop can do the same with ``result.batched``.
 
+Linear layers without Jacobian rows
+-----------------------------------
+With a :class:`GramianAggregator` on the batched path, a shared weight ``W`` used as
+``Y = X Wᵀ (+ b)`` (``nn.Linear``, ``F.linear``, ``x @ W.T``) over ``N`` input rows gets no
+Jacobian rows (``factor_linear=True``, the default). The batched call stops at the layer's output
+(a ``GradientEdge``), which gives ``Δ_k = ∂L_k/∂Y`` (N × out) and spares autograd the K
+weight-gradient products; ``∇_W L_k = Δ_kᵀ X``, so the weight's share of the Gramian is
+``⟨Δ_iᵀX, Δ_jᵀX⟩ = Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` (float64), its bias's ``(1ᵀΔ_i)(Δ_jᵀ1)``, and
+its update one product ``(Σ_k β_k Δ_k)ᵀ X``. A layer used several times stacks its uses' rows.
+Which weights qualify is read off the graph (:mod:`mtl_opt._layerwise`): every edge into the
+weight's accumulator must come from such a product, so a weight also used any other way (tied to
+an embedding, cast under autocast, a convolution) keeps its Jacobian rows, and so does any layer
+whose N × N products would cost more than its rows (long sequences). The result is the same to
+rounding; ``result.factored_params`` counts the factored parameters. The per-task loop
+(``parallel=False`` or the fallback) always uses the rows.
+
 Representation-level aggregation (MGDA-UB)
 ------------------------------------------
 With ``features=z`` (the shared encoder's output, still part of the graph), the Jacobian is
@@ -88,7 +104,7 @@ from __future__ import annotations
 
 import warnings
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
@@ -96,6 +112,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mtl_opt._layerwise import (
+    LayerPlan,
+    factored_gramian,
+    factored_rows,
+    factored_updates,
+    plan_linear_layers,
+)
 from mtl_opt._validation import (
     GRAMIAN_BLOCK,
     _diagonal_in_range,
@@ -140,6 +163,9 @@ class MTLBackwardResult:
         batched: whether the per-task gradients came from one batched autograd call.
         fallback_reason: why the batched call was abandoned (``parallel="auto"``), else None.
         level: ``"parameters"`` or ``"features"`` (representation-level, MGDA-UB).
+        factored_params: how many shared parameters (linear weights and biases) took their
+            Gramian share and update from their layer's inputs and output gradients instead of
+            Jacobian rows (``factor_linear``); 0 when none did.
     """
 
     aggregation: AggregationResult
@@ -151,6 +177,7 @@ class MTLBackwardResult:
     batched: bool
     fallback_reason: str | None
     level: Literal["parameters", "features"]
+    factored_params: int = 0
 
     @property
     def direction(self) -> Tensor:
@@ -451,6 +478,10 @@ class _TaskGrads:
     batched: bool
     fallback_reason: str | None
     blocks: list[Tensor] | None = None  # batched path: the (K, n_j) blocks, G not yet built
+    # Factored linear layers (batched path): the plan, and each use's output gradients
+    # (K, N_u, out_u); ``blocks`` then holds the rows of the plan's ``rest`` parameters only.
+    plan: LayerPlan | None = None
+    deltas: list[Tensor] | None = None
 
     def flat(self) -> Tensor:
         """``G`` (K, d), concatenating the blocks on first use (one copy of the Jacobian)."""
@@ -475,17 +506,36 @@ def _combine_head_rows(rows: list[Tensor | None], owners: list[int | None], h: T
 
 def _batched_grads(
     L: Tensor, first: list[Tensor], heads: list[Tensor], owners: list[int | None], h: Tensor,
-    retain_graph: bool,
+    retain_graph: bool, plan: LayerPlan | None = None,
 ) -> _TaskGrads:
-    """One vmapped autograd call with ``grad_outputs = I_K``: every input gets K rows."""
+    """One vmapped autograd call with ``grad_outputs = I_K``: every input gets K rows.
+
+    With a ``plan`` (factored linear layers), the call stops at the factored layers' outputs
+    instead of asking for their weights, and returns those output gradients as ``deltas``.
+    """
     K = L.shape[0]
     eye = torch.eye(K, dtype=L.dtype, device=L.device)
+    firsts: list[Any] = first if plan is None else plan.inputs(first)
     rows = torch.autograd.grad(
-        L, first + heads, grad_outputs=eye, is_grads_batched=True,
+        L, firsts + heads, grad_outputs=eye, is_grads_batched=True,
         retain_graph=retain_graph, allow_unused=True,
     )
     rows = [g.to_dense() if g is not None and g.is_sparse else g for g in rows]
-    first_rows, head_rows = rows[: len(first)], rows[len(first):]
+    first_rows, head_rows = rows[: len(firsts)], rows[len(firsts):]
+    if plan is not None:
+        n_edges = len(plan.edges)
+        deltas = first_rows[:n_edges]
+        if any(D is None for D in deltas):  # each edge was found under L: autograd reaches it
+            raise RuntimeError("a factored linear layer's output received no gradient")
+        rest_rows = first_rows[n_edges:]
+        reached = [True] * len(first)
+        for j, r in zip(plan.rest, rest_rows):
+            reached[j] = r is not None
+        blocks = [r.reshape(K, -1) for r in rest_rows] if all(reached) else None  # type: ignore[union-attr]
+        return _TaskGrads(
+            None, reached, _combine_head_rows(head_rows, owners, h), True, None, blocks,
+            plan, deltas,  # type: ignore[arg-type]
+        )
     reached = [r is not None for r in first_rows]
     blocks = None
     if all(reached):
@@ -538,20 +588,21 @@ def _looped_grads(
 def _task_grads(
     loss_list: list[Tensor], L: Tensor, first: list[Tensor], heads: list[Tensor],
     owners: list[int | None], h: Tensor, parallel: Parallel, retain_graph: bool,
+    plan: LayerPlan | None = None,
 ) -> _TaskGrads:
     K = len(loss_list)
     if K == 1 or parallel is False:
         return _looped_grads(loss_list, first, heads, owners, h, retain_graph)
     if parallel is True:
         try:
-            return _batched_grads(L, first, heads, owners, h, retain_graph)
+            return _batched_grads(L, first, heads, owners, h, retain_graph, plan)
         except (RuntimeError, NotImplementedError) as exc:
             raise RuntimeError(
                 f"the batched Jacobian failed (parallel=True): {_first_line(exc)}; use "
                 "parallel='auto' or parallel=False to compute it with one backward pass per task"
             ) from exc
     try:
-        return _batched_grads(L, first, heads, owners, h, retain_graph=True)
+        return _batched_grads(L, first, heads, owners, h, retain_graph=True, plan=plan)
     except (RuntimeError, NotImplementedError) as exc:
         reason = f"{type(exc).__name__}: {_first_line(exc)}"
         warnings.warn(
@@ -584,6 +635,7 @@ def mtl_backward(
     features: Tensor | Sequence[Tensor] | None = None,
     retain_graph: bool = False,
     parallel: Parallel = "auto",
+    factor_linear: bool = True,
 ) -> MTLBackwardResult:
     """Backpropagate K task losses through an aggregator, accumulating into ``.grad``.
 
@@ -606,6 +658,11 @@ def mtl_backward(
         retain_graph: keep the graph after the call (as in ``.backward()``).
         parallel: ``"auto"`` (batched, falling back to a loop), ``True`` (batched only) or
             ``False`` (one backward pass per task).
+        factor_linear: on the batched path with a :class:`GramianAggregator`, take the
+            Gramian share and the update of shared linear-layer weights and biases from the
+            layers' inputs and output gradients instead of their Jacobian rows (see "Linear
+            layers without Jacobian rows" in the module docs). Same result to rounding; ``False``
+            forces the Jacobian rows.
 
     Returns:
         :class:`MTLBackwardResult` with the aggregation and the Jacobian's diagnostics.
@@ -622,6 +679,8 @@ def mtl_backward(
         raise ValueError(f"parallel must be 'auto', True or False, got {parallel!r}")
     if not isinstance(retain_graph, bool):
         raise TypeError(f"retain_graph must be a bool, got {retain_graph!r}")
+    if not isinstance(factor_linear, bool):
+        raise TypeError(f"factor_linear must be a bool, got {factor_linear!r}")
     level: Literal["parameters", "features"] = "parameters" if features is None else "features"
     if features is not None and not isinstance(aggregator, GramianAggregator):
         raise TypeError(
@@ -676,8 +735,15 @@ def mtl_backward(
     head_inputs = [p for _, p in group_params] + others
     owners: list[int | None] = [i for i, g in enumerate(groups) for _ in g] + [None] * len(others)
     first = [p for _, p in shared] if level == "parameters" else feats
+    plan = None
+    if (
+        level == "parameters" and factor_linear and K > 1 and parallel is not False
+        and _blocked_eligible_class(aggregator)
+    ):
+        plan = plan_linear_layers(L, first, K)
     grads = _task_grads(
-        loss_list, L, first, head_inputs, owners, h, parallel, retain_graph or level == "features"
+        loss_list, L, first, head_inputs, owners, h, parallel, retain_graph or level == "features",
+        plan,
     )
 
     # Every given parameter must be reached by some loss.
@@ -690,7 +756,17 @@ def mtl_backward(
         if update is None:
             raise ValueError(f"{name} is not reached by any loss")
     shared_t = [p for _, p in shared]
-    if level == "parameters" and _blocked_eligible(aggregator, grads.blocks):
+    factored = 0
+    if grads.deltas is not None:
+        assert grads.plan is not None and isinstance(aggregator, GramianAggregator)
+        agg, M, shared_updates = _aggregate_factored(
+            aggregator, grads.plan, grads.deltas, grads.blocks or [], shared_t, values,
+            task_weights,
+        )
+        factored = len(grads.plan.factored)
+        grads.blocks = grads.deltas = None
+        owned = [True] * len(shared_updates)
+    elif level == "parameters" and _blocked_eligible(aggregator, grads.blocks):
         # GramianAggregator at the parameters: M and βᵀG_j per parameter, never the flat G.
         assert grads.blocks is not None
         agg, M, shared_updates = _aggregate_blocks(
@@ -762,6 +838,7 @@ def mtl_backward(
         batched=grads.batched,
         fallback_reason=grads.fallback_reason,
         level=level,
+        factored_params=factored,
     )
 
 
@@ -850,19 +927,25 @@ class _BlockedAggregationResult(AggregationResult):
         return self._flat
 
 
-def _blocked_eligible(aggregator: GradientAggregator, blocks: list[Tensor] | None) -> bool:
-    """Whether the aggregation can run on the blocks: a GramianAggregator that keeps the base
-    class's ``aggregate`` (validation, Gramian, ``βᵀG``; or declares with ``aggregate_is_weighting``
-    that its own ``_aggregate`` returns the same ``βᵀG``), over float32/float64 blocks of one
-    dtype on one real device with d > 0. Anything else takes the flat path."""
-    if blocks is None or not blocks or not isinstance(aggregator, GramianAggregator):
+def _blocked_eligible_class(aggregator: GradientAggregator) -> bool:
+    """A GramianAggregator that keeps the base class's ``aggregate`` (validation, Gramian,
+    ``βᵀG``; or declares with ``aggregate_is_weighting`` that its own ``_aggregate`` returns the
+    same ``βᵀG``): its result is ``βᵀG`` with ``β`` from the Gramian alone."""
+    if not isinstance(aggregator, GramianAggregator):
         return False
     cls = type(aggregator)
-    if (
+    return not (
         cls.aggregate is not GradientAggregator.aggregate
         or (cls._aggregate is not GramianAggregator._aggregate and not cls.aggregate_is_weighting)
         or cls._validate_jacobian is not GramianAggregator._validate_jacobian
-    ):
+    )
+
+
+def _blocked_eligible(aggregator: GradientAggregator, blocks: list[Tensor] | None) -> bool:
+    """Whether the aggregation can run on the blocks: :func:`_blocked_eligible_class`, over
+    float32/float64 blocks of one dtype on one real device with d > 0. Anything else takes the
+    flat path."""
+    if blocks is None or not blocks or not _blocked_eligible_class(aggregator):
         return False
     dtype, device = blocks[0].dtype, blocks[0].device
     if dtype not in (torch.float32, torch.float64) or device.type == "meta":
@@ -883,7 +966,12 @@ def _gram_blocks(blocks: list[Tensor]) -> Tensor:
     return M
 
 
-def gramian_of_blocks(blocks: list[Tensor]) -> Tensor:
+def gramian_of_blocks(
+    blocks: list[Tensor],
+    *,
+    extra: Tensor | None = None,
+    extra_rows: Callable[[], list[Tensor]] | None = None,
+) -> Tensor:
     """:func:`mtl_opt._validation.gramian_of` of ``G = [G_1 | ... | G_n]`` given its column
     blocks, without concatenating them: ``M = Σ_j G_j G_jᵀ``, float64 CPU, exactly symmetric.
 
@@ -891,13 +979,38 @@ def gramian_of_blocks(blocks: list[Tensor]) -> Tensor:
     entry that is non-finite or below :func:`~mtl_opt._validation.underflow_threshold` of the
     total width (of a row that is not exactly zero) triggers a float64 recomputation; a
     non-finite result raises naming the task rows that hold NaN/inf, or the overflow.
+
+    ``extra`` is a share of ``M`` computed elsewhere (K × K, float64, on the blocks' device; the
+    factored linear layers), added before the checks and moved to the CPU in the same transfer.
+    When it is not finite, ``extra_rows()`` materialises the Jacobian blocks it stands for, so
+    that the error names the same rows as the unfactored path.
     """
+    M = _gram_blocks(blocks) if blocks else None
+    if extra is not None:
+        both = extra[None] if M is None else torch.stack([M.to(torch.float64), extra])
+        both = both.cpu()  # the one device-to-host transfer
+        a_extra = both[-1].numpy()
+        if not np.isfinite(a_extra).all():
+            if extra_rows is not None:
+                gramian_of_blocks(blocks + extra_rows())  # raises, naming the rows
+            raise ValueError("the Gramian G Gᵀ of the linear layers is not finite")
+        a = _checked_block_gramian(blocks, both[0].numpy()) if M is not None else np.zeros_like(a_extra)
+        a = a + a_extra
+        if not np.isfinite(a).all():
+            raise ValueError("the Gramian G Gᵀ overflows float64; rescale the losses")
+    else:
+        assert M is not None, "gramian_of_blocks needs blocks or extra"
+        if M.device.type != "cpu":
+            M = M.cpu()  # the one device-to-host transfer
+        a = _checked_block_gramian(blocks, M.numpy())
+    return torch.from_numpy((a + a.T) * 0.5)
+
+
+def _checked_block_gramian(blocks: list[Tensor], a: np.ndarray) -> np.ndarray:
+    """``a = Σ_j G_j G_jᵀ`` (on the CPU, in the blocks' dtype or float64) as float64, with the
+    float32 range fallback and the errors of :func:`gramian_of_blocks`."""
     K = blocks[0].shape[0]
     d = sum(b.shape[1] for b in blocks)
-    M = _gram_blocks(blocks)
-    if M.device.type != "cpu":
-        M = M.cpu()  # the one device-to-host transfer
-    a = M.numpy()
     if blocks[0].dtype != torch.float64:
         a = a.astype(np.float64)
         if not _diagonal_in_range(a, underflow_threshold(d)):
@@ -925,7 +1038,7 @@ def gramian_of_blocks(blocks: list[Tensor]) -> Tensor:
                 "rescale the losses"
             )
         raise ValueError("the Gramian G Gᵀ overflows float64; rescale the losses")
-    return torch.from_numpy((a + a.T) * 0.5)
+    return a
 
 
 def _aggregate_blocks(
@@ -944,4 +1057,27 @@ def _aggregate_blocks(
     # what combine_rows computes, as one GEMM per block.
     row = beta.to(device=blocks[0].device, dtype=blocks[0].dtype, non_blocking=True)[None]
     pieces = [torch.mm(row, b).view(p.shape) for b, p in zip(blocks, params)]
+    return _BlockedAggregationResult(pieces, beta, M), M, pieces
+
+
+def _aggregate_factored(
+    aggregator: GramianAggregator, plan: LayerPlan, deltas: list[Tensor], blocks: list[Tensor],
+    params: list[Tensor], values: Tensor, task_weights: object | None,
+) -> tuple[_BlockedAggregationResult, Tensor, list[Tensor]]:
+    """:func:`_aggregate_blocks` with the plan's linear layers factored: their Gramian share
+    from ``(X, Δ)``, the rest from the Jacobian rows ``blocks`` (of ``plan.rest``, in order);
+    one ``_checked_weights`` call; then each parameter's ``βᵀ G_j``."""
+    K = deltas[0].shape[0]
+    losses_t, weights_t = aggregator._check_context(K, values, task_weights)  # type: ignore[arg-type]
+    M = gramian_of_blocks(
+        blocks,
+        extra=factored_gramian(plan, deltas),
+        extra_rows=lambda: list(factored_rows(plan, deltas).values()),
+    )
+    beta = aggregator._checked_weights(M, losses_t, weights_t)
+    row = beta.to(device=deltas[0].device, dtype=deltas[0].dtype, non_blocking=True)
+    updates = factored_updates(plan, deltas, row, params)
+    for j, b in zip(plan.rest, blocks):
+        updates[j] = torch.mm(row[None], b).view(params[j].shape)
+    pieces = [updates[j] for j in range(len(params))]
     return _BlockedAggregationResult(pieces, beta, M), M, pieces

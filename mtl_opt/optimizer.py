@@ -72,6 +72,8 @@ class MultiTaskOptimizer:
             multi-task step: if the batched Jacobian worked it is used from then on without
             keeping the graph alive for a fallback (no extra memory); if it failed, the per-task
             loop is used from then on (no failed attempt per step).
+        factor_linear: passed to :func:`mtl_opt.mtl_backward`: shared linear layers take their
+            Gramian share and update from their inputs and output gradients (no Jacobian rows).
 
     LR schedulers attach to the wrapped optimizer (``opt.optimizer``); ``param_groups`` is the
     wrapped optimizer's own list, so changes are shared.
@@ -85,6 +87,7 @@ class MultiTaskOptimizer:
         *,
         task_params: Sequence[Params] | None = None,
         parallel: Parallel = "auto",
+        factor_linear: bool = True,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -99,6 +102,8 @@ class MultiTaskOptimizer:
             parallel != "auto" and not isinstance(parallel, bool)
         ):
             raise ValueError(f"parallel must be 'auto', True or False, got {parallel!r}")
+        if not isinstance(factor_linear, bool):
+            raise TypeError(f"factor_linear must be a bool, got {factor_linear!r}")
         self.optimizer = optimizer
         self.aggregator = aggregator
         # Modules are kept as modules (parameter names in error messages); iterables, which
@@ -117,6 +122,7 @@ class MultiTaskOptimizer:
                 )
             self.task_params = [_keep(g) for g in task_params]
         self.parallel: Parallel = parallel
+        self.factor_linear = factor_linear
         self._resolved: bool | None = None  # what "auto" settled on after its first try
         self._pending_backward = False
         self.last_result: MTLBackwardResult | None = None
@@ -175,6 +181,7 @@ class MultiTaskOptimizer:
                 features=features,
                 retain_graph=retain_graph,
                 parallel=parallel,
+                factor_linear=self.factor_linear,
             )
         except RuntimeError as exc:
             if self.parallel == "auto" and self._resolved is True and "batched Jacobian" in str(exc):
