@@ -8,7 +8,10 @@ of the synthetic set, the task losses and ``MultiTaskOptimizer.step`` (AdamW). R
 
 * ``baseline``: ``(L_report + 4 L_cls).backward()`` and ``AdamW.step()``: the single-loss step
   every ratio is quoted against;
-* ``<method>/parameters``: the Jacobian over the encoder's parameters, aggregated by the method;
+* ``<method>/parameters``: the Jacobian over the encoder's parameters, aggregated by the method
+  (linear layers factored where they qualify: no Jacobian rows for them, see
+  :func:`mtl_opt.mtl_backward`'s ``factor_linear``; the row says how many parameters were);
+* ``<method>/rows``: the same with ``factor_linear=False`` (every Jacobian row);
 * ``<method>/representation``: the Jacobian over the encoder's output (MGDA-UB);
 * ``greedy`` / ``beam3``: decoding the batch (per study).
 
@@ -96,18 +99,24 @@ def main() -> None:
     rows.append(("baseline (weighted sum)", _time(baseline, device, args.steps, args.warmup)))
     for name in args.methods:
         agg = mtl_opt.get_aggregator(name)
-        mto = mtl_opt.MultiTaskOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-4), agg,
-                                         model.shared_parameters(), task_params=model.task_parameters())
         tw = weights if agg.accepts_task_weights else None
         scale = [1.0, 1.0] if agg.accepts_task_weights else [1.0, 4.0]
-        for level in ("parameters", "representation"):
-            def step(level=level):
+        for level in ("parameters", "rows", "representation"):
+            mto = mtl_opt.MultiTaskOptimizer(
+                torch.optim.AdamW(model.parameters(), lr=1e-4), agg, model.shared_parameters(),
+                task_params=model.task_parameters(), factor_linear=level != "rows",
+            )
+
+            def step(level=level, mto=mto):
                 out = forward()
                 losses = [scale[0] * out["report"], scale[1] * out["classification"]]
                 mto.zero_grad()
                 mto.step(losses, task_weights=tw,
                          features=out["memory"] if level == "representation" else None)
-            rows.append((f"{name}/{level}", _time(step, device, args.steps, args.warmup)))
+            ts = _time(step, device, args.steps, args.warmup)
+            factored = mto.last_result.factored_params if mto.last_result is not None else 0
+            label = f"{name}/{level}" + (f" ({factored} factored)" if level == "parameters" else "")
+            rows.append((label, ts))
 
     model.eval()
     B = images.shape[0]

@@ -299,3 +299,29 @@ def test_multitask_optimizer_passes_factor_linear_on(always_factor):
             torch.optim.SGD(model.parameters(), lr=0.1), mtl_opt.get_aggregator("mgda"),
             model.trunk, factor_linear="yes",
         )
+
+
+def test_checkpointed_layers_are_factored_and_autocast_casts_keep_rows(always_factor):
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh()).double()
+    x = torch.randn(5, 6, dtype=torch.float64)
+
+    def losses():
+        z = checkpoint(enc, x, use_reentrant=False)  # saved inputs are recomputed on unpacking
+        return [z.pow(2).mean(), z[:, 0].sum(), torch.sin(z).mean()]
+
+    result = mtl_backward(losses(), enc, mtl_opt.get_aggregator("cagrad"))
+    assert result.factored_params == 4
+    J = explicit_jacobian(losses(), list(enc.parameters()))
+    torch.testing.assert_close(result.gramian, J @ J.T, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(flat_grad(enc.parameters()), result.weights @ J, rtol=1e-10, atol=1e-12)
+
+    # Under autocast the weight reaches the product through a cast: it keeps its rows.
+    layer = nn.Linear(8, 8)
+    xf = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xf).float()
+    result = mtl_backward([y.pow(2).mean(), y.mean()], layer, mtl_opt.get_aggregator("mgda"))
+    assert result.factored_params == 0
