@@ -23,8 +23,9 @@ every edge into its gradient accumulator is ``TBackward0`` under the ``mat2`` in
 ``X``; a
 bias only when every edge into its accumulator is the ``self`` input (``beta = 1``) of such a
 node. A parameter that is also used any other way (a tied embedding, a cast under autocast, a
-convolution), whose saved input cannot be read, or for which the N × N products would cost more
-than its Jacobian rows, keeps its Jacobian rows.
+convolution), whose saved input cannot be read, that has tensor hooks (``register_hook``, which
+see the gradient a factored parameter never gets), or for which the N × N products would cost
+more than its Jacobian rows, keeps its Jacobian rows.
 """
 
 from __future__ import annotations
@@ -123,6 +124,12 @@ def _saved_input(node: Any, W: Tensor) -> Tensor | None:
     return X.detach()
 
 
+def _has_hooks(p: Tensor) -> bool:
+    """Whether ``p`` has tensor hooks (``register_hook``): they see its batched gradient, which
+    a factored parameter never gets, so such a parameter keeps its rows."""
+    return bool(p._backward_hooks)
+
+
 def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPlan | None:
     """The factored parameters among ``shared`` for the losses ``L`` (None when there are none).
 
@@ -144,7 +151,7 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
     done: set[int] = set()
     for j, W in enumerate(shared):
         node = acc.get(id(W))
-        if W.dim() != 2 or node is None or not parents.get(id(node)):
+        if W.dim() != 2 or node is None or not parents.get(id(node)) or _has_hooks(W):
             continue
         found: list[_Use] = []
         for transpose, slot in parents[id(node)]:
@@ -177,7 +184,7 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
 
     for j, b in enumerate(shared):
         node = acc.get(id(b))
-        if j in done or b.dim() != 1 or node is None or not parents.get(id(node)):
+        if j in done or b.dim() != 1 or node is None or not parents.get(id(node)) or _has_hooks(b):
             continue
         positions = []
         for op, slot in parents[id(node)]:

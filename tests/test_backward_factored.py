@@ -325,3 +325,14 @@ def test_checkpointed_layers_are_factored_and_autocast_casts_keep_rows(always_fa
         y = layer(xf).float()
     result = mtl_backward([y.pow(2).mean(), y.mean()], layer, mtl_opt.get_aggregator("mgda"))
     assert result.factored_params == 0
+
+
+def test_a_parameter_with_tensor_hooks_keeps_its_rows(always_factor):
+    """Tensor hooks see the parameter's (batched) gradient, which a factored weight never gets."""
+    layer = nn.Linear(4, 4).double()
+    seen = []
+    layer.weight.register_hook(lambda g: seen.append(tuple(g.shape)))
+    y = torch.tanh(layer(torch.randn(3, 4, dtype=torch.float64)))
+    result = mtl_backward([y.sum(), y.pow(2).sum()], layer, mtl_opt.get_aggregator("mgda"))
+    assert result.factored_params == 0  # nor its bias: no Δ is taken at that layer
+    assert seen  # the hook ran (inside vmap it sees one task's (4, 4) gradient)
