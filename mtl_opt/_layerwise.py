@@ -7,25 +7,33 @@ Gramian is therefore
 
     ⟨∇_W L_i, ∇_W L_j⟩ = Σ_{a,b} (Δ_i Δ_jᵀ)_{ab} (X Xᵀ)_{ab}
 
-and the bias's share is ``(1ᵀ Δ_i)(Δ_jᵀ 1)``. Both need only the N × N products, never the
-K × out × in Jacobian rows; a weight used several times (shared layers, recurrent steps) stacks
-its uses' rows. The aggregated update is then one product per use, ``(Σ_k β_k Δ_k)ᵀ X``, the
-product that a plain backward pass computes for the weighted loss.
+which needs only N × N products, never the K × out × in Jacobian rows; a weight used several
+times (shared layers, recurrent steps) stacks its uses' rows. The aggregated update is then one
+product per use, ``(Σ_k β_k Δ_k)ᵀ X``, the product that a plain backward pass computes for the
+weighted loss. Biases (``out`` values each) keep their Jacobian rows, which double as a check:
+autograd captures ``Δ`` at the layer's output before any hook registered on that output
+(``y.register_hook``) runs, while the bias rows are computed after it; a bias added only by
+factored uses whose rows differ from ``Σ_rows Δ`` reveals such a hook (:func:`hooked_layers`), and
+the call raises rather than return an update that ignores it.
 
 This is the factorisation behind per-sample-gradient norms (Goodfellow, "Efficient per-example
 gradient computations", 2015) and TorchJD's ``autogram`` engine, applied to task gradients. The
 batched backward pass then stops at each layer's output (a ``GradientEdge``): autograd skips the
 K weight-gradient products, and no K × d Jacobian is held for these parameters.
 
-Which parameters qualify is read off the autograd graph, not assumed: a weight qualifies only when
+Which weights qualify is read off the autograd graph, not assumed: a weight qualifies only when
 every edge into its gradient accumulator is ``TBackward0`` under the ``mat2`` input of an
 ``AddmmBackward0`` (with ``alpha = 1``) or ``MmBackward0`` node, whose saved first factor is
-``X``; a
-bias only when every edge into its accumulator is the ``self`` input (``beta = 1``) of such a
-node. A parameter that is also used any other way (a tied embedding, a cast under autocast, a
-convolution), whose saved input cannot be read, that has tensor hooks (``register_hook``, which
-see the gradient a factored parameter never gets), or for which the N × N products would cost
-more than its Jacobian rows, keeps its Jacobian rows.
+``X``; a bias is checked only when every edge into its accumulator is the ``self`` input
+(``beta = 1``) of such a node. A weight that is also used any other way (a tied embedding, a cast
+under autocast, a convolution), whose saved input cannot be read without running saved-tensor
+hooks (activation checkpointing, CPU offloading) or is empty, that has tensor hooks of its own
+(``register_hook``, which see the gradient a factored weight never gets), or for which the N × N
+products would cost more than its Jacobian rows, keeps its Jacobian rows.
+
+Limit: a hook on a factored layer's output that changes the gradient is caught through the
+layer's bias; a layer without a shared bias (``bias=False``) cannot be checked, so pass
+``factor_linear=False`` to :func:`mtl_opt.mtl_backward` when such hooks modify gradients.
 """
 
 from __future__ import annotations
@@ -57,20 +65,30 @@ class _Use:
 
 @dataclass
 class _Factored:
-    """A shared parameter whose Gramian share and update come from its uses' (X, Δ)."""
+    """A shared weight whose Gramian share and update come from its uses' (X, Δ)."""
 
     index: int  # position among the shared parameters
-    kind: str  # "weight" or "bias"
     uses: list[int]  # positions in LayerPlan.uses
 
 
 @dataclass
+class _BiasCheck:
+    """A shared bias added only by factored uses: its Jacobian rows (computed by autograd from
+    the gradient *after* any hook on the layer's output) must equal ``Σ_rows Δ`` of those uses
+    (the gradient *before* such hooks). See :func:`hooked_layers`."""
+
+    index: int  # position among the shared parameters
+    uses: list[int]
+
+
+@dataclass
 class LayerPlan:
-    """Which shared parameters are factored, through which graph nodes; the rest keep rows."""
+    """Which shared weights are factored, through which graph nodes; the rest keep rows."""
 
     uses: list[_Use]
     factored: list[_Factored]
     rest: list[int]  # shared-parameter positions whose Jacobian rows are computed as usual
+    checks: list[_BiasCheck] = field(default_factory=list)
     edges: list[GradientEdge] = field(default_factory=list)
 
     def inputs(self, shared: list[Tensor]) -> list[Any]:
@@ -103,35 +121,41 @@ def _walk_parents(root: Any) -> tuple[dict[int, list[tuple[Any, int]]], dict[int
 
 
 def _saved_input(node: Any, W: Tensor) -> Tensor | None:
-    """The ``X`` of a ``Y = X Wᵀ (+ b)`` node, or None when the node is not exactly that."""
+    """The ``X`` of a ``Y = X Wᵀ (+ b)`` node, or None when the node is not exactly that, or when
+    reading ``X`` would run saved-tensor hooks (activation checkpointing would recompute, CPU
+    offloading would copy back, the whole layer's input ahead of the backward pass)."""
     name = node.name()
     try:
         if name == "AddmmBackward0":
             if node._saved_alpha != 1 or node._saved_beta != 1:
                 return None
-        elif name != "MmBackward0":
+            raw = node._raw_saved_mat1
+        elif name == "MmBackward0":
+            raw = node._raw_saved_self
+        else:
             return None
-        X = node._saved_mat1 if name == "AddmmBackward0" else node._saved_self
-        mat2 = node._saved_mat2
+        if getattr(raw, "unpack_hook", True) is not None:
+            return None
+        X = raw.unpack()
     except (AttributeError, RuntimeError):  # freed graph, in-place modified input, new names
         return None
     if (
-        not isinstance(X, Tensor) or X.dim() != 2 or X.shape[1] != W.shape[1]
-        or X.dtype != W.dtype or X.device != W.device or X.is_sparse or X.is_complex()
-        or (mat2 is not None and tuple(mat2.shape) != (W.shape[1], W.shape[0]))
-    ):  # (mat2 is not saved when X needs no gradient)
+        not isinstance(X, Tensor) or X.layout != torch.strided or X.dim() != 2
+        or X.shape[0] == 0 or X.shape[1] != W.shape[1] or X.dtype != W.dtype
+        or X.device != W.device or X.is_complex()
+    ):
         return None
     return X.detach()
 
 
 def _has_hooks(p: Tensor) -> bool:
     """Whether ``p`` has tensor hooks (``register_hook``): they see its batched gradient, which
-    a factored parameter never gets, so such a parameter keeps its rows."""
+    a factored weight never gets, so such a weight keeps its rows."""
     return bool(p._backward_hooks)
 
 
 def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPlan | None:
-    """The factored parameters among ``shared`` for the losses ``L`` (None when there are none).
+    """The factored weights among ``shared`` for the losses ``L`` (None when there are none).
 
     All shared parameters must be float32 or float64 of one dtype on one device.
     """
@@ -148,25 +172,11 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
     uses: list[_Use] = []
     use_of: dict[int, int] = {}  # id(node) -> position in uses
     factored: list[_Factored] = []
-    done: set[int] = set()
     for j, W in enumerate(shared):
         node = acc.get(id(W))
         if W.dim() != 2 or node is None or not parents.get(id(node)) or _has_hooks(W):
             continue
-        found: list[_Use] = []
-        for transpose, slot in parents[id(node)]:
-            if transpose.name() != "TBackward0" or slot != 0 or not parents.get(id(transpose)):
-                found = []
-                break
-            for op, op_slot in parents[id(transpose)]:
-                wanted = 2 if op.name() == "AddmmBackward0" else 1
-                X = _saved_input(op, W) if op_slot == wanted else None
-                if X is None or id(op) in use_of:
-                    found = []
-                    break
-                found.append(_Use(op, X, W.shape[0]))
-            if not found:
-                break
+        found = _linear_uses(W, parents[id(node)], parents, use_of)
         if not found:
             continue
         out, inp = W.shape
@@ -179,35 +189,46 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
             use_of[id(u.node)] = len(uses)
             positions.append(len(uses))
             uses.append(u)
-        factored.append(_Factored(j, "weight", positions))
-        done.add(j)
-
-    for j, b in enumerate(shared):
-        node = acc.get(id(b))
-        if j in done or b.dim() != 1 or node is None or not parents.get(id(node)) or _has_hooks(b):
-            continue
-        positions = []
-        for op, slot in parents[id(node)]:
-            if slot != 0 or op.name() != "AddmmBackward0" or id(op) not in use_of:
-                positions = []
-                break
-            try:
-                ok = op._saved_beta == 1 and uses[use_of[id(op)]].out == b.shape[0]
-            except (AttributeError, RuntimeError):
-                ok = False
-            if not ok:
-                positions = []
-                break
-            positions.append(use_of[id(op)])
-        if positions:
-            factored.append(_Factored(j, "bias", positions))
-            done.add(j)
-
+        factored.append(_Factored(j, positions))
     if not factored:
         return None
+
+    # Biases keep their rows; one added only by factored uses checks those uses' Δ.
+    checks: list[_BiasCheck] = []
+    for j, b in enumerate(shared):
+        node = acc.get(id(b))
+        if b.dim() != 1 or node is None or not parents.get(id(node)):
+            continue
+        into_b = parents[id(node)]
+        if all(
+            slot == 0 and op.name() == "AddmmBackward0" and id(op) in use_of
+            and op._saved_beta == 1 and uses[use_of[id(op)]].out == b.shape[0]
+            for op, slot in into_b
+        ):
+            checks.append(_BiasCheck(j, [use_of[id(op)] for op, _ in into_b]))
+
+    done = {f.index for f in factored}
     rest = [j for j in range(len(shared)) if j not in done]
     edges = [GradientEdge(u.node, 0) for u in uses]
-    return LayerPlan(uses, factored, rest, edges)
+    return LayerPlan(uses, factored, rest, checks, edges)
+
+
+def _linear_uses(
+    W: Tensor, into_W: list[tuple[Any, int]], parents: dict[int, list[tuple[Any, int]]],
+    use_of: dict[int, int],
+) -> list[_Use]:
+    """Every use of ``W`` as ``X Wᵀ``, or [] when any edge into ``W``'s accumulator is not one."""
+    found: list[_Use] = []
+    for transpose, slot in into_W:
+        if transpose.name() != "TBackward0" or slot != 0 or not parents.get(id(transpose)):
+            return []
+        for op, op_slot in parents[id(transpose)]:
+            wanted = 2 if op.name() == "AddmmBackward0" else 1
+            X = _saved_input(op, W) if op_slot == wanted else None
+            if X is None or id(op) in use_of:
+                return []
+            found.append(_Use(op, X, W.shape[0]))
+    return found
 
 
 def _cross(Ds: Tensor, Xs: Tensor) -> Tensor:
@@ -227,55 +248,63 @@ def _cross(Ds: Tensor, Xs: Tensor) -> Tensor:
 
 @torch.no_grad()
 def factored_gramian(plan: LayerPlan, deltas: list[Tensor]) -> Tensor:
-    """The factored parameters' share of ``G Gᵀ`` (K × K, float64, on their device).
+    """The factored weights' share of ``G Gᵀ`` (K × K, float64, on their device).
 
     ``deltas[u]`` is ``(K, N_u, out_u)``: the K tasks' gradients at use ``u``'s output.
     """
     K = deltas[0].shape[0]
     M = torch.zeros(K, K, dtype=torch.float64, device=deltas[0].device)
     for f in plan.factored:
-        if f.kind == "weight":
-            Xs = torch.cat([plan.uses[u].X for u in f.uses]).double()
-            Ds = torch.cat([deltas[u] for u in f.uses], dim=1).double()
-            M += _cross(Ds, Xs)
-        else:
-            S = sum(deltas[u].sum(dim=1, dtype=torch.float64) for u in f.uses)
-            M += S @ S.T  # type: ignore[union-attr]
+        Xs = torch.cat([plan.uses[u].X for u in f.uses]).double()
+        Ds = torch.cat([deltas[u] for u in f.uses], dim=1).double()
+        M += _cross(Ds, Xs)
     return M
 
 
 @torch.no_grad()
-def factored_rows(plan: LayerPlan, deltas: list[Tensor]) -> dict[int, Tensor]:
-    """Each factored parameter's Jacobian rows (K, n), materialised: for error messages only."""
-    rows: dict[int, Tensor] = {}
+def factored_rows(plan: LayerPlan, deltas: list[Tensor]) -> list[Tensor]:
+    """Each factored weight's Jacobian rows (K, n), materialised: for error messages only."""
+    rows = []
     for f in plan.factored:
-        if f.kind == "weight":
-            g = sum(torch.matmul(deltas[u].transpose(1, 2), plan.uses[u].X) for u in f.uses)
-        else:
-            g = sum(deltas[u].sum(dim=1) for u in f.uses)
-        rows[f.index] = g.reshape(deltas[0].shape[0], -1)  # type: ignore[union-attr]
+        g = sum(torch.matmul(deltas[u].transpose(1, 2), plan.uses[u].X) for u in f.uses)
+        rows.append(g.reshape(deltas[0].shape[0], -1))  # type: ignore[union-attr]
     return rows
+
+
+@torch.no_grad()
+def hooked_layers(plan: LayerPlan, deltas: list[Tensor], rest_rows: dict[int, Tensor]) -> list[int]:
+    """The shared biases (positions) whose rows disagree with their uses' ``Σ_rows Δ``.
+
+    A hook on a factored layer's output (``y.register_hook``, or one on its autograd node) runs
+    after autograd hands the factored path its ``Δ``, but before the layer's own backward, which
+    computes the bias rows: a hook that changes the gradient shows up as a mismatch here. The
+    tolerance (relative to ``Σ_rows |Δ|``) covers summation order: 1e-3 in float32, 1e-9 in
+    float64. One device-to-host transfer for all checks.
+    """
+    if not plan.checks:
+        return []
+    ratios = []
+    for c in plan.checks:
+        sums = sum(deltas[u].sum(dim=1) for u in c.uses)
+        scale = sum(deltas[u].abs().sum(dim=1) for u in c.uses)
+        err = (rest_rows[c.index] - sums).abs()  # type: ignore[operator]
+        ratios.append((err / (scale + torch.finfo(err.dtype).tiny)).max())  # type: ignore[operator]
+    tol = 1e-3 if deltas[0].dtype == torch.float32 else 1e-9
+    flags = (torch.stack(ratios) > tol).tolist()
+    return [c.index for c, bad in zip(plan.checks, flags) if bad]
 
 
 @torch.no_grad()
 def factored_updates(
     plan: LayerPlan, deltas: list[Tensor], beta_row: Tensor, shared: list[Tensor]
 ) -> dict[int, Tensor]:
-    """``βᵀ G_j`` of each factored parameter: ``Σ_u (βᵀΔ_u)ᵀ X_u`` for a weight, ``Σ_u 1ᵀ(βᵀΔ_u)``
-    for a bias. ``beta_row`` is ``β`` (K,) in the parameters' dtype and device."""
-    combined = [torch.tensordot(beta_row, D, dims=1) for D in deltas]  # (N_u, out_u) each
+    """``βᵀ G_j`` of each factored weight: ``Σ_u (βᵀΔ_u)ᵀ X_u``. ``beta_row`` is ``β`` (K,) in
+    the parameters' dtype and device."""
     updates: dict[int, Tensor] = {}
     for f in plan.factored:
-        p = shared[f.index]
         first, *more = f.uses
-        if f.kind == "weight":
-            g = torch.mm(combined[first].T, plan.uses[first].X)
-            for u in more:
-                g.addmm_(combined[u].T, plan.uses[u].X)
-        else:
-            g = combined[first].sum(dim=0)
-            for u in more:
-                g += combined[u].sum(dim=0)
-        updates[f.index] = g.view(p.shape)
+        g = torch.mm(torch.tensordot(beta_row, deltas[first], dims=1).T, plan.uses[first].X)
+        for u in more:
+            g.addmm_(torch.tensordot(beta_row, deltas[u], dims=1).T, plan.uses[u].X)
+        updates[f.index] = g.view(shared[f.index].shape)
     return updates
-

@@ -70,14 +70,18 @@ With a :class:`GramianAggregator` on the batched path, a shared weight ``W`` use
 Jacobian rows (``factor_linear=True``, the default). The batched call stops at the layer's output
 (a ``GradientEdge``), which gives ``Δ_k = ∂L_k/∂Y`` (N × out) and spares autograd the K
 weight-gradient products; ``∇_W L_k = Δ_kᵀ X``, so the weight's share of the Gramian is
-``⟨Δ_iᵀX, Δ_jᵀX⟩ = Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` (float64), its bias's ``(1ᵀΔ_i)(Δ_jᵀ1)``, and
-its update one product ``(Σ_k β_k Δ_k)ᵀ X``. A layer used several times stacks its uses' rows.
+``⟨Δ_iᵀX, Δ_jᵀX⟩ = Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` (float64) and its update one product
+``(Σ_k β_k Δ_k)ᵀ X``. A layer used several times stacks its uses' rows. Biases keep their rows.
 Which weights qualify is read off the graph (:mod:`mtl_opt._layerwise`): every edge into the
 weight's accumulator must come from such a product, so a weight also used any other way (tied to
-an embedding, cast under autocast, a convolution) keeps its Jacobian rows, and so does any layer
-whose N × N products would cost more than its rows (long sequences). The result is the same to
-rounding; ``result.factored_params`` counts the factored parameters. The per-task loop
-(``parallel=False`` or the fallback) always uses the rows.
+an embedding, cast under autocast, a convolution) keeps its Jacobian rows, and so do layers whose
+saved input sits behind saved-tensor hooks (checkpointing, offloading) and layers whose N × N
+products would cost more than their rows (long sequences). The result is the same to rounding;
+``result.factored_params`` counts the factored weights. The per-task loop (``parallel=False`` or
+the fallback) always uses the rows. Autograd captures ``Δ`` before hooks on ``Y`` run
+(``y.register_hook``); a hook that changes the gradient shows in the layer's bias rows, which are
+computed after it, and the call raises ``RuntimeError`` (bias-free layers cannot be checked: pass
+``factor_linear=False`` when such hooks modify gradients).
 
 Representation-level aggregation (MGDA-UB)
 ------------------------------------------
@@ -116,6 +120,7 @@ from mtl_opt._layerwise import (
     LayerPlan,
     factored_gramian,
     factored_rows,
+    hooked_layers,
     factored_updates,
     plan_linear_layers,
 )
@@ -163,9 +168,9 @@ class MTLBackwardResult:
         batched: whether the per-task gradients came from one batched autograd call.
         fallback_reason: why the batched call was abandoned (``parallel="auto"``), else None.
         level: ``"parameters"`` or ``"features"`` (representation-level, MGDA-UB).
-        factored_params: how many shared parameters (linear weights and biases) took their
-            Gramian share and update from their layer's inputs and output gradients instead of
-            Jacobian rows (``factor_linear``); 0 when none did.
+        factored_params: how many shared linear weights took their Gramian share and update
+            from their layer's inputs and output gradients instead of Jacobian rows
+            (``factor_linear``); 0 when none did.
     """
 
     aggregation: AggregationResult
@@ -524,9 +529,13 @@ def _batched_grads(
     first_rows, head_rows = rows[: len(firsts)], rows[len(firsts):]
     if plan is not None:
         n_edges = len(plan.edges)
-        deltas = first_rows[:n_edges]
-        if any(D is None for D in deltas):  # each edge was found under L: autograd reaches it
-            raise RuntimeError("a factored linear layer's output received no gradient")
+        # An edge whose gradient is undefined (a backward that returns None for it) gets zeros.
+        deltas = [
+            D if D is not None else torch.zeros(
+                K, u.X.shape[0], u.out, dtype=u.X.dtype, device=u.X.device
+            )
+            for D, u in zip(first_rows[:n_edges], plan.uses)
+        ]
         rest_rows = first_rows[n_edges:]
         reached = [True] * len(first)
         for j, r in zip(plan.rest, rest_rows):
@@ -659,9 +668,9 @@ def mtl_backward(
         parallel: ``"auto"`` (batched, falling back to a loop), ``True`` (batched only) or
             ``False`` (one backward pass per task).
         factor_linear: on the batched path with a :class:`GramianAggregator`, take the
-            Gramian share and the update of shared linear-layer weights and biases from the
-            layers' inputs and output gradients instead of their Jacobian rows (see "Linear
-            layers without Jacobian rows" in the module docs). Same result to rounding; ``False``
+            Gramian share and the update of shared linear-layer weights from the layers'
+            inputs and output gradients instead of their Jacobian rows (see "Linear layers
+            without Jacobian rows" in the module docs). Same result to rounding; ``False``
             forces the Jacobian rows.
 
     Returns:
@@ -760,8 +769,8 @@ def mtl_backward(
     if grads.deltas is not None:
         assert grads.plan is not None and isinstance(aggregator, GramianAggregator)
         agg, M, shared_updates = _aggregate_factored(
-            aggregator, grads.plan, grads.deltas, grads.blocks or [], shared_t, values,
-            task_weights,
+            aggregator, grads.plan, grads.deltas, grads.blocks or [], shared_t,
+            [name for name, _ in shared], values, task_weights,
         )
         factored = len(grads.plan.factored)
         grads.blocks = grads.deltas = None
@@ -1062,17 +1071,23 @@ def _aggregate_blocks(
 
 def _aggregate_factored(
     aggregator: GramianAggregator, plan: LayerPlan, deltas: list[Tensor], blocks: list[Tensor],
-    params: list[Tensor], values: Tensor, task_weights: object | None,
+    params: list[Tensor], names: list[str], values: Tensor, task_weights: object | None,
 ) -> tuple[_BlockedAggregationResult, Tensor, list[Tensor]]:
-    """:func:`_aggregate_blocks` with the plan's linear layers factored: their Gramian share
+    """:func:`_aggregate_blocks` with the plan's linear weights factored: their Gramian share
     from ``(X, Δ)``, the rest from the Jacobian rows ``blocks`` (of ``plan.rest``, in order);
     one ``_checked_weights`` call; then each parameter's ``βᵀ G_j``."""
     K = deltas[0].shape[0]
+    hooked = hooked_layers(plan, deltas, dict(zip(plan.rest, blocks)))
+    if hooked:
+        raise RuntimeError(
+            f"a hook on the output of the linear layer with bias {names[hooked[0]]} changed its "
+            "gradient (y.register_hook or a hook on its autograd node); factor_linear takes that "
+            "layer's weight gradient from the gradient before such hooks, so pass "
+            "factor_linear=False to mtl_backward (or MultiTaskOptimizer) for this model"
+        )
     losses_t, weights_t = aggregator._check_context(K, values, task_weights)  # type: ignore[arg-type]
     M = gramian_of_blocks(
-        blocks,
-        extra=factored_gramian(plan, deltas),
-        extra_rows=lambda: list(factored_rows(plan, deltas).values()),
+        blocks, extra=factored_gramian(plan, deltas), extra_rows=lambda: factored_rows(plan, deltas)
     )
     beta = aggregator._checked_weights(M, losses_t, weights_t)
     row = beta.to(device=deltas[0].device, dtype=deltas[0].dtype, non_blocking=True)
