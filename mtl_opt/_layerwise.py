@@ -38,7 +38,7 @@ layer's bias; a layer without a shared bias (``bias=False``) cannot be checked, 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,21 +64,14 @@ class _Use:
 
 
 @dataclass
-class _Factored:
-    """A shared weight whose Gramian share and update come from its uses' (X, Δ)."""
+class _ParamUses:
+    """A shared parameter and the factored uses it enters: a factored weight (its Gramian share
+    and update come from the uses' (X, Δ)), or a bias added only by factored uses (its rows,
+    computed by autograd from the gradient *after* any hook on the layer's output, must equal
+    their ``Σ_rows Δ``, the gradient *before* such hooks; see :func:`hooked_layers`)."""
 
     index: int  # position among the shared parameters
     uses: list[int]  # positions in LayerPlan.uses
-
-
-@dataclass
-class _BiasCheck:
-    """A shared bias added only by factored uses: its Jacobian rows (computed by autograd from
-    the gradient *after* any hook on the layer's output) must equal ``Σ_rows Δ`` of those uses
-    (the gradient *before* such hooks). See :func:`hooked_layers`."""
-
-    index: int  # position among the shared parameters
-    uses: list[int]
 
 
 @dataclass
@@ -86,14 +79,13 @@ class LayerPlan:
     """Which shared weights are factored, through which graph nodes; the rest keep rows."""
 
     uses: list[_Use]
-    factored: list[_Factored]
+    factored: list[_ParamUses]  # the weights
     rest: list[int]  # shared-parameter positions whose Jacobian rows are computed as usual
-    checks: list[_BiasCheck] = field(default_factory=list)
-    edges: list[GradientEdge] = field(default_factory=list)
+    checks: list[_ParamUses]  # the biases that check the uses' Δ
 
     def inputs(self, shared: list[Tensor]) -> list[Any]:
         """The batched call's first inputs: each use's output edge, then the rest parameters."""
-        return [*self.edges, *(shared[j] for j in self.rest)]
+        return [*(GradientEdge(u.node, 0) for u in self.uses), *(shared[j] for j in self.rest)]
 
 
 def _walk_parents(root: Any) -> tuple[dict[int, list[tuple[Any, int]]], dict[int, Any]]:
@@ -171,7 +163,7 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
 
     uses: list[_Use] = []
     use_of: dict[int, int] = {}  # id(node) -> position in uses
-    factored: list[_Factored] = []
+    factored: list[_ParamUses] = []
     for j, W in enumerate(shared):
         node = acc.get(id(W))
         if W.dim() != 2 or node is None or not parents.get(id(node)) or _has_hooks(W):
@@ -189,12 +181,12 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
             use_of[id(u.node)] = len(uses)
             positions.append(len(uses))
             uses.append(u)
-        factored.append(_Factored(j, positions))
+        factored.append(_ParamUses(j, positions))
     if not factored:
         return None
 
     # Biases keep their rows; one added only by factored uses checks those uses' Δ.
-    checks: list[_BiasCheck] = []
+    checks: list[_ParamUses] = []
     for j, b in enumerate(shared):
         node = acc.get(id(b))
         if b.dim() != 1 or node is None or not parents.get(id(node)):
@@ -205,12 +197,11 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
             and op._saved_beta == 1 and uses[use_of[id(op)]].out == b.shape[0]
             for op, slot in into_b
         ):
-            checks.append(_BiasCheck(j, [use_of[id(op)] for op, _ in into_b]))
+            checks.append(_ParamUses(j, [use_of[id(op)] for op, _ in into_b]))
 
     done = {f.index for f in factored}
     rest = [j for j in range(len(shared)) if j not in done]
-    edges = [GradientEdge(u.node, 0) for u in uses]
-    return LayerPlan(uses, factored, rest, checks, edges)
+    return LayerPlan(uses, factored, rest, checks)
 
 
 def _linear_uses(

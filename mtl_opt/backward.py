@@ -120,8 +120,8 @@ from mtl_opt._layerwise import (
     LayerPlan,
     factored_gramian,
     factored_rows,
-    hooked_layers,
     factored_updates,
+    hooked_layers,
     plan_linear_layers,
 )
 from mtl_opt._validation import (
@@ -528,7 +528,7 @@ def _batched_grads(
     rows = [g.to_dense() if g is not None and g.is_sparse else g for g in rows]
     first_rows, head_rows = rows[: len(firsts)], rows[len(firsts):]
     if plan is not None:
-        n_edges = len(plan.edges)
+        n_edges = len(plan.uses)
         # An edge whose gradient is undefined (a backward that returns None for it) gets zeros.
         deltas = [
             D if D is not None else torch.zeros(
@@ -765,23 +765,26 @@ def mtl_backward(
         if update is None:
             raise ValueError(f"{name} is not reached by any loss")
     shared_t = [p for _, p in shared]
-    factored = 0
-    if grads.deltas is not None:
-        assert grads.plan is not None and isinstance(aggregator, GramianAggregator)
-        agg, M, shared_updates = _aggregate_factored(
-            aggregator, grads.plan, grads.deltas, grads.blocks or [], shared_t,
-            [name for name, _ in shared], values, task_weights,
-        )
-        factored = len(grads.plan.factored)
-        grads.blocks = grads.deltas = None
-        owned = [True] * len(shared_updates)
-    elif level == "parameters" and _blocked_eligible(aggregator, grads.blocks):
+    factored = 0 if grads.plan is None or grads.deltas is None else len(grads.plan.factored)
+    if factored:
+        assert grads.plan is not None and grads.deltas is not None
+        hooked = hooked_layers(grads.plan, grads.deltas, dict(zip(grads.plan.rest, grads.blocks or [])))
+        if hooked:
+            raise RuntimeError(
+                f"a hook on the output of the linear layer with bias {shared[hooked[0]][0]} "
+                "changed its gradient (y.register_hook or a hook on its autograd node); "
+                "factor_linear takes that layer's weight gradient from the gradient before such "
+                "hooks, so pass factor_linear=False to mtl_backward (or MultiTaskOptimizer) for "
+                "this model"
+            )
+    if factored or (level == "parameters" and _blocked_eligible(aggregator, grads.blocks)):
         # GramianAggregator at the parameters: M and βᵀG_j per parameter, never the flat G.
-        assert grads.blocks is not None
+        assert isinstance(aggregator, GramianAggregator)
         agg, M, shared_updates = _aggregate_blocks(
-            aggregator, grads.blocks, shared_t, values, task_weights
+            aggregator, grads.blocks or [], shared_t, values, task_weights, grads.plan,
+            grads.deltas,
         )
-        grads.blocks = None  # the Jacobian can be freed before .grad is written
+        grads.blocks = grads.deltas = None  # the Jacobian can be freed before .grad is written
         owned = [True] * len(shared_updates)
     else:
         G = grads.flat()
@@ -1052,47 +1055,34 @@ def _checked_block_gramian(blocks: list[Tensor], a: np.ndarray) -> np.ndarray:
 
 def _aggregate_blocks(
     aggregator: GramianAggregator, blocks: list[Tensor], params: list[Tensor], values: Tensor,
-    task_weights: object | None,
+    task_weights: object | None, plan: LayerPlan | None = None, deltas: list[Tensor] | None = None,
 ) -> tuple[_BlockedAggregationResult, Tensor, list[Tensor]]:
     """What ``aggregator.aggregate(cat(blocks), losses=values, task_weights=...)`` computes, on
     the blocks: the same context checks, Gramian and one ``_checked_weights`` call (so stateful
-    methods advance exactly as with ``aggregate``), then ``βᵀ G_j`` per parameter."""
+    methods advance exactly as with ``aggregate``), then ``βᵀ G_j`` per parameter.
+
+    With a ``plan`` (factored linear weights, their uses' output gradients ``deltas``), the
+    blocks are the rows of ``plan.rest`` only; the factored weights' Gramian share and ``βᵀ G_j``
+    come from ``(X, Δ)``."""
+    ref = blocks[0] if deltas is None else deltas[0]
     losses_t, weights_t = aggregator._check_context(
-        blocks[0].shape[0], values, task_weights  # type: ignore[arg-type]
+        ref.shape[0], values, task_weights  # type: ignore[arg-type]
     )
-    M = gramian_of_blocks(blocks)
-    beta = aggregator._checked_weights(M, losses_t, weights_t)
-    # βᵀ G_j as a (1, K) × (K, n_j) product (β moved to the blocks' device and dtype once):
-    # what combine_rows computes, as one GEMM per block.
-    row = beta.to(device=blocks[0].device, dtype=blocks[0].dtype, non_blocking=True)[None]
-    pieces = [torch.mm(row, b).view(p.shape) for b, p in zip(blocks, params)]
-    return _BlockedAggregationResult(pieces, beta, M), M, pieces
-
-
-def _aggregate_factored(
-    aggregator: GramianAggregator, plan: LayerPlan, deltas: list[Tensor], blocks: list[Tensor],
-    params: list[Tensor], names: list[str], values: Tensor, task_weights: object | None,
-) -> tuple[_BlockedAggregationResult, Tensor, list[Tensor]]:
-    """:func:`_aggregate_blocks` with the plan's linear weights factored: their Gramian share
-    from ``(X, Δ)``, the rest from the Jacobian rows ``blocks`` (of ``plan.rest``, in order);
-    one ``_checked_weights`` call; then each parameter's ``βᵀ G_j``."""
-    K = deltas[0].shape[0]
-    hooked = hooked_layers(plan, deltas, dict(zip(plan.rest, blocks)))
-    if hooked:
-        raise RuntimeError(
-            f"a hook on the output of the linear layer with bias {names[hooked[0]]} changed its "
-            "gradient (y.register_hook or a hook on its autograd node); factor_linear takes that "
-            "layer's weight gradient from the gradient before such hooks, so pass "
-            "factor_linear=False to mtl_backward (or MultiTaskOptimizer) for this model"
+    if plan is None or deltas is None:
+        M = gramian_of_blocks(blocks)
+        owners: Sequence[int] = range(len(params))
+    else:
+        M = gramian_of_blocks(
+            blocks, extra=factored_gramian(plan, deltas),
+            extra_rows=lambda: factored_rows(plan, deltas),
         )
-    losses_t, weights_t = aggregator._check_context(K, values, task_weights)  # type: ignore[arg-type]
-    M = gramian_of_blocks(
-        blocks, extra=factored_gramian(plan, deltas), extra_rows=lambda: factored_rows(plan, deltas)
-    )
+        owners = plan.rest
     beta = aggregator._checked_weights(M, losses_t, weights_t)
-    row = beta.to(device=deltas[0].device, dtype=deltas[0].dtype, non_blocking=True)
-    updates = factored_updates(plan, deltas, row, params)
-    for j, b in zip(plan.rest, blocks):
+    # βᵀ G_j as a (1, K) × (K, n_j) product (β moved to the parameters' device and dtype once):
+    # what combine_rows computes, as one GEMM per block.
+    row = beta.to(device=ref.device, dtype=ref.dtype, non_blocking=True)
+    updates = {} if plan is None or deltas is None else factored_updates(plan, deltas, row, params)
+    for j, b in zip(owners, blocks):
         updates[j] = torch.mm(row[None], b).view(params[j].shape)
     pieces = [updates[j] for j in range(len(params))]
     return _BlockedAggregationResult(pieces, beta, M), M, pieces
