@@ -34,7 +34,7 @@ __all__ = [
     "ray_session",
 ]
 
-# Environment defaults that make Ray quiet without hiding trial errors: the legacy reporter honours
+# Environment defaults that make Ray quiet (and patient at start-up) without hiding trial errors: the legacy reporter honours
 # ``verbose=0``, no usage-stats prompt, no metrics exporter, no deduplication of error lines.
 _QUIET_ENV = {
     "RAY_AIR_NEW_OUTPUT": "0",
@@ -42,6 +42,11 @@ _QUIET_ENV = {
     "RAY_DEDUP_LOGS": "0",
     "RAY_enable_metrics_collection": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # Ray waits 30 s for its GCS server to publish its port. The first start on a fresh machine
+    # (cold page cache for the server binary, two busy cores) has been measured to exceed that and
+    # fail with "Timed out waiting for file .../gcs_server_port"; 120 s is Ray's own default for its
+    # slower storage backend.
+    "RAY_gcs_server_port_wait_time_s": "120",
 }
 
 
