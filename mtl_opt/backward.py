@@ -27,7 +27,12 @@ Every shared or task parameter must be reached by some loss (else ``ValueError``
 Everything is *accumulated* into ``.grad`` exactly like ``.backward()`` (added to an existing
 ``.grad``; gradients are written dense, also for sparse embeddings), and nothing is written
 unless the whole call succeeds. With ``LinearScalarization(w)`` every parameter therefore
-receives what ``(w * losses).sum().backward()`` would give it, to rounding.
+receives what ``(w * losses).sum().backward()`` would give it.
+
+Methods that read no Jacobian (``aggregator.needs_jacobian`` is False: linear scalarization and
+the loss weightings, :class:`mtl_opt.LossWeighting`) skip everything below: the method gives
+this step's ``w`` from the losses and ONE backward pass of ``Σ w_i L_i`` fills ``.grad`` bit for
+bit as that line does (``h = w``; no Gramian in the result; :mod:`mtl_opt._one_backward`).
 
 One backward pass
 -----------------

@@ -560,7 +560,7 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
                 out = model(batch["images"], batch["tokens"], batch["classes"])
             losses = [out[n] for n in model.task_names]
             G_enc = None
-            if log_now and (cfg.aggregate_at == "representation" or not jacobian_free):
+            if log_now and (cfg.aggregate_at == "representation" or jacobian_free):
                 # Methods without a Jacobian (LS, loss weightings) take one backward pass of the
                 # weighted sum: the conflict figures need the encoder's Jacobian on logged steps.
                 G_enc = task_gradients(losses, shared)
