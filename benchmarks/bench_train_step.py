@@ -7,7 +7,12 @@ The model is an MLP encoder (``--width``/``--depth``; the defaults give â‰ˆ 10â
 parameters) with a classification head (cross-entropy over 10 classes) and a regression head
 (mean squared error). One step is forward, backward and ``torch.optim.SGD.step``:
 
-* ``baseline``: ``(L_1 + L_2).backward()``, the step every ratio is quoted against;
+* ``baseline``: ``(L_1 + L_2).backward()``, the step every ratio is quoted against, and
+  ``(w * losses).sum().backward()`` with a constant ``w`` (``ratio_to_weighted_sum``, the median
+  of per-round ratios): what LS and the loss weightings (UW, DWA, RLW, GLS, FAMO, STCH, IMTL-L,
+  SI) are equal to. They read no Jacobian and are timed at the parameters only (one backward
+  pass of the weighted sum at any level); FAMO's step excludes its post-step forward pass
+  (``update(losses_after)``), which the training loop pays separately;
 * ``parameters``: :func:`mtl_opt.mtl_backward` over the encoder's parameters, the heads trained
   by their own task; the linear layers' Gramian and update come from their inputs and output
   gradients (``factor_linear=True``, the default), the LayerNorm's from its Jacobian rows;
@@ -77,6 +82,10 @@ def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _needs_jacobian(method: str) -> bool:
+    return mtl_opt.aggregator_class(mtl_opt.parse_method_spec(method)[0]).needs_jacobian
+
+
 def _make_step(model: SharedEncoderTwoHeads, opt: torch.optim.Optimizer, batch, method: str | None,
                level: str, parallel):
     x, y_cls, y_reg = batch
@@ -85,13 +94,17 @@ def _make_step(model: SharedEncoderTwoHeads, opt: torch.optim.Optimizer, batch, 
         name, hyper = mtl_opt.parse_method_spec(method)
         agg = mtl_opt.get_aggregator(name, **hyper)
     info: dict = {}
+    weights = torch.tensor([0.7, 1.3], device=x.device)
 
     def step():
         opt.zero_grad(set_to_none=True)
         z = model.encoder(x)
         losses = model.losses_from(z, y_cls, y_reg)
         if agg is None:
-            (losses[0] + losses[1]).backward()
+            if level == "weighted":  # the plain weighted-sum step, w a constant
+                (weights * torch.stack(losses)).sum().backward()
+            else:
+                (losses[0] + losses[1]).backward()
         else:
             res = mtl_opt.mtl_backward(
                 losses, model.encoder, agg, task_params=[model.head_cls, model.head_reg],
@@ -145,8 +158,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.threads} thread(s); {device}; THP_MEM_ALLOC_ENABLE="
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}", flush=True)
 
-    configs = [("baseline (L1+L2).backward()", None, "-")]
-    configs += [(m, m, level) for level in args.levels for m in methods]
+    configs = [("baseline (L1+L2).backward()", None, "-"),
+               ("baseline (w * L).sum().backward()", None, "weighted")]
+    # Methods that read no Jacobian (LS, loss weightings) take one backward pass at any level:
+    # timed once, at the parameters.
+    configs += [(m, m, level) for level in args.levels for m in methods
+                if level == "parameters" or _needs_jacobian(m)]
     steps = [_make_step(model, opt, batch, method, level, parallel) for _, method, level in configs]
     # Warm up, then interleave: one step of every configuration per round, so load spikes on a
     # shared machine hit all of them alike.
@@ -171,10 +188,15 @@ def main(argv: list[str] | None = None) -> int:
             peaks[i] = None if peak is None else peak / 2**20
     rows = []
     base_ms = statistics.median(times[0])
+    weighted_ms = statistics.median(times[1])
     for (label, method, level), (_, info), ts, peak in zip(configs, steps, times, peaks):
         med = statistics.median(ts)
+        # Per-round ratios to the weighted-sum step of the same round, then their median: the
+        # interleaved rounds see the same load.
+        per_round = statistics.median(t / b for t, b in zip(ts, times[1]))
         rows.append({"method": label, "level": level, "steps": args.steps, "median_ms": med,
                      "min_ms": min(ts), "max_ms": max(ts), "ratio_to_baseline": med / base_ms,
+                     "ratio_to_weighted_sum": per_round,
                      "batched_jacobian": info.get("batched"),
                      "factored_params": info.get("factored"), "peak_mem_mb": peak})
 

@@ -25,6 +25,13 @@ toy, ZDT, DTLZ2, quadratic) the seeds of one start are identical copies for dete
 :func:`seeded_starts` (seed ``r`` draws its own ``S`` starts) or :func:`jittered_starts` (each
 start perturbed per seed).
 
+Loss weightings (UW, DWA, RLW, GLS, FAMO, STCH, IMTL-L, SI) run in the same batch: their
+weights come from the losses alone, ``β = method.batch_weights(F − floor)`` with
+``floor = problem.loss_floor()`` (a point below every attainable loss, so that logarithms and
+ratios are defined; the gradients are unchanged). Each step evaluates the whole objective, so
+every step is one epoch for DWA and STCH (``end_epoch()`` after each step), and FAMO gets its
+post-step losses ``F(x_{t+1}) − floor`` (one extra evaluation of the losses) after each step.
+
 Recorded (every ``record_every`` steps and at the end): the losses, Pareto stationarity
 ``‖α*ᵀ J‖`` with ``α* = argmin_{α∈Δ} ‖αᵀJ‖`` (the min-norm element of the convex hull of the
 task gradients, on the coordinates no active bound blocks, from the clean gradients), the
@@ -45,6 +52,7 @@ import torch
 from torch import Tensor
 
 from mtl_opt.aggregator import GradientAggregator, GramianAggregator
+from mtl_opt.loss_weighting import LossWeighting
 from mtl_opt.problems import ParetoProblem, problem_from_spec
 
 __all__ = [
@@ -447,12 +455,34 @@ def run_methods(
         lo, hi = (b.to(device=dev, dtype=x.dtype) for b in prob.bounds)
     gram_groups: list[tuple[int, GramianAggregator, bool]] = []
     general: list[tuple[int, GradientAggregator]] = []
+    loss_groups: list[tuple[int, list[LossWeighting]]] = []  # instances: one, or one per seed
     for m, agg in enumerate(aggs):
-        if isinstance(agg, GramianAggregator):
+        if isinstance(agg, LossWeighting):
+            loss_groups.append((m, per_seed[m] or [agg]))  # type: ignore[list-item]
+        elif isinstance(agg, GramianAggregator):
             gram_groups.append((m, agg, agg.uses_losses))
         else:
             general.append((m, agg))
     any_losses = any(agg.uses_losses for agg in aggs)
+    floor = prob.loss_floor().to(torch.float64) if loss_groups else None
+
+    def weigh_losses(instances: list[LossWeighting], Fm: Tensor, after: bool = False) -> Tensor | None:
+        """A loss weighting's weights (or, ``after``, its post-step update) for its runs
+        ``Fm`` (n_runs, K), given ``F − floor``; per-seed instances take runs r, R + r, ..."""
+        shifted = Fm.to(torch.float64) - floor
+        if len(instances) == 1:
+            if after:
+                instances[0].batch_update(shifted)
+                return None
+            return instances[0].batch_weights(shifted)
+        by_seed = shifted.reshape(n_s, n_r, K)
+        out = torch.empty((n_s, n_r, K), dtype=torch.float64)
+        for r, inst in enumerate(instances):
+            if after:
+                inst.batch_update(by_seed[:, r].contiguous())
+            else:
+                out[:, r] = inst.batch_weights(by_seed[:, r].contiguous())
+        return None if after else out.reshape(n_runs, K)
 
     recorder = _Recorder(prob, n_m, n_runs, d <= MAX_RECORDED_DIM)
     conflicts = torch.zeros(N, dtype=torch.long, device=dev)
@@ -495,13 +525,17 @@ def run_methods(
         F64 = (F if on_cpu else F.to("cpu")) if any_losses else None
         Ms = M64.split(n_runs) if n_m > 1 else (M64,)
         Fs = (F64.split(n_runs) if n_m > 1 else (F64,)) if any_losses else None
-        betas = []
+        betas: dict[int, Tensor] = {}
+        for m, instances in loss_groups:
+            t0 = perf()
+            betas[m] = weigh_losses(instances, Fs[m])  # type: ignore[index,assignment]
+            agg_time[m] += perf() - t0
         for m, agg, uses_losses in gram_groups:
             t0 = perf()
             # The methods' vectorised weights, unchecked in the loop: a non-finite weight
             # makes x non-finite, which the next record reports naming the method.
             if per_seed[m] is None:
-                betas.append(agg._batch_weights(Ms[m], losses=Fs[m] if uses_losses else None, task_weights=None))
+                betas[m] = agg._batch_weights(Ms[m], losses=Fs[m] if uses_losses else None, task_weights=None)
             else:  # one instance (own random stream) per run seed: runs r, R + r, 2R + r, ...
                 Mm = Ms[m].reshape(n_s, n_r, K, K)
                 Fm = Fs[m].reshape(n_s, n_r, K) if uses_losses else None
@@ -509,12 +543,11 @@ def run_methods(
                 for r, inst in enumerate(per_seed[m]):
                     bm[:, r] = inst._batch_weights(Mm[:, r].contiguous(), task_weights=None,
                                                    losses=Fm[:, r].contiguous() if uses_losses else None)
-                betas.append(bm.reshape(n_runs, K))
+                betas[m] = bm.reshape(n_runs, K)
             agg_time[m] += perf() - t0
-        if general:
-            for m, _agg in general:
-                betas.insert(m, zero_beta)
-        b = torch.cat(betas) if n_m > 1 else betas[0]
+        for m, _agg in general:
+            betas[m] = zero_beta
+        b = torch.cat([betas[m] for m in range(n_m)]) if n_m > 1 else betas[0]
         if not on_cpu:
             b = b.to(dev, non_blocking=True)
         direction = (b.unsqueeze(-2) @ J).squeeze(-2)
@@ -526,6 +559,14 @@ def run_methods(
         opt.step(direction)
         if bounded:
             x.clamp_(min=lo, max=hi)
+        for m, instances in loss_groups:
+            t0 = perf()
+            if instances[0].wants_losses_after_step:  # FAMO: the losses after the step
+                sl = slice(m * n_runs, (m + 1) * n_runs)
+                weigh_losses(instances, prob.losses(x[sl].detach()).cpu(), after=True)
+            for inst in instances:  # each step evaluates the whole objective: one epoch
+                inst.end_epoch()
+            agg_time[m] += perf() - t0
     t0 = time.perf_counter()
     do_record(steps)
     record_time += time.perf_counter() - t0
@@ -562,14 +603,14 @@ def run_methods(
 
 
 def _per_seed_instances(agg: GradientAggregator, seeds: tuple[int, ...]) -> list[GradientAggregator] | None:
-    """For a Gramian method with seeded randomness (its constructor takes ``seed``, e.g.
-    PCGrad's random projection orders), one fresh instance per run seed ``r``, seeded with
+    """For a Gramian method or loss weighting with seeded randomness (its constructor takes
+    ``seed``, e.g. PCGrad's random projection orders, RLW's random weights), one fresh instance per run seed ``r``, seeded with
     ``SeedSequence((method seed, r))`` (NumPy's seed mixing; a method seed of ``None`` counts as
     0), so that a seed is a replicate of the method's randomness too and a run's random stream
     depends only on its method seed and its run seed. ``None`` for every other method."""
     import inspect
 
-    if not isinstance(agg, GramianAggregator):
+    if not isinstance(agg, (GramianAggregator, LossWeighting)):
         return None
     if "seed" not in inspect.signature(type(agg).__init__).parameters:
         return None

@@ -9,10 +9,26 @@ from mtl_opt.methods.mgda import MGDA
 from mtl_opt.methods.cagrad import CAGrad
 from mtl_opt.methods.nash_mtl import NashMTL, NashSolverError
 from mtl_opt.methods.came_grad import CAMEGrad
+from mtl_opt.methods.uw import UncertaintyWeighting
+from mtl_opt.methods.dwa import DWA
+from mtl_opt.methods.rlw import RLW
+from mtl_opt.methods.gls import GeometricLossStrategy
+from mtl_opt.methods.famo import FAMO
+from mtl_opt.methods.stch import STCH
+from mtl_opt.methods.imtl_l import IMTLL
+from mtl_opt.methods.si import ScaleInvariant
 
 __all__ = [
     "CAGrad",
     "CAMEGrad",
+    "DWA",
+    "FAMO",
+    "GeometricLossStrategy",
+    "IMTLL",
+    "RLW",
+    "STCH",
+    "ScaleInvariant",
+    "UncertaintyWeighting",
     "LinearScalarization",
     "MGDA",
     "NashMTL",

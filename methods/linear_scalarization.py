@@ -21,8 +21,9 @@ class LinearScalarization(GramianAggregator):
     of the summed loss, so it sets the library's scale convention (directions are on the scale of
     the *sum* of task gradients).
 
-    It needs no Gramian: ``aggregate(G)`` is one pass over ``G`` (its ``gramian`` is ``None``;
-    :func:`mtl_opt.mtl_backward` still reports the Gramian of the Jacobian it builds).
+    It needs no Gramian: ``aggregate(G)`` is one pass over ``G`` (its ``gramian`` is ``None``).
+    It needs no Jacobian either (``needs_jacobian = False``): :func:`mtl_opt.mtl_backward` runs
+    one backward pass of ``Σ w_i L_i`` and reports no Gramian.
 
     Args:
         weights: the ``w_i`` (length K, finite); ``None`` means all ones. A call's
@@ -31,6 +32,7 @@ class LinearScalarization(GramianAggregator):
 
     accepts_task_weights = True
     aggregate_is_weighting = True
+    needs_jacobian = False
 
     def __init__(self, weights: Sequence[float] | Tensor | None = None) -> None:
         if weights is not None:
@@ -51,6 +53,12 @@ class LinearScalarization(GramianAggregator):
     def loss_weights(self, n_tasks: int) -> Tensor | None:
         """``w``: the weights that parameters outside the Jacobian apply to the losses."""
         return self.weights_  # the caller checks its length against n_tasks
+
+    def jacobian_free_weights(self, losses: Tensor, task_weights: Tensor | None = None) -> Tensor:
+        """``w`` (or the call's ``task_weights``): the update reads no Jacobian, so
+        :func:`mtl_opt.mtl_backward` runs one backward pass of ``Σ w_i L_i``."""
+        _, weights_t = self._check_context(int(losses.numel()), None, task_weights)
+        return self._weights_for(int(losses.numel()), weights_t)
 
     def _aggregate(
         self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None

@@ -17,6 +17,7 @@ from mtl_opt.backward import (
     loss_weights,
     mtl_backward,
 )
+from mtl_opt.loss_weighting import LossWeighting
 from mtl_opt.many import aggregate_many
 from mtl_opt.optimizer import MultiTaskOptimizer
 from mtl_opt.registry import (
@@ -42,6 +43,7 @@ __all__ = [
     "mtl_backward",
     "GradientAggregator",
     "GramianAggregator",
+    "LossWeighting",
     "aggregate_many",
     "aggregator_class",
     "available_aggregators",

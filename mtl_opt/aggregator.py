@@ -68,9 +68,15 @@ class GradientAggregator:
         uses_losses: the method can use the task losses passed at call time.
         requires_losses: the method cannot run without them.
         accepts_task_weights: the method has a notion of per-task weights that a call may override.
+        needs_jacobian: False for methods whose update is ``Σ_i w_i ∇L_i`` with ``w`` from the
+            losses (and call context) alone, given by :meth:`jacobian_free_weights`: linear
+            scalarization and the loss weightings (:class:`mtl_opt.LossWeighting`).
+            :func:`mtl_opt.mtl_backward` then runs one backward pass of the weighted sum and
+            builds no Jacobian.
     """
 
     uses_losses: ClassVar[bool] = False
+    needs_jacobian: ClassVar[bool] = True
     requires_losses: ClassVar[bool] = False
     accepts_task_weights: ClassVar[bool] = False
 
@@ -126,6 +132,12 @@ class GradientAggregator:
         (linear scalarization's ``w``, CAME-Grad's ``ω``) override it.
         """
         return None
+
+    def jacobian_free_weights(self, losses: Tensor, task_weights: Tensor | None = None) -> Tensor:
+        """This step's weights ``w`` (K,) float64 CPU from the detached losses (K,) and the
+        call's ``task_weights``, for methods with ``needs_jacobian = False``; advances the
+        method's state like one aggregation."""
+        raise TypeError(f"{type(self).__name__} needs the Jacobian: its update is not a loss weighting")
 
     def state_dict(self) -> dict[str, Any]:
         """State accumulated over calls (not hyperparameters). Empty for stateless methods."""

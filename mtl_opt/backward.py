@@ -27,7 +27,12 @@ Every shared or task parameter must be reached by some loss (else ``ValueError``
 Everything is *accumulated* into ``.grad`` exactly like ``.backward()`` (added to an existing
 ``.grad``; gradients are written dense, also for sparse embeddings), and nothing is written
 unless the whole call succeeds. With ``LinearScalarization(w)`` every parameter therefore
-receives what ``(w * losses).sum().backward()`` would give it, to rounding.
+receives what ``(w * losses).sum().backward()`` would give it.
+
+Methods that read no Jacobian (``aggregator.needs_jacobian`` is False: linear scalarization and
+the loss weightings, :class:`mtl_opt.LossWeighting`) skip everything below: the method gives
+this step's ``w`` from the losses and ONE backward pass of ``Σ w_i L_i`` fills ``.grad`` bit for
+bit as that line does (``h = w``; no Gramian in the result; :mod:`mtl_opt._one_backward`).
 
 One backward pass
 -----------------
@@ -162,9 +167,12 @@ class MTLBackwardResult:
         aggregation: what the aggregator returned (direction, weights β, Gramian).
         losses: the K loss values.
         loss_weights: ``h``, the weights non-shared parameters received (see module docstring).
-        gramian: ``M = G Gᵀ`` of the Jacobian that was aggregated (of ``Z`` with ``features=``).
-        grad_norms: ``‖g_i‖ = √M_ii`` per task.
-        cosines: ``M_ij / (‖g_i‖ ‖g_j‖)``; 0 where a norm is 0 (so never NaN).
+        gramian: ``M = G Gᵀ`` of the Jacobian that was aggregated (of ``Z`` with ``features=``);
+            ``None`` on the one-backward path (LS and loss weightings build no Jacobian; see
+            :mod:`mtl_opt._one_backward`).
+        grad_norms: ``‖g_i‖ = √M_ii`` per task (``None`` when ``gramian`` is).
+        cosines: ``M_ij / (‖g_i‖ ‖g_j‖)``; 0 where a norm is 0 (so never NaN); ``None`` when
+            ``gramian`` is.
         batched: whether the per-task gradients came from one batched autograd call.
         fallback_reason: why the batched call was abandoned (``parallel="auto"``), else None.
         level: ``"parameters"`` or ``"features"`` (representation-level, MGDA-UB).
@@ -176,9 +184,9 @@ class MTLBackwardResult:
     aggregation: AggregationResult
     losses: Tensor
     loss_weights: Tensor
-    gramian: Tensor
-    grad_norms: Tensor
-    cosines: Tensor
+    gramian: Tensor | None
+    grad_norms: Tensor | None
+    cosines: Tensor | None
     batched: bool
     fallback_reason: str | None
     level: Literal["parameters", "features"]
@@ -735,6 +743,19 @@ def mtl_backward(
                     + ": task_params must list each task's own parameters, in the order of the "
                     "losses"
                 )
+
+    if not aggregator.needs_jacobian and level == "parameters":
+        # LS and the loss weightings: one backward pass of Σ w_i L_i (mtl_opt._one_backward).
+        from mtl_opt._one_backward import weighted_sum_backward
+
+        done = weighted_sum_backward(aggregator, loss_list, L, losses, values, shared, groups,
+                                     task_weights, retain_graph)
+        if isinstance(done, MTLBackwardResult):
+            return done
+        # A task group reached by another task's loss: the Jacobian path with this step's w.
+        from mtl_opt.methods.linear_scalarization import LinearScalarization
+
+        aggregator, task_weights, h = LinearScalarization(done.tolist()), None, done
 
     # Parameters outside shared and task groups that the losses reach: they get Σ h_i ∇L_i.
     given = {id(p) for _, p in shared} | {id(p) for g in groups for _, p in g}

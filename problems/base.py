@@ -46,6 +46,16 @@ class ParetoProblem:
     #: number of points used to sample the true front for :meth:`front_distance`
     front_resolution: int = 2001
 
+    def loss_floor(self) -> Tensor:
+        """A point strictly below every attainable loss, (K,) float64.
+
+        Loss weightings that take logarithms or ratios of the losses (SI, GLS, DWA, STCH, FAMO)
+        need positive losses; studies give them ``L − floor``, which has the same gradients (as
+        FAMO's authors subtract known lower bounds ``min_losses``). The default, ``−0.01``, is for
+        problems whose losses are ≥ 0; problems with negative losses override it.
+        """
+        return torch.full((self.n_tasks,), -0.01, dtype=torch.float64)
+
     # ------------------------------------------------------------------ values and gradients
     def losses(self, x: Tensor) -> Tensor:
         """The K losses at ``x`` (..., dim) -> (..., K), differentiable in torch."""

@@ -66,6 +66,11 @@ class Toy(ParetoProblem):
     def options(self) -> dict[str, Any]:
         return {"first_loss_scale": self.first_loss_scale}
 
+    def loss_floor(self) -> Tensor:
+        """``(−21 s, −21)``: ``f_i ≥ −20`` (``c L ≥ log(5·10⁻⁶) + 6 > −7``, ``c Q ≥ −20``) scaled
+        like ``f_i``, one unit below."""
+        return torch.tensor([-21.0 * self.first_loss_scale, -21.0], dtype=torch.float64)
+
     def losses(self, x: Tensor) -> Tensor:
         _check_x(x, 2, self.name)
         x1, x2 = x[..., 0], x[..., 1]

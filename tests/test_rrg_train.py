@@ -271,3 +271,17 @@ def test_training_module_imports_without_pandas_plotly_or_ray():
             "print(','.join(m for m in ('pandas', 'plotly', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_loss_weightings_train_with_post_step_losses_and_epoch_ends():
+    # FAMO learns its logits from the losses after each step; DWA's epochs are the data's
+    # (32 examples / batch 16: two steps per epoch); no per-method code in the trainer.
+    famo = prepare_run(RRGConfig(method="famo", **{**SMALL, "n_train": 32, "log_every": 2}))
+    rows = train_steps(famo, 3)
+    assert famo.aggregator.adam_steps == 3 and not torch.equal(famo.aggregator.logits,
+                                                               torch.zeros_like(famo.aggregator.logits))
+    assert all(math.isfinite(r["drift_cos"]) for r in rows)  # conflict figures on logged steps
+    dwa = prepare_run(RRGConfig(method="dwa", **{**SMALL, "n_train": 32, "log_every": 2}))
+    train_steps(dwa, 5)
+    assert dwa.aggregator.previous_epoch_mean is not None  # two epochs ended
+    assert rows[-1]["beta_1"] > 0

@@ -46,6 +46,8 @@ from typing import Any
 
 import torch
 
+from mtl_opt.loss_weighting import LossWeighting
+
 from .diagnostics import (
     AUTHORS_TASK_WEIGHTS,
     conflict_figures,
@@ -524,7 +526,11 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
 
     Each step: forward under autocast (CUDA + ``amp``), the K task losses, then
     ``MultiTaskOptimizer.step`` (the method aggregates the encoder's Jacobian; the heads get
-    their own task's gradient). Every step's Gramian ``M`` gives the sign of ``⟨g_1, g_2⟩``
+    their own task's gradient). Methods that read no Jacobian (LS and the loss weightings) take
+    one backward pass of the weighted sum; the encoder's Jacobian is then computed separately on
+    logged steps only (their conflict share counts logged steps). A method that learns from the
+    losses after the step (FAMO) gets them from one more forward pass of the same batch, without
+    gradients; loss weightings are told where the data's epochs end (DWA, STCH). Every step's Gramian ``M`` gives the sign of ``⟨g_1, g_2⟩``
     for the running conflict share at no extra cost (at representation level it is the Gramian
     of the feature gradients). At parameter level the logged drift/diffusion come from the same
     Gramian; at representation level the encoder's Jacobian is computed separately on logged
@@ -537,6 +543,8 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
     w_t = torch.tensor(weights, dtype=torch.float64)
     scale_losses = setup.task_weights_mode == "loss_scale"
     shared = model.shared_parameters()
+    jacobian_free = not setup.aggregator.needs_jacobian
+    wants_after = isinstance(setup.aggregator, LossWeighting) and setup.aggregator.wants_losses_after_step
     rows: list[dict[str, float]] = []
     model.train()
     end = state.step + n_steps
@@ -552,7 +560,9 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
                 out = model(batch["images"], batch["tokens"], batch["classes"])
             losses = [out[n] for n in model.task_names]
             G_enc = None
-            if log_now and cfg.aggregate_at == "representation":
+            if log_now and (cfg.aggregate_at == "representation" or jacobian_free):
+                # Methods without a Jacobian (LS, loss weightings) take one backward pass of the
+                # weighted sum: the conflict figures need the encoder's Jacobian on logged steps.
                 G_enc = task_gradients(losses, shared)
             step_losses = [w * l for w, l in zip(weights, losses)] if scale_losses else losses
             kwargs: dict[str, Any] = {}
@@ -571,9 +581,17 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
                 # level) or its pull-back through the features (representation level).
                 result = mto.step(step_losses, **kwargs)
                 combined = float(shared_grad(shared).double().norm()) if log_now else None
+            if wants_after:  # FAMO: the same batch's losses after the step (one more forward)
+                with torch.no_grad(), _autocast(cfg, device):
+                    after = model(batch["images"], batch["tokens"], batch["classes"])
+                after_vals = torch.stack([after[n].detach().double().cpu() for n in model.task_names])
+                setup.aggregator.update(after_vals * w_t if scale_losses else after_vals)
             state.step += 1
             state.batch_in_epoch += 1
-            cos = _step_cosine(result.gramian, state)
+            M_step = result.gramian
+            if M_step is None and G_enc is not None:  # Jacobian-free methods: logged steps only
+                M_step = G_enc.detach().double() @ G_enc.detach().double().T
+            cos = _step_cosine(M_step, state)
             loss_vals = result.losses.detach().to("cpu", torch.float64) / (w_t if scale_losses else 1.0)
             _add_interval(state, loss_vals, cos)
             if log_now:
@@ -606,6 +624,8 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
             # The epoch ran out: the next one draws a new order from where the generator is now.
             state.epoch += 1
             state.batch_in_epoch = 0
+            if isinstance(setup.aggregator, LossWeighting):
+                setup.aggregator.end_epoch()  # DWA's and STCH's epochs are the data's
             state.epoch_generator_state = setup.shuffle_generator.get_state()
     return rows
 
