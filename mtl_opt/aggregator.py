@@ -301,10 +301,7 @@ class GramianAggregator(GradientAggregator):
             )
         M = torch.from_numpy(0.5 * (a + a.transpose(0, 2, 1)))
         beta = self._checked_batch_weights(M, losses, task_weights)
-        if G.dtype in _HALF_DTYPES:  # combined in float32, checked to fit (see combine_rows)
-            beta32 = beta.to(device=G.device, dtype=torch.float32)
-            return _checked_half(torch.einsum("bk,bkd->bd", beta32, G.float()), G.dtype)
-        return torch.einsum("bk,bkd->bd", beta.to(device=G.device, dtype=G.dtype), G)
+        return combine_rows_batch(beta, G)
 
     def _checked_batch_weights(
         self, M64: Tensor, losses: Tensor | None, task_weights: Tensor | None
@@ -379,6 +376,15 @@ def combine_rows(beta: Tensor, G: Tensor) -> Tensor:
     if beta.device == G.device:  # a dtype-only cast: cheaper than a device move's dispatch
         return (beta if beta.dtype == G.dtype else beta.to(G.dtype)) @ G
     return beta.to(device=G.device, dtype=G.dtype, non_blocking=True) @ G
+
+
+def combine_rows_batch(beta: Tensor, G: Tensor) -> Tensor:
+    """The batched :func:`combine_rows`: ``β`` (B, K) and ``G`` (B, K, d) -> (B, d), with the
+    same dtype rules (half-precision Jacobians combined in float32 and checked to fit)."""
+    if G.dtype in _HALF_DTYPES:
+        beta32 = beta.to(device=G.device, dtype=torch.float32)
+        return _checked_half(torch.einsum("bk,bkd->bd", beta32, G.float()), G.dtype)
+    return torch.einsum("bk,bkd->bd", beta.to(device=G.device, dtype=G.dtype), G)
 
 
 def _short_repr(value: Any) -> str:

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from mtl_opt.aggregator import AggregationResult, GradientAggregator, combine_rows
+from mtl_opt.aggregator import AggregationResult, GradientAggregator, combine_rows, combine_rows_batch
 
 __all__ = ["LossWeighting", "adam_step"]
 
@@ -135,7 +135,7 @@ class LossWeighting(GradientAggregator):
     ) -> Tensor:
         assert losses is not None
         w = self._checked(self._batch_weights_from_losses(self._check_losses(losses, "losses")))
-        return torch.einsum("bk,bkd->bd", w.to(device=G.device, dtype=G.dtype), G)
+        return combine_rows_batch(w, G)
 
     # ----------------------------------------------------------------------------------------
     # State
