@@ -412,7 +412,7 @@ def _combination_bound(beta: Tensor | None, gramian: Tensor | None) -> float | N
     if beta is None or gramian is None or beta.dim() != 1 or gramian.shape != (beta.numel(),) * 2:
         return None
     b = beta.tolist()
-    diag = torch.diagonal(gramian).tolist()
+    diag = gramian.diagonal().tolist()
     total = sum(abs(x) * math.sqrt(max(m, 0.0)) for x, m in zip(b, diag))
     bound = max(total, max(abs(x) for x in b))
     return bound if math.isfinite(bound) else None
