@@ -48,14 +48,18 @@ class CAMEGrad(GramianAggregator):
 
     With ``rectify = inject = fuse = False`` the method is exactly linear scalarization with ω.
 
-    Edge cases (finite by construction): ``‖g_α*‖ = 0`` (to rounding,
-    ``‖g_α*‖² ≤ 1e-14·max_i‖g_i‖²``) → the unit vector is undefined and ``u_rect`` is the
+    Edge cases (finite by construction): ``‖g_α*‖ = 0`` (to the Gramian's precision,
+    ``‖g_α*‖² ≤ rtol·max_i‖g_i‖²``, ``rtol`` from :func:`mtl_opt._validation.gramian_rtol`) →
+    the unit vector is undefined and ``u_rect`` is the
     solution of the rectification's primal problem closest to ``μ``,
     ``u_rect = proj_{u: Gu ≥ 0}(μ)`` (``= μ`` when no task conflicts with ``μ``; see
     :func:`mtl_opt.simplex.conflict_averse_coefficients`); ``‖μ‖ = 0`` → ``u_rect = μ = 0``, ``u_en = 0`` and
     ``g_final = ν κ g_joint``; ``g_joint = 0`` (e.g. all-zero ``G``) → ``u_en = 0``; ``K = 1`` →
     ``u_rect = (1 + ρ) g_1`` (for ``g_1 ≠ 0``). The ``ε`` keeps stage 2 finite when
-    ``u_rect = 0``; it makes the method positively homogeneous only up to ``ε/‖u_rect‖``.
+    ``u_rect = 0``; it makes the method positively homogeneous only up to ``ε/‖u_rect‖``. A
+    ``u_rect`` that is zero to that precision (``‖u_rect‖ ≤ √rtol · Σ_i |c_i| ‖g_i‖`` for
+    ``u_rect = cᵀG``: e.g. the cone projection of exactly opposing rows with ``ρ ≥ 1``) counts as
+    0, so stage 2 gives ``u_en = 0`` instead of rescaling rounding noise to ``κ‖g_joint‖``.
 
     Args:
         rho: trust-radius factor ``ρ ≥ 0`` (authors' flag: 0.5). ``ρ = 0`` rectifies to ``μ``.

@@ -257,7 +257,8 @@ class GramianAggregator(GradientAggregator):
         self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
     ) -> AggregationResult:
         M64 = gramian_of(G)
-        beta = self._checked_weights(M64, losses, task_weights, rtol=gramian_rtol(G.dtype, G.shape[1]))
+        rtol = gramian_rtol(G.dtype, G.shape[1])
+        beta = self._checked_weights(M64, losses, task_weights, rtol=rtol)
         return AggregationResult(direction=combine_rows(beta, G), weights=beta, gramian=M64)
 
     def batch_weights(
@@ -295,7 +296,8 @@ class GramianAggregator(GradientAggregator):
                 f"the Jacobians are not finite: (batch, task) entries {bad[:10]} contain NaN or inf"
             )
         M = torch.from_numpy(0.5 * (a + a.transpose(0, 2, 1)))
-        beta = self._checked_batch_weights(M, losses, task_weights, rtol=gramian_rtol(G.dtype, G.shape[2]))
+        rtol = gramian_rtol(G.dtype, G.shape[2])
+        beta = self._checked_batch_weights(M, losses, task_weights, rtol=rtol)
         if G.dtype in _HALF_DTYPES:  # combined in float32 (see combine_rows)
             beta32 = beta.to(device=G.device, dtype=torch.float32)
             return torch.einsum("bk,bkd->bd", beta32, G.float()).to(G.dtype)

@@ -835,6 +835,9 @@ def mtl_backward(
                 f"{type(aggregator).__name__} returned a direction of shape "
                 f"{tuple(direction.shape)}, expected ({G.shape[1]},)"
             )
+        if type(aggregator).aggregate is not GradientAggregator.aggregate:
+            # A subclass that replaced aggregate() skipped its direction check.
+            check_direction(direction, aggregator, beta=agg.weights, gramian=agg.gramian, G=G)
         M = agg.gramian if agg.gramian is not None else gramian_of(G)
         del G
 
@@ -873,7 +876,9 @@ def mtl_backward(
         if g is not None
     ]
     if level == "features":
-        written += [(f"{name} (through the features)", g) for (name, _), g in zip(shared, shared_updates)]
+        written += [
+            (f"{name} (through the features)", g) for (name, _), g in zip(shared, shared_updates)
+        ]
     check_gradients(written)
 
     # Head updates (group i: h_i ∇L_i; other parameters: Σ h_i ∇L_i) were combined above: fresh

@@ -217,3 +217,18 @@ def test_the_registry_is_covered():
     # A new method is covered by the single-call and batch checks through the base class; this
     # guards the list of methods expected to overflow above against silent removals.
     assert set(OVERFLOWING) <= set(mtl_opt.available_aggregators())
+
+
+class _OwnAggregate(mtl_opt.GradientAggregator):
+    """A general method that replaces aggregate() itself (and so skips the base class's check):
+    the sum of the rows."""
+
+    def aggregate(self, G, /, *, losses=None, task_weights=None):
+        return mtl_opt.AggregationResult(direction=G.sum(dim=0))
+
+
+def test_mtl_backward_checks_the_direction_of_a_method_with_its_own_aggregate():
+    net = _Scaled(scale=HUGE)
+    with pytest.raises(ValueError, match=r"_OwnAggregate.*overflows float32"):
+        mtl_backward(net.losses(), net.trunk, _OwnAggregate())
+    assert all(p.grad is None for p in net.parameters())
