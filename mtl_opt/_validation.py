@@ -420,13 +420,19 @@ def _combination_bound(beta: Tensor | None, gramian: Tensor | None) -> float | N
 
 def _non_finite(pieces: Sequence[Tensor]) -> list[int]:
     """Indices of the pieces that hold a NaN or an infinity: one sum per piece and one host
-    sync; the element-wise test runs only for pieces whose sum is not finite."""
-    sums = torch.stack([
-        p.detach().sum(dtype=torch.float32 if p.dtype in _HALF else None).to(torch.float64)
-        for p in pieces
-    ])
-    suspects = [i for i, ok in enumerate(torch.isfinite(sums).tolist()) if not ok]
-    return [i for i in suspects if not bool(torch.isfinite(pieces[i]).all())]
+    sync per device; the element-wise test runs only for pieces whose sum is not finite."""
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(pieces):
+        by_device.setdefault(p.device, []).append(i)
+    suspects = []
+    for indices in by_device.values():
+        sums = torch.stack([
+            pieces[i].detach().sum(dtype=torch.float32 if pieces[i].dtype in _HALF else None)
+            .to(torch.float64)
+            for i in indices
+        ])
+        suspects += [i for i, ok in zip(indices, torch.isfinite(sums).tolist()) if not ok]
+    return [i for i in sorted(suspects) if not bool(torch.isfinite(pieces[i]).all())]
 
 
 def _raise_non_finite_jacobian(G: Tensor) -> None:
