@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_opt.simplex import ZERO_NORM_RTOL
+from mtl_opt.simplex import zero_norm_rtol
 
 __all__ = ["conflict_averse_2", "min_norm_2", "weight_pair", "weight_vector"]
 
@@ -82,7 +82,7 @@ def conflict_averse_2(m11: float, m12: float, m22: float, c: float) -> tuple[flo
         w1, r = w1e, s * t
     w2 = 1.0 - w1
     if s > 0.0:
-        if not r * r > ZERO_NORM_RTOL * max(m11, m22):
+        if not r * r > zero_norm_rtol() * max(m11, m22):
             return None
         factor = s / r
     else:

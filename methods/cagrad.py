@@ -45,8 +45,10 @@ class CAGrad(GramianAggregator):
     duality gap: ``min_i g_i·d`` equals ``F(w*)`` for the returned ``d``.
 
     Edge cases: ``φ = 0`` gives ``d = K g0 / R``; so ``g0 = 0`` gives ``d = 0``. When
-    ``‖g_w*‖ = 0`` (to rounding: ``‖g_w*‖² ≤ 1e-14·max_i‖g_i‖²``; the origin of the hull is
-    optimal) the unit vector ``g_w/‖g_w‖`` is undefined and every ``d`` of the ball with
+    ``‖g_w*‖ = 0`` (to the Gramian's precision: ``‖g_w*‖² ≤ rtol·max_i‖g_i‖²`` with
+    ``rtol = max(1e-14, eps·√d, eps_dtype)``, see :func:`mtl_opt._validation.gramian_rtol`, so
+    that a float32 Gramian's rounding noise is not taken for a direction; the origin of the
+    hull is optimal) the unit vector ``g_w/‖g_w‖`` is undefined and every ``d`` of the ball with
     ``g_i·d ≥ 0`` for all ``i`` solves CAGrad's primal problem; the one closest to ``g0`` is used:
     ``d = K · proj_{d: Gd ≥ 0}(g0) / R`` (an NNLS problem), which is ``K g0 / R`` whenever no task
     conflicts with ``g0`` (e.g. a zero row beside agreeing rows) and ``0`` for exactly opposing

@@ -14,7 +14,7 @@ from mtl_opt.aggregator import GramianAggregator
 from mtl_opt._active_set import ACTIVE_SET_MAX_K, conflict_averse_floats
 from mtl_opt.methods._two_task import conflict_averse_2, weight_vector
 from mtl_opt.registry import register_aggregator
-from mtl_opt.simplex import conflict_averse_batch_np
+from mtl_opt.simplex import conflict_averse_batch_np, zero_norm_rtol
 
 
 @register_aggregator("came_grad")
@@ -48,14 +48,18 @@ class CAMEGrad(GramianAggregator):
 
     With ``rectify = inject = fuse = False`` the method is exactly linear scalarization with ω.
 
-    Edge cases (finite by construction): ``‖g_α*‖ = 0`` (to rounding,
-    ``‖g_α*‖² ≤ 1e-14·max_i‖g_i‖²``) → the unit vector is undefined and ``u_rect`` is the
+    Edge cases (finite by construction): ``‖g_α*‖ = 0`` (to the Gramian's precision,
+    ``‖g_α*‖² ≤ rtol·max_i‖g_i‖²``, ``rtol`` from :func:`mtl_opt._validation.gramian_rtol`) →
+    the unit vector is undefined and ``u_rect`` is the
     solution of the rectification's primal problem closest to ``μ``,
     ``u_rect = proj_{u: Gu ≥ 0}(μ)`` (``= μ`` when no task conflicts with ``μ``; see
     :func:`mtl_opt.simplex.conflict_averse_coefficients`); ``‖μ‖ = 0`` → ``u_rect = μ = 0``, ``u_en = 0`` and
     ``g_final = ν κ g_joint``; ``g_joint = 0`` (e.g. all-zero ``G``) → ``u_en = 0``; ``K = 1`` →
     ``u_rect = (1 + ρ) g_1`` (for ``g_1 ≠ 0``). The ``ε`` keeps stage 2 finite when
-    ``u_rect = 0``; it makes the method positively homogeneous only up to ``ε/‖u_rect‖``.
+    ``u_rect = 0``; it makes the method positively homogeneous only up to ``ε/‖u_rect‖``. A
+    ``u_rect`` that is zero to that precision (``‖u_rect‖ ≤ √rtol · Σ_i |c_i| ‖g_i‖`` for
+    ``u_rect = cᵀG``: e.g. the cone projection of exactly opposing rows with ``ρ ≥ 1``) counts as
+    0, so stage 2 gives ``u_en = 0`` instead of rescaling rounding noise to ``κ‖g_joint‖``.
 
     Args:
         rho: trust-radius factor ``ρ ≥ 0`` (authors' flag: 0.5). ``ρ = 0`` rectifies to ``μ``.
@@ -159,6 +163,8 @@ class CAMEGrad(GramianAggregator):
             u_rect = list(solved)
         if self.inject:
             v, v_norm = (u_rect, norm(u_rect)) if self.rectify else (omega, joint_norm)
+            if self.rectify and _is_rounding_noise(v_norm, u_rect, [m[i][i] for i in range(K)]):
+                v_norm = math.inf  # u_rect = 0 to the Gramian's precision: u_en = 0
             factor = self.kappa * joint_norm / (v_norm + self.eps)
             energy = [x * factor for x in v]
         elif self.rectify:
@@ -188,10 +194,25 @@ class CAMEGrad(GramianAggregator):
         # Stage 2: energy injection.
         if self.inject:
             v = u_rect if self.rectify else omega
-            u_en = v * (self.kappa * norm(omega) / (norm(v) + self.eps))[:, None]
+            v_norm = norm(v)
+            if self.rectify:  # u_rect = 0 to the Gramian's precision: u_en = 0
+                diag = np.sqrt(np.maximum(np.diagonal(Mn, axis1=1, axis2=2), 0.0))
+                noise = np.sqrt(zero_norm_rtol()) * np.einsum("bi,bi->b", np.abs(v), diag)
+                v_norm = np.where(v_norm <= noise, np.inf, v_norm)
+            u_en = v * (self.kappa * norm(omega) / (v_norm + self.eps))[:, None]
         else:
             u_en = omega.sum(axis=1, keepdims=True) * u_rect if self.rectify else omega.copy()
         # Stage 3: adaptive fusion.
         if self.fuse:
             u_en = (1.0 - self.nu) * u_en + (self.nu * self.kappa) * omega
         return torch.from_numpy(np.ascontiguousarray(u_en))
+
+
+def _is_rounding_noise(norm: float, coef: list[float], diag: list[float]) -> bool:
+    """Whether ``‖coefᵀG‖ = norm`` is zero to the precision of the Gramian and of the direction:
+    at most ``√rtol · Σ_i |coef_i| ‖g_i‖`` (``rtol`` from :func:`zero_norm_rtol`), the rounding
+    of a combination of rows of those sizes. Stage 2 would otherwise rescale that noise to
+    ``κ‖g_joint‖``: a direction in a random span of the rows, which can conflict with every task
+    (e.g. rows ``u`` and ``−0.7u``, where ``u_rect`` is exactly 0 for ``ρ ≥ 1``)."""
+    total = sum(abs(c) * math.sqrt(max(m, 0.0)) for c, m in zip(coef, diag))
+    return norm <= math.sqrt(zero_norm_rtol()) * total

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_opt._validation import check_finite_rows, check_task_vector
+from mtl_opt._validation import check_task_vector
 from mtl_opt.aggregator import AggregationResult, GramianAggregator, combine_rows
 from mtl_opt.registry import register_aggregator
 
@@ -65,12 +65,11 @@ class LinearScalarization(GramianAggregator):
     ) -> AggregationResult:
         """``d = wᵀG`` in one pass over ``G``: LS needs no Gramian (``gramian`` is ``None``).
 
-        Finiteness is checked on the direction instead (see :func:`_check_finite_direction`).
+        Finiteness (of ``G`` too: a NaN or inf in ``G`` reaches the direction) is checked on the
+        direction by ``aggregate`` (:func:`mtl_opt._validation.check_direction`).
         """
         beta = self._weights_for(G.shape[0], task_weights)
-        direction = combine_rows(beta, G)
-        _check_finite_direction(direction, G)
-        return AggregationResult(direction=direction, weights=beta, gramian=None)
+        return AggregationResult(direction=combine_rows(beta, G), weights=beta, gramian=None)
 
     def _aggregate_batch(
         self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
@@ -81,8 +80,7 @@ class LinearScalarization(GramianAggregator):
             out = direction.to(G.dtype)
         else:
             out = torch.einsum("k,bkd->bd", w.to(device=G.device, dtype=G.dtype), G)
-        _check_finite_direction(out, G)
-        return out
+        return out  # checked finite by aggregate_batch
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         return self._weights_for(M.shape[0], task_weights)
@@ -99,24 +97,3 @@ class LinearScalarization(GramianAggregator):
         # The weights do not depend on M: one row, repeated (no loop over the batch).
         return self._weights_for(M.shape[1], task_weights).expand(M.shape[0], -1).clone()
 
-
-def _check_finite_direction(direction: Tensor, G: Tensor) -> None:
-    """Raise naming the non-finite rows of ``G`` (K, d) or entries of ``G`` (B, K, d) when the
-    direction is not finite, or that the direction overflows when ``G`` itself is finite.
-
-    A NaN or infinity anywhere in ``G`` reaches the direction (``0 · inf`` is NaN too), so one
-    sum over the direction (no allocation) screens it; only a non-finite sum (which a finite
-    direction can reach by overflow) pays for the element-wise test.
-    """
-    if bool(torch.isfinite(direction.sum())) or bool(torch.isfinite(direction).all()):
-        return
-    if G.dim() == 2:
-        check_finite_rows(G)
-    else:
-        bad = torch.nonzero(~torch.isfinite(G).all(dim=2)).tolist()
-        if bad:
-            raise ValueError(
-                f"the Jacobians are not finite: (batch, task) entries {bad[:10]} contain NaN or inf"
-            )
-    name = str(direction.dtype).replace("torch.", "")
-    raise ValueError(f"the direction wᵀG overflows {name}; rescale the losses or the weights")

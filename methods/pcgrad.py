@@ -15,6 +15,8 @@ from mtl_opt.methods._two_task import weight_pair
 from mtl_opt.registry import register_aggregator
 
 _ORDERS = ("random", "fixed")
+#: The seeds torch.Generator.manual_seed accepts: 64-bit integers, signed or unsigned.
+_SEED_MIN, _SEED_END = -(2**63), 2**64
 
 
 @register_aggregator("pcgrad")
@@ -45,9 +47,11 @@ class PCGrad(GramianAggregator):
     ``β_1 = 1 − [M12 < 0] M12/M11``, ``β_2 = 1 − [M12 < 0] M12/M22`` is used.
 
     Args:
-        seed: seed of the generator behind the random orders; ``None`` draws one from torch's
-            global generator at construction (so ``torch.manual_seed`` makes runs reproducible).
-            :meth:`reset` re-seeds with it.
+        seed: seed of the generator behind the random orders, an int in ``[-2**63, 2**64)``
+            (the range of :meth:`torch.Generator.manual_seed`; others raise ``ValueError``
+            rather than being reduced to a seed that stands for another); ``None`` draws one
+            from torch's global generator at construction (so ``torch.manual_seed`` makes runs
+            reproducible). :meth:`reset` re-seeds with it.
         order: ``"random"`` (the paper) or ``"fixed"`` (index order; deterministic).
     """
 
@@ -55,6 +59,13 @@ class PCGrad(GramianAggregator):
         self.order = check_choice("order", order, _ORDERS, owner="PCGrad")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
             raise TypeError(f"PCGrad: seed must be an int or None, got {seed!r}")
+        if seed is not None and not _SEED_MIN <= int(seed) < _SEED_END:
+            # Refused rather than reduced modulo 2**64, which would silently make 2**70 draw the
+            # same orders as 0.
+            raise ValueError(
+                f"PCGrad: seed must be an int in [-2**63, 2**64) (what torch.Generator.manual_seed "
+                f"accepts), got {seed!r}"
+            )
         self.seed = None if seed is None else int(seed)
         self._seed_used = (
             int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)

@@ -41,7 +41,7 @@ import math
 from collections.abc import Callable
 from operator import mul
 
-from mtl_opt.simplex import _EPS, _KKT_RTOL, ZERO_NORM_RTOL
+from mtl_opt.simplex import _EPS, _KKT_RTOL, zero_norm_rtol
 
 __all__ = ["ACTIVE_SET_MAX_K", "conflict_averse_floats", "min_norm_floats"]
 
@@ -176,7 +176,7 @@ def _face_step(
     s2 = s * s
     if s2 <= ksq:
         return (e, True) if min(e) < 0.0 else None  # Σe = 0 and e ≥ 0 mean e = 0
-    if not msq > ZERO_NORM_RTOL:
+    if not msq > zero_norm_rtol():
         return None
     t = math.sqrt(msq / (s2 - ksq))
     return [ap + t * ep for ap, ep in zip(a, e)], False
@@ -204,7 +204,7 @@ def _conflict_averse_active_set(
     def gradient(w: list[float]) -> list[float] | None:  # ∇F = b + s·Aw/r
         Aw = _matvec(A, w)
         r2 = sum(map(mul, w, Aw))
-        if not r2 > ZERO_NORM_RTOL:
+        if not r2 > zero_norm_rtol():
             return None  # at the origin of the hull: F is not differentiable there
         factor = s / math.sqrt(r2)
         return [bi + factor * awi for bi, awi in zip(b, Aw)]
@@ -384,7 +384,7 @@ def _ca_certified_radius(
     :func:`mtl_opt.simplex._ca_certificate` (same gap, same rounding allowance), else ``None``."""
     Aw = _matvec(A, w)
     r2 = sum(map(mul, w, Aw))
-    if not r2 > ZERO_NORM_RTOL:
+    if not r2 > zero_norm_rtol():
         return None
     r = math.sqrt(r2)
     factor = s / r

@@ -31,13 +31,16 @@ from torch import Tensor
 
 from mtl_opt._validation import (
     _needs_float64,
+    check_direction,
     check_finite_rows,
     check_gramian,
     check_gramian_batch,
     check_jacobian,
     check_task_vector,
     gramian_of,
+    gramian_rtol,
 )
+from mtl_opt.simplex import gramian_precision
 
 __all__ = ["AggregationResult", "GradientAggregator", "GramianAggregator"]
 
@@ -95,7 +98,9 @@ class GradientAggregator:
         """Like ``__call__`` but also returns the weights and Gramian when the method has them."""
         self._validate_jacobian(G)
         losses_t, weights_t = self._check_context(G.shape[0], losses, task_weights)
-        return self._aggregate(G, losses=losses_t, task_weights=weights_t)
+        result = self._aggregate(G, losses=losses_t, task_weights=weights_t)
+        check_direction(result.direction, self, beta=result.weights, gramian=result.gramian, G=G)
+        return result
 
     def aggregate_batch(
         self, G: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None
@@ -119,7 +124,9 @@ class GradientAggregator:
             check_finite_rows(G.reshape(-1, G.shape[-1]))
         B, K = G.shape[0], G.shape[1]
         losses_t, weights_t = self._check_batch_context(B, K, losses, task_weights)
-        return self._aggregate_batch(G, losses=losses_t, task_weights=weights_t)
+        out = self._aggregate_batch(G, losses=losses_t, task_weights=weights_t)
+        check_direction(out, self, G=G)
+        return out
 
     def reset(self) -> None:
         """Forget all state accumulated over calls (random generators are re-seeded)."""
@@ -252,7 +259,7 @@ class GramianAggregator(GradientAggregator):
         """Coefficients ``β`` (K,) for the Gramian ``M`` (K, K); float64 on the CPU."""
         M64 = check_gramian(M)
         losses_t, weights_t = self._check_context(M64.shape[0], losses, task_weights)
-        return self._checked_weights(M64, losses_t, weights_t)
+        return self._checked_weights(M64, losses_t, weights_t, rtol=_given_gramian_rtol(M))
 
     def _validate_jacobian(self, G: Tensor) -> None:
         # Finiteness is checked on the Gramian's diagonal inside gramian_of: no extra pass.
@@ -262,7 +269,8 @@ class GramianAggregator(GradientAggregator):
         self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
     ) -> AggregationResult:
         M64 = gramian_of(G)
-        beta = self._checked_weights(M64, losses, task_weights)
+        rtol = gramian_rtol(G.dtype, G.shape[1])
+        beta = self._checked_weights(M64, losses, task_weights, rtol=rtol)
         return AggregationResult(direction=combine_rows(beta, G), weights=beta, gramian=M64)
 
     def batch_weights(
@@ -276,7 +284,7 @@ class GramianAggregator(GradientAggregator):
         M64 = check_gramian_batch(M)
         B, K = M64.shape[0], M64.shape[1]
         losses_t, weights_t = self._check_batch_context(B, K, losses, task_weights)
-        return self._checked_batch_weights(M64, losses_t, weights_t)
+        return self._checked_batch_weights(M64, losses_t, weights_t, rtol=_given_gramian_rtol(M))
 
     def _aggregate_batch(
         self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
@@ -300,13 +308,18 @@ class GramianAggregator(GradientAggregator):
                 f"the Jacobians are not finite: (batch, task) entries {bad[:10]} contain NaN or inf"
             )
         M = torch.from_numpy(0.5 * (a + a.transpose(0, 2, 1)))
-        beta = self._checked_batch_weights(M, losses, task_weights)
+        rtol = gramian_rtol(G.dtype, G.shape[2])
+        beta = self._checked_batch_weights(M, losses, task_weights, rtol=rtol)
         return combine_rows_batch(beta, G)
 
     def _checked_batch_weights(
-        self, M64: Tensor, losses: Tensor | None, task_weights: Tensor | None
+        self, M64: Tensor, losses: Tensor | None, task_weights: Tensor | None,
+        rtol: float | None = None,
     ) -> Tensor:
-        beta = self._batch_weights(M64, losses=losses, task_weights=task_weights)
+        """:meth:`_batch_weights`, checked; ``rtol``: the Gramians' relative precision
+        (:func:`mtl_opt._validation.gramian_rtol`), the solves' zero-norm threshold."""
+        with gramian_precision(rtol):
+            beta = self._batch_weights(M64, losses=losses, task_weights=task_weights)
         if beta.shape != M64.shape[:2]:
             raise RuntimeError(
                 f"{type(self).__name__} returned batch weights of shape {tuple(beta.shape)}, "
@@ -328,9 +341,13 @@ class GramianAggregator(GradientAggregator):
         return torch.stack(rows) if rows else M.new_zeros(M.shape[:2])
 
     def _checked_weights(
-        self, M64: Tensor, losses: Tensor | None, task_weights: Tensor | None
+        self, M64: Tensor, losses: Tensor | None, task_weights: Tensor | None,
+        rtol: float | None = None,
     ) -> Tensor:
-        beta = self._weights(M64, losses=losses, task_weights=task_weights)
+        """:meth:`_weights`, checked; ``rtol``: the Gramian's relative precision
+        (:func:`mtl_opt._validation.gramian_rtol`), the solve's zero-norm threshold."""
+        with gramian_precision(rtol):
+            beta = self._weights(M64, losses=losses, task_weights=task_weights)
         if beta.shape != (M64.shape[0],):
             raise RuntimeError(
                 f"{type(self).__name__} returned weights of shape {tuple(beta.shape)}, "
@@ -353,13 +370,10 @@ class GramianAggregator(GradientAggregator):
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _checked_half(direction32: Tensor, dtype: torch.dtype) -> Tensor:
-    """Cast a float32 direction to a half dtype, raising if it does not fit."""
-    out = direction32.to(dtype)
-    if not bool(torch.isfinite(out).all()):
-        name = str(dtype).replace("torch.", "")
-        raise ValueError(f"the direction overflows {name}; rescale the losses")
-    return out
+def _given_gramian_rtol(M: Tensor) -> float:
+    """The zero-norm threshold for a Gramian given directly: its own dtype's precision (the
+    width of the Jacobian behind it is unknown)."""
+    return gramian_rtol(M.dtype, 1) if isinstance(M, Tensor) and M.is_floating_point() else 1e-14
 
 
 def combine_rows(beta: Tensor, G: Tensor) -> Tensor:
@@ -368,11 +382,12 @@ def combine_rows(beta: Tensor, G: Tensor) -> Tensor:
     ``β`` (float64, CPU) travels host-to-device without blocking; a Jacobian that is already
     float64 on the CPU is combined without a copy of ``β``. ``β`` is a constant: the result is
     differentiable w.r.t. ``G`` when ``G`` requires grad. float16/bfloat16 Jacobians are
-    combined in float32 (β is not rounded to half precision) and the result is checked to fit
-    the half dtype (else ``ValueError``).
+    combined in float32 (β is not rounded to half precision) and cast back. Whether the result
+    fits the dtype is checked once, by the caller, with
+    :func:`mtl_opt._validation.check_direction`.
     """
     if G.dtype in _HALF_DTYPES:
-        return _checked_half(beta.to(device=G.device, dtype=torch.float32) @ G.float(), G.dtype)
+        return (beta.to(device=G.device, dtype=torch.float32) @ G.float()).to(G.dtype)
     if beta.device == G.device:  # a dtype-only cast: cheaper than a device move's dispatch
         return (beta if beta.dtype == G.dtype else beta.to(G.dtype)) @ G
     return beta.to(device=G.device, dtype=G.dtype, non_blocking=True) @ G
@@ -380,10 +395,11 @@ def combine_rows(beta: Tensor, G: Tensor) -> Tensor:
 
 def combine_rows_batch(beta: Tensor, G: Tensor) -> Tensor:
     """The batched :func:`combine_rows`: ``β`` (B, K) and ``G`` (B, K, d) -> (B, d), with the
-    same dtype rules (half-precision Jacobians combined in float32 and checked to fit)."""
+    same dtype rules (half-precision Jacobians combined in float32 and cast back; the caller
+    checks the result with :func:`mtl_opt._validation.check_direction`)."""
     if G.dtype in _HALF_DTYPES:
         beta32 = beta.to(device=G.device, dtype=torch.float32)
-        return _checked_half(torch.einsum("bk,bkd->bd", beta32, G.float()), G.dtype)
+        return torch.einsum("bk,bkd->bd", beta32, G.float()).to(G.dtype)
     return torch.einsum("bk,bkd->bd", beta.to(device=G.device, dtype=G.dtype), G)
 
 

@@ -133,8 +133,11 @@ from mtl_opt._validation import (
     GRAMIAN_BLOCK,
     _diagonal_in_range,
     _gram,
+    check_direction,
+    check_gradients,
     check_task_vector,
     gramian_of,
+    gramian_rtol,
     underflow_threshold,
 )
 from mtl_opt.aggregator import (
@@ -609,11 +612,16 @@ def _task_grads(
 ) -> _TaskGrads:
     K = len(loss_list)
     if K == 1 or parallel is False:
-        return _looped_grads(loss_list, first, heads, owners, h, retain_graph)
+        try:
+            return _looped_grads(loss_list, first, heads, owners, h, retain_graph)
+        except RuntimeError as exc:
+            _raise_if_stale_graph(exc)
+            raise
     if parallel is True:
         try:
             return _batched_grads(L, first, heads, owners, h, retain_graph, plan)
         except (RuntimeError, NotImplementedError) as exc:
+            _raise_if_stale_graph(exc)
             raise RuntimeError(
                 f"the batched Jacobian failed (parallel=True): {_first_line(exc)}; use "
                 "parallel='auto' or parallel=False to compute it with one backward pass per task"
@@ -621,6 +629,7 @@ def _task_grads(
     try:
         return _batched_grads(L, first, heads, owners, h, retain_graph=True, plan=plan)
     except (RuntimeError, NotImplementedError) as exc:
+        _raise_if_stale_graph(exc)  # the per-task loop would fail the same way
         reason = f"{type(exc).__name__}: {_first_line(exc)}"
         warnings.warn(
             f"the batched Jacobian failed ({reason}); computed it with {K} separate backward "
@@ -632,6 +641,33 @@ def _task_grads(
         result = _looped_grads(loss_list, first, heads, owners, h, retain_graph)
         result.fallback_reason = reason
         return result
+
+
+_STALE_GRAPH_CAUSES = {
+    "backward through the graph a second time": "its graph was already freed by an earlier "
+    "backward pass (mtl_backward, MultiTaskOptimizer.step/backward or .backward() on the same "
+    "losses)",
+    "modified by an inplace operation": "a tensor it saved was modified in place since the "
+    "forward pass (typically the parameters, by an optimizer step taken after these losses "
+    "were computed)",
+}
+
+
+def _raise_if_stale_graph(exc: BaseException) -> None:
+    """Re-raise autograd's "graph freed" and "modified in place" errors with their cause.
+
+    Both mean the losses cannot be differentiated again, whichever way the Jacobian is
+    computed (batched or per task): the fix is a fresh forward pass per step.
+    """
+    text = str(exc)
+    for marker, cause in _STALE_GRAPH_CAUSES.items():
+        if marker in text:
+            raise RuntimeError(
+                f"these losses cannot be differentiated again: {cause}. Compute the losses "
+                "with a fresh forward pass for every step (after the previous optimizer step); "
+                "to take several gradients of the same losses before stepping, pass "
+                "retain_graph=True to all but the last call"
+            ) from exc
 
 
 def _first_line(exc: BaseException) -> str:
@@ -820,8 +856,9 @@ def mtl_backward(
                 f"{type(aggregator).__name__} returned a direction of shape "
                 f"{tuple(direction.shape)}, expected ({G.shape[1]},)"
             )
-        if agg.weights is None and not bool(torch.isfinite(direction).all()):
-            raise RuntimeError(f"{type(aggregator).__name__} returned a non-finite direction")
+        if type(aggregator).aggregate is not GradientAggregator.aggregate:
+            # A subclass that replaced aggregate() skipped its direction check.
+            check_direction(direction, aggregator, beta=agg.weights, gramian=agg.gramian, G=G)
         M = agg.gramian if agg.gramian is not None else gramian_of(G)
         del G
 
@@ -846,6 +883,24 @@ def mtl_backward(
             # through unchanged (e.g. features that are a view of a parameter).
             direction_storage = direction.untyped_storage().data_ptr()
             owned = [g.untyped_storage().data_ptr() != direction_storage for g in through]  # type: ignore[union-attr]
+
+    # Everything this call writes is checked finite before anything is written: the shared
+    # direction by the aggregation (check_direction), the rest here, in one fused check.
+    written = [
+        (f"{name}, from the loss of task {owner}" if owner is not None else
+         f"the parameter of shape {tuple(p.shape)} outside shared_params and task_params "
+         "(it receives Σ_i h_i ∇L_i)", g)
+        for (p, g, owner), name in zip(
+            zip(head_inputs, grads.head, owners),
+            [n for n, _ in group_params] + [""] * len(others),
+        )
+        if g is not None
+    ]
+    if level == "features":
+        written += [
+            (f"{name} (through the features)", g) for (name, _), g in zip(shared, shared_updates)
+        ]
+    check_gradients(written)
 
     # Head updates (group i: h_i ∇L_i; other parameters: Σ h_i ∇L_i) were combined above: fresh
     # tensors owned by this call.
@@ -1098,12 +1153,15 @@ def _aggregate_blocks(
             extra_rows=lambda: factored_rows(plan, deltas),
         )
         owners = plan.rest
-    beta = aggregator._checked_weights(M, losses_t, weights_t)
+    d = sum(p.numel() for p in params)
+    beta = aggregator._checked_weights(M, losses_t, weights_t, rtol=gramian_rtol(ref.dtype, d))
     # βᵀ G_j as a (1, K) × (K, n_j) product (β moved to the parameters' device and dtype once):
     # what combine_rows computes, as one GEMM per block.
     row = beta.to(device=ref.device, dtype=ref.dtype, non_blocking=True)
     updates = {} if plan is None or deltas is None else factored_updates(plan, deltas, row, params)
+    factored_pieces = list(updates.values())  # (Σ β_k Δ_k)ᵀ X: not covered by the βᵀG bound
     for j, b in zip(owners, blocks):
         updates[j] = torch.mm(row[None], b).view(params[j].shape)
     pieces = [updates[j] for j in range(len(params))]
+    check_direction(pieces, aggregator, beta=beta, gramian=M, unbounded=factored_pieces)
     return _BlockedAggregationResult(pieces, beta, M), M, pieces

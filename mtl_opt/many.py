@@ -21,8 +21,13 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from mtl_opt._validation import check_jacobian, gramian_of
-from mtl_opt.aggregator import AggregationResult, GradientAggregator, GramianAggregator
+from mtl_opt._validation import check_direction, check_jacobian, gramian_of, gramian_rtol
+from mtl_opt.aggregator import (
+    AggregationResult,
+    GradientAggregator,
+    GramianAggregator,
+    combine_rows,
+)
 
 __all__ = ["aggregate_many"]
 
@@ -60,13 +65,15 @@ def aggregate_many(
     results: dict[str, AggregationResult] = {}
     if gramian_methods:
         M64 = gramian_of(G)  # also the finiteness check of G
+        rtol = gramian_rtol(G.dtype, G.shape[1])
         betas: dict[str, Tensor] = {}
         for label, agg in gramian_methods.items():
             losses_t, weights_t = agg._check_context(K, losses, task_weights)
-            betas[label] = agg._checked_weights(M64, losses_t, weights_t)
+            betas[label] = agg._checked_weights(M64, losses_t, weights_t, rtol=rtol)
         B = torch.stack(list(betas.values()))
-        D = B.to(device=G.device, dtype=G.dtype, non_blocking=True) @ G
+        D = combine_rows(B, G)  # (N, d): one product for all; half dtypes combined in float32
         for i, (label, beta) in enumerate(betas.items()):
+            check_direction(D[i], gramian_methods[label], beta=beta, gramian=M64)
             results[label] = AggregationResult(direction=D[i], weights=beta, gramian=M64)
     for label, agg in named.items():
         if label not in gramian_methods:

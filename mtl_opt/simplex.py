@@ -72,6 +72,10 @@ All arithmetic is float64 on the CPU; tolerances are relative to ``max_i M_ii``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import numpy as np
 import torch
 from scipy.optimize import nnls
@@ -79,6 +83,8 @@ from torch import Tensor
 
 __all__ = [
     "ZERO_NORM_RTOL",
+    "gramian_precision",
+    "zero_norm_rtol",
     "conflict_averse_batch_np",
     "conflict_averse_coefficients",
     "conflict_averse_weights",
@@ -87,8 +93,37 @@ __all__ = [
 ]
 
 #: A combination ``x = Gᵀw`` with ``‖x‖² ≤ ZERO_NORM_RTOL · max_i M_ii`` counts as the zero vector
-#: (below this the Gramian's float64 rounding dominates ``wᵀMw``).
+#: (below this the Gramian's float64 rounding dominates ``wᵀMw``). This is the floor: a Gramian
+#: formed from a less precise or wider Jacobian raises the threshold for its solve (see
+#: :func:`zero_norm_rtol`).
 ZERO_NORM_RTOL = 1e-14
+
+_ZERO_NORM_RTOL: ContextVar[float] = ContextVar("zero_norm_rtol", default=ZERO_NORM_RTOL)
+
+
+def zero_norm_rtol() -> float:
+    """The zero-norm threshold of the solve in progress (relative to ``max_i M_ii``).
+
+    ``ZERO_NORM_RTOL`` unless the solve runs inside :func:`gramian_precision`: the aggregators
+    pass the relative precision of the Gramian and of the direction they will form from it
+    (:func:`mtl_opt._validation.gramian_rtol`), so that a combination that is zero to that
+    precision is treated as zero instead of being divided by (a float32 Gramian's rounding
+    noise would otherwise pass for a direction and get weights ~1e6).
+    """
+    return _ZERO_NORM_RTOL.get()
+
+
+@contextmanager
+def gramian_precision(rtol: float | None) -> Iterator[None]:
+    """Run the solves inside with the zero-norm threshold ``max(ZERO_NORM_RTOL, rtol)``."""
+    if rtol is None or not rtol > ZERO_NORM_RTOL:
+        yield
+        return
+    token = _ZERO_NORM_RTOL.set(float(rtol))
+    try:
+        yield
+    finally:
+        _ZERO_NORM_RTOL.reset(token)
 
 _KKT_RTOL = 1e-10  # KKT tolerance relative to max_i M_ii (objective gap ≤ 2 · this · scale)
 _EPS = float(np.finfo(np.float64).eps)
@@ -324,7 +359,7 @@ def _coefficients(M: np.ndarray, w: np.ndarray, s: np.ndarray) -> np.ndarray:
     K = M.shape[-1]
     r2 = np.einsum("bi,bij,bj->b", w, M, w)
     scale = np.max(np.diagonal(M, axis1=1, axis2=2), axis=1)
-    live = (r2 > ZERO_NORM_RTOL * scale) & (s > 0)
+    live = (r2 > zero_norm_rtol() * scale) & (s > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
         factor = np.where(live, s / np.sqrt(np.where(live, r2, 1.0)), 0.0)
     coef = 1.0 / K + factor[:, None] * w
@@ -421,7 +456,7 @@ def _conflict_averse_small(M: np.ndarray, c: float) -> tuple[np.ndarray, np.ndar
     w = np.stack([w1, 1.0 - w1], axis=1)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         r = np.where(pick1, r1, np.where(pick2, r2, s * t))
-        live = (r * r > ZERO_NORM_RTOL * np.maximum(m11, m22)) & (s > 0.0)
+        live = (r * r > zero_norm_rtol() * np.maximum(m11, m22)) & (s > 0.0)
         factor = np.where(live, s / r, 0.0)
     coef = 0.5 + factor[:, None] * w
     at_origin = ~live & (s > 0.0)
@@ -453,7 +488,7 @@ def _ca_on_support(
     e = _bordered_solve(A_SS, -b[support], 0.0)
     msq = max(float(a @ A_SS @ a), 0.0)
     ksq = max(float(e @ A_SS @ e), 0.0)
-    if s * s <= ksq or msq <= ZERO_NORM_RTOL:
+    if s * s <= ksq or msq <= zero_norm_rtol():
         return None
     t = np.sqrt(msq / (s * s - ksq))
     w = np.zeros(K)
@@ -482,7 +517,7 @@ def _ca_certificate(
     absA = np.abs(A)
     Aw = np.einsum("bij,bj->bi", A, w)
     r2 = np.einsum("bi,bi->b", w, Aw)
-    live = (r2 > ZERO_NORM_RTOL) & np.isfinite(w).all(axis=1)
+    live = (r2 > zero_norm_rtol()) & np.isfinite(w).all(axis=1)
     r = np.sqrt(np.where(live, r2, 1.0))
     gamma = 1.0 / K + (s / r)[:, None] * w
     primal = np.einsum("bij,bj->bi", A, gamma).min(axis=1)
@@ -525,7 +560,7 @@ def _conflict_averse_general(M: np.ndarray, c: float) -> tuple[np.ndarray, np.nd
         return w, _coefficients(M[None], w[None], np.array([s * np.sqrt(scale)]))[0]
 
     alpha0 = _min_norm_general(A)
-    if float(alpha0 @ A @ alpha0) <= ZERO_NORM_RTOL:
+    if float(alpha0 @ A @ alpha0) <= zero_norm_rtol():
         # The origin is in the hull: x* = 0 is optimal iff ‖proj_{cone(rows)}(−g0)‖ ≤ s.
         v, p2 = _cone_nnls(A)
         if p2 <= s * s * (1.0 + 1e-9):
