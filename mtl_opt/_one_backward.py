@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtl_opt._validation import _non_finite
 from mtl_opt.aggregator import GradientAggregator
 from mtl_opt.backward import (
     MTLBackwardResult,
@@ -74,7 +75,8 @@ def weighted_sum_backward(
     """One backward pass of ``Σ w_i L_i``; returns the diagnostics, or only ``w`` when a task
     group is reached by another task's loss (the caller then takes the Jacobian path with
     these fixed weights). Inputs were validated by :func:`mtl_opt.mtl_backward`."""
-    reached = {id(p) for p in _reachable_leaves(loss_list)}
+    leaves = _reachable_leaves(loss_list)
+    reached = {id(p) for p in leaves}
     for name, p in shared:
         if id(p) not in reached:
             raise ValueError(f"{name} is not reached by any loss: shared parameters must be used "
@@ -84,9 +86,11 @@ def weighted_sum_backward(
         return aggregator.jacobian_free_weights(values, tw)
     w = aggregator.jacobian_free_weights(values, tw)
     fresh = all(p.grad is None for _, p in shared)
+    had_grad = [p.grad is not None for p in leaves]
     stacked = L if isinstance(losses, Tensor) else torch.stack(loss_list)
     (w.to(device=stacked.device, dtype=stacked.dtype) * stacked).sum().backward(
         retain_graph=retain_graph)
+    _check_written_gradients(leaves, had_grad, shared, groups)
     agg = _WeightedSumResult([p.grad for _, p in shared] if fresh else [], w, None)  # type: ignore[arg-type]
     if fresh:
         agg._freeze_versions()
@@ -95,6 +99,45 @@ def weighted_sum_backward(
     return MTLBackwardResult(
         aggregation=agg, losses=values, loss_weights=w, gramian=None, grad_norms=None,
         cosines=None, batched=False, fallback_reason=None, level="parameters",
+    )
+
+
+def _check_written_gradients(
+    leaves: list[Tensor],
+    had_grad: list[bool],
+    shared: list[tuple[str, Tensor]],
+    groups: list[list[tuple[str, Tensor]]],
+) -> None:
+    """Every gradient the backward pass wrote is finite; else clear the ``.grad`` it created
+    and raise naming the parameter (one sum per gradient, one host sync: see
+    :func:`mtl_opt._validation.check_gradients`).
+
+    Unlike the Jacobian path, one backward pass writes before it can check: a ``.grad`` that
+    held a gradient before the call keeps the non-finite sum (the message says so); every
+    ``.grad`` the call created is reset to ``None``. Either way the error comes before any
+    optimizer step.
+    """
+    written = [(i, p.grad) for i, p in enumerate(leaves) if p.grad is not None]
+    bad = _non_finite([g for _, g in written])
+    if not bad:
+        return
+    names = {id(p): f"shared parameter {name}" for name, p in shared}
+    for i, group in enumerate(groups):
+        names.update({id(p): f"task {i} parameter {name}, from the loss of task {i}" for name, p in group})
+    first = leaves[written[bad[0]][0]]
+    where = names.get(id(first), f"the parameter of shape {tuple(first.shape)} outside shared_params "
+                                 "and task_params")
+    kept = [leaves[written[b][0]] for b in bad if had_grad[written[b][0]]]
+    for p, had in zip(leaves, had_grad):
+        if not had:
+            p.grad = None
+    more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+    note = (f"; {len(kept)} of them held a gradient before this call and now hold the non-finite "
+            "sum" if kept else "; the .grad tensors this call created were cleared")
+    raise ValueError(
+        f"the gradient of {where}{more} is not finite (NaN or inf) although the losses are{note}. "
+        "Look for an operation whose derivative is infinite at the current values (sqrt or log "
+        "at 0, division by zero) or rescale the losses"
     )
 
 

@@ -232,3 +232,20 @@ def test_mtl_backward_checks_the_direction_of_a_method_with_its_own_aggregate():
     with pytest.raises(ValueError, match=r"_OwnAggregate.*overflows float32"):
         mtl_backward(net.losses(), net.trunk, _OwnAggregate())
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("method", ["ls", "uw"])
+def test_the_one_backward_path_refuses_a_non_finite_gradient_and_clears_what_it_created(method):
+    # LS and the loss weightings take one backward pass of Σ w_i L_i, which writes `.grad`
+    # before anything can be checked: the call still raises before any optimizer step, names the
+    # parameter, and leaves no `.grad` it created behind.
+    net = _SqrtHead()
+    losses = [L.abs() + 1 for L in net.losses()]  # positive, as UW's log needs
+    with pytest.raises(ValueError, match=r"task 0 parameter .*from the loss of task 0 is not finite"):
+        mtl_backward(losses, net.trunk, get_aggregator(method), task_params=[[net.gate], net.head_b])
+    assert all(p.grad is None for p in net.parameters())
+    net.zero_grad(set_to_none=False)  # .grad held zeros before the call: they keep the sum
+    for p in net.parameters():
+        p.grad = torch.zeros_like(p)
+    with pytest.raises(ValueError, match=r"(?s)outside shared_params.*held a gradient before this call"):
+        mtl_backward([L.abs() + 1 for L in net.losses()], net.trunk, get_aggregator(method))
