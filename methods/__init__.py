@@ -9,13 +9,28 @@ from mtl_opt.methods.mgda import MGDA
 from mtl_opt.methods.cagrad import CAGrad
 from mtl_opt.methods.nash_mtl import NashMTL, NashSolverError
 from mtl_opt.methods.came_grad import CAMEGrad
+from mtl_opt.methods.upgrad import UPGrad
+from mtl_opt.methods.dualproj import DualProj
+from mtl_opt.methods.imtl_g import IMTLG
+from mtl_opt.methods.aligned_mtl import AlignedMTL
+from mtl_opt.methods.config import ConFIG
+from mtl_opt.methods.fairgrad import FairGrad, FairGradSolverError
+from mtl_opt.methods.gradvac import GradVac
 
 __all__ = [
+    "AlignedMTL",
     "CAGrad",
     "CAMEGrad",
+    "ConFIG",
+    "DualProj",
+    "FairGrad",
+    "FairGradSolverError",
+    "GradVac",
+    "IMTLG",
     "LinearScalarization",
     "MGDA",
     "NashMTL",
     "NashSolverError",
     "PCGrad",
+    "UPGrad",
 ]
