@@ -21,4 +21,5 @@ def pinv_apply(M: np.ndarray, x: np.ndarray, eps: float = float(np.finfo(np.floa
     eigenvalues below the rank tolerance of :func:`eigh_with_rank`."""
     lam, V, keep = eigh_with_rank(M, eps)
     inv = np.where(keep, 1.0 / np.where(keep, lam, 1.0), 0.0)
-    return np.einsum("bij,bj,bkj,bk->bi", V, inv, V, x)
+    coords = inv * (np.swapaxes(V, 1, 2) @ x[:, :, None])[:, :, 0]
+    return (V @ coords[:, :, None])[:, :, 0]

@@ -31,6 +31,9 @@ targets ``U`` (B, R, K) (R projections per Gramian) and a single Gramian is the 
 
 from __future__ import annotations
 
+import math
+from operator import mul
+
 import numpy as np
 
 __all__ = ["KKT_TOL", "DualConeError", "dual_cone_weights", "dual_cone_weights_single"]
@@ -56,9 +59,9 @@ def dual_cone_weights(M: np.ndarray, U: np.ndarray) -> np.ndarray:
         if not scale[b] > 0.0:  # every gradient is zero: C is the whole space
             W[b] = U[b]
             continue
-        A = M[b] / scale[b]
-        for r in range(U.shape[1]):
-            W[b, r] = _project(A, U[b, r])
+        A = (M[b] / scale[b]).tolist()
+        for r, u in enumerate(U[b].tolist()):
+            W[b, r] = _project(A, u)
     return W
 
 
@@ -67,18 +70,24 @@ def dual_cone_weights_single(M: np.ndarray, U: np.ndarray) -> np.ndarray:
     return dual_cone_weights(M[None], U[None])[0]
 
 
-def _project(A: np.ndarray, u: np.ndarray) -> np.ndarray:
-    """``u + v*`` for one normalised Gramian ``A`` and one target ``u`` (see the module doc)."""
-    K = A.shape[0]
-    c = A @ u
-    v = np.zeros(K)
-    free = np.zeros(K, dtype=bool)
+def _project(A: list[list[float]], u: list[float]) -> list[float]:
+    """``u + v*`` for one normalised Gramian ``A`` and one target ``u`` (see the module doc).
+
+    Written on Python floats: for K ≤ 8 a NumPy call costs more than the arithmetic it runs.
+    """
+    K = len(u)
+    c = [sum(map(mul, row, u)) for row in A]  # A u
+    v = [0.0] * K
+    free = [False] * K
     steps = 0
     while True:
-        grad = c + A @ v  # = A (u + v)
-        candidates = np.where(free, np.inf, grad)
-        j = int(np.argmin(candidates))
-        if not candidates[j] < -_entry_tol(A, u + v):
+        grad = [ci + sum(map(mul, row, v)) for ci, row in zip(c, A)]  # A (u + v)
+        tol = _entry_tol([a + b for a, b in zip(u, v)])
+        j, best = -1, -tol
+        for i in range(K):
+            if not free[i] and grad[i] < best:
+                j, best = i, grad[i]
+        if j < 0:
             break
         free[j] = True
         while True:  # minimise over the free coordinates, staying in v ≥ 0
@@ -86,43 +95,72 @@ def _project(A: np.ndarray, u: np.ndarray) -> np.ndarray:
             if steps > _MAX_STEPS_PER_TASK * K + 10:
                 raise DualConeError(
                     f"dual-cone projection: the active set did not settle within {steps - 1} steps "
-                    f"for the normalised Gramian {A.tolist()} and target {u.tolist()}"
+                    f"for the normalised Gramian {A} and target {u}"
                 )
-            P = np.flatnonzero(free)
-            z = np.zeros(K)
-            z[P] = np.linalg.lstsq(A[np.ix_(P, P)], -c[P], rcond=None)[0]
-            if np.all(z[P] > 0.0):
-                v = z
+            P = [i for i in range(K) if free[i]]
+            zP = _solve_face([[A[i][k] for k in P] for i in P], [-c[i] for i in P])
+            if min(zP) > 0.0:
+                v = [0.0] * K
+                for i, z in zip(P, zP):
+                    v[i] = z
                 break
             # Move from v toward z until the first free coordinate reaches zero; fix it there.
-            neg = P[z[P] <= 0.0]
-            ratios = v[neg] / (v[neg] - z[neg])
-            t = float(ratios.min())
-            v = v + t * (z - v)
-            hit = neg[ratios <= t]
-            v[hit] = 0.0
-            free[hit] = False
-            v[~free] = 0.0
-            if not free.any():
+            ratios = {i: v[i] / (v[i] - z) for i, z in zip(P, zP) if z <= 0.0}
+            t = min(ratios.values())
+            for i, z in zip(P, zP):
+                v[i] += t * (z - v[i])
+            for i in P:
+                if v[i] <= 0.0 or ratios.get(i, math.inf) <= t:
+                    free[i] = False
+                    v[i] = 0.0
+            if not any(free):
                 break
-    w = u + v
+    w = [a + b for a, b in zip(u, v)]
     _certify(A, u, v, w)
     return w
 
 
-def _entry_tol(A: np.ndarray, w: np.ndarray) -> float:
-    return KKT_TOL * max(1.0, float(np.abs(w).sum()))
+def _solve_face(A_PP: list[list[float]], rhs: list[float]) -> list[float]:
+    """A minimiser of the quadratic on a face: ``A_PP z = rhs`` (a consistent system), by
+    Cholesky on floats when ``A_PP`` is clearly positive definite, else in the least-squares
+    sense (minimum norm; dependent rows make ``A_PP`` singular)."""
+    n = len(rhs)
+    L = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        Li = L[i]
+        for k in range(i + 1):
+            Lk = L[k]
+            acc = A_PP[i][k] - sum(map(mul, Li[:k], Lk[:k]))
+            if i == k:
+                if not acc > _PIVOT_RTOL * A_PP[i][i]:
+                    return np.linalg.lstsq(np.array(A_PP), np.array(rhs), rcond=None)[0].tolist()
+                Li[i] = math.sqrt(acc)
+            else:
+                Li[k] = acc / Lk[k]
+    y = [0.0] * n
+    for i in range(n):
+        y[i] = (rhs[i] - sum(map(mul, L[i][:i], y[:i]))) / L[i][i]
+    z = [0.0] * n
+    for i in reversed(range(n)):
+        z[i] = (y[i] - sum(L[k][i] * z[k] for k in range(i + 1, n))) / L[i][i]
+    return z
 
 
-def _certify(A: np.ndarray, u: np.ndarray, v: np.ndarray, w: np.ndarray) -> None:
-    grad = A @ w
-    tol = _entry_tol(A, w)
-    bad_sign = float(grad.min()) < -tol
-    slack = np.abs(grad[v > 0.0])
-    bad_slack = slack.size > 0 and float(slack.max()) > tol
-    if bad_sign or bad_slack or float(v.min()) < 0.0 or not np.isfinite(w).all():
+#: A Cholesky pivot below this fraction of its diagonal entry counts as singular.
+_PIVOT_RTOL = 1e-10
+
+
+def _entry_tol(w: list[float]) -> float:
+    return KKT_TOL * max(1.0, sum(map(abs, w)))
+
+
+def _certify(A: list[list[float]], u: list[float], v: list[float], w: list[float]) -> None:
+    grad = [sum(map(mul, row, w)) for row in A]
+    tol = _entry_tol(w)
+    bad_sign = min(grad) < -tol
+    bad_slack = any(vi > 0.0 and abs(g) > tol for vi, g in zip(v, grad))
+    if bad_sign or bad_slack or min(v) < 0.0 or not all(map(math.isfinite, w)):
         raise DualConeError(
             f"dual-cone projection failed its KKT certificate (tolerance {tol:.1e}): gradient "
-            f"A w = {grad.tolist()}, multipliers v = {v.tolist()}, for the normalised Gramian "
-            f"{A.tolist()} and target {u.tolist()}"
+            f"A w = {grad}, multipliers v = {v}, for the normalised Gramian {A} and target {u}"
         )
