@@ -16,8 +16,14 @@ least-squares sense so a singular ``M_PP`` is fine: the right-hand side lies in 
 back to the boundary and fixing coordinates that reach zero when the minimiser leaves ``v ≥ 0``.
 Every step decreases the objective and no free set repeats, so it stops after finitely many steps.
 
-The answer is accepted only on its KKT certificate, checked in normalised units
-``A = M / max_i M_ii`` (scale-free; ``w`` is unchanged by ``M → sM``):
+The solve runs in normalised units ``A = M / max_i M_ii`` (scale-free; ``w`` is unchanged by
+``M → sM``), on the positive semi-definite part of ``A`` (negative eigenvalues, which only
+rounding produces, set to zero: along such a direction inside ``v ≥ 0`` the QP would be unbounded)
+with its diagonal scaled by ``1 + RIDGE`` (10⁻¹²): with linearly dependent rows the QP has many
+minimisers and the active set could cycle among them; the ridge makes the minimiser unique and
+every face system positive definite, and moves the direction by a relative ~10⁻¹² (TorchJD adds
+``10⁻⁴ I`` to ``M / tr M``, which is not relative to each task's scale).
+The answer is accepted only on its KKT certificate (for the ridged ``A``):
 
     v ≥ 0,    (A w)_i ≥ −tol  for every i,    |(A w)_i| ≤ tol  where v_i > 0,
 
@@ -36,10 +42,14 @@ from operator import mul
 
 import numpy as np
 
-__all__ = ["KKT_TOL", "DualConeError", "dual_cone_weights", "dual_cone_weights_single"]
+__all__ = ["KKT_TOL", "RIDGE", "DualConeError", "dual_cone_weights", "dual_cone_weights_single"]
 
 #: Tolerance of the KKT certificate, in normalised units (relative to ``max_i M_ii``).
 KKT_TOL = 1e-10
+#: Relative ridge on the diagonal (``A_ii → (1 + RIDGE) A_ii``): every face system of non-zero
+#: rows is then positive definite, the solution is unique and the active set cannot cycle on
+#: dependent rows; relative to each diagonal entry, so that every task's scale stays free.
+RIDGE = 1e-12
 _MAX_STEPS_PER_TASK = 6
 
 
@@ -59,10 +69,24 @@ def dual_cone_weights(M: np.ndarray, U: np.ndarray) -> np.ndarray:
         if not scale[b] > 0.0:  # every gradient is zero: C is the whole space
             W[b] = U[b]
             continue
-        A = (M[b] / scale[b]).tolist()
+        A = _psd_part(M[b] / scale[b])
+        A[np.diag_indices(K)] *= 1.0 + RIDGE
+        A = A.tolist()
         for r, u in enumerate(U[b].tolist()):
             W[b, r] = _project(A, u)
     return W
+
+
+def _psd_part(A: np.ndarray) -> np.ndarray:
+    """``A`` with its negative eigenvalues (rounding: a Gramian computed in float32, or rows
+    that are exactly dependent) set to zero. On a negative-curvature direction inside ``v ≥ 0``
+    the QP would be unbounded below; on the PSD part it is bounded and the answer differs from
+    the unclipped problem's by the size of the clipped eigenvalues."""
+    lam, V = np.linalg.eigh(A)
+    if lam[0] >= 0.0:
+        return A
+    clipped = (V * np.maximum(lam, 0.0)) @ V.T
+    return 0.5 * (clipped + clipped.T)
 
 
 def dual_cone_weights_single(M: np.ndarray, U: np.ndarray) -> np.ndarray:
@@ -121,9 +145,9 @@ def _project(A: list[list[float]], u: list[float]) -> list[float]:
 
 
 def _solve_face(A_PP: list[list[float]], rhs: list[float]) -> list[float]:
-    """A minimiser of the quadratic on a face: ``A_PP z = rhs`` (a consistent system), by
-    Cholesky on floats when ``A_PP`` is clearly positive definite, else in the least-squares
-    sense (minimum norm; dependent rows make ``A_PP`` singular)."""
+    """The minimiser of the quadratic on a face: ``A_PP z = rhs`` by Cholesky on floats (the
+    ridge keeps every pivot above ``RIDGE · A_ii``; a smaller one, only possible through
+    rounding, falls back to a least-squares solve)."""
     n = len(rhs)
     L = [[0.0] * n for _ in range(n)]
     for i in range(n):
@@ -132,7 +156,7 @@ def _solve_face(A_PP: list[list[float]], rhs: list[float]) -> list[float]:
             Lk = L[k]
             acc = A_PP[i][k] - sum(map(mul, Li[:k], Lk[:k]))
             if i == k:
-                if not acc > _PIVOT_RTOL * A_PP[i][i]:
+                if not acc > 0.5 * RIDGE * A_PP[i][i]:
                     return np.linalg.lstsq(np.array(A_PP), np.array(rhs), rcond=None)[0].tolist()
                 Li[i] = math.sqrt(acc)
             else:
@@ -144,10 +168,6 @@ def _solve_face(A_PP: list[list[float]], rhs: list[float]) -> list[float]:
     for i in reversed(range(n)):
         z[i] = (y[i] - sum(L[k][i] * z[k] for k in range(i + 1, n))) / L[i][i]
     return z
-
-
-#: A Cholesky pivot below this fraction of its diagonal entry counts as singular.
-_PIVOT_RTOL = 1e-10
 
 
 def _entry_tol(w: list[float]) -> float:

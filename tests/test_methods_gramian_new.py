@@ -147,9 +147,15 @@ def test_dual_cone_projection_handles_dependent_and_zero_rows():
     assert rel(DualProj()(G), cone_projection_reference(G, G.mean(0))) < TOL
 
 
-def test_dual_cone_projection_refuses_to_return_an_uncertified_answer():
-    with pytest.raises(DualConeError, match="dual-cone projection"):  # not PSD: no optimum
-        dual_cone_weights_single(np.array([[1.0, 0.0], [0.0, -1.0]]), np.array([[1.0, 1.0]]))
+def test_dual_cone_projection_refuses_to_return_an_uncertified_answer(monkeypatch):
+    # A face solve that returns a wrong minimiser (injected) must be caught by the certificate.
+    import mtl_opt.dual_cone as dual_cone
+
+    monkeypatch.setattr(dual_cone, "_solve_face", lambda A_PP, rhs: [2.0 * x + 1.0 for x in rhs])
+    M = (rows(3, 0) @ rows(3, 0).T).numpy()
+    M[0, 1] = M[1, 0] = -0.9 * np.sqrt(M[0, 0] * M[1, 1])  # conflicting: the solve is needed
+    with pytest.raises(DualConeError, match="certificate|did not settle"):
+        dual_cone_weights_single(M, np.eye(3))
 
 
 @pytest.mark.parametrize("K", KS)
@@ -378,3 +384,33 @@ def test_fairgrad_is_not_linear_under_scaling_except_at_alpha_one():
     assert rel(FairGrad(alpha=2.0, max_norm=0.0)(4 * G), 4 * d) > 1e-3
     # α = 1 (Nash): the direction does not depend on the scale at all.
     assert rel(FairGrad(alpha=1.0, max_norm=0.0)(4 * G), FairGrad(alpha=1.0, max_norm=0.0)(G)) < 1e-8
+
+
+def test_fairgrad_certifies_or_raises_on_extreme_inputs():
+    # Gradient norms 10⁻⁸ and 10⁸ at α = 10: the documented limit of the solver. Whatever it
+    # does, it never returns weights that do not solve the equations.
+    from mtl_opt.methods import FairGradSolverError
+
+    G = torch.tensor([[2.3e-8, 1e-9, 0.0], [4e7, 2e8, 1.0]], dtype=torch.float64)
+    for alpha in (2.0, 5.0, 10.0):
+        M = G @ G.T
+        try:
+            w = FairGrad(alpha=alpha, max_norm=0.0).weights(M)
+        except FairGradSolverError as exc:
+            assert "did not converge" in str(exc) or "line search" in str(exc)
+            continue
+        ridged = M + 1e-9 * torch.diag(torch.diag(M))
+        assert float(((w ** (1 / alpha)) * (ridged @ w) - 1).abs().max()) < 1e-8
+
+
+def test_dual_cone_projection_of_float32_opposing_rows_is_finite_and_non_conflicting():
+    # g_2 = −2 g_1 exactly: the float32 Gramian is singular only up to rounding and may have a
+    # tiny negative eigenvalue, along which the QP would be unbounded: the PSD part is used.
+    g = torch.Generator().manual_seed(3)
+    for K in (3, 5):
+        G = torch.randn(K, 30, generator=g)
+        G[1] = -2 * G[0]
+        for name in ("upgrad", "dualproj"):
+            d = mtl_opt.get_aggregator(name)(G)
+            assert torch.isfinite(d).all()
+            assert float((G.double() @ d.double()).min()) >= -1e-5 * float(G.norm()) ** 2
