@@ -22,8 +22,10 @@ _RANK_EPS = float(np.finfo(np.float64).eps)
 
 @register_aggregator("aligned_mtl")
 class AlignedMTL(GramianAggregator):
-    """Aligned-MTL (Senushkin et al., "Independent Component Alignment for Multi-Task
-    Learning", CVPR 2023), Algorithm 1.
+    """Aligned-MTL: gradients aligned to equal singular values (Senushkin et al., CVPR 2023).
+
+    Senushkin, Patakin, Kuznetsov, Konushin, "Independent Component Alignment for Multi-Task
+    Learning", CVPR 2023, Algorithm 1.
 
     With the eigen-decomposition ``M = G Gᵀ = V Λ Vᵀ`` restricted to its numerical rank ``r``
     (eigenvalues above ``λ_max · K · ε``, the authors' rule with the float64 ε of the Gramian

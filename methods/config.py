@@ -16,9 +16,11 @@ from mtl_opt.registry import register_aggregator
 
 @register_aggregator("config")
 class ConFIG(GramianAggregator):
-    """ConFIG (Liu, Chu, Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed
-    Neural Networks", ICLR 2025), Eq. 2 with the authors' defaults (``conflictfree.ConFIG_update``
-    with equal weights and the projection length).
+    """ConFIG: the direction with equal cosine to every task gradient (Liu et al., ICLR 2025).
+
+    Liu, Chu, Thuerey, "ConFIG: Towards Conflict-free Training of Physics Informed Neural
+    Networks", ICLR 2025, Eq. 2 with the authors' defaults (``conflictfree.ConFIG_update`` with
+    equal weights and the projection length).
 
     With unit rows ``U = D^{-1/2} G`` (``D = diag(M)``; zero rows stay zero) and weights ``p``
     (default all ones), the direction is the least-squares (minimum-norm) solution of

@@ -17,8 +17,10 @@ from mtl_opt.registry import register_aggregator
 
 @register_aggregator("gradvac")
 class GradVac(GramianAggregator):
-    """Gradient Vaccine (Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and
-    Improving Multi-task Optimization in Massively Multilingual Models", ICLR 2021), Algorithm 1.
+    """GradVac: pairwise gradient cosines raised to EMA targets (Wang et al., ICLR 2021).
+
+    Wang, Tsvetkov, Firat, Cao, "Gradient Vaccine: Investigating and Improving Multi-task
+    Optimization in Massively Multilingual Models", ICLR 2021, Algorithm 1.
 
     For each task ``i`` (a modified copy ``g_i' ← g_i``) and each other task ``j`` in a random
     order: ``φ_ij = cos(g_i', g_j)``; if ``φ_ij < φ̂_ij`` (the target), add
