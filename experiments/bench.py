@@ -98,11 +98,15 @@ TORCHJD_EQUIVALENTS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
     "cagrad": ("CAGrad", lambda K: {"c": 0.4}),
     "nash_mtl": ("NashMTL", lambda K: {"n_tasks": K}),
     "imtl_g": ("IMTLG", lambda K: {}),
-    "aligned_mtl": ("AlignedMTL", lambda K: {}),
+    # The authors sum the aligned rows (our p = 1); TorchJD's default averages them.
+    "aligned_mtl": ("AlignedMTL", lambda K: {"pref_vector": torch.ones(K)}),
     "upgrad": ("UPGrad", lambda K: {}),
     "dualproj": ("DualProj", lambda K: {}),
+    "config": ("ConFIG", lambda K: {}),
+    "fairgrad": ("FairGrad", lambda K: {"alpha": 1.0}),
     "graddrop": ("GradDrop", lambda K: {}),
-    "gradvac": ("GradVac", lambda K: {}),
+    # The paper's β = 0.01 (ours); TorchJD defaults to 0.5.
+    "gradvac": ("GradVac", lambda K: {"beta": 0.01}),
 }
 
 

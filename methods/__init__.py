@@ -9,6 +9,13 @@ from mtl_opt.methods.mgda import MGDA
 from mtl_opt.methods.cagrad import CAGrad
 from mtl_opt.methods.nash_mtl import NashMTL, NashSolverError
 from mtl_opt.methods.came_grad import CAMEGrad
+from mtl_opt.methods.upgrad import UPGrad
+from mtl_opt.methods.dualproj import DualProj
+from mtl_opt.methods.imtl_g import IMTLG
+from mtl_opt.methods.aligned_mtl import AlignedMTL
+from mtl_opt.methods.config import ConFIG
+from mtl_opt.methods.fairgrad import FairGrad, FairGradSolverError
+from mtl_opt.methods.gradvac import GradVac
 from mtl_opt.methods.uw import UncertaintyWeighting
 from mtl_opt.methods.dwa import DWA
 from mtl_opt.methods.rlw import RLW
@@ -19,19 +26,27 @@ from mtl_opt.methods.imtl_l import IMTLL
 from mtl_opt.methods.si import ScaleInvariant
 
 __all__ = [
+    "AlignedMTL",
     "CAGrad",
     "CAMEGrad",
+    "ConFIG",
     "DWA",
+    "DualProj",
     "FAMO",
+    "FairGrad",
+    "FairGradSolverError",
     "GeometricLossStrategy",
+    "GradVac",
+    "IMTLG",
     "IMTLL",
-    "RLW",
-    "STCH",
-    "ScaleInvariant",
-    "UncertaintyWeighting",
     "LinearScalarization",
     "MGDA",
     "NashMTL",
     "NashSolverError",
     "PCGrad",
+    "RLW",
+    "STCH",
+    "ScaleInvariant",
+    "UPGrad",
+    "UncertaintyWeighting",
 ]

@@ -1,0 +1,186 @@
+"""Projection onto the dual cone of the task gradients, solved exactly from the Gramian.
+
+For a Jacobian ``G`` (K × d) the dual cone of its rows is ``C = {x : G x ≥ 0}``: the directions
+that conflict with no task. Quinton & Rey ("Jacobian Descent for Multi-Objective Optimization",
+arXiv 2406.16232, Proposition 1) show that the projection of ``Gᵀu`` (a weighting ``u`` of the
+rows) onto ``C`` is again a weighting of the rows, ``π_C(Gᵀu) = Gᵀw``, with
+
+    w = u + v,     v = argmin_{v ≥ 0} ½ (u + v)ᵀ M (u + v),     M = G Gᵀ,
+
+the dual of ``min_x ½‖x − Gᵀu‖²`` s.t. ``Gx ≥ 0`` (``v`` are the multipliers of the constraints).
+This is a K-variable non-negative quadratic program; it is solved here exactly by a primal
+active-set method (Lawson & Hanson's NNLS, written on the QP): start from ``v = 0``; while some
+free coordinate ``j`` has a negative gradient ``(M w)_j < 0``, free the most negative one and
+minimise the quadratic over the free coordinates (``M_PP z = −(M u)_P``, solved in the
+least-squares sense so a singular ``M_PP`` is fine: the right-hand side lies in its range), moving
+back to the boundary and fixing coordinates that reach zero when the minimiser leaves ``v ≥ 0``.
+Every step decreases the objective and no free set repeats, so it stops after finitely many steps.
+
+The solve runs in normalised units ``A = M / max_i M_ii`` (scale-free; ``w`` is unchanged by
+``M → sM``), on the positive semi-definite part of ``A`` (negative eigenvalues, which only
+rounding produces, set to zero: along such a direction inside ``v ≥ 0`` the QP would be unbounded)
+with its diagonal scaled by ``1 + RIDGE`` (10⁻¹²): with linearly dependent rows the QP has many
+minimisers and the active set could cycle among them; the ridge makes the minimiser unique and
+every face system positive definite, and moves the direction by a relative ~10⁻¹² (TorchJD adds
+``10⁻⁴ I`` to ``M / tr M``, which is not relative to each task's scale).
+The answer is accepted only on its KKT certificate (for the ridged ``A``):
+
+    v ≥ 0,    (A w)_i ≥ −tol  for every i,    |(A w)_i| ≤ tol  where v_i > 0,
+
+with ``tol = KKT_TOL · max(1, Σ_i |w_i|)``; otherwise :class:`DualConeError` names the Gramian and
+the violation (never an uncertified answer). ``w`` may be non-unique when ``M`` is singular; the
+direction ``Gᵀw`` (a Euclidean projection) is unique. All-zero Gramians return ``w = u``.
+
+One formula serves both forms: :func:`dual_cone_weights` takes a stack ``M`` (B, K, K) with
+targets ``U`` (B, R, K) (R projections per Gramian) and a single Gramian is the stack ``B = 1``.
+"""
+
+from __future__ import annotations
+
+import math
+from operator import mul
+
+import numpy as np
+
+__all__ = ["KKT_TOL", "RIDGE", "DualConeError", "dual_cone_weights", "dual_cone_weights_single"]
+
+#: Tolerance of the KKT certificate, in normalised units (relative to ``max_i M_ii``).
+KKT_TOL = 1e-10
+#: Relative ridge on the diagonal (``A_ii → (1 + RIDGE) A_ii``): every face system of non-zero
+#: rows is then positive definite, the solution is unique and the active set cannot cycle on
+#: dependent rows; relative to each diagonal entry, so that every task's scale stays free.
+RIDGE = 1e-12
+_MAX_STEPS_PER_TASK = 6
+
+
+class DualConeError(RuntimeError):
+    """The dual-cone projection could not certify its answer."""
+
+
+def dual_cone_weights(M: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """Weights ``W`` (B, R, K) with ``Gᵀ W[b, r] = π_C(Gᵀ U[b, r])`` for Gramians ``M`` (B, K, K).
+
+    ``M`` must be symmetric positive semi-definite (float64); ``U`` (B, R, K) float64.
+    """
+    B, K, _ = M.shape
+    W = np.empty(U.shape, dtype=np.float64)
+    scale = np.diagonal(M, axis1=1, axis2=2).max(axis=1)
+    for b in range(B):
+        if not scale[b] > 0.0:  # every gradient is zero: C is the whole space
+            W[b] = U[b]
+            continue
+        A = _psd_part(M[b] / scale[b])
+        A[np.diag_indices(K)] *= 1.0 + RIDGE
+        A = A.tolist()
+        for r, u in enumerate(U[b].tolist()):
+            W[b, r] = _project(A, u)
+    return W
+
+
+def _psd_part(A: np.ndarray) -> np.ndarray:
+    """``A`` with its negative eigenvalues (rounding: a Gramian computed in float32, or rows
+    that are exactly dependent) set to zero. On a negative-curvature direction inside ``v ≥ 0``
+    the QP would be unbounded below; on the PSD part it is bounded and the answer differs from
+    the unclipped problem's by the size of the clipped eigenvalues."""
+    lam, V = np.linalg.eigh(A)
+    if lam[0] >= 0.0:
+        return A
+    clipped = (V * np.maximum(lam, 0.0)) @ V.T
+    return 0.5 * (clipped + clipped.T)
+
+
+def dual_cone_weights_single(M: np.ndarray, U: np.ndarray) -> np.ndarray:
+    """The single-Gramian form: ``M`` (K, K), ``U`` (R, K) -> (R, K)."""
+    return dual_cone_weights(M[None], U[None])[0]
+
+
+def _project(A: list[list[float]], u: list[float]) -> list[float]:
+    """``u + v*`` for one normalised Gramian ``A`` and one target ``u`` (see the module doc).
+
+    Written on Python floats: for K ≤ 8 a NumPy call costs more than the arithmetic it runs.
+    """
+    K = len(u)
+    c = [sum(map(mul, row, u)) for row in A]  # A u
+    v = [0.0] * K
+    free = [False] * K
+    steps = 0
+    while True:
+        grad = [ci + sum(map(mul, row, v)) for ci, row in zip(c, A)]  # A (u + v)
+        tol = _entry_tol([a + b for a, b in zip(u, v)])
+        j, best = -1, -tol
+        for i in range(K):
+            if not free[i] and grad[i] < best:
+                j, best = i, grad[i]
+        if j < 0:
+            break
+        free[j] = True
+        while True:  # minimise over the free coordinates, staying in v ≥ 0
+            steps += 1
+            if steps > _MAX_STEPS_PER_TASK * K + 10:
+                raise DualConeError(
+                    f"dual-cone projection: the active set did not settle within {steps - 1} steps "
+                    f"for the normalised Gramian {A} and target {u}"
+                )
+            P = [i for i in range(K) if free[i]]
+            zP = _solve_face([[A[i][k] for k in P] for i in P], [-c[i] for i in P])
+            if min(zP) > 0.0:
+                v = [0.0] * K
+                for i, z in zip(P, zP):
+                    v[i] = z
+                break
+            # Move from v toward z until the first free coordinate reaches zero; fix it there.
+            ratios = {i: v[i] / (v[i] - z) for i, z in zip(P, zP) if z <= 0.0}
+            t = min(ratios.values())
+            for i, z in zip(P, zP):
+                v[i] += t * (z - v[i])
+            for i in P:
+                if v[i] <= 0.0 or ratios.get(i, math.inf) <= t:
+                    free[i] = False
+                    v[i] = 0.0
+            if not any(free):
+                break
+    w = [a + b for a, b in zip(u, v)]
+    _certify(A, u, v, w)
+    return w
+
+
+def _solve_face(A_PP: list[list[float]], rhs: list[float]) -> list[float]:
+    """The minimiser of the quadratic on a face: ``A_PP z = rhs`` by Cholesky on floats (the
+    ridge keeps every pivot above ``RIDGE · A_ii``; a smaller one, only possible through
+    rounding, falls back to a least-squares solve)."""
+    n = len(rhs)
+    L = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        Li = L[i]
+        for k in range(i + 1):
+            Lk = L[k]
+            acc = A_PP[i][k] - sum(map(mul, Li[:k], Lk[:k]))
+            if i == k:
+                if not acc > 0.5 * RIDGE * A_PP[i][i]:
+                    return np.linalg.lstsq(np.array(A_PP), np.array(rhs), rcond=None)[0].tolist()
+                Li[i] = math.sqrt(acc)
+            else:
+                Li[k] = acc / Lk[k]
+    y = [0.0] * n
+    for i in range(n):
+        y[i] = (rhs[i] - sum(map(mul, L[i][:i], y[:i]))) / L[i][i]
+    z = [0.0] * n
+    for i in reversed(range(n)):
+        z[i] = (y[i] - sum(L[k][i] * z[k] for k in range(i + 1, n))) / L[i][i]
+    return z
+
+
+def _entry_tol(w: list[float]) -> float:
+    return KKT_TOL * max(1.0, sum(map(abs, w)))
+
+
+def _certify(A: list[list[float]], u: list[float], v: list[float], w: list[float]) -> None:
+    grad = [sum(map(mul, row, w)) for row in A]
+    tol = _entry_tol(w)
+    bad_sign = min(grad) < -tol
+    bad_slack = any(vi > 0.0 and abs(g) > tol for vi, g in zip(v, grad))
+    if bad_sign or bad_slack or min(v) < 0.0 or not all(map(math.isfinite, w)):
+        raise DualConeError(
+            f"dual-cone projection failed its KKT certificate (tolerance {tol:.1e}): gradient "
+            f"A w = {grad}, multipliers v = {v}, for the normalised Gramian {A} and target {u}"
+        )
