@@ -85,12 +85,16 @@ def _check(G: torch.Tensor, direction: torch.Tensor, beta: torch.Tensor, where: 
     assert float(beta.abs().max()) <= bound, f"{where}: weights {beta.tolist()}"
 
 
-@pytest.mark.parametrize("label", list(GUARANTEED))
-@pytest.mark.parametrize("case", CASES)
+# PCGrad's no-conflict property holds at K = 2 only: the K = 3 triangle is left out for it.
+SINGLE_CALL_CASES = [
+    (label, case) for label in GUARANTEED for case in CASES
+    if not (label == "pcgrad" and case == "triangle")
+]
+
+
+@pytest.mark.parametrize("label,case", SINGLE_CALL_CASES)
 @pytest.mark.parametrize("d", [10, 1000, 100_000])
 def test_no_conflict_beyond_precision_single_call(label, case, d):
-    if label == "pcgrad" and case == "triangle":
-        pytest.skip("PCGrad's no-conflict property holds at K = 2 only")
     for seed in range(3):
         G = _stationary(case, d, seed)
         result = _method(label).aggregate(G)

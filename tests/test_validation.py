@@ -72,7 +72,9 @@ def test_batched_float32_out_of_range_squares_give_the_float64_answer(name):
     agg = make(name)
     got = agg.aggregate_batch(G32, **extra(agg, 3, B=3))
     reference = make(name).aggregate_batch(G32.double(), **extra(agg, 3, B=3))
-    torch.testing.assert_close(got, reference.float(), rtol=1e-5, atol=0)
+    for b in range(3):  # each entry at its own scale: βᵀG summed in float32 may cancel
+        scale = float(reference[b].abs().max())
+        torch.testing.assert_close(got[b], reference[b].float(), rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_float32_ls_of_huge_gradients_is_their_sum():
