@@ -347,6 +347,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--out", default=None, help="output folder (default runs/ablate-<UTC timestamp>)")
+    parser.add_argument("--config", default=None, metavar="CONFIG_JSON",
+                        help="rerun the study a config.json written by mtl-opt ablate describes "
+                        "(only --out may be given with it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -364,8 +367,41 @@ def _ablate_cli(args: argparse.Namespace, variants: list[str] | None) -> None:
     from mtl_opt._output_folder import default_folder_name
     from mtl_opt.experiments.sweep_study import parse_seeds
 
+    if args.config is not None:
+        _rerun(args)
+        return
     ablate(args.problem, args.method, seeds=parse_seeds(args.seeds), metric=args.metric,
            mode=args.mode, steps=args.steps, record_every=args.record_every,
            optimizer=args.optimizer, lr=args.lr, device=args.device, variants=variants,
            confidence=args.confidence, out=args.out or default_folder_name("ablate"),
            unique_out=args.out is None)
+
+
+def _rerun(args: argparse.Namespace) -> None:
+    """``mtl-opt ablate --config CONFIG_JSON``: the study that config.json describes, again."""
+    from mtl_opt._output_folder import default_folder_name
+    from mtl_opt._spec import format_spec
+
+    defaults = argparse.ArgumentParser()
+    configure(defaults)
+    base = defaults.parse_args([])
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k not in ("config", "out", "_run", "command") and hasattr(base, k) and getattr(base, k) != v]
+    if given:
+        raise ValueError(f"--config fixes the study; drop {', '.join(given)}")
+    path = Path(args.config)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        problem = config["problem"]
+        kwargs = dict(
+            problem_options=problem.get("options") or None,
+            seeds=[int(s) for s in config["seeds"]], metric=config["metric"], mode=config["mode"],
+            steps=int(config["steps"]), record_every=int(config["record_every"]),
+            optimizer=config["optimizer"], lr=float(config["lr"]), device=config["device"],
+            variants=list(config["variants"]), confidence=float(config["confidence"]),
+        )
+        method = format_spec(config["method"], dict(config["method_options"]))
+        name = problem["name"]
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a config.json written by mtl-opt ablate: {exc!r}") from None
+    ablate(name, method, out=args.out or default_folder_name("ablate"), unique_out=args.out is None, **kwargs)
