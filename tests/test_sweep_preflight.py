@@ -9,7 +9,6 @@ import pytest
 
 from mtl_opt.cli import main
 from mtl_opt.experiments.search_space import as_space
-from mtl_opt.experiments.sweep_study import check_trial_methods
 from mtl_opt.experiments.workloads import TrainingSettings
 
 pytest.importorskip("ray")
@@ -35,6 +34,8 @@ def test_a_refused_value_stops_the_sweep_before_ray(tmp_path, capsys, args, name
 
 
 def test_every_grid_cell_is_built():
+    from mtl_opt.experiments.sweep_study import check_trial_methods
+
     settings = TrainingSettings(method="came_grad", method_options={"rho": 0.3})
     dims = as_space(["kappa=grid:1,2,3", "nu=grid:0,0.5", "rho=uniform:0.1,0.9"])
     with pytest.raises(ValueError, match="fixed in the method spec"):

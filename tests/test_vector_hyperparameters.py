@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import mtl_opt
-from mtl_opt._spec import format_spec, parse_spec
 from mtl_opt.cli import main
 
 
@@ -45,6 +44,8 @@ def test_compare_refuses_a_string_of_weights(tmp_path, capsys):
 
 @pytest.mark.parametrize("options", [{"weights": [1.0, 4.0]}, {"normalization": "l2"}, {"c": 0.5, "rescale": True}, {}])
 def test_format_spec_is_parse_spec_inverse(options):
+    from mtl_opt._spec import format_spec, parse_spec
+
     assert parse_spec(format_spec("m", options)) == ("m", options)
 
 
