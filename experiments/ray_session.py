@@ -208,7 +208,7 @@ def ray_session(
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt("terminated (SIGTERM)")
+    raise KeyboardInterrupt("SIGTERM")
 
 
 def _raise_on_terminate() -> object | None:

@@ -642,13 +642,13 @@ class _StopOnTerminate:
 
     def _on_terminate(self, signum: int, frame: Any) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt("terminated")
+            raise KeyboardInterrupt("SIGTERM")
         self.received = "SIGTERM"
         handler = signal.getsignal(signal.SIGINT)
         if callable(handler) and handler is not signal.default_int_handler:
             handler(signal.SIGINT, frame)  # Tune's: ask the run to stop after this step
         else:
-            raise KeyboardInterrupt("terminated")
+            raise KeyboardInterrupt("SIGTERM")
 
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
@@ -740,12 +740,12 @@ def run(args: argparse.Namespace) -> int:
     except (ConnectionError, FileExistsError) as exc:
         print(f"mtl-opt sweep: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # a second Ctrl+C or SIGTERM: stopped without waiting for Tune
+    except KeyboardInterrupt as exc:  # a second Ctrl+C or SIGTERM: stopped without waiting for Tune
         folder = args.resume or args.out
         hint = (f"continue it with `mtl-opt sweep --resume {folder}`" if folder
                 else "continue it with `mtl-opt sweep --resume FOLDER` (see the 'outputs in' line)")
         print(f"sweep interrupted: {hint}", file=sys.stderr, flush=True)
-        return 130
+        return INTERRUPTED_EXIT["SIGTERM" if "SIGTERM" in str(exc) else "SIGINT"]
 
 
 def _run(args: argparse.Namespace) -> int:
