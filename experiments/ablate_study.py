@@ -152,12 +152,16 @@ def ablate(
     variants: Sequence[str] | None = None,
     confidence: float = 0.95,
     out: str | Path | None = None,
+    unique_out: bool = False,
     verbose: bool = True,
 ) -> Any:
     """Run the stage ablation and return the summary table (pandas); ``.attrs["runs"]`` holds the
     per-seed table. ``method`` fixes the shared hyperparameters, e.g. ``"came_grad:kappa=2"``;
-    it must take the stage switches ``rectify``, ``inject`` and ``fuse``."""
-    import pandas as pd
+    it must take the stage switches ``rectify``, ``inject`` and ``fuse``.
+
+    ``out``: a new or empty folder for the tables, figure and config, claimed (see
+    :mod:`mtl_opt._output_folder`) once every option is checked and before any run;
+    ``unique_out=True`` moves a taken default name on to ``out-2``, ``out-3``, ..."""
 
     from mtl_opt.experiments.sweep_study import parse_seeds, parse_spec
     from mtl_opt.registry import parse_method_spec
@@ -182,6 +186,8 @@ def ablate(
         raise ValueError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if BASELINE not in chosen:
         chosen.insert(0, BASELINE)
+    if isinstance(confidence, bool) or not isinstance(confidence, (int, float)) or not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence!r}")
     seed_list = parse_seeds(seeds)
     if len(seed_list) < 2:
         raise ValueError("an ablation needs at least 2 seeds for its confidence intervals")
@@ -190,16 +196,37 @@ def ablate(
         record_every = max(1, min(100, steps // 10))
     metric = metric or workload.default_metric()
 
+    settings = TrainingSettings(method=method_name, method_options=method_options, seeds=seed_list,
+                                optimizer=optimizer, lr=lr, steps=steps, record_every=record_every,
+                                device=device)
+    cells = {v: {**method_options, **VARIANTS[v][0]} for v in chosen}
+    from mtl_opt.registry import get_aggregator
+
+    for v, hyper in cells.items():  # every cell's method, built before the folder and the runs
+        get_aggregator(method_name, **hyper)
+    if out is None:
+        return _ablate(workload, settings, cells, chosen, method_options, metric, mode, confidence,
+                       None, verbose)
+    from mtl_opt._output_folder import claim_output_folder
+
+    with claim_output_folder(out, command="mtl-opt ablate", unique=unique_out) as folder:
+        return _ablate(workload, settings, cells, chosen, method_options, metric, mode, confidence,
+                       folder.path.resolve(), verbose)
+
+
+def _ablate(workload: Workload, settings: TrainingSettings, cells: dict[str, dict[str, Any]],
+            chosen: list[str], method_options: dict[str, Any], metric: str, mode: str,
+            confidence: float, out: Path | None, verbose: bool) -> Any:
+    import pandas as pd
+
+    method_name, seed_list, steps, lr = settings.method, settings.seeds, settings.steps, settings.lr
+    optimizer, record_every, device = settings.optimizer, settings.record_every, settings.device
     started = time.perf_counter()
     if verbose:
         print(f"ablate: {method_name} on {workload.name}, {len(chosen)} variants x {len(seed_list)} "
               f"seeds, {steps} steps, {optimizer} lr={lr:g}, metric {metric} ({mode})", flush=True)
-    settings = TrainingSettings(method=method_name, method_options=method_options, seeds=seed_list,
-                                optimizer=optimizer, lr=lr, steps=steps, record_every=record_every,
-                                device=device)
     if out is not None and workload.run_root is None:
-        workload.run_root = str(Path(out).expanduser().resolve() / "runs")
-    cells = {v: {**method_options, **VARIANTS[v][0]} for v in chosen}
+        workload.run_root = str(out / "runs")
     if isinstance(workload, SyntheticWorkload):
         finals = _synthetic_finals(workload, settings, cells)
     else:
@@ -224,7 +251,7 @@ def ablate(
            f"{confidence:.0%} paired t intervals vs linear")
     summary.attrs.update({"runs": runs, "metric": metric, "mode": mode, "produced_by": how})
     if out is not None:
-        _write(Path(out).expanduser().resolve(), summary, runs, how, metric, confidence, {
+        _write(out, summary, runs, how, metric, confidence, {
             "problem": workload.describe(), "method": method_name, "method_options": method_options,
             "variants": {v: VARIANTS[v][0] for v in chosen}, "seeds": list(seed_list),
             "starts": _starts_note(workload),
@@ -284,7 +311,6 @@ def _write(out: Path, summary: Any, runs: Any, how: str, metric: str, confidence
            config: dict[str, Any], verbose: bool) -> None:
     from mtl_opt.experiments.markdown_table import to_markdown
 
-    out.mkdir(parents=True, exist_ok=True)
     summary.to_csv(out / "ablation.csv", index=False)
     runs.to_csv(out / "runs.csv", index=False)
     (out / "ablation.md").write_text(f"Stage ablation: {how}.\n\n{to_markdown(summary)}\n")
@@ -321,6 +347,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--out", default=None, help="output folder (default runs/ablate-<UTC timestamp>)")
+    parser.add_argument("--config", default=None, metavar="CONFIG_JSON",
+                        help="rerun the study a config.json written by mtl-opt ablate describes "
+                        "(only --out may be given with it)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -335,9 +364,44 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ablate_cli(args: argparse.Namespace, variants: list[str] | None) -> None:
-    from mtl_opt.experiments.sweep_study import _default_out, parse_seeds
+    from mtl_opt._output_folder import default_folder_name
+    from mtl_opt.experiments.sweep_study import parse_seeds
 
+    if args.config is not None:
+        _rerun(args)
+        return
     ablate(args.problem, args.method, seeds=parse_seeds(args.seeds), metric=args.metric,
            mode=args.mode, steps=args.steps, record_every=args.record_every,
            optimizer=args.optimizer, lr=args.lr, device=args.device, variants=variants,
-           confidence=args.confidence, out=args.out or _default_out("ablate"))
+           confidence=args.confidence, out=args.out or default_folder_name("ablate"),
+           unique_out=args.out is None)
+
+
+def _rerun(args: argparse.Namespace) -> None:
+    """``mtl-opt ablate --config CONFIG_JSON``: the study that config.json describes, again."""
+    from mtl_opt._output_folder import default_folder_name
+    from mtl_opt._spec import format_spec
+
+    defaults = argparse.ArgumentParser()
+    configure(defaults)
+    base = defaults.parse_args([])
+    given = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+             if k not in ("config", "out", "_run", "command") and hasattr(base, k) and getattr(base, k) != v]
+    if given:
+        raise ValueError(f"--config fixes the study; drop {', '.join(given)}")
+    path = Path(args.config)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        problem = config["problem"]
+        kwargs = dict(
+            problem_options=problem.get("options") or None,
+            seeds=[int(s) for s in config["seeds"]], metric=config["metric"], mode=config["mode"],
+            steps=int(config["steps"]), record_every=int(config["record_every"]),
+            optimizer=config["optimizer"], lr=float(config["lr"]), device=config["device"],
+            variants=list(config["variants"]), confidence=float(config["confidence"]),
+        )
+        method = format_spec(config["method"], dict(config["method_options"]))
+        name = problem["name"]
+    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not a config.json written by mtl-opt ablate: {exc!r}") from None
+    ablate(name, method, out=args.out or default_folder_name("ablate"), unique_out=args.out is None, **kwargs)

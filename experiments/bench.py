@@ -287,6 +287,73 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 # --------------------------------------------------------------------------------------------
 # The benchmark
 # --------------------------------------------------------------------------------------------
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_options(
+    methods: Sequence[str], *, Ks: Sequence[int], ds: Sequence[int], devices: Sequence[str],
+    repeats: int, warmup: int, threads: int | None, max_jacobian_bytes: int | None, seed: int,
+) -> tuple[list[tuple[str, str, dict[str, Any]]], list[tuple[torch.device, int, int]], list[tuple[str, int, int, int]]]:
+    """Check every option of :func:`run_benchmark` before any timing (and before an output folder
+    is claimed): ``(specs, groups, skipped)``. Every method is built, every device is parsed and
+    must be present, and a size limit that skips every size is refused (the table would be
+    empty)."""
+    import mtl_opt
+
+    specs = [(spec, *mtl_opt.parse_method_spec(spec)) for spec in methods]
+    if not specs:
+        raise ValueError("no method to benchmark")
+    labels = [s for s, _, _ in specs]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"method specs repeat: {labels}")
+    for spec, name, hyper in specs:
+        try:
+            mtl_opt.get_aggregator(name, **hyper)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"method {spec!r}: {exc}") from None
+    _check_int("repeats", repeats, 1)
+    _check_int("warmup", warmup, 0)
+    _check_int("seed", seed, 0)
+    if threads is not None:
+        _check_int("threads", threads, 1)
+    Ks = [_check_int("K", K, 1) for K in Ks]
+    ds = [_check_int("d", d, 1) for d in ds]
+    if not Ks or not ds or not devices:
+        raise ValueError("give at least one K, one d and one device")
+    if max_jacobian_bytes is not None:
+        _check_int("max_jacobian_bytes", max_jacobian_bytes, 1)
+    parsed = []
+    for device_name in devices:
+        try:
+            device = torch.device(device_name)
+        except (RuntimeError, TypeError, ValueError):
+            raise ValueError(f"unknown device {device_name!r}: expected cpu, cuda, cuda:N or auto") from None
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise ValueError(f"device {device_name!r} was asked for but CUDA is not available")
+            if device.index is not None and device.index >= torch.cuda.device_count():
+                raise ValueError(f"device {device_name!r}: there are only {torch.cuda.device_count()} CUDA devices")
+        elif device.type != "cpu":
+            raise ValueError(f"device {device_name!r} is not supported: expected cpu, cuda, cuda:N or auto")
+        parsed.append((device_name, device))
+    groups, skipped = [], []
+    for device_name, device in parsed:
+        for K in Ks:
+            for d in ds:
+                nbytes = K * d * 4
+                if max_jacobian_bytes is not None and nbytes > max_jacobian_bytes:
+                    skipped.append((device_name, K, d, nbytes))
+                    continue
+                groups.append((device, K, d))
+    if not groups:
+        raise ValueError(f"every size is larger than the limit of {max_jacobian_bytes / 2**20:g} MiB "
+                         "(--max-jacobian-mb): nothing would be timed")
+    return specs, groups, skipped
+
+
 def run_benchmark(
     methods: Sequence[str],
     *,
@@ -315,29 +382,13 @@ def run_benchmark(
     measured afterwards in a separate pass, so the allocator setting it needs does not touch the
     timings.
     """
-    import mtl_opt
-
     say = progress or (lambda _msg: None)
-    specs = [(spec, *mtl_opt.parse_method_spec(spec)) for spec in methods]
-    if not specs:
-        raise ValueError("no method to benchmark")
-    labels = [s for s, _, _ in specs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"method specs repeat: {labels}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
-    for K in Ks:
-        if int(K) < 1:
-            raise ValueError(f"K must be >= 1, got {K}")
-    for d in ds:
-        if int(d) < 1:
-            raise ValueError(f"d must be >= 1, got {d}")
-    for device_name in devices:
-        if torch.device(device_name).type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {device_name!r} was asked for but CUDA is not available")
+    specs, groups, skipped = check_options(methods, Ks=Ks, ds=ds, devices=devices, repeats=repeats,
+                                           warmup=warmup, threads=threads,
+                                           max_jacobian_bytes=max_jacobian_bytes, seed=seed)
+    for device_name, K, d, nbytes in skipped:
+        say(f"[{device_name}] K={K} d={d:.0e}: skipped (G is {nbytes / 2**20:.0f} MiB)")
     if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(int(threads))
     torchjd_note = ""
     if torchjd:
@@ -346,17 +397,6 @@ def run_benchmark(
         except ImportError as exc:
             torchjd, torchjd_note = False, f"torchjd not importable ({exc}); comparison skipped"
             say(torchjd_note)
-
-    groups = []
-    for device_name in devices:
-        for K in Ks:
-            for d in ds:
-                K, d = int(K), int(d)
-                nbytes = K * d * 4
-                if max_jacobian_bytes is not None and nbytes > max_jacobian_bytes:
-                    say(f"[{device_name}] K={K} d={d:.0e}: skipped (G is {nbytes / 2**20:.0f} MiB)")
-                    continue
-                groups.append((torch.device(device_name), K, d))
 
     rows: list[dict[str, Any]] = []
     group_rows = []
@@ -605,7 +645,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="time each implementation's calls back to back instead of interleaving "
                              "one call of each per round (warm caches; less robust to load)")
-    parser.add_argument("--out", default="bench_results", help="output folder (default ./bench_results)")
+    parser.add_argument("--out", default=None,
+                        help="output folder, new or empty (default runs/bench-<UTC timestamp>)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -620,9 +661,26 @@ def run(args: argparse.Namespace) -> int:
             devices.append(dev)
     devices = list(dict.fromkeys(devices))
     methods = args.methods or mtl_opt.available_aggregators()
-    max_bytes = None if args.max_jacobian_mb is None else int(args.max_jacobian_mb * 2**20)
-    if args.repeats < 1 or args.warmup < 0:
-        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    mb = args.max_jacobian_mb
+    if mb is not None and not (math.isfinite(mb) and mb > 0):
+        raise ValueError(f"--max-jacobian-mb must be a finite number > 0, got {mb}")
+    max_bytes = None if mb is None else max(1, int(mb * 2**20))
+    for option, value, low in (("--repeats", args.repeats, 1), ("--warmup", args.warmup, 0),
+                               ("--threads", args.threads, 1), ("--seed", args.seed, 0)):
+        if value < low:
+            raise ValueError(f"{option} must be >= {low}, got {value}")
+    check_options(methods, Ks=args.K, ds=args.d, devices=devices, repeats=args.repeats,
+                  warmup=args.warmup, threads=args.threads, max_jacobian_bytes=max_bytes, seed=args.seed)
+    from mtl_opt._output_folder import claim_output_folder, default_folder_name
+
+    # claimed once every option is checked, before the timings
+    with claim_output_folder(args.out or default_folder_name("bench"), command="mtl-opt bench",
+                             unique=args.out is None) as folder:
+        return _bench(args, methods, devices, max_bytes, folder.path)
+
+
+def _bench(args: argparse.Namespace, methods: list[str], devices: list[str], max_bytes: int | None,
+           out: Path) -> int:
     rows = run_benchmark(methods, Ks=args.K, ds=args.d, devices=devices, repeats=args.repeats,
                          warmup=args.warmup, threads=args.threads, torchjd=not args.no_torchjd,
                          memory=not args.no_memory, many=not args.no_many,
@@ -635,6 +693,6 @@ def run(args: argparse.Namespace) -> int:
         "environment": _environment(),
         "floor": "G @ G.T plus w @ G on the same G (float32), same run",
     }
-    paths = write_outputs(rows, args.out, config)
+    paths = write_outputs(rows, out, config)
     print(f"wrote {paths['csv']}, {paths['md']}, {paths['ratio_html']}, {paths['time_html']}, {paths['config']}")
     return 0

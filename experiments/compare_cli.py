@@ -43,8 +43,10 @@ SUITE_DEFAULTS: dict[str, dict[str, float]] = {
 FALLBACK = {"steps": 1000, "lr": 1e-3}
 
 PROTOCOLS: dict[str, dict[str, Any]] = {
+    # float32: the published Nash-MTL toy code runs in torch's default precision, and runs that
+    # stall on the toy's plateau end where that precision leaves them (see the README)
     "nash-toy": {"problems": ["toy"], "steps": 35000, "lr": 1e-3, "optimizer": "adam", "starts": "all",
-                 "record_every": 100},
+                 "record_every": 100, "dtype": "float32"},
 }
 
 
@@ -76,6 +78,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate for every problem "
                         "(default per problem: toy 1e-2, zdt 5e-3, dtlz2 1e-2, quadratic 2e-2)")
     parser.add_argument("--device", default="cpu", help="torch device for x and the Jacobians (default cpu)")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
+                        help="precision of x, the losses, the Jacobians, the direction and Adam's state "
+                        "(the KxK solves stay in float64). Default float64; --protocol nash-toy defaults "
+                        "to float32, the precision of the published code")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default runs/compare-<UTC timestamp>)")
     parser.add_argument("--workers", type=int, default=1,
@@ -127,6 +133,8 @@ def _from_options(args: argparse.Namespace) -> tuple:
         lrs[name] = protocol["lr"] if protocol else (args.lr if args.lr is not None else float(d["lr"]))
     if protocol:
         record_every = protocol["record_every"]
+    if args.dtype is None:
+        args.dtype = protocol["dtype"] if protocol else "float64"
     return problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every
 
 
@@ -141,7 +149,8 @@ def _from_config(args: argparse.Namespace) -> tuple:
                                       ("--steps", args.steps), ("--lr", args.lr), ("--protocol", args.protocol),
                                       ("--starts", args.starts != "all"), ("--seeds", args.seeds != "0"),
                                       ("--optimizer", args.optimizer != "adam"), ("--device", args.device != "cpu"),
-                                      ("--start-jitter", args.start_jitter != 0.0))
+                                      ("--start-jitter", args.start_jitter != 0.0),
+                                      ("--dtype", args.dtype is not None))
              if value]
     if given:
         raise ValueError(f"--config fixes the study; drop {', '.join(given)}")
@@ -164,6 +173,7 @@ def _from_config(args: argparse.Namespace) -> tuple:
         args.protocol = config.get("protocol")
         args.starts = config.get("starts", "all")
         args.start_jitter = float(config.get("start_jitter", 0.0))
+        args.dtype = config.get("dtype", "float64")  # configs without it ran in float64
         record_every = {e["spec"]: int(e["record_every"]) for e in entries}
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{args.config} is not a config.json written by mtl-opt compare: {exc!r}") from None
@@ -231,29 +241,35 @@ def run(args: argparse.Namespace) -> int:
     else:
         problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every = \
             _from_options(args)
-    out = args.out or Path("runs") / time.strftime("compare-%Y%m%d-%H%M%S", time.gmtime())
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"output folder {out} exists and is not empty; choose another --out")
-
-    from mtl_opt.experiments.study import run_comparison
+    from mtl_opt._output_folder import claim_output_folder, default_folder_name
 
     workers = args.workers
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if not (args.start_jitter >= 0 and args.start_jitter < float("inf")):
         raise ValueError(f"--start-jitter must be a finite number >= 0, got {args.start_jitter}")
+    # claimed before any work: a second run aimed at the same folder is refused now
+    with claim_output_folder(args.out or default_folder_name("compare"), command="mtl-opt compare",
+                             unique=args.out is None) as folder:
+        return _run_and_write(args, folder.path, problems, method_specs, labels, seeds, starts,
+                              start_labels, steps, lrs, record_every)
+
+
+def _run_and_write(args: argparse.Namespace, out: Path, problems: dict, method_specs: list, labels: list,
+                   seeds: list, starts: dict, start_labels: dict, steps: dict, lrs: dict,
+                   record_every: Any) -> int:
+    from mtl_opt.experiments.study import run_comparison
 
     progress = None if args.quiet else _Progress(steps)
     t0 = time.perf_counter()
     comp = run_comparison(list(problems), method_specs, starts=starts, seeds=seeds,
                           optimizer=args.optimizer, steps=steps, lr=lrs, record_every=record_every,
                           device=args.device, progress=progress, start_labels=start_labels,
-                          workers=workers, start_jitter=float(args.start_jitter))
+                          workers=args.workers, start_jitter=float(args.start_jitter), dtype=args.dtype)
     elapsed = time.perf_counter() - t0
     if progress is not None:
         progress.done()
 
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "protocol": args.protocol,
         "problems": [{"spec": spec, **entry} for spec, entry in zip(problems, comp.config["problems"])],
@@ -263,6 +279,7 @@ def run(args: argparse.Namespace) -> int:
         "start_jitter": float(args.start_jitter),
         "optimizer": args.optimizer,
         "device": args.device,
+        "dtype": args.dtype,
         "elapsed_seconds": round(elapsed, 3),
         "versions": _versions(),
         "rerun": _rerun_command(args, list(problems), labels, seeds, steps, lrs),
@@ -352,12 +369,12 @@ def _rerun_command(args: argparse.Namespace, problems: list[str], labels: list[s
                    steps: dict[str, int], lrs: dict[str, float]) -> str:
     if args.protocol:
         parts = ["mtl-opt compare", f"--protocol {args.protocol}", "--methods " + " ".join(labels),
-                 "--seeds " + ",".join(map(str, seeds)), f"--device {args.device}"]
+                 "--seeds " + ",".join(map(str, seeds)), f"--device {args.device}", f"--dtype {args.dtype}"]
         return " ".join(parts)
     parts = ["mtl-opt compare", "--problems " + " ".join(f"'{p}'" if ":" in p else p for p in problems),
              "--methods " + " ".join(f"'{m}'" if ":" in m else m for m in labels),
              f"--starts {args.starts}", "--seeds " + ",".join(map(str, seeds)), f"--optimizer {args.optimizer}",
-             f"--device {args.device}"]
+             f"--device {args.device}", f"--dtype {args.dtype}"]
     if args.start_jitter:
         parts.append(f"--start-jitter {args.start_jitter}")
     if len(set(steps.values())) == 1:

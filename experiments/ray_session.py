@@ -7,6 +7,9 @@
   address waits indefinitely.
 * A Ray instance already running in this process (a notebook, a test fixture) is reused as is and
   left running.
+* An embedded instance is shut down when the ``with`` block ends, normally or by an exception,
+  Ctrl+C (``KeyboardInterrupt``) or SIGTERM (turned into a ``KeyboardInterrupt`` while the
+  block runs), so its raylet, GCS and agent processes do not outlive the sweep.
 
 Before trials are submitted, :func:`check_trial_resources` compares what one trial asks for with
 what the cluster has: Ray would otherwise leave a trial that asks for a GPU the cluster lacks
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 from contextlib import contextmanager
 from collections.abc import Iterator
@@ -198,8 +202,28 @@ def ray_session(
                     "RAY_AUTH_MODE=token before Ray is imported (mtl-opt sweep does this itself)."
                 ) from None
         started_here = True
+    previous = _raise_on_terminate() if started_here else None
     try:
         yield RaySession(address, started_here, dict(ray.cluster_resources()))
     finally:
         if started_here:
-            ray.shutdown()
+            ray.shutdown()  # stops the raylet, the GCS and their agents
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt("SIGTERM")
+
+
+def _raise_on_terminate() -> object | None:
+    """While an embedded Ray runs: SIGTERM raises :class:`KeyboardInterrupt` in the main thread,
+    so the ``with`` block unwinds and Ray is shut down instead of outliving its driver (Python's
+    default on SIGTERM is to exit without running ``finally`` blocks). Returns the handler to
+    restore (``None`` off the main thread, where signals cannot be handled)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    return signal.SIG_DFL if previous is None else previous

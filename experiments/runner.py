@@ -213,6 +213,19 @@ def _check_settings(optimizer: str, lr: float, steps: int, record_every: int,
     return dev, seeds_t
 
 
+#: Precisions a run may use (``--dtype``).
+RUN_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def check_run_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """``torch.float32``/``torch.float64`` (or their names) as a torch dtype; anything else raises."""
+    if isinstance(dtype, str) and dtype in RUN_DTYPES:
+        return RUN_DTYPES[dtype]
+    if isinstance(dtype, torch.dtype) and dtype in RUN_DTYPES.values():
+        return dtype
+    raise ValueError(f"dtype must be one of {list(RUN_DTYPES)}, got {dtype!r}")
+
+
 def _check_starts(problem: ParetoProblem, starts: Tensor | Sequence | None,
                   n_seeds: int | None = None) -> Tensor:
     """``(S, dim)`` starts shared by every seed, or ``(S, R, dim)`` per-seed starts."""
@@ -366,6 +379,7 @@ def run_method(
     record_every: int = 100,
     callback: Callback | None = None,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float64,
 ) -> RunResult:
     """Run one method from every start with every seed, all runs batched; see the module doc.
 
@@ -389,6 +403,11 @@ def run_method(
         callback: ``callback(step, metrics)`` at every record, with the means over runs of
             ``loss_1..loss_K``, ``stationarity`` and (when the front is known) ``front_distance``.
         device: where ``x`` and the Jacobians live (the K×K solves run on the CPU).
+        dtype: ``float64`` (default) or ``float32``: the precision of ``x``, the losses, the
+            Jacobians, the direction and the optimizer's state (the Gramian and the K×K solves
+            stay in float64;
+            the recorded metrics are computed in float64 from ``x``). The published Nash-MTL toy
+            code ran in float32, and runs that stall on a plateau end at points that depend on it.
 
     Everything is validated before the first step.
     """
@@ -401,7 +420,8 @@ def run_method(
             callback(step, next(iter(by_method.values())))
 
     return run_methods(problem, [method], starts=starts, seeds=seeds, optimizer=optimizer, lr=lr,
-                       steps=steps, record_every=record_every, callback=wrapped, device=device)[0]
+                       steps=steps, record_every=record_every, callback=wrapped, device=device,
+                       dtype=dtype)[0]
 
 
 def run_methods(
@@ -416,6 +436,7 @@ def run_methods(
     record_every: int = 100,
     callback: Callable[[int, dict[str, dict[str, float]]], Any] | None = None,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float64,
 ) -> list[RunResult]:
     """:func:`run_method` for several methods in one batch (one parameter tensor, one optimizer).
 
@@ -433,6 +454,7 @@ def run_methods(
     if len({id(a) for a in aggs}) != len(aggs):
         raise ValueError("the same aggregator object was given twice; pass separate objects")
     dev, seeds_t = _check_settings(optimizer, lr, steps, record_every, seeds, device)
+    run_dtype = check_run_dtype(dtype)
     S0 = _check_starts(prob, starts, len(seeds_t))
     if callback is not None and not callable(callback):
         raise TypeError(f"callback must be callable, got {type(callback).__name__}")
@@ -446,7 +468,7 @@ def run_methods(
 
     # (S*R, d), start-major
     x0 = S0.reshape(n_s * n_r, d) if S0.dim() == 3 else S0.repeat_interleave(n_r, dim=0)
-    x = x0.repeat(n_m, 1).to(device=dev).clone()
+    x = x0.repeat(n_m, 1).to(device=dev, dtype=run_dtype).clone()
     opt = _make_optimizer(optimizer, x, float(lr))
     noise_std = float(prob.gradient_noise_std)
     gens = [torch.Generator(device=dev).manual_seed(s) for s in seeds_t] if noise_std > 0 else []
@@ -519,7 +541,8 @@ def run_methods(
             eps = torch.stack([torch.randn((n_s, K, d), generator=g, device=dev, dtype=J.dtype)
                                for g in gens], dim=1).reshape(1, n_runs, K, d)
             J = (J.reshape(n_m, n_runs, K, d) + noise_std * eps).reshape(N, K, d)
-        M = J @ J.transpose(-1, -2)
+        J64 = J.to(torch.float64)  # the Gramian in float64 whatever the run's precision
+        M = J64 @ J64.transpose(-1, -2)
         conflicts += (M < 0).flatten(1).any(1)
         M64 = M if on_cpu else M.to("cpu")
         F64 = (F if on_cpu else F.to("cpu")) if any_losses else None
@@ -550,6 +573,7 @@ def run_methods(
         b = torch.cat([betas[m] for m in range(n_m)]) if n_m > 1 else betas[0]
         if not on_cpu:
             b = b.to(dev, non_blocking=True)
+        b = b.to(J.dtype)  # float64 coefficients, applied in the run's precision
         direction = (b.unsqueeze(-2) @ J).squeeze(-2)
         for m, agg in general:
             sl = slice(m * n_runs, (m + 1) * n_runs)

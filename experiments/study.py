@@ -40,6 +40,7 @@ from mtl_opt.experiments.runner import (
     RunResult,
     _check_settings,
     _check_starts,
+    check_run_dtype,
     jittered_starts,
     method_from_spec,
     run_methods,
@@ -95,6 +96,7 @@ def run_comparison(
     start_labels: Mapping[str, Sequence[int]] | None = None,
     workers: int = 1,
     start_jitter: float = 0.0,
+    dtype: torch.dtype | str = torch.float64,
 ) -> Comparison:
     """Run every method on every problem (all runs of one problem in one batch).
 
@@ -123,6 +125,8 @@ def run_comparison(
         start_jitter: σ ≥ 0 of the per-seed Gaussian perturbation of every start, in the
             problem's units (clamped into the bounds where the problem has them); 0 (default)
             runs the starts as given.
+        dtype: ``"float64"`` (default) or ``"float32"``, the precision of every run (see
+            :func:`~mtl_opt.experiments.runner.run_method`).
 
     Every option is checked (problems built, methods parsed, starts shaped) before any run.
     """
@@ -140,6 +144,7 @@ def run_comparison(
     labels = [method_from_spec(m)[0] for m in methods]
     if len(set(labels)) != len(labels):
         raise ValueError(f"methods must be distinct, got {labels}")
+    run_dtype = check_run_dtype(dtype)
     if (isinstance(start_jitter, bool) or not isinstance(start_jitter, (int, float))
             or not math.isfinite(start_jitter) or start_jitter < 0):
         raise ValueError(f"start_jitter must be a finite number >= 0, got {start_jitter!r}")
@@ -186,10 +191,11 @@ def run_comparison(
                 def cb(step: int, _metrics: dict, _name: str = name, _steps: int = p_steps) -> None:
                     progress(_name, step, _steps)
             results = run_methods(prob, list(methods), starts=S, seeds=seeds, optimizer=optimizer,
-                                  lr=p_lr, steps=p_steps, record_every=rec, callback=cb, device=device)
+                                  lr=p_lr, steps=p_steps, record_every=rec, callback=cb, device=device,
+                                  dtype=run_dtype)
             runs.extend(_relabel(results, name, labels_s))
     else:
-        runs = _run_parallel(plan, list(methods), seeds, optimizer, device, workers, progress)
+        runs = _run_parallel(plan, list(methods), seeds, optimizer, device, workers, progress, run_dtype)
     final = final_table(runs)
     problems_by_name = {name: prob for name, prob, *_ in plan}
     summary = summary_table(runs, problems_by_name)
@@ -204,6 +210,7 @@ def run_comparison(
         "optimizer": optimizer,
         "device": str(device),
         "start_jitter": float(start_jitter),
+        "dtype": str(run_dtype).replace("torch.", ""),
     }
     return Comparison(final=final, summary=summary, overall=overall, runs=runs,
                       problems=problems_by_name, config=config)
@@ -250,7 +257,8 @@ def _run_task(task_id: int, prob: ParetoProblem, methods: list[str], kwargs: dic
 
 
 def _run_parallel(plan: list, methods: list[str], seeds: Sequence[int], optimizer: str, device: str,
-                  workers: int, progress: Callable[[str, int, int], Any] | None) -> list[RunResult]:
+                  workers: int, progress: Callable[[str, int, int], Any] | None,
+                  dtype: torch.dtype = torch.float64) -> list[RunResult]:
     import multiprocessing as mp
     import time as _time
     from concurrent.futures import ProcessPoolExecutor
@@ -260,7 +268,7 @@ def _run_parallel(plan: list, methods: list[str], seeds: Sequence[int], optimize
         groups = _split_methods(methods, workers) if len(plan) < workers * 2 else [list(range(len(methods)))]
         for g in groups:
             tasks.append((p_index, g, dict(starts=S, seeds=tuple(seeds), optimizer=optimizer, lr=p_lr,
-                                           steps=p_steps, record_every=rec, device=device)))
+                                           steps=p_steps, record_every=rec, device=device, dtype=dtype)))
     # the longest batches first so that the pool finishes together
     order = sorted(range(len(tasks)), key=lambda t: -plan[tasks[t][0]][3] * sum(
         _METHOD_COST.get(methods[i].split(":", 1)[0], 2.0) for i in tasks[t][1]))

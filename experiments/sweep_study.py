@@ -26,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -42,7 +44,7 @@ from mtl_opt.experiments.workloads import (
     normalise_metrics,
 )
 
-__all__ = ["configure", "parse_seeds", "parse_spec", "run", "sweep"]
+__all__ = ["check_trial_methods", "configure", "parse_seeds", "parse_spec", "run", "sweep"]
 
 EXPERIMENT_NAME = "sweep"
 
@@ -223,6 +225,95 @@ def _validate_space(space: Mapping[str, Dimension], workload: Workload, settings
         raise ValueError(f"{fixed_and_searched} are both fixed in the method spec and searched")
 
 
+#: Above this many combinations (grid cells × the random dimensions' ends), each dimension's
+#: values are checked on their own instead of crossed with every other dimension's.
+_MAX_CHECKED_COMBINATIONS = 20000
+
+
+def _candidates(dim: Dimension) -> list[Any]:
+    """The values a trial can take from ``dim`` that bound what it can take: every grid or
+    choice value, and the two ends of a (log-)uniform range (with its middle)."""
+    from mtl_opt.experiments.search_space import Choice, Grid, LogUniform, Uniform
+
+    if isinstance(dim, (Grid, Choice)):
+        return list(dim.values)
+    if isinstance(dim, Uniform):
+        return [dim.low, dim.high, 0.5 * (dim.low + dim.high)]
+    if isinstance(dim, LogUniform):
+        return [dim.low, dim.high, (dim.low * dim.high) ** 0.5]
+    raise TypeError(f"unknown search dimension {dim!r}")
+
+
+def check_trial_methods(settings: TrainingSettings, dims: Mapping[str, Dimension],
+                        workload: Workload | None = None) -> int:
+    """Build the method of every trial the sweep can run, before Ray starts; return how many
+    configurations were built.
+
+    The fixed hyperparameters (``--method NAME:k=v``) are built first; then every grid cell
+    crossed with every choice value and both ends (and the middle) of every uniform or
+    log-uniform range, so a value the method refuses (``nu=grid:2``; ``kappa=uniform:0,1``,
+    whose lower end κ = 0 is outside κ > 0) stops the sweep here with the method's own message,
+    naming the hyperparameter and the value. A searched ``lr`` must be a finite number > 0.
+    Names that are neither method keywords nor ``lr`` (a custom workload's own) are left to
+    the workload.
+    """
+    import itertools
+
+    from mtl_opt.registry import _constructor_parameters, aggregator_class, get_aggregator
+
+    params = set(_constructor_parameters(aggregator_class(settings.method)))
+    fixed = dict(settings.method_options)
+    try:
+        get_aggregator(settings.method, **fixed)
+    except (TypeError, ValueError) as exc:
+        shown = ",".join(f"{k}={v!r}" for k, v in fixed.items())
+        raise ValueError(f"--method {settings.method}{':' + shown if shown else ''}: {exc}") from None
+    for name, dim in dims.items():
+        if name == "lr":
+            for v in _candidates(dim):
+                if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                        or v <= 0):
+                    raise ValueError(f"--space lr={dim.describe()}: lr must be a finite number > 0, "
+                                     f"got {v!r}")
+    method_dims = {k: d for k, d in dims.items() if k in params}
+    names = list(method_dims)
+    values = [_candidates(method_dims[k]) for k in names]
+    total = math.prod(len(v) for v in values) if values else 0
+    if total > _MAX_CHECKED_COMBINATIONS:
+        # each dimension's values with the others at their first value
+        combos = []
+        for i in range(len(names)):
+            for v in values[i]:
+                combos.append(tuple(v if j == i else values[j][0] for j in range(len(names))))
+    else:
+        combos = list(itertools.product(*values)) if values else []
+    for combo in combos:
+        hyper = dict(zip(names, combo))
+        try:
+            get_aggregator(settings.method, **fixed, **hyper)
+        except (TypeError, ValueError) as exc:
+            bad = _blame(settings.method, fixed, hyper)
+            where = ", ".join(f"{k}={hyper[k]!r} (from --space {k}={method_dims[k].describe()})"
+                              for k in bad)
+            raise ValueError(f"the sweep would run {settings.method} with {where}, which it "
+                             f"refuses: {exc}") from None
+    return len(combos) + 1
+
+
+def _blame(method: str, fixed: Mapping[str, Any], hyper: Mapping[str, Any]) -> list[str]:
+    """The searched names whose value alone (with the fixed ones) the method refuses; all of
+    them when it is only their combination."""
+    from mtl_opt.registry import get_aggregator
+
+    alone = []
+    for k, v in hyper.items():
+        try:
+            get_aggregator(method, **fixed, **{k: v})
+        except (TypeError, ValueError):
+            alone.append(k)
+    return alone or list(hyper)
+
+
 def _scheduler(name: str, settings: TrainingSettings, grace_period: int | None) -> Any:
     if name == "fifo":
         return None
@@ -300,6 +391,7 @@ def sweep(
     gpus_per_trial: float = 0,
     max_failures: int = 2,
     out: str | os.PathLike | None = None,
+    unique_out: bool = False,
     resume: str | os.PathLike | None = None,
     probe_timeout: float = 5.0,
     reuse_actors: bool = True,
@@ -326,7 +418,9 @@ def sweep(
         cpus_per_trial, gpus_per_trial: resources of one trial (fractional GPUs share a device).
         max_failures: retries of a trial that raises; a trial that still fails is reported with
             status ``ERROR`` and its error message.
-        out: output folder (default: none; Ray works in a temporary folder, removed at the end,
+        out: output folder, new or empty, claimed once every option is checked and before Ray
+            starts (see :mod:`mtl_opt._output_folder`); ``unique_out=True`` moves a taken
+            default name on to ``out-2``, ``out-3``, ... (default: none; Ray works in a temporary folder, removed at the end,
             and only the table is returned).
         resume: the output folder of an interrupted sweep: continue it with its saved settings.
         reuse_actors: keep Ray workers between trials (default); ``False`` starts a fresh worker,
@@ -343,11 +437,13 @@ def sweep(
     if resume is not None:
         out_dir = Path(resume).expanduser().resolve()
         saved = _load_saved(out_dir)
+        # the saved config must rebuild every trial's method, as a fresh sweep's options do
         # The workload object itself travels in the trials' saved configurations.
         settings = TrainingSettings(**{**saved["settings"], "seeds": tuple(saved["settings"]["seeds"])})
         searched = list(saved["searched"])
         metric, mode = saved["metric"], saved["mode"]
         cpus_per_trial, gpus_per_trial = saved["cpus_per_trial"], saved["gpus_per_trial"]
+        check_trial_methods(settings, as_space(saved["space"]))
     else:
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
@@ -378,15 +474,17 @@ def sweep(
                              "(fractions share one GPU, e.g. 0.25)")
         dims = as_space(space)
         _validate_space(dims, workload, settings)
+        check_trial_methods(settings, dims, workload)
         searched = list(dims)
         metric = metric or workload.default_metric()
         if scheduler == "asha" and workload.final_only(metric):
             raise ValueError(f"{metric!r} is known only after training, so ASHA cannot stop trials "
                              "on it; use --scheduler fifo or a training metric")
         tune_scheduler = _scheduler(scheduler, settings, grace_period)
-        out_dir = Path(out).expanduser().resolve() if out is not None else Path(tempfile.mkdtemp(prefix="mtl-opt-sweep-"))
-        if (out_dir / "ray" / EXPERIMENT_NAME).exists():
-            raise FileExistsError(f"{out_dir} already holds a sweep; use --resume {out_dir} or another --out")
+        if out is not None and (Path(out).expanduser() / "ray" / EXPERIMENT_NAME).exists():
+            raise FileExistsError(f"{Path(out).expanduser().resolve()} already holds a sweep; "
+                                  f"use --resume {out} or another --out")
+        out_dir = None
         saved = {
             "problem": workload.name, "problem_options": getattr(workload, "options", {}),
             "workload": workload.describe(),
@@ -400,88 +498,115 @@ def sweep(
             "versions": _versions(),
         }
 
+    if num_cpus is not None and (isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1):
+        raise ValueError(f"num_cpus must be an integer >= 1, got {num_cpus!r}")
+    # Every option is checked: now the output folder is claimed (before Ray starts).
+    from mtl_opt._output_folder import claim_output_folder, reclaim_output_folder
+
+    folder = None
+    if resume is not None:
+        folder = reclaim_output_folder(out_dir, command="mtl-opt sweep --resume")
+    elif out is not None:
+        folder = claim_output_folder(out, command="mtl-opt sweep", unique=unique_out)
+        out_dir = folder.path.resolve()
+    else:
+        out_dir = Path(tempfile.mkdtemp(prefix="mtl-opt-sweep-"))
     total = int(saved["trials"])
     storage = out_dir / "ray"
     if echo:
         where = address or os.environ.get("RAY_ADDRESS") or "an embedded local Ray"
         print(f"sweep: {settings.method} on {saved['problem']}, {total} trial(s) of {settings.steps} "
-              f"steps x {len(settings.seeds)} seed(s), {metric} ({mode}), on {where}", flush=True)
+              f"steps x {len(settings.seeds)} seed(s), {metric} ({mode}), on {where}"
+              + (f"; outputs in {out_dir}" if folder is not None else ""), flush=True)
 
-    started = time.perf_counter()
-    with ray_session(address, num_cpus=num_cpus, probe_timeout=probe_timeout) as session:
-        check_trial_resources(session.resources, cpus_per_trial, gpus_per_trial)
-        if resume is None:  # written once Ray is up and can host the trials
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
-        trainable = tune.with_resources(sweep_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
-        progress = _progress_callback(metric, total, settings.steps, echo)
-        run_config = tune.RunConfig(
-            name=EXPERIMENT_NAME, storage_path=str(storage), verbose=0, callbacks=[progress],
-            failure_config=tune.FailureConfig(max_failures=int(saved["max_failures"])),
-        )
-        quiet = _QuietTuneLogs()
-        with quiet:
-            if resume is not None:
-                experiment = storage / EXPERIMENT_NAME
-                if not tune.Tuner.can_restore(str(experiment)):
-                    raise FileNotFoundError(f"no sweep to resume in {out_dir} (no {experiment})")
-                tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True)
-            else:
-                if workload.run_root is None:
-                    workload.run_root = str(out_dir / "runs")  # where runs write artifacts
-                param_space: dict[str, Any] = {k: d.to_tune() for k, d in dims.items()}
-                param_space.update({
-                    "_workload": workload, "_metric": metric, "_cpus_per_trial": cpus_per_trial,
-                    "_settings": {**settings.__dict__, "seeds": list(settings.seeds)},
-                })
-                tuner = tune.Tuner(
-                    trainable,
-                    param_space=param_space,
-                    tune_config=tune.TuneConfig(
-                        metric=metric, mode=mode, num_samples=samples, reuse_actors=reuse_actors,
-                        scheduler=tune_scheduler,
-                    ),
-                    run_config=run_config,
-                )
-            results = tuner.fit()
-    elapsed = time.perf_counter() - started
+    try:
+        started = time.perf_counter()
+        with ray_session(address, num_cpus=num_cpus, probe_timeout=probe_timeout) as session:
+            check_trial_resources(session.resources, cpus_per_trial, gpus_per_trial)
+            if resume is None:  # written once Ray is up and can host the trials
+                out_dir.mkdir(parents=True, exist_ok=True)
+                (out_dir / "config.json").write_text(json.dumps(saved, indent=2, default=str) + "\n")
+            trainable = tune.with_resources(sweep_trial, {"cpu": cpus_per_trial, "gpu": gpus_per_trial})
+            progress = _progress_callback(metric, total, settings.steps, echo)
+            run_config = tune.RunConfig(
+                name=EXPERIMENT_NAME, storage_path=str(storage), verbose=0, callbacks=[progress],
+                failure_config=tune.FailureConfig(max_failures=int(saved["max_failures"])),
+            )
+            quiet = _QuietTuneLogs()
+            with quiet:
+                if resume is not None:
+                    experiment = storage / EXPERIMENT_NAME
+                    if not tune.Tuner.can_restore(str(experiment)):
+                        raise FileNotFoundError(f"no sweep to resume in {out_dir} (no {experiment})")
+                    tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True)
+                else:
+                    if workload.run_root is None:
+                        workload.run_root = str(out_dir / "runs")  # where runs write artifacts
+                    param_space: dict[str, Any] = {k: d.to_tune() for k, d in dims.items()}
+                    param_space.update({
+                        "_workload": workload, "_metric": metric, "_cpus_per_trial": cpus_per_trial,
+                        "_settings": {**settings.__dict__, "seeds": list(settings.seeds)},
+                    })
+                    tuner = tune.Tuner(
+                        trainable,
+                        param_space=param_space,
+                        tune_config=tune.TuneConfig(
+                            metric=metric, mode=mode, num_samples=samples, reuse_actors=reuse_actors,
+                            scheduler=tune_scheduler,
+                        ),
+                        run_config=run_config,
+                    )
+                with _StopOnTerminate() as stop:
+                    results = tuner.fit()
+        elapsed = time.perf_counter() - started
+        # Tune ends early only when stopped (Ctrl+C, or SIGTERM passed on as one): trials left
+        # unfinished mean the sweep was interrupted
+        unfinished = progress.unfinished()
+        interrupted = (stop.received or "SIGINT") if unfinished or stop.received else None
 
-    records = records_from_results(results, progress.failures, unfinished=progress.unfinished())
-    trials, curves = build_tables(records, searched=searched, metric=metric, mode=mode,
-                                  steps=settings.steps)
-    best = best_trial(trials, metric=metric, mode=mode)
-    if out is not None or resume is not None:
-        how = (f"{settings.method} on {saved['problem']}, searching "
-               f"{', '.join(f'{k}={v}' for k, v in saved['space'].items())} "
-               f"({saved['samples']} sample(s)), {settings.steps} steps, {settings.optimizer} "
-               f"lr={settings.lr:g}, seeds {list(settings.seeds)}, {metric} ({mode}), "
-               f"scheduler {saved['scheduler']}")
-        _write_outputs(out_dir, trials, curves, searched, metric, mode, best, echo, how)
-    else:  # no output folder asked for: the table is the result, Ray's scratch files go
-        import shutil
-
-        shutil.rmtree(out_dir, ignore_errors=True)
-    if echo:
-        counts = trials["status"].value_counts().to_dict()
-        print(f"sweep: {len(trials)} trial(s) in {elapsed:.1f} s: "
-              + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())), flush=True)
-        for _, row in trials[trials["status"] == "ERROR"].iterrows():
-            print(f"  FAILED {row['trial_id']} after {row['attempts']} attempt(s): {row['error']}",
-                  file=sys.stderr, flush=True)
-        if (trials["status"] == "INTERRUPTED").any():
-            hint = (f"continue it with `mtl-opt sweep --resume {out_dir}`"
-                    if out is not None or resume is not None
-                    else "it ran without an output folder, so it cannot be resumed")
-            print(f"sweep interrupted: {hint}", file=sys.stderr, flush=True)
-        if best is not None:
-            cfg = ", ".join(f"{k}={_plain(best[k])}" for k in searched)
-            print(f"best: {cfg} -> {metric}={best[metric]:.6g} ({best['trial_id']})")
+        records = records_from_results(results, progress.failures, unfinished=unfinished)
+        trials, curves = build_tables(records, searched=searched, metric=metric, mode=mode,
+                                      steps=settings.steps)
+        best = best_trial(trials, metric=metric, mode=mode)
         if out is not None or resume is not None:
-            print(f"outputs in {out_dir}")
-    kept = out is not None or resume is not None
-    trials.attrs.update({"metric": metric, "mode": mode, "out": str(out_dir) if kept else None,
-                         "curves": curves, "best": best})
-    return trials
+            how = (f"{settings.method} on {saved['problem']}, searching "
+                   f"{', '.join(f'{k}={v}' for k, v in saved['space'].items())} "
+                   f"({saved['samples']} sample(s)), {settings.steps} steps, {settings.optimizer} "
+                   f"lr={settings.lr:g}, seeds {list(settings.seeds)}, {metric} ({mode}), "
+                   f"scheduler {saved['scheduler']}")
+            _write_outputs(out_dir, trials, curves, searched, metric, mode, best, echo, how)
+        else:  # no output folder asked for: the table is the result, Ray's scratch files go
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        if echo:
+            counts = trials["status"].value_counts().to_dict()
+            print(f"sweep: {len(trials)} trial(s) in {elapsed:.1f} s: "
+                  + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())), flush=True)
+            for _, row in trials[trials["status"] == "ERROR"].iterrows():
+                print(f"  FAILED {row['trial_id']} after {row['attempts']} attempt(s): {row['error']}",
+                      file=sys.stderr, flush=True)
+            if (trials["status"] == "INTERRUPTED").any():
+                hint = (f"continue it with `mtl-opt sweep --resume {out_dir}`"
+                        if out is not None or resume is not None
+                        else "it ran without an output folder, so it cannot be resumed")
+                print(f"sweep interrupted: {hint}", file=sys.stderr, flush=True)
+            if best is not None:
+                cfg = ", ".join(f"{k}={_plain(best[k])}" for k in searched)
+                print(f"best: {cfg} -> {metric}={best[metric]:.6g} ({best['trial_id']})")
+            if out is not None or resume is not None:
+                print(f"outputs in {out_dir}")
+        kept = out is not None or resume is not None
+        trials.attrs.update({"metric": metric, "mode": mode, "out": str(out_dir) if kept else None,
+                             "curves": curves, "best": best, "interrupted": interrupted})
+        return trials
+    except BaseException:
+        if folder is not None:
+            folder.abandon()  # removes the folder only if the run wrote nothing into it
+        raise
+    finally:
+        if folder is not None:
+            folder.release()
 
 
 class _QuietTuneLogs:
@@ -500,8 +625,34 @@ class _QuietTuneLogs:
             logging.getLogger(n).setLevel(level)
 
 
-def _default_out(study: str) -> str:
-    return str(Path("runs") / time.strftime(f"{study}-%Y%m%d-%H%M%S", time.gmtime()))
+class _StopOnTerminate:
+    """While Tune fits: SIGTERM stops the sweep the way Ctrl+C does (Tune saves the experiment
+    state, the trials so far are written, Ray is shut down) by handing the signal to Tune's
+    SIGINT handler; a second SIGTERM stops at once. ``received`` names the signal that came."""
+
+    received: str | None = None
+
+    def __enter__(self) -> "_StopOnTerminate":
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_terminate) or signal.SIG_DFL
+        return self
+
+    def _on_terminate(self, signum: int, frame: Any) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt("SIGTERM")
+        self.received = "SIGTERM"
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            handler(signal.SIGINT, frame)  # Tune's: ask the run to stop after this step
+        else:
+            raise KeyboardInterrupt("SIGTERM")
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _load_saved(out_dir: Path) -> dict[str, Any]:
@@ -559,6 +710,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="torch device of each trial (default: cuda when --gpus-per-trial > 0, else cpu)")
     parser.add_argument("--address", default=None,
                         help="existing Ray cluster HOST:PORT (default: RAY_ADDRESS, else embedded local Ray)")
+    parser.add_argument("--num-cpus", type=int, default=None,
+                        help="CPUs of the embedded Ray (default: every core; not with --address)")
     parser.add_argument("--cpus-per-trial", type=float, default=1)
     parser.add_argument("--gpus-per-trial", type=float, default=0,
                         help="GPUs per trial; fractions share one GPU (0.25: four trials per GPU)")
@@ -575,16 +728,29 @@ _SEARCH_OPTIONS = ("problem", "method", "space", "samples", "seeds", "metric", "
                    "cpus_per_trial", "gpus_per_trial")
 
 
+#: Exit status of an interrupted sweep, by signal (the shell's 128 + signal number).
+INTERRUPTED_EXIT = {"SIGINT": 130, "SIGTERM": 143}
+
+
 def run(args: argparse.Namespace) -> int:
-    """``mtl-opt sweep``."""
+    """``mtl-opt sweep``: 0 when it ran to the end, 1 when every trial failed, 2 for bad options,
+    130 (Ctrl+C) or 143 (SIGTERM) when interrupted (``--resume`` continues it)."""
     try:
         return _run(args)
     except (ConnectionError, FileExistsError) as exc:
         print(f"mtl-opt sweep: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # a second Ctrl+C or SIGTERM: stopped without waiting for Tune
+        folder = args.resume or args.out
+        hint = (f"continue it with `mtl-opt sweep --resume {folder}`" if folder
+                else "continue it with `mtl-opt sweep --resume FOLDER` (see the 'outputs in' line)")
+        print(f"sweep interrupted: {hint}", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT["SIGTERM" if "SIGTERM" in str(exc) else "SIGINT"]
 
 
 def _run(args: argparse.Namespace) -> int:
+    from mtl_opt._output_folder import default_folder_name
+
     if args.resume is not None:
         defaults = argparse.ArgumentParser()
         configure(defaults)
@@ -593,15 +759,19 @@ def _run(args: argparse.Namespace) -> int:
                    if getattr(args, k) != getattr(base, k)]
         if changed:
             raise ValueError(f"--resume continues a saved sweep with its own settings; drop {', '.join(changed)}")
-        table = sweep(resume=args.resume, address=args.address)
+        table = sweep(resume=args.resume, address=args.address, num_cpus=args.num_cpus)
     else:
         table = sweep(
             args.problem, args.method, args.space, samples=args.samples, seeds=parse_seeds(args.seeds),
             metric=args.metric, mode=args.mode, scheduler=args.scheduler, steps=args.steps,
             record_every=args.record_every, optimizer=args.optimizer, lr=args.lr, device=args.device,
-            address=args.address, cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-            max_failures=args.max_failures, out=args.out or _default_out("sweep"),
+            address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+            max_failures=args.max_failures, out=args.out or default_folder_name("sweep"),
+            unique_out=args.out is None,
         )
+    if table.attrs.get("interrupted"):
+        return INTERRUPTED_EXIT.get(table.attrs["interrupted"], 1)
     if (table["status"] == "ERROR").all():
         print("sweep: every trial failed (see the error column of trials.csv)", file=sys.stderr)
         return 1

@@ -96,10 +96,7 @@ class CAMEGrad(GramianAggregator):
         self.rectify, self.inject, self.fuse = rectify, inject, fuse
         self._omega: Tensor | None = None
         if task_weights is not None:
-            n = len(task_weights)
-            if n == 0:
-                raise ValueError(f"{owner}: task_weights must not be empty")
-            self._omega = self._check_omega(check_task_vector(task_weights, n, "CAMEGrad task_weights"))
+            self._omega = self._check_omega(check_task_vector(task_weights, None, "CAMEGrad task_weights"))
             task_weights = [float(w) for w in self._omega]
         self.task_weights = task_weights
 

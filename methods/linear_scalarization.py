@@ -36,11 +36,7 @@ class LinearScalarization(GramianAggregator):
 
     def __init__(self, weights: Sequence[float] | Tensor | None = None) -> None:
         if weights is not None:
-            n = len(weights)
-            if n == 0:
-                raise ValueError("LinearScalarization: weights must not be empty")
-            check_task_vector(weights, n, "LinearScalarization weights")
-            weights = [float(w) for w in weights]
+            weights = check_task_vector(weights, None, "LinearScalarization weights").tolist()
         # Stored under another name than the keyword: ``weights`` is the public method
         # GramianAggregator.weights(M) (β for a Gramian), which an attribute would shadow.
         self.weights_ = None if weights is None else torch.tensor(weights, dtype=torch.float64)

@@ -52,3 +52,20 @@ def parse_spec(spec: object, what: str = "spec") -> tuple[str, dict[str, Any]]:
             raise ValueError(f"in {what} {spec!r}: {key.strip()!r} is given twice")
         options[key.strip()] = parse_value(raw.strip())
     return name.strip(), options
+
+
+def format_value(value: Any) -> str:
+    """A value as :func:`parse_value` reads it back: numbers and lists as Python literals
+    (``[1.0,4.0]``), strings quoted (``'l2'``)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return repr(value)
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def format_spec(name: str, options: dict[str, Any]) -> str:
+    """The inverse of :func:`parse_spec`: ``("ls", {"weights": [1, 4]})`` -> ``"ls:weights=[1,4]"``."""
+    if not options:
+        return name
+    return name + ":" + ",".join(f"{k}={format_value(v)}" for k, v in options.items())

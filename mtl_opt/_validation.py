@@ -300,21 +300,40 @@ def check_gramian_batch(M: object, *, single: bool = False) -> Tensor:
     return torch.from_numpy(sym)
 
 
-def check_task_vector(values: object, n_tasks: int, name: str) -> Tensor:
-    """A length-K vector of finite numbers (losses, task weights), returned as float64 CPU."""
+def check_task_vector(values: object, n_tasks: int | None, name: str) -> Tensor:
+    """A length-K vector of finite numbers (losses, task weights), returned as float64 CPU.
+
+    ``n_tasks=None`` accepts any non-empty length (a method's weights before it sees a
+    Jacobian). A string is refused (``"10"`` is not the vector ``[1, 0]``), and so is every
+    entry that is not a real number (strings, booleans, nested lists)."""
+    count = "" if n_tasks is None else f"{n_tasks} "
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a list of {count}numbers such as [1, 4], got the string {values!r}")
     if isinstance(values, Tensor):
+        if values.is_complex() or values.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got a {values.dtype} tensor")
         t = values.detach().to(device="cpu", dtype=torch.float64).reshape(-1)
     elif isinstance(values, Sequence) or hasattr(values, "__array__"):
         try:
+            items = list(values)  # type: ignore[call-overload]
+        except TypeError:
+            raise TypeError(f"{name} must be a list of {count}numbers, got {values!r}") from None
+        bad = [v for v in items if isinstance(v, (str, bytes, bool)) or getattr(getattr(v, "dtype", None), "kind", "f") in "USbO"]
+        if bad:
+            raise TypeError(f"{name} must be a list of {count}numbers, got {values!r} (entry {bad[0]!r})")
+        try:
             t = torch.as_tensor(
-                [float(v.detach()) if isinstance(v, Tensor) else float(v) for v in values],  # type: ignore[union-attr]
+                [float(v.detach()) if isinstance(v, Tensor) else float(v) for v in items],
                 dtype=torch.float64,
             )
         except (TypeError, ValueError) as exc:
-            raise TypeError(f"{name} must be a sequence of {n_tasks} numbers: {exc}") from None
+            raise TypeError(f"{name} must be a sequence of {count}numbers: {exc}") from None
     else:
-        raise TypeError(f"{name} must be a tensor or a sequence of {n_tasks} numbers, got {type(values).__name__}")
-    if t.numel() != n_tasks:
+        raise TypeError(f"{name} must be a tensor or a sequence of {count}numbers, got {type(values).__name__} {values!r}")
+    if n_tasks is None:
+        if t.numel() == 0:
+            raise ValueError(f"{name} must not be empty")
+    elif t.numel() != n_tasks:
         raise ValueError(f"{name} has {t.numel()} entries but there are {n_tasks} tasks")
     if not all_finite(t):
         raise ValueError(f"{name} must be finite, got {t.tolist()}")

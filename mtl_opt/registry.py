@@ -112,13 +112,26 @@ def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
     name, hyper = parse_spec(spec, "method spec")
     cls = aggregator_class(name)
     params = _constructor_parameters(cls)
-    for key in hyper:
+    for key, value in hyper.items():
         if key not in params:
             raise ValueError(
                 f"in method spec {spec!r}: unknown hyperparameter {key!r} for {name}; "
                 f"it takes {', '.join(params) or 'none'}"
             )
+        if isinstance(value, str) and _takes_vector(params[key]):
+            raise ValueError(
+                f"in method spec {spec!r}: {key} takes a list of numbers such as {key}=[1,4], "
+                f"got the string {value!r}"
+            )
     return cls.method_name, hyper  # type: ignore[attr-defined]
+
+
+def _takes_vector(param: inspect.Parameter) -> bool:
+    """Whether a constructor keyword is annotated as a vector (``Sequence[float] | Tensor``)
+    and not also as a string (a spec's quoted or bare word would be split into characters)."""
+    text = param.annotation if isinstance(param.annotation, str) else str(param.annotation)
+    vector = any(w in text for w in ("Sequence", "Tensor", "list[", "tuple["))
+    return vector and "str" not in text
 
 
 def _constructor_parameters(cls: type) -> dict[str, inspect.Parameter]:

@@ -154,3 +154,30 @@ def test_peak_memory_sees_a_fresh_allocation():
     peak = bench.measure_peak_memory(lambda: torch.ones(n), torch.device("cpu"))
     assert peak is not None and peak >= 0.9 * 4 * n
     assert math.isfinite(peak)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "bogus"], "unknown device 'bogus'"),
+    (["--max-jacobian-mb", "-1"], "--max-jacobian-mb must be a finite number > 0"),
+    (["--max-jacobian-mb", "nan"], "--max-jacobian-mb must be a finite number > 0"),
+    (["--max-jacobian-mb", "1e-9"], "nothing would be timed"),
+    (["--repeats", "0"], "--repeats must be >= 1"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+    (["--threads", "0"], "--threads must be >= 1"),
+    (["--seed", "-3"], "--seed must be >= 0"),
+    (["--methods", "ls:weights=[1,2]"], None),  # a valid spec: built and timed
+    (["--methods", "came_grad:nu=2"], "nu must be <= 1.0"),
+])
+def test_bench_checks_every_option_before_any_work(tmp_path, capsys, args, message):
+    from mtl_opt.cli import main
+
+    out = tmp_path / "bench"
+    base = ["bench", "--K", "2", "--d", "1e3", "--device", "cpu", "--repeats", "1", "--warmup", "0",
+            "--no-torchjd", "--no-memory", "--no-many", "--methods", "ls"]
+    code = main([*base, *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    if message is None:
+        assert code == 0 and (out / "bench.csv").is_file()
+        return
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not out.exists()

@@ -404,3 +404,38 @@ def test_cli_lists_compare():
 
     assert "compare" in SUBCOMMANDS
     assert set(mtl_opt.available_aggregators()) >= {"ls", "pcgrad", "mgda", "cagrad", "nash_mtl", "came_grad"}
+
+
+# ------------------------------------------------------------------------------------ precision
+def test_float32_runs_stall_on_the_toy_plateau_as_the_published_code_did():
+    """LS from (−8.5, 7.5) under the Nash-toy protocol: in float32 (the published code's
+    precision) the run stalls on the plateau near y ≈ −5 (the original ends at (−5.71, −5.45));
+    in float64 it slides on towards the front."""
+    start = torch.tensor([[-8.5, 7.5]], dtype=torch.float64)
+    f32 = run_method("toy", "ls", starts=start, steps=35000, lr=1e-3, record_every=35000, dtype="float32")
+    f64 = run_method("toy", "ls", starts=start, steps=35000, lr=1e-3, record_every=35000)
+    assert f32.x[0, 0] == pytest.approx(-5.7, abs=0.1) and -6.0 < float(f32.x[0, 1]) < -4.0
+    assert float(f64.x[0, 1]) < -7.0
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        run_method("toy", "ls", steps=2, dtype="float16")
+
+
+def test_nash_toy_protocol_runs_in_float32_and_records_it(tmp_path, capsys):
+    out, again, short = tmp_path / "f32", tmp_path / "again", tmp_path / "short"
+    assert main(["compare", "--protocol", "nash-toy", "--methods", "ls", "--out", str(out),
+                 "--quiet", "--no-figures"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "float32" and "--dtype float32" in config["rerun"]
+    with open(out / "final.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert -6.0 < float(rows[0]["x_1"]) < -4.0  # start 0, (−8.5, 7.5): stalled as in float32
+    assert main(["compare", "--config", str(out / "config.json"), "--out", str(again), "--quiet",
+                 "--no-figures"]) == 0
+    assert json.loads((again / "config.json").read_text())["dtype"] == "float32"
+    with open(again / "final.csv", newline="") as f:
+        assert [r["x_1"] for r in csv.DictReader(f)] == [r["x_1"] for r in rows]
+    # other studies default to float64; --dtype picks either
+    assert main(["compare", "--problems", "toy", "--methods", "ls", "--steps", "5", "--dtype", "float32",
+                 "--out", str(short), "--quiet", "--no-figures"]) == 0
+    assert json.loads((short / "config.json").read_text())["dtype"] == "float32"
+    capsys.readouterr()

@@ -129,6 +129,7 @@ def test_interrupted_sweep_resumes(ray_address, tmp_path):
     rest, _ = proc.communicate(timeout=120)
     lines.append(rest)
     printed = "".join(lines)
+    assert proc.returncode == 130, printed  # interrupted: not a success
     first = pd.read_csv(out / "trials.csv")
     assert (first["status"] == "INTERRUPTED").any(), printed
     assert "--resume" in printed
@@ -143,3 +144,28 @@ def test_interrupted_sweep_resumes(ray_address, tmp_path):
     curves = table.attrs["curves"]
     assert not curves.duplicated(["trial_id", "step"]).any()
     assert (curves.groupby("trial_id")["step"].max() == 600).all()
+
+
+def test_config_with_vector_hyperparameters_resumes(ray_address, tmp_path):
+    """The written config.json (a vector in the method spec and in the space) is what a resume
+    rebuilds every trial's method from."""
+    out = tmp_path / "sweep"
+    table = sweep("toy", "came_grad:task_weights=[1,4]", ["kappa=grid:1,2"], steps=4, record_every=2,
+                  out=out, verbose=False)
+    assert list(table["status"]) == ["COMPLETED", "COMPLETED"]
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["settings"]["method_options"] == {"task_weights": [1, 4]}
+    again = sweep(resume=out, verbose=False)
+    assert set(again["status"]) == {"COMPLETED"} and sorted(again["kappa"]) == [1, 2]
+
+
+def test_two_sweeps_never_share_a_folder(ray_address, tmp_path):
+    out = tmp_path / "sweep"
+    sweep("toy", "came_grad", ["kappa=grid:1"], steps=2, record_every=1, out=out, verbose=False)
+    with pytest.raises((ValueError, FileExistsError), match="already holds a sweep"):
+        sweep("toy", "came_grad", ["kappa=grid:2"], steps=2, record_every=1, out=out, verbose=False)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        sweep("toy", "came_grad", ["kappa=grid:2"], steps=2, record_every=1, out=busy, verbose=False)

@@ -203,7 +203,10 @@ def _run_train(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no checkpoint to resume from at {str(ckpt)!r}")
         saved = RRGConfig.from_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"])
         saved.device = args.device
-        result = train_rrg(saved, verbose=not args.quiet, resume=args.resume)
+        from mtl_opt._output_folder import reclaim_output_folder
+
+        with reclaim_output_folder(ckpt.parent, command="mtl-opt rrg train --resume"):
+            result = train_rrg(saved, verbose=not args.quiet, resume=args.resume)
         if args.quiet:
             print(result["run_dir"])
         return 0
@@ -217,8 +220,13 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg.max_gen_length = args.max_gen_length
     cfg.meteor = not args.no_meteor
     cfg.n_report_samples = args.samples
-    cfg.out = args.out
-    result = train_rrg(cfg, verbose=not args.quiet)
+    cfg.validate()  # every option checked before the run folder is claimed
+    from mtl_opt._output_folder import claim_output_folder, default_folder_name
+
+    with claim_output_folder(args.out or default_folder_name("rrg"), command="mtl-opt rrg train",
+                             unique=args.out is None) as folder:
+        cfg.out = str(folder.path)
+        result = train_rrg(cfg, verbose=not args.quiet)
     if args.quiet:
         print(result["run_dir"])
     return 0
@@ -250,24 +258,30 @@ def _run_eval(args: argparse.Namespace) -> int:
         cfg.eval_max_samples = args.eval_max_samples
     if args.no_meteor:
         cfg.meteor = False
+    from mtl_opt._output_folder import claim_output_folder, exclusive_file
+
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent
+    if args.out is None:  # documented: the run's own folder, beside its checkpoint
+        folder, metrics_path = run_dir, run_dir / f"eval-{split}.json"
+    elif args.out.endswith(".json"):
+        metrics_path = Path(args.out)
+        folder = metrics_path.parent
+        if metrics_path.exists():
+            raise ValueError(f"{metrics_path} exists; choose another --out")
+    else:  # claimed before the evaluation
+        folder = claim_output_folder(args.out, command="mtl-opt rrg eval").path
+        metrics_path = folder / f"eval-{split}.json"
     datasets = build_datasets(cfg)
     result = evaluate_rrg(model, tokenizer, datasets[split], cfg, split=split)
     record = {"split": split, "n": result["n"], "metrics": result["metrics"],
               "checkpoint": str(checkpoint), "device": device, "amp": cfg.amp,
               "beam_size": cfg.beam_size}
     text = json.dumps(record, indent=2)
-    path = Path(checkpoint)
-    run_dir = path if path.is_dir() else path.parent
-    if args.out is None:
-        folder, metrics_path = run_dir, run_dir / f"eval-{split}.json"
-    elif args.out.endswith(".json"):
-        metrics_path = Path(args.out)
-        folder = metrics_path.parent
+    if args.out is None or not args.out.endswith(".json"):
+        metrics_path.write_text(text)
     else:
-        folder = Path(args.out)
-        metrics_path = folder / f"eval-{split}.json"
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(text)
+        exclusive_file(metrics_path, text)  # never over another evaluation's metrics
     write_samples_csv(folder / f"samples-{split}.csv", result["samples"])
     _write_samples(folder / f"samples-{split}.md", result["samples"], args.samples)
     print(f"metrics written to {metrics_path}; generated reports beside their references in "
@@ -293,7 +307,11 @@ def _run_compare(args: argparse.Namespace) -> int:
     cfg.eval_max_samples = args.eval_max_samples
     cfg.beam_size = args.beam_size
     cfg.meteor = not args.no_meteor
-    compare_rrg(methods, cfg, seeds=seeds, out=args.out, verbose=not args.quiet)
+    from mtl_opt._output_folder import claim_output_folder, default_folder_name
+
+    with claim_output_folder(args.out or default_folder_name("rrg-compare"), command="mtl-opt rrg compare",
+                             unique=args.out is None) as folder:
+        compare_rrg(methods, cfg, seeds=seeds, out=str(folder.path), verbose=not args.quiet)
     return 0
 
 
