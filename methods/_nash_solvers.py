@@ -492,6 +492,13 @@ class NashSCAProblem:
       ``α_i (Ĝα)_i ≥ 1``). The original started there anyway, and an unbounded first
       subproblem made it keep its previous weights.
 
+    State: each aggregation is a function of ``M`` and the previous ``α`` alone (which
+    ``NashMTL.state_dict`` holds), so a resumed run continues bit for bit. cvxpy's
+    ``warm_start=True`` would instead update a cached CLARABEL solver in place; that solver keeps
+    data of earlier subproblems (measured: answers differ by ~1e-9 from a freshly built one), a
+    hidden state no checkpoint could hold. Building the conic solver afresh for every subproblem
+    costs no measurable time (the compiled cvxpy problem is still reused).
+
     Limitation: within the conic solver's tolerance of a Pareto-stationary point (where no Nash
     solution exists and only the 1e-9 ridge makes one) the subproblems are at the limit of the
     solver's precision; the SCA then returns the regularised answer's direction (about zero)
@@ -517,8 +524,10 @@ class NashSCAProblem:
 
     def _run(self, problem: Any, what: str) -> np.ndarray:
         cp = self._cp
+        # warm_start=False: cvxpy still reuses the compiled (DPP) problem, but the conic solver
+        # is built afresh from this subproblem's data (see "State" in the class docstring).
         try:
-            problem.solve(solver=self.solver, warm_start=True, **self.solver_options)
+            problem.solve(solver=self.solver, warm_start=False, **self.solver_options)
         except cp.error.SolverError as exc:
             raise NashSolverError(f"Nash-MTL cvxpy solve failed at {what} with {self.solver}: {exc}") from exc
         status = problem.status

@@ -106,7 +106,9 @@ class NashMTL(GramianAggregator):
         solver: ``"exact"`` or ``"cvxpy"``.
 
     State (``state_dict``): the call counter and the cached ``α`` (of single calls and, kept
-    separately, of batched calls: one ``α`` per batch entry). ``reset()`` forgets both.
+    separately, of batched calls: one ``α`` per batch entry). ``reset()`` forgets both. This is
+    everything that influences later calls, for both solvers (the cvxpy solver keeps no solver
+    state between aggregations): loading it into a fresh instance continues bit for bit.
     """
 
     SOLVERS: ClassVar[tuple[str, ...]] = ("exact", "cvxpy")

@@ -373,6 +373,31 @@ def test_state_dict_round_trip_and_reset():
         other.load_state_dict({"step": 1, "alpha": torch.tensor([float("nan")]), "batch_step": 0, "batch_alpha": None})
 
 
+@pytest.mark.parametrize("solver", ["exact", "cvxpy"])
+@pytest.mark.parametrize("every", [1, 3])
+@pytest.mark.parametrize("K", [2, 3])
+def test_resume_from_state_dict_is_bit_for_bit(solver, every, K, tmp_path):
+    """N calls, state saved to disk (torch.save / weights_only load), a fresh instance loads it
+    and makes M more calls: identical to N + M calls of one instance, single and batched."""
+    N, M = 4, 5
+    Gs = [random_jacobian(K, seed=200 + s) for s in range(N + M)]
+    batches = [torch.stack([G, 2.0 * G.flip(0)]) for G in Gs]
+    whole = NashMTL(solver=solver, update_weights_every=every)
+    expected = [whole(G) for G in Gs]
+    expected_batch = [whole.aggregate_batch(B) for B in batches]
+    first = NashMTL(solver=solver, update_weights_every=every)
+    for G, B in zip(Gs[:N], batches[:N]):
+        first(G)
+        first.aggregate_batch(B)
+    torch.save(first.state_dict(), tmp_path / "nash.pt")
+    resumed = NashMTL(solver=solver, update_weights_every=every)
+    resumed.load_state_dict(torch.load(tmp_path / "nash.pt", weights_only=True))
+    got = [resumed(G) for G in Gs[N:]]
+    got_batch = [resumed.aggregate_batch(B) for B in batches[N:]]
+    for want, have in zip(expected[N:] + expected_batch[N:], got + got_batch):
+        assert torch.equal(want, have)
+
+
 def test_changing_the_number_of_tasks_needs_a_reset():
     agg = NashMTL()
     agg(random_jacobian(3))

@@ -59,13 +59,13 @@ def test_a_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(tmp_pa
     with pytest.raises(_Stop):
         train_rrg(RRGConfig(out=str(b_dir), **kw), callback=stop_at_6)
     assert [r["step"] for r in _rows(b_dir / "metrics.csv")] == ["1", "2", "4", "6"]
-    saved = torch.load(b_dir / "checkpoint.pt", weights_only=False)
+    saved = torch.load(b_dir / "checkpoint.pt", weights_only=True)
     assert saved["step"] == 3 and saved["train_state"]["batch_in_epoch"] == 3
     assert main(["rrg", "train", "--resume", str(b_dir), "--device", "cpu", "--quiet"]) == 0
     assert capsys.readouterr().out.strip() == str(b_dir)
 
-    ca = torch.load(a_dir / "checkpoint.pt", weights_only=False)
-    cb = torch.load(b_dir / "checkpoint.pt", weights_only=False)
+    ca = torch.load(a_dir / "checkpoint.pt", weights_only=True)
+    cb = torch.load(b_dir / "checkpoint.pt", weights_only=True)
     assert cb["step"] == ca["step"] == 7
     for k, v in ca["model"].items():
         assert torch.equal(v, cb["model"][k]), k

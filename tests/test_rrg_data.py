@@ -479,3 +479,122 @@ def test_rrg_import_is_light():
             "print(','.join(m for m in ('PIL', 'pandas', 'plotly', 'pycocoevalcap') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/")
     assert out.stdout.strip() == ""
+
+
+# -- image bit depths --------------------------------------------------------------------------------
+
+
+def _ramp(dtype, top: int, width: int = 64) -> np.ndarray:
+    """A horizontal ramp 0..top over ``width`` columns, 16 rows."""
+    values = np.linspace(0, top, width)
+    return np.tile(values.astype(dtype) if np.dtype(dtype).kind == "f" else values.round().astype(dtype), (16, 1))
+
+
+@pytest.mark.parametrize("kind", ["png16", "tiff16_big_endian", "png8", "int32_16bit_data"])
+def test_images_are_scaled_by_their_bit_depth(kind, tmp_path):
+    """A 0..max ramp loads as a 0..1 ramp whatever the depth (a 16-bit ramp used to load 98%
+    white: PIL's conversion to 8 bits clips instead of scaling)."""
+    from PIL import Image
+
+    from mtl_opt.problems.rrg.r2gen import load_image
+
+    if kind == "png16":
+        path, im = tmp_path / "ramp.png", Image.fromarray(_ramp(np.uint16, 65535))
+        assert im.mode == "I;16"
+    elif kind == "tiff16_big_endian":
+        path, im = tmp_path / "ramp.tif", Image.fromarray(_ramp(">u2", 65535))
+        assert im.mode == "I;16B"
+    elif kind == "png8":
+        path, im = tmp_path / "ramp.png", Image.fromarray(_ramp(np.uint8, 255))
+    else:
+        path, im = tmp_path / "ramp.tif", Image.fromarray(_ramp(np.int32, 65535))
+        assert im.mode == "I"
+    im.save(path)
+    with Image.open(path) as reread:
+        assert reread.mode == im.mode
+    full = load_image(str(path), 64)[:16]
+    assert full.dtype == np.float32
+    top = 255 if kind == "png8" else 65535
+    np.testing.assert_allclose(full[0], np.linspace(0, 1, 64), atol=0.51 / top)  # rounding only
+    assert (full >= 1.0).mean() == pytest.approx(1 / 64)  # only the last column is white
+    small = load_image(str(path), 16)  # resized: still a ramp around mid-grey
+    assert small.mean() == pytest.approx(0.5, abs=0.02) and 0.0 <= small.min() < small.max() <= 1.0
+
+
+def test_one_bit_palette_and_colour_images_load_as_before(tmp_path):
+    from PIL import Image
+
+    from mtl_opt.problems.rrg.r2gen import load_image
+
+    bits = np.zeros((16, 16), dtype=bool)
+    bits[:, 8:] = True
+    Image.fromarray(bits).convert("1").save(tmp_path / "bits.png")
+    one = load_image(str(tmp_path / "bits.png"), 16)
+    assert one[:, :8].max() == 0.0 and one[:, 8:].min() == 1.0
+    pal = Image.fromarray(_ramp(np.uint8, 255, 16)).convert("P")
+    pal.save(tmp_path / "pal.png")
+    with Image.open(tmp_path / "pal.png") as reread:
+        assert reread.mode == "P"
+    np.testing.assert_allclose(load_image(str(tmp_path / "pal.png"), 16)[0], np.linspace(0, 1, 16), atol=1 / 255)
+    Image.new("RGB", (16, 16), (200, 200, 200)).save(tmp_path / "rgb.png")
+    assert load_image(str(tmp_path / "rgb.png"), 16) == pytest.approx(np.full((16, 16), 200 / 255))
+
+
+def test_images_of_unknown_range_are_refused_naming_the_file(tmp_path):
+    from PIL import Image
+
+    from mtl_opt.problems.rrg.r2gen import load_image
+
+    Image.fromarray(_ramp(np.int32, 1 << 20)).save(tmp_path / "wide.tif")
+    with pytest.raises(ValueError, match=r"wide.tif holds 32-bit integers .*beyond 16 bits"):
+        load_image(str(tmp_path / "wide.tif"), 16)
+    Image.fromarray(_ramp(np.float32, 3)).save(tmp_path / "float.tif")
+    with pytest.raises(ValueError, match=r"float.tif holds floating-point values outside \[0, 1\]"):
+        load_image(str(tmp_path / "float.tif"), 16)
+    Image.fromarray(_ramp(np.float32, 1)).save(tmp_path / "unit.tif")
+    np.testing.assert_allclose(load_image(str(tmp_path / "unit.tif"), 64)[0], np.linspace(0, 1, 64), atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["annotation", "labels_json", "labels_csv"])
+def test_text_files_that_are_not_utf8_name_the_file_and_the_byte(which, tmp_path, capsys):
+    root, studies = _iu_root(tmp_path)
+    latin1 = "Cardiom\u00e9galie l\u00e9g\u00e8re."  # é is one byte (0xe9) in Latin-1, invalid in UTF-8
+    if which == "annotation":
+        studies[0]["report"] = latin1
+        bad = root / "annotation.json"
+        bad.write_bytes(json.dumps({"train": studies}, ensure_ascii=False).encode("latin-1"))
+        kwargs = {}
+    elif which == "labels_json":
+        _write(root, {"train": studies})
+        bad = tmp_path / "labels.json"
+        bad.write_bytes(json.dumps({s["id"]: [""] * 14 for s in studies} | {latin1: [""] * 14},
+                                   ensure_ascii=False).encode("latin-1"))
+        kwargs = {"labels_file": str(bad)}
+    else:
+        _write(root, {"train": studies})
+        bad = tmp_path / "labels.csv"
+        header = "id," + ",".join(f'"{o}"' if " " in o else o for o in OBSERVATIONS)
+        rows = [header] + [f"{sid}," + ",".join([""] * 14) for sid in [s["id"] for s in studies] + [latin1]]
+        bad.write_bytes("\n".join(rows).encode("latin-1"))
+        kwargs = {"labels_file": str(bad)}
+    message = rf"{re.escape(str(bad))} is not UTF-8 text \(byte 0xe9 at offset \d+: invalid continuation byte\)"
+    with pytest.raises(ValueError, match=message):
+        R2GenDataset(root, image_size=8, **kwargs)
+    # Through the command line: one line naming the file, no traceback.
+    from mtl_opt.cli import main
+
+    argv = ["rrg", "train", "--data", str(root), "--steps", "1", "--out", str(tmp_path / "run")]
+    if kwargs:
+        argv += ["--labels-file", kwargs["labels_file"]]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err) and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+    # The same file in UTF-8 (with or without a byte-order mark) is read.
+    text = bad.read_bytes().decode("latin-1")
+    for prefix in (b"", b"\xef\xbb\xbf"):
+        bad.write_bytes(prefix + text.encode("utf-8"))
+        ds = R2GenDataset(root, image_size=8, **kwargs)
+        assert len(ds) == 3
+        if which == "annotation":
+            assert ds.reports()[0] == latin1

@@ -44,6 +44,27 @@ def _key_value(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+class _NotesGiven(argparse.Action):
+    """Mixed into ``parser``'s action classes by :func:`_note_given_options`: records the option
+    as given before storing its value."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[override]
+        if getattr(namespace, "given_options", None) is None:
+            namespace.given_options = {}
+        namespace.given_options[self.dest] = option_string
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _note_given_options(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` record every option typed on the command line in ``args.given_options``
+    (``{dest: option as typed}``), so that a given option can be told from its default even when
+    the values are equal. Call before adding the options."""
+    parser.set_defaults(given_options=None)
+    for kind in (None, "store", "store_true", "append"):
+        base = parser._registry_get("action", kind)
+        parser.register("action", kind, type(f"Noted{base.__name__}", (_NotesGiven, base), {}))
+
+
 def _add_run_options(p: argparse.ArgumentParser, *, steps_default: int | None,
                      one_run: bool = True) -> None:
     """The options of one training run (``one_run=False``: without ``--method`` and ``--seed``,
@@ -101,14 +122,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
     t = sub.add_parser("train", help="train the multi-task RRG model and evaluate it",
                        description="Train the multi-task report generation model with one method.")
+    _note_given_options(t)  # --resume refuses options that differ from the run's own
     _add_run_options(t, steps_default=None)
     t.add_argument("--log-every", type=int, default=10, help="log losses, drift, diffusion every N steps")
     t.add_argument("--eval-every", type=int, default=None,
                    help="validate and checkpoint every N steps (default: every epoch; 0: at the end)")
     t.add_argument("--val-max-samples", type=int, default=None, help="validate on at most N studies")
     t.add_argument("--resume", default=None, metavar="RUN",
-                   help="continue the run in this folder from its last checkpoint (its own options "
-                        "are used; --device may differ)")
+                   help="continue the run in this folder from its last checkpoint with its own "
+                        "options (--device may differ; another option that differs is refused)")
     t.add_argument("--eval-split", choices=["val", "test"], default="test")
     t.add_argument("--eval-max-samples", type=int, default=None)
     t.add_argument("--beam-size", type=int, default=1, help="beam width (1: greedy)")
@@ -189,27 +211,8 @@ def _config_from_args(args: argparse.Namespace):
     return cfg
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from .train import RRGConfig, train_rrg
-
-    if args.resume is not None:
-        import torch
-
-        from pathlib import Path
-
-        ckpt = Path(args.resume)
-        ckpt = ckpt / "checkpoint.pt" if ckpt.is_dir() else ckpt
-        if not ckpt.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {str(ckpt)!r}")
-        saved = RRGConfig.from_dict(torch.load(ckpt, map_location="cpu", weights_only=False)["config"])
-        saved.device = args.device
-        from mtl_opt._output_folder import reclaim_output_folder
-
-        with reclaim_output_folder(ckpt.parent, command="mtl-opt rrg train --resume"):
-            result = train_rrg(saved, verbose=not args.quiet, resume=args.resume)
-        if args.quiet:
-            print(result["run_dir"])
-        return 0
+def _train_config_from_args(args: argparse.Namespace):
+    """The :class:`RRGConfig` of ``rrg train``'s options."""
     cfg = _config_from_args(args)
     cfg.eval_every = args.eval_every
     cfg.val_max_samples = args.val_max_samples
@@ -220,6 +223,61 @@ def _run_train(args: argparse.Namespace) -> int:
     cfg.max_gen_length = args.max_gen_length
     cfg.meteor = not args.no_meteor
     cfg.n_report_samples = args.samples
+    cfg.out = args.out
+    return cfg
+
+
+#: Options of ``rrg train`` that a resumed run may take whatever the run was started with.
+_RESUME_FREE = ("device", "quiet", "resume")
+#: ``rrg train`` options whose config field has another name.
+_OPTION_FIELD = {"no_meteor": "meteor", "samples": "n_report_samples"}
+
+
+def _resume_conflicts(args: argparse.Namespace, saved: Any, run_dir: Any) -> list[str]:
+    """Each option given with ``--resume`` whose value differs from the run's saved config."""
+    from pathlib import Path
+
+    wanted = _train_config_from_args(args)
+    conflicts = []
+    for dest, option in (getattr(args, "given_options", None) or {}).items():
+        if dest in _RESUME_FREE:
+            continue
+        if dest == "out":
+            if Path(args.out).resolve() != Path(run_dir).resolve():
+                conflicts.append(f"{option} {args.out!r} (the run's folder is {str(run_dir)!r})")
+            continue
+        field = _OPTION_FIELD.get(dest, dest)
+        given, kept = getattr(wanted, field), getattr(saved, field)
+        if given != kept:
+            conflicts.append(f"{option} gives {field}={given!r}, the run has {field}={kept!r}")
+    return conflicts
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import RRGConfig, load_checkpoint, train_rrg
+
+    if args.resume is not None:
+        from pathlib import Path
+
+        ckpt = Path(args.resume)
+        ckpt = ckpt / "checkpoint.pt" if ckpt.is_dir() else ckpt
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {str(ckpt)!r}")
+        saved = RRGConfig.from_dict(load_checkpoint(ckpt)["config"])
+        conflicts = _resume_conflicts(args, saved, ckpt.parent)
+        if conflicts:
+            raise ValueError(f"--resume {args.resume}: a resumed run keeps its own options, and "
+                             f"{len(conflicts)} given option(s) differ: {'; '.join(conflicts)}. "
+                             "Drop them, or start a new run")
+        saved.device = args.device
+        from mtl_opt._output_folder import reclaim_output_folder
+
+        with reclaim_output_folder(ckpt.parent, command="mtl-opt rrg train --resume"):
+            result = train_rrg(saved, verbose=not args.quiet, resume=args.resume)
+        if args.quiet:
+            print(result["run_dir"])
+        return 0
+    cfg = _train_config_from_args(args)
     cfg.validate()  # every option checked before the run folder is claimed
     from mtl_opt._output_folder import claim_output_folder, default_folder_name
 
@@ -250,7 +308,6 @@ def _run_eval(args: argparse.Namespace) -> int:
     if torch.device(device).type != "cuda" and cfg.amp:
         print("the run was trained with --amp; evaluating in float32 on the CPU", file=sys.stderr)
         cfg.amp = False
-    cfg.validate()
     split = args.split or cfg.eval_split
     if args.beam_size is not None:
         cfg.beam_size = args.beam_size
@@ -258,6 +315,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         cfg.eval_max_samples = args.eval_max_samples
     if args.no_meteor:
         cfg.meteor = False
+    cfg.n_report_samples = args.samples
+    cfg.validate()  # with this command's options: a bad one is refused before any work
     from mtl_opt._output_folder import claim_output_folder, exclusive_file
 
     path = Path(checkpoint)
@@ -283,7 +342,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     else:
         exclusive_file(metrics_path, text)  # never over another evaluation's metrics
     write_samples_csv(folder / f"samples-{split}.csv", result["samples"])
-    _write_samples(folder / f"samples-{split}.md", result["samples"], args.samples)
+    _write_samples(folder / f"samples-{split}.md", result["samples"], cfg.n_report_samples)
     print(f"metrics written to {metrics_path}; generated reports beside their references in "
           f"{folder / f'samples-{split}.csv'}", file=sys.stderr)
     if "METEOR_status" in result["metrics"]:

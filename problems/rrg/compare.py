@@ -193,10 +193,10 @@ def compare_rrg(methods: list[str], base: RRGConfig, *, seeds: list[int] = (0,),
     seeds = list(seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"give distinct seeds, got {seeds}")
-    for spec in methods:
-        name, hyper = mtl_opt.parse_method_spec(spec)
-        mtl_opt.get_aggregator(name, **hyper)
     base.validate()
+    for seed in seeds:  # every run's own config (its method, its seed) before anything is written
+        for spec in methods:
+            replace(base, method=spec, seed=seed, synthetic=dict(base.synthetic)).validate()
     out_dir = Path(out) if out else Path("runs") / time.strftime("rrg-compare-%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)

@@ -7,8 +7,10 @@ Layout (as R2Gen distributes IU X-Ray and MIMIC-CXR)::
 
 Each study is ``{"id": str, "report": str, "image_path": [str, ...], ...}``. IU X-Ray studies have
 two views (frontal and lateral, both used); MIMIC-CXR studies list one or more images of which the
-first is used (R2Gen's and PromptMRG's choice). Images are read with PIL as grey-scale and
-resized to ``image_size`` squared (bilinear), values in [0, 1]; augmentation belongs to the model.
+first is used (R2Gen's and PromptMRG's choice). Images are read with PIL as grey-scale, scaled by
+their bit depth (8-bit by 255, 16-bit by 65535; see :func:`load_image`) and resized to
+``image_size`` squared (bilinear), values in [0, 1]; augmentation belongs to the model. The
+annotation and labels files are UTF-8 text (a byte-order mark is allowed).
 
 Classification labels come from, in this order: ``labels_file`` (JSON ``{id: [14 values]}`` or a
 CSV with an ``id`` column and one column per observation, values 1 / 0 / -1 / blank, CheXpert
@@ -25,6 +27,7 @@ as ``(study id, reason)`` and announced with a warning; nothing is dropped silen
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -54,8 +57,7 @@ def _read_labels_file(path: str) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     if path.endswith(".json"):
         try:
-            with open(path, encoding="utf-8") as fh:
-                raw = json.load(fh)
+            raw = json.loads(read_text(path, "labels file"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"labels file {path} is not valid JSON: {exc}") from exc
         if not isinstance(raw, dict):
@@ -63,16 +65,28 @@ def _read_labels_file(path: str) -> dict[str, np.ndarray]:
         for sid, values in raw.items():
             out[str(sid)] = _label_row(values, f"study {sid!r} in labels file {path}")
         return out
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        fields = reader.fieldnames or []
-        missing = [c for c in ("id", *OBSERVATIONS) if c not in fields]
-        if missing:
-            raise ValueError(f"labels file {path} lacks columns {missing}; expected 'id' and {list(OBSERVATIONS)}")
-        for line, row in enumerate(reader, start=2):
-            values = [row[c] for c in OBSERVATIONS]
-            out[row["id"]] = _label_row(values, f"study {row['id']!r} (line {line}) in labels file {path}")
+    reader = csv.DictReader(io.StringIO(read_text(path, "labels file"), newline=""))
+    fields = reader.fieldnames or []
+    missing = [c for c in ("id", *OBSERVATIONS) if c not in fields]
+    if missing:
+        raise ValueError(f"labels file {path} lacks columns {missing}; expected 'id' and {list(OBSERVATIONS)}")
+    for line, row in enumerate(reader, start=2):
+        values = [row[c] for c in OBSERVATIONS]
+        out[row["id"]] = _label_row(values, f"study {row['id']!r} (line {line}) in labels file {path}")
     return out
+
+
+def read_text(path: str, what: str) -> str:
+    """The text of the UTF-8 file ``path`` (a leading byte-order mark is dropped); a file that is
+    not UTF-8 raises one ``ValueError`` naming it (``what``, e.g. "annotation file"), the offset
+    of the first bad byte and the problem."""
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start}: {exc.reason}); save it as UTF-8") from None
 
 
 def _label_row(values: Any, where: str) -> np.ndarray:
@@ -104,15 +118,49 @@ def _annotation_labels(values: Any, sid: str, path: str) -> np.ndarray:
     return classes_to_labels(np.asarray(values))
 
 
+#: PIL modes of one channel of 16-bit unsigned integers (16-bit grey-scale PNG and TIFF files).
+_UINT16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def load_image(path: str, image_size: int) -> np.ndarray:
-    """Read one radiograph as float32 (image_size, image_size) in [0, 1] (grey-scale, bilinear)."""
+    """Read one radiograph as float32 (image_size, image_size) in [0, 1] (grey-scale, bilinear).
+
+    Values are scaled by the image's bit depth: 8-bit images (and 1-bit, palette and colour
+    ones, converted to 8-bit grey-scale by PIL) by 255; 16-bit grey-scale images (PIL modes
+    ``I;16*``, e.g. 16-bit PNG and TIFF radiographs) by 65535; images that PIL reads as 32-bit
+    integers (mode ``I``) hold 16-bit data when every value is in 0..65535 and are scaled by 65535
+    too. Floating-point images (mode ``F``) must already be in [0, 1]. Anything else (32-bit
+    integers beyond 16 bits, floats outside [0, 1]) raises ``ValueError``: its range is unknown.
+    """
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode in _UINT16_MODES or im.mode in ("I", "F"):
+            pixels = _wide_pixels(np.asarray(im), im.mode, path)
+            if pixels.shape != (image_size, image_size):
+                resized = Image.fromarray(pixels).resize((image_size, image_size), Image.BILINEAR)
+                pixels = np.asarray(resized, dtype=np.float32)
+            return np.clip(pixels, 0.0, 1.0)
         im = im.convert("L")
         if im.size != (image_size, image_size):
             im = im.resize((image_size, image_size), Image.BILINEAR)
         return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def _wide_pixels(raw: np.ndarray, mode: str, path: str) -> np.ndarray:
+    """The pixels of a 16-bit, 32-bit integer or float image as float32 in [0, 1] (see
+    :func:`load_image`)."""
+    if mode == "F":
+        if not (np.isfinite(raw).all() and raw.min() >= 0.0 and raw.max() <= 1.0):
+            raise ValueError(f"image {path} holds floating-point values outside [0, 1] "
+                             f"(range {float(np.nanmin(raw)):g}..{float(np.nanmax(raw)):g}); "
+                             "save it as 8- or 16-bit grey-scale")
+        return raw.astype(np.float32)
+    if mode == "I" and (raw.min() < 0 or raw.max() > 65535):
+        raise ValueError(f"image {path} holds 32-bit integers (range {int(raw.min())}..{int(raw.max())}) "
+                         "beyond 16 bits: its intensity range is unknown; save it as 8- or 16-bit "
+                         "grey-scale")
+    return (raw.astype(np.float64) / 65535.0).astype(np.float32)
 
 
 class R2GenDataset(Dataset):
@@ -222,8 +270,7 @@ class R2GenDataset(Dataset):
             raise FileNotFoundError(f"annotation file {path} does not exist (expected the R2Gen layout: "
                                     "ROOT/annotation.json and ROOT/images/)")
         try:
-            with open(path, encoding="utf-8") as fh:
-                ann = json.load(fh)
+            ann = json.loads(read_text(path, "annotation file"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"annotation file {path} is not valid JSON: {exc}") from exc
         if not isinstance(ann, dict):

@@ -30,11 +30,13 @@ The module imports only torch and the library; pandas and plotly are never neede
 
 from __future__ import annotations
 
+import collections
 import csv
 import functools
 import sys
 import json
 import math
+import numbers
 import os
 import random
 import time
@@ -69,6 +71,7 @@ __all__ = [
     "conflict_of_gradients",
     "conflict_study",
     "evaluate_rrg",
+    "load_checkpoint",
     "load_run",
     "measure_conflict",
     "prepare_run",
@@ -205,6 +208,14 @@ class RRGConfig:
                 raise ValueError(f"task_weights must be finite and > 0, got {self.task_weights}")
         if self.eval_every is not None and self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
+        if (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+                or not 0 <= self.seed < 2**32):
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        for key in ("num_workers", "n_report_samples"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.max_gen_length is not None and self.max_gen_length < 1:
+            raise ValueError(f"max_gen_length must be >= 1, got {self.max_gen_length}")
         for key in ("eval_max_samples", "val_max_samples"):
             v = getattr(self, key)
             if v is not None and v < 1:
@@ -631,9 +642,14 @@ def train_steps(setup: RRGSetup, n_steps: int, *,
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every global random generator's state as tensors and plain data (a checkpoint loads with
+    ``torch.load(weights_only=True)``, which refuses NumPy arrays)."""
     import numpy as np
 
-    st = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    st = {"torch": torch.get_rng_state(), "python": random.getstate(),
+          "numpy": {"bit_generator": str(name), "key": torch.from_numpy(key.astype(np.int64)),
+                    "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(gauss)}}
     if device.type == "cuda":
         st["cuda"] = torch.cuda.get_rng_state(device)
     return st
@@ -644,7 +660,9 @@ def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
 
     torch.set_rng_state(st["torch"])
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    n = st["numpy"]
+    np.random.set_state((n["bit_generator"], n["key"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
     if device.type == "cuda" and "cuda" in st:
         torch.cuda.set_rng_state(st["cuda"], device)
 
@@ -665,16 +683,116 @@ def save_checkpoint(setup: RRGSetup, path: str | os.PathLike) -> None:
         "shuffle_generator": setup.shuffle_generator.get_state(),
         "rng": _rng_state(setup.device),
     }
+    ckpt = _plain_data(ckpt)
+    _check_plain(ckpt, "checkpoint")
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 
 
+#: Plain data that ``torch.load(weights_only=True)`` rebuilds (besides tensors, lists, tuples and
+#: dicts of them); exact types: a subclass such as ``numpy.float64`` would be refused at load.
+_PLAIN_TYPES = (str, int, float, bool, type(None), torch.Size, torch.dtype, torch.device)
+#: The entries every checkpoint has (a resumable one has those of :func:`restore_checkpoint` too).
+_CHECKPOINT_KEYS = ("config", "model_config", "model", "tokenizer")
+
+
+def _plain_data(value: Any) -> Any:
+    """``value`` with NumPy scalars (e.g. a hyperparameter drawn by a sweep) made Python numbers,
+    through dicts, lists and tuples."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (dict, list, tuple)):
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        plain = [(k, _plain_data(v)) for k, v in items]
+        if all(p is v for (_, p), (_, v) in zip(plain, items)):
+            return value  # unchanged: keep the object (a state dict keeps its metadata)
+        if isinstance(value, dict):
+            return dict(plain)
+        return type(value)(v for _, v in plain)
+    return value
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Raise ``TypeError`` naming the first entry of ``value`` that is not a tensor or plain data
+    (such an entry would make the checkpoint unloadable with ``weights_only=True``)."""
+    if isinstance(value, torch.Tensor) or type(value) in _PLAIN_TYPES:
+        return
+    if type(value) in (dict, collections.OrderedDict):
+        for k, v in value.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"{where} has a key {k!r} of type {type(k).__name__}; checkpoints hold "
+                                "only tensors and plain data")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    if type(value) in (list, tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"{where} is a {type(value).__module__}.{type(value).__qualname__}; checkpoints "
+                    "hold only tensors and plain data (str, int, float, bool, None, and lists, "
+                    "tuples and dicts of them)")
+
+
+def load_checkpoint(path: str | os.PathLike, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read an RRG checkpoint file without running code from it.
+
+    The file is loaded with ``torch.load(weights_only=True)``: tensors and plain data only, so a
+    file that asks to import anything else (a crafted pickle whose objects would run code when
+    rebuilt) is refused before anything in it runs. Every failure is one ``ValueError`` naming the
+    file: refused content, a corrupt or truncated file, another kind of file, or a checkpoint
+    without the entries of :func:`save_checkpoint`.
+    """
+    import pickle
+    import re
+    import warnings
+
+    where = str(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. pickle protocol notes: the error below says it all
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        if "Weights only load failed" not in text:
+            raise ValueError(f"checkpoint {where} is corrupt or not a checkpoint ({_first_line(text)})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        what = (f"it asks to import {found.group(1)}" if found else
+                "it holds pickle instructions that a checkpoint of tensors and plain data never has")
+        raise ValueError(f"checkpoint {where} refused: {what}; only tensors and plain data are loaded "
+                         "(torch.load with weights_only=True), so nothing in it ran. mtl-opt "
+                         "checkpoints hold nothing else: do not load this file with other tools") from None
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for damaged files
+        raise ValueError(f"checkpoint {where} is corrupt, truncated or not a checkpoint "
+                         f"({type(exc).__name__}: {_first_line(str(exc))})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{where!r} is not an mtl-opt RRG checkpoint")
+    missing = [k for k in _CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {where} lacks {missing}: it is incomplete or not written by mtl-opt")
+    for key in ("config", "model_config", "model", "tokenizer"):
+        if not isinstance(ckpt[key], dict):
+            raise ValueError(f"checkpoint {where}: {key!r} is a {type(ckpt[key]).__name__}, not a dict")
+    return ckpt
+
+
+def _first_line(text: str) -> str:
+    line = text.strip().splitlines()[0] if text.strip() else "no details"
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
 def restore_checkpoint(setup: RRGSetup, ckpt: dict[str, Any]) -> None:
     """Load a checkpoint of :func:`save_checkpoint` into a fresh :func:`prepare_run` setup."""
     if "train_state" not in ckpt:
         raise ValueError("this checkpoint predates resumable checkpoints (no training state in it)")
+    missing = [k for k in ("optimizer", "shuffle_generator", "rng") if k not in ckpt]
+    if missing:
+        raise ValueError(f"the checkpoint lacks {missing}: it is incomplete or not written by mtl-opt")
     setup.model.load_state_dict(ckpt["model"])
     setup.mto.load_state_dict(ckpt["optimizer"])
     setup.state = TrainState.from_dict(ckpt["train_state"])
@@ -780,15 +898,15 @@ def train_rrg(config: RRGConfig | None = None, *,
             ckpt_path = ckpt_path / "checkpoint.pt"
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"no checkpoint to resume from at {str(ckpt_path)!r}")
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{str(ckpt_path)!r} is not an mtl-opt RRG checkpoint")
+        ckpt = load_checkpoint(ckpt_path)
         saved = RRGConfig.from_dict(ckpt["config"])
         if config is not None:
-            differ = sorted(k for k, v in config.to_dict().items()
-                            if k not in ("device", "out") and saved.to_dict()[k] != v)
+            mine, theirs = config.to_dict(), saved.to_dict()
+            differ = [f"{k}: given {mine[k]!r}, saved {theirs[k]!r}" for k in sorted(mine)
+                      if k not in ("device", "out") and theirs[k] != mine[k]]
             if differ:
-                raise ValueError(f"resume: the config differs from the checkpoint's in {differ}")
+                raise ValueError(f"resume from {str(ckpt_path)!r}: the config differs from the "
+                                 f"checkpoint's in {'; '.join(differ)}")
             saved.device = config.device
         saved.out = str(ckpt_path.parent)
         config = saved
@@ -801,7 +919,10 @@ def train_rrg(config: RRGConfig | None = None, *,
     setup = prepare_run(cfg)
     model, tokenizer = setup.model, setup.tokenizer
     if ckpt is not None:
-        restore_checkpoint(setup, ckpt)
+        try:
+            restore_checkpoint(setup, ckpt)
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be resumed: {_first_line(str(exc))}") from None
         say(f"resuming {out_dir} at step {setup.state.step} of {setup.total_steps}")
     out_dir.mkdir(parents=True, exist_ok=True)
     n_params = model.n_parameters()
@@ -1038,12 +1159,13 @@ def load_run(checkpoint: str | os.PathLike, *, device: str = "cpu") -> tuple[RRG
         path = path / "checkpoint.pt"
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{str(path)!r} is not an mtl-opt RRG checkpoint")
-    cfg = RRGConfig.from_dict(ckpt["config"])
-    cfg.device = device
-    tokenizer = ReportTokenizer.from_state_dict(ckpt["tokenizer"])
-    model = RRGModel(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
+    ckpt = load_checkpoint(path, map_location=device)
+    try:
+        cfg = RRGConfig.from_dict(ckpt["config"])
+        cfg.device = device
+        tokenizer = ReportTokenizer.from_state_dict(ckpt["tokenizer"])
+        model = RRGModel(ModelConfig.from_dict(ckpt["model_config"]))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise ValueError(f"checkpoint {str(path)!r} cannot be used: {_first_line(str(exc))}") from None
     return model.to(device), tokenizer, cfg, ckpt
