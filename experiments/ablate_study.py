@@ -46,6 +46,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtl_opt.experiments.html_pages import write_figure
 from mtl_opt.experiments.workloads import SyntheticWorkload, TrainingSettings, Workload, get_workload
 
 __all__ = ["INTERACTION", "VARIANTS", "ablate", "configure", "run"]
@@ -290,7 +291,7 @@ def _write(out: Path, summary: Any, runs: Any, how: str, metric: str, confidence
     (out / "ablation.md").write_text(f"Stage ablation: {how}.\n\n{to_markdown(summary)}\n")
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     fig = bar_figure(summary, metric=metric, confidence=confidence, title=f"Stage ablation: {how}")
-    fig.write_html(out / "ablation.html", include_plotlyjs="directory")
+    write_figure(fig, out / "ablation.html")
     if verbose:
         print(f"outputs in {out}")
 

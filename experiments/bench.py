@@ -49,6 +49,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtl_opt.experiments.html_pages import write_figure
+
 __all__ = [
     "COLUMNS",
     "TORCHJD_EQUIVALENTS",
@@ -529,9 +531,9 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, config: dict[
                   markers=True, log_y=True, hover_data=["median_ms", "min_ms", "max_ms", "ratio_to_floor"])
     fig = px.line(timed, y="ratio_to_floor", title="Time per call / floor (G Gᵀ + wᵀG), median", **common)
     fig.add_hline(y=1.3, line_dash="dot", annotation_text="1.3 × floor")
-    fig.write_html(paths["ratio_html"], include_plotlyjs="cdn")
+    write_figure(fig, paths["ratio_html"])
     fig2 = px.line(timed, y="median_ms", title="Time per call (ms, median)", **common)
-    fig2.write_html(paths["time_html"], include_plotlyjs="cdn")
+    write_figure(fig2, paths["time_html"])
     paths["config"].write_text(json.dumps(config, indent=2, default=str) + "\n")
     return paths
 

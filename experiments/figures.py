@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mtl_opt.experiments.html_pages import write_figure
 from mtl_opt.problems import Toy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -149,7 +150,7 @@ def write_figures(comparison: "Comparison", out: Path) -> list[tuple[str, str]]:
     written: list[tuple[str, str]] = []
 
     def save(fig: Any, fname: str, title: str) -> None:
-        fig.write_html(out / fname, include_plotlyjs="directory", full_html=True)
+        write_figure(fig, out / fname)
         written.append((title, fname))
 
     for name, prob in comparison.problems.items():
