@@ -235,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} exists and is not empty; choose another --out")
 
-    from mtl_opt.experiments.study import run_comparison
+    from mtl_opt.experiments.study import run_comparison, summary_display
 
     workers = args.workers
     if workers < 1:
@@ -273,12 +273,11 @@ def run(args: argparse.Namespace) -> int:
     md = ["# mtl-opt compare", "", f"Produced by `{config['rerun']}` in {elapsed:.1f} s "
           f"(mtl_opt {config['versions']['mtl_opt']}, torch {config['versions']['torch']}).", "",
           "## Mean rank per method (over hypervolume, IGD and front distance; lower is better)", "",
-          markdown_table(comp.overall, ".3g"), "", "## Per problem", "",
-          markdown_table(comp.summary, ".4g"), "",
-          "Hypervolume reference point per problem: the component-wise maximum of every method's "
-          "final losses and the true front plus 10 % of their range. IGD against pymoo's reference "
-          "front (ZDT, DTLZ2) or 2001 points of the analytic front. `rank`: the mean of the "
-          "method's ranks on that problem over hypervolume, IGD and mean front distance.", ""]
+          markdown_table(summary_display(comp.overall, list(comp.overall.columns), 3)), "",
+          "## Per problem", "",
+          markdown_table(summary_display(comp.summary, [c for c in comp.summary.columns
+                                                        if not c.endswith("_ci")])), "",
+          _TABLE_NOTE, ""]
     (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
     if not args.no_figures:
         from mtl_opt.experiments.figures import write_figures
@@ -286,12 +285,25 @@ def run(args: argparse.Namespace) -> int:
         write_figures(comp, out)
     cols = ["problem", "method", "hypervolume", "igd", "front_distance_mean", "stationarity_mean",
             "conflict_share", "time_per_step_us", "rank"]
-    print(comp.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(summary_display(comp.summary, cols).to_string(index=False))
     print()
-    print(comp.overall.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(summary_display(comp.overall, list(comp.overall.columns), 3).to_string(index=False))
+    print("\n" + _TABLE_NOTE)
     print(f"\n{len(comp.final)} runs in {elapsed:.1f} s; outputs in {out}"
           + ("" if args.no_figures else f" (open {out / 'index.html'})"))
     return 0
+
+
+_TABLE_NOTE = (
+    "↑ higher is better, ↓ lower is better; conflict_share (the share of steps whose task "
+    "gradients conflicted) describes a run. With several seeds, hypervolume, IGD and the mean "
+    "front distance are per-seed values: mean ± the half-width of a 95 % Student-t interval. "
+    "Hypervolume reference point per problem: the component-wise maximum of every method's final "
+    "losses and the true front plus 10 % of their range. IGD against pymoo's reference front "
+    "(ZDT, DTLZ2) or 2001 points of the analytic front. rank: the mean of the method's ranks on "
+    "that problem over hypervolume, IGD and mean front distance; values within 0.1 % of the "
+    "largest magnitude (at least 1e-5) tie and share a rank."
+)
 
 
 def markdown_table(df: Any, floatfmt: str = ".4g") -> str:
