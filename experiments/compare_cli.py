@@ -84,10 +84,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
                         help="run a published protocol exactly (fixes problems, starts, steps, lr, optimizer)")
     parser.add_argument("--config", type=Path, default=None,
-                        help="rerun a study from the config.json it wrote (only --out, --workers, --quiet and "
+                        help="rerun a study from the config.json it wrote (only --out, --workers, --quiet, --progress and "
                         "--no-figures may be given with it)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--progress", action="store_true",
+                        help="redraw a progress bar in place even when stderr is not a terminal "
+                             "(by default: a bar on a terminal, one line per problem otherwise)")
 
 
 def _from_options(args: argparse.Namespace) -> tuple:
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
     if not (args.start_jitter >= 0 and args.start_jitter < float("inf")):
         raise ValueError(f"--start-jitter must be a finite number >= 0, got {args.start_jitter}")
 
-    progress = None if args.quiet else _Progress(steps)
+    progress = None if args.quiet else _Progress(steps, live=True if args.progress else None)
     t0 = time.perf_counter()
     comp = run_comparison(list(problems), method_specs, starts=starts, seeds=seeds,
                           optimizer=args.optimizer, steps=steps, lr=lrs, record_every=record_every,
@@ -319,28 +322,47 @@ def markdown_table(df: Any, floatfmt: str = ".4g") -> str:
 
 
 class _Progress:
-    """One status line per problem on stderr, updated as records arrive."""
+    """Progress on stderr: on a terminal (or with ``live=True``) one bar per problem redrawn in
+    place at most every 0.1 s; otherwise one compact line per problem when it is done, so a log
+    file holds no carriage-return redraws."""
 
-    def __init__(self, steps: dict[str, int]) -> None:
+    def __init__(self, steps: dict[str, int], live: bool | None = None) -> None:
         self.current: str | None = None
+        self.live = sys.stderr.isatty() if live is None else live
         self.t0 = time.perf_counter()
+        self.last_draw = 0.0
+        self.last_step = 0
 
     def __call__(self, problem: str, step: int, steps: int) -> None:
         if problem != self.current:
-            if self.current is not None:
-                sys.stderr.write("\n")
+            self._finish()
             self.current = problem
             self.t0 = time.perf_counter()
+            self.last_draw = 0.0
+        self.last_step, self.steps = step, steps
+        now = time.perf_counter()
+        if not self.live or (now - self.last_draw < 0.1 and step < steps):
+            return
+        self.last_draw = now
         width = 30
         filled = int(width * step / max(steps, 1))
         sys.stderr.write(f"\r{problem:>22s} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{step}/{steps} steps {time.perf_counter() - self.t0:6.1f}s")
+                         f"{step}/{steps} steps {now - self.t0:6.1f}s")
+        sys.stderr.flush()
+
+    def _finish(self) -> None:
+        if self.current is None:
+            return
+        if self.live:
+            sys.stderr.write("\n")
+        else:
+            sys.stderr.write(f"{self.current}: {self.last_step}/{self.steps} steps in "
+                             f"{time.perf_counter() - self.t0:.1f} s\n")
         sys.stderr.flush()
 
     def done(self) -> None:
-        if self.current is not None:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self._finish()
+        self.current = None
 
 
 def _versions() -> dict[str, str]:
