@@ -20,9 +20,10 @@ may be shared).
 Peak memory (``peak_mem_bytes``): on CUDA, ``torch.cuda.max_memory_allocated`` above what was
 allocated before the call. On Linux CPUs, the growth of the resident set during one call
 (``/proc/self/status`` ``VmHWM`` after resetting it through ``/proc/self/clear_refs``); for this
-the run fixes glibc's mmap threshold at 64 KiB so that every large tensor is a fresh mapping
-(timings are taken under the same setting for the floor, our methods and TorchJD alike). It is
-accurate to a few hundred KiB. Elsewhere the column is empty.
+the memory pass (after the timings) fixes glibc's mmap threshold at 64 KiB so that every large
+tensor is a fresh mapping, and returns the heap's free pages to the system (``malloc_trim``)
+before each measured call, so that memory freed by earlier calls is not reused unseen (without
+it most rows read 0). It is accurate to a few hundred KiB. Elsewhere the column is empty.
 
 Output (``--out``): ``bench.csv`` (one row per device, K, d and implementation; columns in
 :data:`COLUMNS`), ``bench.md`` (the same as a Markdown table), ``ratio_to_floor.html`` and
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import math
 import os
@@ -166,6 +168,16 @@ def _fix_glibc_mmap_threshold(nbytes: int = 64 * 1024) -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, nbytes))
 
 
+def _release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim(0)``), so that memory
+    freed by earlier calls, still resident, is not silently reused by the call being measured."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -200,6 +212,8 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> int |
         del out
         return int(peak)
     if device.type == "cpu" and _rss_peak_supported():
+        gc.collect()
+        _release_free_heap()  # else the call reuses resident pages and its growth reads 0
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set
         before = _proc_status_bytes("VmRSS")
