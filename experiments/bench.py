@@ -567,6 +567,7 @@ def bench_figures(df: Any) -> tuple[Any, Any]:
     for f, label in ((fig, "time / floor (ratio)"), (fig2, "time per call (ms)")):
         f.update_yaxes(exponentformat="power", title_text=None)
         f.update_yaxes(title_text=label, col=1)
+        f.update_xaxes(tickvals=sorted(int(k) for k in timed["K"].unique()))  # whole task counts only
         f.update_layout(height=height)
     return fig, fig2
 

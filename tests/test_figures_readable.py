@@ -113,3 +113,4 @@ def test_bench_series_have_distinct_colours_and_plain_panel_titles():
     titles = [a.text for a in fig.layout.annotations if a.text]
     assert "d=10³" in titles and not any("d=d=" in t for t in titles)
     assert _power_of_ten(1e6) == "10⁶" and _power_of_ten(2e4) == "2·10⁴"
+    assert list(fig.layout.xaxis.tickvals) == [2, 4]  # no "2.5 tasks"
