@@ -46,6 +46,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtl_opt.experiments.html_pages import write_figure
 from mtl_opt.experiments.workloads import SyntheticWorkload, TrainingSettings, Workload, get_workload
 
 __all__ = ["INTERACTION", "VARIANTS", "ablate", "configure", "run"]
@@ -61,6 +62,7 @@ VARIANTS: dict[str, tuple[dict[str, bool], str]] = {
 }
 BASELINE = "linear"
 INTERACTION = "interaction rectify x inject"
+INTERACTION_DEFINITION = "(+rectify+inject) - (+rectify) - (inject only) + linear"
 STAGE_FLAGS = ("rectify", "inject", "fuse")
 
 
@@ -85,20 +87,36 @@ def summarise(runs: Any, *, metric: str, confidence: float) -> Any:
                      "mean": mean, "std": std, "diff_vs_linear": diff.mean, "diff_std": diff.std,
                      "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p_value": diff.p_value,
                      "note": _note(name, diff.std)})
-    needed = ("+rectify+inject", "+rectify", "inject only")
-    if all(n in values.columns for n in needed):
-        joint = (values["+rectify+inject"] + values[BASELINE]).tolist()
-        parts = (values["+rectify"] + values["inject only"]).tolist()
-        diff = paired_difference(joint, parts, confidence=confidence)
-        inter = [a - b for a, b in zip(joint, parts)]
-        mean, std = mean_std(inter)
-        rows.append({"variant": INTERACTION,
-                     "description": "(+rectify+inject) - (+rectify) - (inject only) + linear",
-                     "rectify": None, "inject": None, "fuse": None, "n_seeds": diff.n,
-                     "mean": mean, "std": std, "diff_vs_linear": diff.mean, "diff_std": diff.std,
-                     "ci_low": diff.ci_low, "ci_high": diff.ci_high, "p_value": diff.p_value,
-                     "note": _note(INTERACTION, diff.std)})
-    return pd.DataFrame(rows)
+    summary = pd.DataFrame(rows)
+    summary.attrs["interaction"] = interaction_table(values, confidence=confidence)
+    return summary
+
+
+def interaction_table(values: Any, *, confidence: float) -> Any:
+    """The rectify × inject interaction as its own one-row table (empty without the four cells).
+
+    Per seed ``I_s = m(+rectify+inject) − m(+rectify) − m(inject only) + m(linear)``; the row
+    gives its mean, its standard deviation over seeds, the Student-t interval of the mean and the
+    paired t-test's p-value (``joint`` = (+rectify+inject) + linear against ``parts`` =
+    (+rectify) + (inject only)).
+    """
+    import pandas as pd
+
+    from mtl_opt.experiments.paired_stats import paired_difference
+
+    columns = ["effect", "definition", "n_seeds", "estimate", "std", "ci_low", "ci_high",
+               "p_value", "note"]
+    needed = ("+rectify+inject", "+rectify", "inject only", BASELINE)
+    if not all(n in values.columns for n in needed):
+        return pd.DataFrame(columns=columns)
+    joint = (values["+rectify+inject"] + values[BASELINE]).tolist()
+    parts = (values["+rectify"] + values["inject only"]).tolist()
+    diff = paired_difference(joint, parts, confidence=confidence)
+    return pd.DataFrame([{
+        "effect": INTERACTION, "definition": INTERACTION_DEFINITION, "n_seeds": diff.n,
+        "estimate": diff.mean, "std": diff.std, "ci_low": diff.ci_low, "ci_high": diff.ci_high,
+        "p_value": diff.p_value, "note": _note(INTERACTION, diff.std),
+    }], columns=columns)
 
 
 DEGENERATE_NOTE = "no spread over seeds: the interval is a point and the p-value a limit"
@@ -111,28 +129,42 @@ def _note(name: str, diff_std: float) -> str:
 
 
 def bar_figure(summary: Any, *, metric: str, confidence: float, title: str) -> Any:
-    """Left: mean ± std per variant. Right: paired difference to ``linear`` with its interval."""
+    """Left: mean ± std per variant. Middle: paired difference to ``linear`` with its interval.
+    Right: the rectify × inject interaction with its interval (its own quantity, its own axis)."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    stages = summary[summary["variant"] != INTERACTION]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+    inter = summary.attrs.get("interaction")
+    has_inter = inter is not None and len(inter) > 0
+    fig = make_subplots(rows=1, cols=3 if has_inter else 2, column_widths=[0.4, 0.4, 0.2][: 3 if has_inter else 2],
+                        subplot_titles=(
         f"{metric}: mean ± std over seeds",
-        f"paired difference to linear ({confidence:.0%} CI; last bar: interaction)",
+        f"paired difference to linear ({confidence:.0%} CI)",
+        *(["interaction rectify × inject"] if has_inter else []),
     ))
-    fig.add_trace(go.Bar(x=stages["variant"], y=stages["mean"],
-                         error_y={"type": "data", "array": stages["std"].tolist()},
+    fig.add_trace(go.Bar(x=summary["variant"], y=summary["mean"],
+                         error_y={"type": "data", "array": summary["std"].tolist()},
                          name="mean ± std", showlegend=False), row=1, col=1)
     fig.add_trace(go.Bar(
         x=summary["variant"], y=summary["diff_vs_linear"],
         error_y={"type": "data", "symmetric": False,
                  "array": (summary["ci_high"] - summary["diff_vs_linear"]).tolist(),
                  "arrayminus": (summary["diff_vs_linear"] - summary["ci_low"]).tolist()},
-        marker_color=["#d62728" if v == INTERACTION else "#1f77b4" for v in summary["variant"]],
-        name="difference", showlegend=False), row=1, col=2)
-    fig.update_yaxes(title_text=metric, row=1, col=1)
-    fig.update_yaxes(title_text=f"Δ {metric}", row=1, col=2)
-    fig.update_layout(title=title)
+        marker_color="#1f77b4", name="difference", showlegend=False), row=1, col=2)
+    if has_inter:
+        row = inter.iloc[0]
+        fig.add_trace(go.Bar(
+            x=["I"], y=[row["estimate"]], marker_color="#d62728", showlegend=False,
+            hovertext=[INTERACTION_DEFINITION],
+            error_y={"type": "data", "symmetric": False, "array": [row["ci_high"] - row["estimate"]],
+                     "arrayminus": [row["estimate"] - row["ci_low"]]}), row=1, col=3)
+        fig.update_yaxes(title_text=f"I ({metric})", row=1, col=3)
+        fig.update_xaxes(title_text="(+r+i) − (+r) − (i) + linear", row=1, col=3)
+    fig.update_yaxes(title_text=f"{metric} (unitless)", exponentformat="power", row=1, col=1)
+    fig.update_yaxes(title_text=f"Δ {metric} vs linear", exponentformat="power", row=1, col=2)
+    fig.update_xaxes(title_text="variant", row=1, col=1)
+    fig.update_xaxes(title_text="variant", row=1, col=2)
+    fig.update_layout(title=title, template="plotly_white", height=520)
     return fig
 
 
@@ -264,6 +296,7 @@ def _ablate(workload: Workload, settings: TrainingSettings, cells: dict[str, dic
 
         cols = ["variant", "mean", "std", "diff_vs_linear", "ci_low", "ci_high", "p_value"]
         print(to_markdown(summary[cols]))
+        print(_interaction_md(summary), end="")
         print(f"ablate: done in {elapsed:.1f} s")
     return summary
 
@@ -307,16 +340,32 @@ def _synthetic_finals(workload: SyntheticWorkload, settings: TrainingSettings,
     return out
 
 
+def _interaction_md(summary: Any) -> str:
+    """The interaction's own Markdown section ("" without the four cells)."""
+    from mtl_opt.experiments.markdown_table import to_markdown
+
+    inter = summary.attrs.get("interaction")
+    if inter is None or not len(inter):
+        return ""
+    return (f"\nInteraction I = {INTERACTION_DEFINITION}, per seed (below zero, for a metric to "
+            f"minimise: the stages together beat the sum of their parts):\n\n"
+            f"{to_markdown(inter.drop(columns=['definition']))}\n")
+
+
 def _write(out: Path, summary: Any, runs: Any, how: str, metric: str, confidence: float,
            config: dict[str, Any], verbose: bool) -> None:
     from mtl_opt.experiments.markdown_table import to_markdown
 
     summary.to_csv(out / "ablation.csv", index=False)
+    inter = summary.attrs.get("interaction")
+    if inter is not None and len(inter):
+        inter.to_csv(out / "interaction.csv", index=False)
     runs.to_csv(out / "runs.csv", index=False)
-    (out / "ablation.md").write_text(f"Stage ablation: {how}.\n\n{to_markdown(summary)}\n")
+    (out / "ablation.md").write_text(f"Stage ablation: {how}.\n\n{to_markdown(summary)}\n"
+                                     + _interaction_md(summary))
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
     fig = bar_figure(summary, metric=metric, confidence=confidence, title=f"Stage ablation: {how}")
-    fig.write_html(out / "ablation.html", include_plotlyjs="directory")
+    write_figure(fig, out / "ablation.html")
     if verbose:
         print(f"outputs in {out}")
 

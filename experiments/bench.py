@@ -20,9 +20,10 @@ may be shared).
 Peak memory (``peak_mem_bytes``): on CUDA, ``torch.cuda.max_memory_allocated`` above what was
 allocated before the call. On Linux CPUs, the growth of the resident set during one call
 (``/proc/self/status`` ``VmHWM`` after resetting it through ``/proc/self/clear_refs``); for this
-the run fixes glibc's mmap threshold at 64 KiB so that every large tensor is a fresh mapping
-(timings are taken under the same setting for the floor, our methods and TorchJD alike). It is
-accurate to a few hundred KiB. Elsewhere the column is empty.
+the memory pass (after the timings) fixes glibc's mmap threshold at 64 KiB so that every large
+tensor is a fresh mapping, and returns the heap's free pages to the system (``malloc_trim``)
+before each measured call, so that memory freed by earlier calls is not reused unseen (without
+it most rows read 0). It is accurate to a few hundred KiB. Elsewhere the column is empty.
 
 Output (``--out``): ``bench.csv`` (one row per device, K, d and implementation; columns in
 :data:`COLUMNS`), ``bench.md`` (the same as a Markdown table), ``ratio_to_floor.html`` and
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import gc
 import json
 import math
 import os
@@ -48,6 +50,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from mtl_opt.experiments.html_pages import write_figure
 
 __all__ = [
     "COLUMNS",
@@ -168,6 +172,16 @@ def _fix_glibc_mmap_threshold(nbytes: int = 64 * 1024) -> bool:
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, nbytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, nbytes))
 
 
+def _release_free_heap() -> None:
+    """Hand the heap's free pages back to the system (glibc ``malloc_trim(0)``), so that memory
+    freed by earlier calls, still resident, is not silently reused by the call being measured."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 def _proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -202,6 +216,8 @@ def measure_peak_memory(fn: Callable[[], object], device: torch.device) -> int |
         del out
         return int(peak)
     if device.type == "cpu" and _rss_peak_supported():
+        gc.collect()
+        _release_free_heap()  # else the call reuses resident pages and its growth reads 0
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current resident set
         before = _proc_status_bytes("VmRSS")
@@ -551,7 +567,6 @@ def _memory_group(specs, K, d, device, out, *, torchjd, many, seed) -> None:
 def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, config: dict[str, Any]) -> dict[str, Path]:
     """Write bench.csv, bench.md, ratio_to_floor.html, time_ms.html and config.json."""
     import pandas as pd
-    import plotly.express as px
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -565,19 +580,48 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, config: dict[
               f"{config.get('threads')} thread(s), {config.get('repeats')} timed calls each, "
               f"medians in ms. Floor = `G @ G.T` + `w @ G` on the same G in the same run.\n\n")
     paths["md"].write_text(header + _markdown_table(shown) + "\n")
+    fig, fig2 = bench_figures(df)
+    write_figure(fig, paths["ratio_html"], height=int(fig.layout.height))
+    write_figure(fig2, paths["time_html"], height=int(fig2.layout.height))
+    paths["config"].write_text(json.dumps(config, indent=2, default=str) + "\n")
+    return paths
+
+
+def bench_figures(df: Any) -> tuple[Any, Any]:
+    """The ratio-to-floor and time-per-call charts of a bench table: one panel per d (columns)
+    and device (rows), one colour per method series (48 distinct before any repeats), dashes
+    per implementation, log y axes with plain powers of ten."""
+    import plotly.express as px
+
     timed = df[df["median_ms"].notna()].copy()
     timed["series"] = timed["method"] + timed["impl"].map(
         {"torchjd": " (TorchJD)", "floor": "", "mtl_opt": "", "mtl_opt_many": ""})
-    timed["d"] = timed["d"].map(lambda v: f"d={v:.0e}")
+    timed["d"] = timed["d"].map(_power_of_ten)
+    series = sorted(timed["series"].unique())
+    palette = px.colors.qualitative.Dark24 + px.colors.qualitative.Light24
     common = dict(x="K", color="series", line_dash="impl", facet_col="d", facet_row="device",
-                  markers=True, log_y=True, hover_data=["median_ms", "min_ms", "max_ms", "ratio_to_floor"])
+                  markers=True, log_y=True, hover_data=["median_ms", "min_ms", "max_ms", "ratio_to_floor"],
+                  category_orders={"series": series},
+                  color_discrete_map={s: palette[i % len(palette)] for i, s in enumerate(series)},
+                  labels={"K": "K (tasks)", "series": "method", "impl": "implementation"})
+    height = 420 * max(1, timed["device"].nunique()) + 140
     fig = px.line(timed, y="ratio_to_floor", title="Time per call / floor (G Gᵀ + wᵀG), median", **common)
     fig.add_hline(y=1.3, line_dash="dot", annotation_text="1.3 × floor")
-    fig.write_html(paths["ratio_html"], include_plotlyjs="cdn")
-    fig2 = px.line(timed, y="median_ms", title="Time per call (ms, median)", **common)
-    fig2.write_html(paths["time_html"], include_plotlyjs="cdn")
-    paths["config"].write_text(json.dumps(config, indent=2, default=str) + "\n")
-    return paths
+    fig2 = px.line(timed, y="median_ms", title="Time per call (median)", **common)
+    for f, label in ((fig, "time / floor (ratio)"), (fig2, "time per call (ms)")):
+        f.update_yaxes(exponentformat="power", title_text=None)
+        f.update_yaxes(title_text=label, col=1)
+        f.update_xaxes(tickvals=sorted(int(k) for k in timed["K"].unique()))  # whole task counts only
+        f.update_layout(height=height)
+    return fig, fig2
+
+
+def _power_of_ten(v: float) -> str:
+    """``10000.0`` -> ``"10⁴"``, ``2e6`` -> ``"2·10⁶"`` (facet labels read ``d = 10⁴``)."""
+    sup = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+    mantissa, exponent = f"{float(v):.0e}".split("e")
+    power = f"10{str(int(exponent)).translate(sup)}"
+    return power if mantissa == "1" else f"{mantissa}·{power}"
 
 
 def _markdown_table(df: Any) -> str:

@@ -90,10 +90,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
                         help="run a published protocol exactly (fixes problems, starts, steps, lr, optimizer)")
     parser.add_argument("--config", type=Path, default=None,
-                        help="rerun a study from the config.json it wrote (only --out, --workers, --quiet and "
+                        help="rerun a study from the config.json it wrote (only --out, --workers, --quiet, --progress and "
                         "--no-figures may be given with it)")
     parser.add_argument("--no-figures", action="store_true", help="write the tables only")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument("--progress", action="store_true",
+                        help="redraw a progress bar in place even when stderr is not a terminal "
+                             "(by default: a bar on a terminal, one line per problem otherwise)")
 
 
 def _from_options(args: argparse.Namespace) -> tuple:
@@ -258,9 +261,9 @@ def run(args: argparse.Namespace) -> int:
 def _run_and_write(args: argparse.Namespace, out: Path, problems: dict, method_specs: list, labels: list,
                    seeds: list, starts: dict, start_labels: dict, steps: dict, lrs: dict,
                    record_every: Any) -> int:
-    from mtl_opt.experiments.study import run_comparison
+    from mtl_opt.experiments.study import run_comparison, summary_display
 
-    progress = None if args.quiet else _Progress(steps)
+    progress = None if args.quiet else _Progress(steps, live=True if args.progress else None)
     t0 = time.perf_counter()
     comp = run_comparison(list(problems), method_specs, starts=starts, seeds=seeds,
                           optimizer=args.optimizer, steps=steps, lr=lrs, record_every=record_every,
@@ -290,12 +293,11 @@ def _run_and_write(args: argparse.Namespace, out: Path, problems: dict, method_s
     md = ["# mtl-opt compare", "", f"Produced by `{config['rerun']}` in {elapsed:.1f} s "
           f"(mtl_opt {config['versions']['mtl_opt']}, torch {config['versions']['torch']}).", "",
           "## Mean rank per method (over hypervolume, IGD and front distance; lower is better)", "",
-          markdown_table(comp.overall, ".3g"), "", "## Per problem", "",
-          markdown_table(comp.summary, ".4g"), "",
-          "Hypervolume reference point per problem: the component-wise maximum of every method's "
-          "final losses and the true front plus 10 % of their range. IGD against pymoo's reference "
-          "front (ZDT, DTLZ2) or 2001 points of the analytic front. `rank`: the mean of the "
-          "method's ranks on that problem over hypervolume, IGD and mean front distance.", ""]
+          markdown_table(summary_display(comp.overall, list(comp.overall.columns), 3)), "",
+          "## Per problem", "",
+          markdown_table(summary_display(comp.summary, [c for c in comp.summary.columns
+                                                        if not c.endswith("_ci")])), "",
+          _TABLE_NOTE, ""]
     (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
     if not args.no_figures:
         from mtl_opt.experiments.figures import write_figures
@@ -303,12 +305,25 @@ def _run_and_write(args: argparse.Namespace, out: Path, problems: dict, method_s
         write_figures(comp, out)
     cols = ["problem", "method", "hypervolume", "igd", "front_distance_mean", "stationarity_mean",
             "conflict_share", "time_per_step_us", "rank"]
-    print(comp.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(summary_display(comp.summary, cols).to_string(index=False))
     print()
-    print(comp.overall.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(summary_display(comp.overall, list(comp.overall.columns), 3).to_string(index=False))
+    print("\n" + _TABLE_NOTE)
     print(f"\n{len(comp.final)} runs in {elapsed:.1f} s; outputs in {out}"
           + ("" if args.no_figures else f" (open {out / 'index.html'})"))
     return 0
+
+
+_TABLE_NOTE = (
+    "↑ higher is better, ↓ lower is better; conflict_share (the share of steps whose task "
+    "gradients conflicted) describes a run. With several seeds, hypervolume, IGD and the mean "
+    "front distance are per-seed values: mean ± the half-width of a 95 % Student-t interval. "
+    "Hypervolume reference point per problem: the component-wise maximum of every method's final "
+    "losses and the true front plus 10 % of their range. IGD against pymoo's reference front "
+    "(ZDT, DTLZ2) or 2001 points of the analytic front. rank: the mean of the method's ranks on "
+    "that problem over hypervolume, IGD and mean front distance; values within 0.1 % of the "
+    "largest magnitude (at least 1e-5) tie and share a rank."
+)
 
 
 def markdown_table(df: Any, floatfmt: str = ".4g") -> str:
@@ -324,28 +339,47 @@ def markdown_table(df: Any, floatfmt: str = ".4g") -> str:
 
 
 class _Progress:
-    """One status line per problem on stderr, updated as records arrive."""
+    """Progress on stderr: on a terminal (or with ``live=True``) one bar per problem redrawn in
+    place at most every 0.1 s; otherwise one compact line per problem when it is done, so a log
+    file holds no carriage-return redraws."""
 
-    def __init__(self, steps: dict[str, int]) -> None:
+    def __init__(self, steps: dict[str, int], live: bool | None = None) -> None:
         self.current: str | None = None
+        self.live = sys.stderr.isatty() if live is None else live
         self.t0 = time.perf_counter()
+        self.last_draw = 0.0
+        self.last_step = 0
 
     def __call__(self, problem: str, step: int, steps: int) -> None:
         if problem != self.current:
-            if self.current is not None:
-                sys.stderr.write("\n")
+            self._finish()
             self.current = problem
             self.t0 = time.perf_counter()
+            self.last_draw = 0.0
+        self.last_step, self.steps = step, steps
+        now = time.perf_counter()
+        if not self.live or (now - self.last_draw < 0.1 and step < steps):
+            return
+        self.last_draw = now
         width = 30
         filled = int(width * step / max(steps, 1))
         sys.stderr.write(f"\r{problem:>22s} [{'#' * filled}{'.' * (width - filled)}] "
-                         f"{step}/{steps} steps {time.perf_counter() - self.t0:6.1f}s")
+                         f"{step}/{steps} steps {now - self.t0:6.1f}s")
+        sys.stderr.flush()
+
+    def _finish(self) -> None:
+        if self.current is None:
+            return
+        if self.live:
+            sys.stderr.write("\n")
+        else:
+            sys.stderr.write(f"{self.current}: {self.last_step}/{self.steps} steps in "
+                             f"{time.perf_counter() - self.t0:.1f} s\n")
         sys.stderr.flush()
 
     def done(self) -> None:
-        if self.current is not None:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+        self._finish()
+        self.current = None
 
 
 def _versions() -> dict[str, str]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mtl_opt.experiments.html_pages import write_figure
 from mtl_opt.problems import Toy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -25,6 +26,7 @@ __all__ = ["convergence_figure", "objective_figure", "toy_trajectory_figure", "w
 
 _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
            "#7f7f7f", "#bcbd22", "#17becf"]
+_DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 
 
 def toy_trajectory_figure(comparison: "Comparison", problem_name: str) -> "go.Figure":
@@ -39,11 +41,12 @@ def toy_trajectory_figure(comparison: "Comparison", problem_name: str) -> "go.Fi
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[r.method for r in runs],
-                        horizontal_spacing=0.05, vertical_spacing=0.08)
+                        horizontal_spacing=0.06, vertical_spacing=0.14 if n > 3 else 0.08)
     grid = torch.linspace(-10, 10, 81, dtype=torch.float64)
     X1, X2 = torch.meshgrid(grid, grid, indexing="xy")
     Z = prob.losses(torch.stack([X1, X2], -1)).sum(-1)
     ps = prob.pareto_set(200)
+    seen_starts: set[int] = set()
     for k, r in enumerate(runs):
         row, col = k // cols + 1, k % cols + 1
         fig.add_trace(go.Contour(x=grid.tolist(), y=grid.tolist(), z=Z.tolist(), colorscale="Greys",
@@ -54,22 +57,34 @@ def toy_trajectory_figure(comparison: "Comparison", problem_name: str) -> "go.Fi
                                  showlegend=k == 0, legendgroup="ps"), row=row, col=col)
         xs = r.history["x"]  # (T, runs, 2)
         for j in range(r.n_runs):
-            color = _COLORS[int(r.start_index[j]) % len(_COLORS)]
+            start = int(r.start_index[j])
+            color = _COLORS[start % len(_COLORS)]
             traj = xs[:, j]
+            first = k == 0 and start not in seen_starts
+            seen_starts.add(start)
             fig.add_trace(go.Scatter(x=traj[:, 0].tolist(), y=traj[:, 1].tolist(), mode="lines",
-                                     line={"color": color, "width": 2},
-                                     name=f"start {int(r.start_index[j])}, seed {int(r.seed[j])}",
-                                     showlegend=False), row=row, col=col)
+                                     line={"color": color, "width": 2}, legendgroup=f"start {start}",
+                                     name=f"start {start}", showlegend=first,
+                                     hovertext=f"start {start}, seed {int(r.seed[j])}", hoverinfo="text"),
+                          row=row, col=col)
             fig.add_trace(go.Scatter(x=[traj[0, 0].item()], y=[traj[0, 1].item()], mode="markers",
                                      marker={"color": color, "size": 9, "symbol": "circle"},
-                                     showlegend=False, hoverinfo="skip"), row=row, col=col)
+                                     legendgroup=f"start {start}", showlegend=False, hoverinfo="skip"),
+                          row=row, col=col)
             fig.add_trace(go.Scatter(x=[traj[-1, 0].item()], y=[traj[-1, 1].item()], mode="markers",
-                                     marker={"color": color, "size": 13, "symbol": "star"},
-                                     showlegend=False), row=row, col=col)
-        fig.update_xaxes(range=[-10, 10], row=row, col=col)
-        fig.update_yaxes(range=[-10, 10], row=row, col=col)
-    fig.update_layout(title=f"{problem_name}: trajectories over the summed loss, Pareto set in black",
-                      height=420 * rows, width=420 * cols + 80, template="plotly_white")
+                                     marker={"color": color, "size": 13, "symbol": "star",
+                                             "line": {"color": "white", "width": 1}},
+                                     legendgroup=f"start {start}", showlegend=False), row=row, col=col)
+        fig.update_xaxes(range=[-10, 10], title_text="x₁ (unitless)", row=row, col=col)
+        fig.update_yaxes(range=[-10, 10], title_text="x₂ (unitless)", scaleanchor=f"x{k + 1 if k else ''}",
+                         row=row, col=col)
+    # the marker encoding, once, in the legend
+    for symbol, label in (("circle", "start point (●)"), ("star", "end point (★)")):
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name=label,
+                                 marker={"color": "#444", "size": 10, "symbol": symbol}), row=1, col=1)
+    fig.update_layout(title=f"{problem_name}: trajectories over the summed loss (grey contours), "
+                            "Pareto set in black, one colour per start",
+                      height=440 * rows + 60, template="plotly_white", legend={"title": {"text": "legend"}})
     return fig
 
 
@@ -94,23 +109,41 @@ def objective_figure(comparison: "Comparison", problem_name: str) -> "go.Figure"
                                      name="true front"))
         for k, r in enumerate(runs):
             fig.add_trace(go.Scatter(x=r.losses[:, 0].tolist(), y=r.losses[:, 1].tolist(), mode="markers",
-                                     marker={"size": 10, "color": _COLORS[k % len(_COLORS)]}, name=r.method,
-                                     text=[f"start {s}, seed {d}" for s, d in zip(r.start_index.tolist(), r.seed.tolist())]))
-        fig.update_layout(xaxis_title="loss 1", yaxis_title="loss 2")
+                                     marker=_ring(k, len(runs)), name=r.method,
+                                     text=[f"{r.method}: start {s}, seed {d}" for s, d in zip(r.start_index.tolist(), r.seed.tolist())]))
+        fig.update_layout(xaxis_title="loss 1 (unitless)", yaxis_title="loss 2 (unitless)")
+        fig.update_xaxes(exponentformat="power")
+        fig.update_yaxes(exponentformat="power")
     else:
         if front is not None:
             fig.add_trace(go.Scatter3d(x=front[:, 0].tolist(), y=front[:, 1].tolist(), z=front[:, 2].tolist(),
                                        mode="markers", marker={"size": 2, "color": "black", "opacity": 0.3},
                                        name="true front"))
         for k, r in enumerate(runs):
+            ring = _ring(k, len(runs))
             fig.add_trace(go.Scatter3d(x=r.losses[:, 0].tolist(), y=r.losses[:, 1].tolist(), z=r.losses[:, 2].tolist(),
-                                       mode="markers", marker={"size": 6, "color": _COLORS[k % len(_COLORS)]},
-                                       name=r.method))
-        fig.update_layout(scene={"xaxis_title": "loss 1", "yaxis_title": "loss 2", "zaxis_title": "loss 3"})
+                                       mode="markers", name=r.method,
+                                       marker={"size": ring["size"] * 0.6, "color": ring["line"]["color"],
+                                               "symbol": "circle-open"}))
+        axis = {"exponentformat": "power"}
+        fig.update_layout(scene={"xaxis": {"title": {"text": "loss 1 (unitless)"}, **axis},
+                                 "yaxis": {"title": {"text": "loss 2 (unitless)"}, **axis},
+                                 "zaxis": {"title": {"text": "loss 3 (unitless)"}, **axis},
+                                 "aspectmode": "cube", "camera": {"eye": {"x": 1.6, "y": 1.6, "z": 1.1}}},
+                          margin={"l": 0, "r": 0, "b": 0, "t": 60})
     extra = f" (first 3 of {K} losses)" if K > 3 else ""
-    fig.update_layout(title=f"{problem_name}: end points and the true front{extra}", template="plotly_white",
-                      height=600, width=800)
+    fig.update_layout(title=f"{problem_name}: end points and the true front{extra}; methods that end "
+                            "at the same point show as concentric rings", template="plotly_white",
+                      height=700 if K > 2 else 600)
     return fig
+
+
+def _ring(k: int, n: int) -> dict[str, Any]:
+    """An open marker for the k-th of n methods: earlier methods get larger rings, so methods that
+    end at the same point stay visible as concentric rings of their colours."""
+    color = _COLORS[k % len(_COLORS)]
+    return {"size": 8 + 4 * (n - 1 - k), "color": "rgba(0,0,0,0)", "symbol": "circle",
+            "line": {"color": color, "width": 2.5}}
 
 
 def convergence_figure(comparison: "Comparison") -> "go.Figure":
@@ -132,13 +165,16 @@ def convergence_figure(comparison: "Comparison") -> "go.Figure":
                 if h is None:
                     continue
                 y = h.mean(dim=1).clamp(min=1e-16).tolist()
-                fig.add_trace(go.Scatter(x=steps, y=y, mode="lines", line={"color": color}, name=r.method,
+                fig.add_trace(go.Scatter(x=steps, y=y, mode="lines", name=r.method,
+                                         line={"color": color, "dash": _DASHES[k % len(_DASHES)], "width": 2},
                                          legendgroup=r.method, showlegend=(i == 0 and col == 1)),
                               row=i + 1, col=col)
-            fig.update_yaxes(type="log", row=i + 1, col=1)
-            fig.update_yaxes(type="log", row=i + 1, col=2)
+            fig.update_yaxes(type="log", exponentformat="power", title_text="distance to front (unitless)",
+                             row=i + 1, col=1)
+            fig.update_yaxes(type="log", exponentformat="power", title_text="‖min-norm of hull‖ (unitless)",
+                             row=i + 1, col=2)
     fig.update_xaxes(title_text="step")
-    fig.update_layout(title="Convergence (means over starts and seeds)", height=320 * len(names), width=1100,
+    fig.update_layout(title="Convergence (means over starts and seeds; log scale)", height=320 * len(names) + 80,
                       template="plotly_white")
     return fig
 
@@ -149,7 +185,7 @@ def write_figures(comparison: "Comparison", out: Path) -> list[tuple[str, str]]:
     written: list[tuple[str, str]] = []
 
     def save(fig: Any, fname: str, title: str) -> None:
-        fig.write_html(out / fname, include_plotlyjs="directory", full_html=True)
+        write_figure(fig, out / fname)
         written.append((title, fname))
 
     for name, prob in comparison.problems.items():

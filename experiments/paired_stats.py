@@ -20,7 +20,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["PairedDifference", "mean_std", "paired_difference"]
+__all__ = ["PairedDifference", "mean_ci", "mean_std", "paired_difference"]
 
 
 def _as_floats(values: Sequence[float], what: str) -> list[float]:
@@ -82,3 +82,16 @@ def paired_difference(
     half = float(stats.t.ppf(0.5 + confidence / 2.0, df=n - 1)) * std / math.sqrt(n)
     p = float(stats.ttest_rel(a, b).pvalue)
     return PairedDifference(n, mean, std, mean - half, mean + half, confidence, p)
+
+
+def mean_ci(values: Sequence[float], *, confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and the half-width ``t_{1-α/2, n-1} · s / √n`` of its Student-t interval (n ≥ 2)."""
+    from scipy import stats
+
+    xs = _as_floats(values, "the values")
+    if len(xs) < 2:
+        raise ValueError(f"a confidence interval needs at least 2 values, got {len(xs)}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must lie in (0, 1), got {confidence}")
+    mean, std = mean_std(xs)
+    return mean, float(stats.t.ppf(0.5 + confidence / 2.0, df=len(xs) - 1)) * std / math.sqrt(len(xs))

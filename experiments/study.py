@@ -8,7 +8,12 @@
 * ``summary``: one row per method × problem: the hypervolume and IGD of the method's final set
   (pymoo's indicators), the mean/median distance to the true front, the mean stationarity, the
   share of conflicting steps, the time per step and ``rank`` (the method's mean rank on that
-  problem over hypervolume, IGD and mean front distance);
+  problem over hypervolume, IGD and mean front distance). With more than one seed, hypervolume,
+  IGD and the mean front distance are computed per seed (on that seed's final set) and the table
+  gives their mean over seeds and, in ``<column>_ci``, the half-width of its 95 % Student-t
+  interval. Ranks treat values within ``max(RANK_RTOL · largest magnitude, RANK_ATOL)`` of that
+  metric on that problem as ties, which share the average of their positions;
+  ``DIRECTIONS`` says which way each column is better;
 * ``overall``: one row per method, its ranks averaged over the problems;
 * ``runs``: the :class:`~mtl_opt.experiments.runner.RunResult` objects (histories included).
 
@@ -333,12 +338,54 @@ def final_table(runs: Sequence[RunResult]) -> "pd.DataFrame":
     return df[lead + xs + ls + rest]
 
 
+RANK_RTOL = 1e-3
+RANK_ATOL = 1e-5
+"""Values of one metric on one problem within ``max(RANK_RTOL · largest magnitude, RANK_ATOL)``
+of each other tie (the problems' losses are of order one, so 1e-5 is far below a difference a
+reader would act on, and far above the solvers' rounding)."""
+
+DIRECTIONS: dict[str, str] = {
+    "hypervolume": "↑", "igd": "↓", "front_distance_mean": "↓", "front_distance_median": "↓",
+    "stationarity_mean": "↓", "conflict_share": "", "time_per_step_us": "↓", "rank": "↓",
+    "mean_rank": "↓",
+}
+"""Which way each summary column is better: ↑ higher, ↓ lower, "" neither (a description)."""
+
+
+def tolerant_rank(values: Sequence[float], *, higher_is_better: bool, rtol: float = RANK_RTOL,
+                  atol: float = RANK_ATOL) -> list[float]:
+    """Ranks (1 = best) where values within ``max(rtol · max|v|, atol)`` of a group's best tie.
+
+    Sorted best first, a value joins the current group when it lies within the tolerance of the
+    group's first (best) value, else it opens a new group; every member of a group gets the
+    average of the group's positions (as ``method="average"`` does for exact ties). NaN stays NaN.
+    """
+    finite = [(v, i) for i, v in enumerate(values) if math.isfinite(v)]
+    out = [math.nan] * len(values)
+    if not finite:
+        return out
+    tol = max(rtol * max(abs(v) for v, _ in finite), atol)
+    finite.sort(key=lambda t: -t[0] if higher_is_better else t[0])
+    pos = 0
+    while pos < len(finite):
+        end = pos + 1
+        while end < len(finite) and abs(finite[end][0] - finite[pos][0]) <= tol:
+            end += 1
+        shared = (pos + 1 + end) / 2.0  # the mean of positions pos+1 .. end
+        for _, i in finite[pos:end]:
+            out[i] = shared
+        pos = end
+    return out
+
+
 def summary_table(runs: Sequence[RunResult], problems: Mapping[str, ParetoProblem]) -> "pd.DataFrame":
     """One row per method × problem with hypervolume, IGD, front distance, stationarity and rank."""
     import numpy as np
     import pandas as pd
     from pymoo.indicators.hv import HV
     from pymoo.indicators.igd import IGD
+
+    from mtl_opt.experiments.paired_stats import mean_ci
 
     rows = []
     by_problem: dict[str, list[RunResult]] = {}
@@ -367,13 +414,56 @@ def summary_table(runs: Sequence[RunResult], problems: Mapping[str, ParetoProble
                 "conflict_share": float(r.conflict_share.mean()),
                 "time_per_step_us": r.time_per_step * 1e6,
             })
+            seeds = sorted(set(r.seed.tolist()))
+            if len(seeds) > 1:  # per-seed indicators: mean over seeds ± a t interval
+                per_seed: dict[str, list[float]] = {"hypervolume": [], "igd": [], "front_distance_mean": []}
+                for s in seeds:
+                    mask = (r.seed == s).numpy()
+                    per_seed["hypervolume"].append(float(hv(F[mask])))
+                    if igd is not None:
+                        per_seed["igd"].append(float(igd(F[mask])))
+                    if fd is not None:
+                        per_seed["front_distance_mean"].append(float(fd[torch.as_tensor(mask)].mean()))
+                for col, vals in per_seed.items():
+                    if vals:
+                        rows[-1][col], rows[-1][f"{col}_ci"] = mean_ci(vals)
+                    else:
+                        rows[-1][f"{col}_ci"] = math.nan
     df = pd.DataFrame(rows)
     ranks = []
     for _, g in df.groupby("problem", sort=False):
-        parts = [g["hypervolume"].rank(ascending=False, method="average")]
+        parts = [pd.Series(tolerant_rank(g["hypervolume"].tolist(), higher_is_better=True), index=g.index)]
         for col in ("igd", "front_distance_mean"):
             if g[col].notna().all():
-                parts.append(g[col].rank(ascending=True, method="average"))
+                parts.append(pd.Series(tolerant_rank(g[col].tolist(), higher_is_better=False), index=g.index))
         ranks.append(pd.concat(parts, axis=1).mean(axis=1))
     df["rank"] = pd.concat(ranks).reindex(df.index)
+    ci_cols = [c for c in df.columns if c.endswith("_ci")]
+    if ci_cols:  # each interval beside its mean
+        order = [c for c in df.columns if c not in ci_cols]
+        for c in ci_cols:
+            order.insert(order.index(c[:-3]) + 1, c)
+        df = df[order]
     return df
+
+
+def summary_display(summary: "pd.DataFrame", columns: Sequence[str], digits: int = 4) -> "pd.DataFrame":
+    """``columns`` of ``summary`` as text for a reader: each header carries its direction
+    (``hypervolume ↑``, ``igd ↓``) and, with seeds, each value reads ``mean ± half-width``."""
+    import pandas as pd
+
+    def fmt(v: Any) -> str:
+        return f"{v:.{digits}g}" if isinstance(v, float) and math.isfinite(v) else ("" if isinstance(v, float) else str(v))
+
+    shown = {}
+    for col in columns:
+        arrow = DIRECTIONS.get(col, "")
+        head = f"{col} {arrow}" if arrow else col
+        ci = f"{col}_ci"
+        if ci in summary.columns:
+            shown[head + " (± 95% CI)"] = [
+                fmt(m) + (f" ± {h:.2g}" if math.isfinite(h) else "")
+                for m, h in zip(summary[col], summary[ci])]
+        else:
+            shown[head] = [fmt(v) for v in summary[col]]
+    return pd.DataFrame(shown)

@@ -8,7 +8,11 @@
 
 Continuous hyperparameters (more than :data:`MAX_LEVELS` distinct values, e.g. ``uniform``
 draws) are binned into :data:`N_BINS` equal-width bins labelled by their ranges. Errored trials
-are left out of every figure (they are listed in ``trials.csv``).
+are left out of every figure (they are listed in ``trials.csv``). Heat maps average finished
+trials only: a trial that ASHA stopped early reports its metric at an earlier step, which is not
+comparable; the title counts those left out, the faceted map keeps a panel for every facet level
+(empty where no trial finished), the parallel plot has a ``finished`` axis and the curves draw
+stopped trials dashed.
 """
 
 from __future__ import annotations
@@ -54,6 +58,16 @@ def _ok(trials: Any, metric: str) -> Any:
     return trials[(trials["status"] != "ERROR") & trials[metric].notna()].copy()
 
 
+def _finished(df: Any) -> tuple[Any, int]:
+    """The trials that ran to the end (not stopped early), and how many were left out."""
+    done = df[df["status"] != "STOPPED"]
+    return done, len(df) - len(done)
+
+
+def _left_out(n_stopped: int) -> str:
+    return f" ({n_stopped} trial(s) stopped early by the scheduler left out)" if n_stopped else ""
+
+
 def _pivot(df: Any, x: str, y: str, metric: str) -> Any:
     return df.pivot_table(index=y, columns=x, values=metric, aggfunc="mean", observed=True).sort_index()
 
@@ -79,15 +93,20 @@ def heatmap_figure(trials: Any, searched: Sequence[str], metric: str, mode: str)
         return None
     x, y, facet = axes
     df[x], df[y] = _levels(df[x]), _levels(df[y])
-    title = f"{metric} (mean over trials per cell) over {x} × {y}"
+    df, n_stopped = _finished(df)
+    if df.empty:
+        return None
+    title = f"{metric} (mean over finished trials per cell) over {x} × {y}"
     if facet is not None:
         df[facet] = _levels(df[facet])
         best = df.loc[df[metric].idxmin() if mode == "min" else df[metric].idxmax()]
         df = df[df[facet] == best[facet]]
-        title += f", at the best trial's {facet} = {best[facet]}"
+        title += f", at the best trial's {facet} = {best[facet]} (every {facet}: heatmap_facets.html)"
     table = _pivot(df, x, y, metric)
     fig = go.Figure(_heatmap_trace(table, metric, True, float(df[metric].min()), float(df[metric].max())))
-    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y)
+    fig.update_layout(title=title + _left_out(n_stopped), xaxis_title=x, yaxis_title=y)
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
     return fig
 
 
@@ -101,16 +120,27 @@ def faceted_heatmap_figure(trials: Any, searched: Sequence[str], metric: str) ->
         return None
     x, y, facet = axes
     df[x], df[y], df[facet] = _levels(df[x]), _levels(df[y]), _levels(df[facet])
-    levels = sorted(df[facet].unique(), key=lambda v: (str(type(v)), v))
-    fig = make_subplots(rows=1, cols=len(levels), subplot_titles=[f"{facet} = {v}" for v in levels],
-                        shared_yaxes=True)
-    zmin, zmax = float(df[metric].min()), float(df[metric].max())
-    for i, level in enumerate(levels, start=1):
-        table = _pivot(df[df[facet] == level], x, y, metric)
-        fig.add_trace(_heatmap_trace(table, metric, i == len(levels), zmin, zmax), row=1, col=i)
-        fig.update_xaxes(title_text=x, type="category", row=1, col=i)
-    fig.update_yaxes(title_text=y, type="category", row=1, col=1)
-    fig.update_layout(title=f"{metric} over {x} × {y}, one panel per {facet}")
+    levels = sorted(df[facet].unique(), key=lambda v: (str(type(v)), v))  # every level, finished or not
+    done, n_stopped = _finished(df)
+    cols = min(len(levels), 4)
+    rows = -(-len(levels) // cols)
+    titles = [f"{facet} = {v}" + ("" if (done[facet] == v).any() else " (no finished trial)") for v in levels]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, shared_yaxes=True,
+                        horizontal_spacing=0.06, vertical_spacing=0.18)
+    zmin = float(done[metric].min()) if not done.empty else 0.0
+    zmax = float(done[metric].max()) if not done.empty else 1.0
+    for i, level in enumerate(levels):
+        r, c = i // cols + 1, i % cols + 1
+        part = done[done[facet] == level]
+        if not part.empty:
+            table = _pivot(part, x, y, metric)
+            fig.add_trace(_heatmap_trace(table, metric, i == 0, zmin, zmax), row=r, col=c)
+        fig.update_xaxes(title_text=x, type="category", row=r, col=c)
+        fig.update_yaxes(type="category", row=r, col=c)
+        if c == 1:
+            fig.update_yaxes(title_text=y, row=r, col=c)
+    fig.update_layout(title=f"{metric} (mean over finished trials) over {x} × {y}, one panel per {facet}"
+                      + _left_out(n_stopped), height=380 * rows + 120)
     return fig
 
 
@@ -123,6 +153,10 @@ def parallel_figure(trials: Any, searched: Sequence[str], metric: str) -> Any | 
     if df.empty:
         return None
     dims = []
+    if (df["status"] == "STOPPED").any():
+        finished = (df["status"] != "STOPPED").astype(int)
+        dims.append({"label": "finished", "values": finished.tolist(), "tickvals": [0, 1],
+                     "ticktext": ["stopped early", "yes"]})
     for name in [*searched, metric]:
         col = df[name]
         if pd.api.types.is_numeric_dtype(col):
@@ -151,10 +185,14 @@ def curves_figure(curves: Any, trials: Any, searched: Sequence[str], metric: str
     fig = go.Figure()
     for trial_id, group in curves[curves["trial_id"].isin(ok_ids)].groupby("trial_id", sort=True):
         label = ", ".join(f"{n}={_fmt(group[n].iloc[0])}" for n in searched) or str(trial_id)
+        stopped = bool((trials.loc[trials["trial_id"] == trial_id, "status"] == "STOPPED").any())
         fig.add_trace(go.Scatter(x=group["step"], y=group[metric], mode="lines+markers",
-                                 name=label, hovertemplate=f"{trial_id}<br>step=%{{x}}<br>{metric}=%{{y:.4g}}"))
-    fig.update_layout(title=f"{metric} against the step, one line per trial",
-                      xaxis_title="step", yaxis_title=metric)
+                                 name=label + (" (stopped early)" if stopped else ""),
+                                 line={"dash": "dash" if stopped else "solid"},
+                                 hovertemplate=f"{trial_id}<br>step=%{{x}}<br>{metric}=%{{y:.4g}}"))
+    fig.update_layout(title=f"{metric} against the step, one line per trial (dashed: stopped early)",
+                      xaxis_title="step", yaxis_title=f"{metric} (unitless)")
+    fig.update_yaxes(exponentformat="power")
     return fig
 
 

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtl_opt.experiments.html_pages import write_figure
 from mtl_opt.experiments.search_space import Dimension, as_space, space_size
 from mtl_opt.experiments.workloads import (
     TrainingSettings,
@@ -359,7 +360,7 @@ def _write_outputs(out: Path, trials: Any, curves: Any, searched: list[str], met
                 why = "no trial reported the metric" if n_ok == 0 else f"it needs {needs[name]}"
                 print(f"  ({name} not drawn: {why})")
             continue
-        fig.write_html(out / name, include_plotlyjs="directory")
+        write_figure(fig, out / name)
 
 
 def _plain(v: Any) -> Any:

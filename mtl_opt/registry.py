@@ -1,7 +1,7 @@
 """Methods by name: ``get_aggregator("came_grad", kappa=2.0)``.
 
-Method modules register their class with :func:`register_aggregator`; importing
-:mod:`mtl_opt` imports :mod:`mtl_opt.methods`, which registers every built-in method.
+Method modules register their class with :func:`register_aggregator`; the first lookup
+imports :mod:`mtl_opt.methods`, which registers every built-in method.
 """
 
 from __future__ import annotations
@@ -47,8 +47,13 @@ def register_aggregator(name: str) -> Callable[[A], A]:
     return decorate
 
 
+def _load_builtins() -> None:
+    import mtl_opt.methods  # noqa: F401  (registers the built-in methods; cached after the first)
+
+
 def available_aggregators() -> list[str]:
     """The registered method names, in registration order."""
+    _load_builtins()
     return list(_REGISTRY)
 
 
@@ -57,6 +62,7 @@ def aggregator_class(name: str) -> type[GradientAggregator]:
     if not isinstance(name, str):
         raise TypeError(f"a method name must be a string, got {type(name).__name__}")
     key = name.strip().lower().replace("-", "_")
+    _load_builtins()
     try:
         return _REGISTRY[key]
     except KeyError:
@@ -90,6 +96,7 @@ class MethodInfo:
 
 def describe_aggregators() -> list[MethodInfo]:
     """Every registered method with its hyperparameters' defaults and a one-line summary."""
+    _load_builtins()
     infos = []
     for name, cls in _REGISTRY.items():
         params = _constructor_parameters(cls)

@@ -15,11 +15,16 @@ def test_cli_writes_tables_figure_and_config(tmp_path, capsys):
     code = main(["ablate", "--problem", "quadratic_noisy", "--steps", "30", "--seeds", "3x",
                  "--optimizer", "sgd", "--lr", "0.01", "--out", str(out)])
     assert code == 0
-    for name in ["ablation.csv", "ablation.md", "ablation.html", "runs.csv", "config.json"]:
+    for name in ["ablation.csv", "interaction.csv", "ablation.md", "ablation.html", "runs.csv", "config.json"]:
         assert (out / name).is_file(), name
     summary = pd.read_csv(out / "ablation.csv")
     runs = pd.read_csv(out / "runs.csv")
-    assert list(summary["variant"]) == [*VARIANTS, INTERACTION]
+    assert list(summary["variant"]) == list(VARIANTS)  # the interaction has its own table
+    inter_table = pd.read_csv(out / "interaction.csv")
+    assert list(inter_table["effect"]) == [INTERACTION]
+    assert "n_seeds" in inter_table.columns and "mean" not in inter_table.columns
+    md = (out / "ablation.md").read_text()
+    assert md.index("| variant |") < md.index("Interaction I =") < md.index("| effect |")
     assert len(runs) == len(VARIANTS) * 3
     assert "energy injection alone" in (out / "ablation.md").read_text()
     assert json.loads((out / "config.json").read_text())["optimizer"] == "sgd"
@@ -35,10 +40,10 @@ def test_cli_writes_tables_figure_and_config(tmp_path, capsys):
         assert row["std"] == pytest.approx(values[row["variant"]].std(ddof=1))
         assert row["diff_vs_linear"] == pytest.approx(ref.mean)
         assert (row["ci_low"], row["ci_high"]) == pytest.approx((ref.ci_low, ref.ci_high))
-    inter = summary.set_index("variant").loc[INTERACTION]
+    inter = inter_table.iloc[0]
     by_seed = (values["+rectify+inject"] - values["+rectify"] - values["inject only"] + values["linear"])
-    assert inter["mean"] == pytest.approx(by_seed.mean())
-    assert inter["diff_vs_linear"] == pytest.approx(by_seed.mean())
+    assert inter["estimate"] == pytest.approx(by_seed.mean())
+    assert inter["std"] == pytest.approx(by_seed.std(ddof=1))
 
 
 def test_baseline_is_linear_scalarization_and_full_is_came_grad():
@@ -106,7 +111,10 @@ def test_ablation_on_the_deterministic_toy_has_replicates(tmp_path):
     values = runs.pivot(index="seed", columns="variant", values="front_distance")
     assert values.nunique().min() == 4  # every variant differs across the 4 seeds
     rows = summary.set_index("variant")
-    for name in ["+rectify", "full", INTERACTION]:
+    inter = summary.attrs["interaction"].set_index("effect").loc[INTERACTION]
+    assert inter["std"] > 0 and inter["ci_low"] < inter["estimate"] < inter["ci_high"]
+    assert 0 < inter["p_value"] <= 1 and inter["note"] == ""
+    for name in ["+rectify", "full"]:
         row = rows.loc[name]
         assert row["diff_std"] > 0 and row["ci_low"] < row["diff_vs_linear"] < row["ci_high"]
         assert 0 < row["p_value"] <= 1 and row["note"] == ""

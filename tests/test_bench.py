@@ -181,3 +181,20 @@ def test_bench_checks_every_option_before_any_work(tmp_path, capsys, args, messa
         return
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists()
+
+
+def test_peak_memory_is_not_hidden_by_memory_freed_earlier(tmp_path):
+    """The timing pass frees large tensors into glibc's heap; the memory pass must still see
+    each call's fresh allocation (its d-long direction at least), not the reused pages (0)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pandas as pd\nfrom mtl_opt.cli import main\n"
+        "assert main(['bench', '--K', '8', '--d', '1e6', '--methods', 'mgda', 'cagrad', '--repeats', '2',"
+        " '--warmup', '1', '--device', 'cpu', '--no-torchjd', '--no-many', '--out', sys.argv[1]]) == 0\n"
+        "print(pd.read_csv(sys.argv[1] + '/bench.csv')['peak_mem_bytes'].min())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "b")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) >= 0.9 * 4 * 10**6  # the float32 direction

@@ -74,11 +74,24 @@ def test_came_grad_diffusion_is_within_its_bounds(came_run):
 def test_rrg_eval_reloads_the_checkpoint_and_reproduces_the_metrics(came_run, capsys):
     saved = json.loads((came_run / "eval.json").read_text())["metrics"]
     capsys.readouterr()
-    assert main(["rrg", "eval", "--checkpoint", str(came_run)]) == 0
+    assert main(["rrg", "eval", "--checkpoint", str(came_run), "--json"]) == 0
     again = json.loads(capsys.readouterr().out)["metrics"]
     assert set(again) == set(saved)
     for k, v in saved.items():
         assert again[k] == pytest.approx(v, rel=1e-6, abs=1e-9), k
+    # by default: a one-line summary, the whole JSON in the file it names
+    assert main(["rrg", "eval", "--checkpoint", str(came_run)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "BLEU_4=" in printed[0] and "eval-" in printed[0]
+    written = json.loads(next(came_run.glob("eval-*.json")).read_text())["metrics"]
+    assert set(written) == set(saved)
+
+
+def test_rrg_conflict_says_what_its_numbers_are(capsys):
+    assert main(["rrg", "conflict", "--synthetic", "undercall=0.6", "--steps", "2", "--batches", "2",
+                 "--size", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "norm_ratio_mean=" in out and "norm_ratio: ‖g_cls‖ / ‖g_report‖" in out
 
 
 @pytest.mark.parametrize("method", ["ls", "came_grad"])

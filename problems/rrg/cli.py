@@ -151,6 +151,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--eval-max-samples", type=int, default=None)
     e.add_argument("--no-meteor", action="store_true")
     e.add_argument("--samples", type=int, default=5, help="generated reports in samples-<split>.md")
+    e.add_argument("--json", action="store_true",
+                   help="print the whole metrics JSON (default: a one-line summary; the JSON is "
+                        "always written)")
     e.add_argument("--out", default=None,
                    help="a folder for eval-<split>.json and the samples, or a .json file for the "
                         "metrics (samples beside it); default: the run folder")
@@ -295,7 +298,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .metrics import format_metric
+    from .metrics import format_metric, metrics_summary
     from .train import _write_samples, build_datasets, evaluate_rrg, load_run, write_samples_csv
 
     if args.ckpt is not None and args.checkpoint is not None and args.ckpt != args.checkpoint:
@@ -348,7 +351,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     if "METEOR_status" in result["metrics"]:
         print(f"METEOR {format_metric(result['metrics']['METEOR'])}: "
               f"{result['metrics']['METEOR_status']}", file=sys.stderr)
-    print(text)
+    if args.json:
+        print(text)
+    else:
+        print(f"{split} ({result['n']} studies): {metrics_summary(result['metrics'])}; "
+              f"all {len(result['metrics'])} figures in {metrics_path}")
     return 0
 
 
@@ -398,4 +405,13 @@ def _run_conflict(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
     else:
         print("  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        print(CONFLICT_LEGEND)
     return 0
+
+
+CONFLICT_LEGEND = (
+    "cos: cosine between the report and classification gradients on the shared encoder, per batch "
+    "(below 0: they conflict; frac_conflicting: the share of such batches); norm_ratio: "
+    "‖g_cls‖ / ‖g_report‖, the unweighted gradient norms' ratio; weighted_norm_ratio_mean: the same "
+    "with the task weights, ω_cls‖g_cls‖ / (ω_report‖g_report‖); _mean/_std over the batches."
+)

@@ -87,6 +87,15 @@ def ce_preset_keys(preset: str) -> dict[str, str]:
     return {stat: ce_key(stat, average, positive) for stat in ("precision", "recall", "f1")}
 
 
+SUMMARY_KEYS = (*NLG_KEYS, "CE_f1_example", "CE_f1_macro_pos_or_unc", "CEtrue_f1_example",
+                "CEtrue_f1_macro_pos_or_unc", "cls_accuracy", "cls_f1_positive")
+
+
+def metrics_summary(metrics: dict[str, Any]) -> str:
+    """The headline metrics on one line (``BLEU_4=0.1234, ...``); the rest stay in the JSON."""
+    return ", ".join(f"{k}={format_metric(metrics[k])}" for k in SUMMARY_KEYS if k in metrics)
+
+
 def format_metric(value: Any, digits: int = 4) -> str:
     """A metric for a table or log line: ``n/a (no Java)`` for an unavailable METEOR."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

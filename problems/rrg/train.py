@@ -1022,13 +1022,10 @@ def train_rrg(config: RRGConfig | None = None, *,
     (out_dir / "eval.json").write_text(json.dumps(_public(result), indent=2))
     _write_samples(out_dir / "samples.md", result["samples"], cfg.n_report_samples)
     write_samples_csv(out_dir / "samples.csv", result["samples"])
-    from .metrics import NLG_KEYS, format_metric
+    from .metrics import metrics_summary
 
-    m = result["metrics"]
-    shown = [*(k for k in NLG_KEYS if k in m), "CE_f1_example", "CE_f1_macro_pos_or_unc",
-             "CEtrue_f1_example", "CEtrue_f1_macro_pos_or_unc", "cls_accuracy", "cls_f1_positive"]
     say(f"test report ({cfg.eval_split}, {result['n']} studies; all figures in eval.json): "
-        + ", ".join(f"{k}={format_metric(m[k])}" for k in shown if k in m)
+        + metrics_summary(result["metrics"])
         + f"; conflict share {result['conflict_share']:.3f}")
     say(f"run folder: {out_dir}")
     return {"run_dir": str(out_dir), "final": rows[-1] if rows else {}, "history": rows,
