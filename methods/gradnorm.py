@@ -1,0 +1,141 @@
+"""GradNorm: gradient normalisation for adaptive loss balancing (Chen et al., ICML 2018)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mtl_opt._validation import check_range
+from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.methods._state import checked_counter, checked_state, checked_tensor, clone_or_none
+from mtl_opt.registry import register_aggregator
+
+_KEYS = ("step", "weights", "initial_losses", "batch_step", "batch_weights", "batch_initial_losses")
+
+
+@register_aggregator("gradnorm")
+class GradNorm(GramianAggregator):
+    """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich): learned loss weights.
+
+    "GradNorm: Gradient Normalization for Adaptive Loss Balancing in Deep Multitask Networks",
+    ICML 2018, Algorithm 1. The direction is ``d = Σ_i w_i(t) g_i`` with learned weights
+    ``w(t)`` (``w(0) = 1``), which are then updated from the gradient norms and loss ratios of
+    the same call::
+
+        G_i  = ‖w_i g_i‖ = w_i √M_ii,      Ḡ = mean_i G_i
+        L̃_i  = L_i(t) / L_i(0),           r_i = L̃_i / mean_j L̃_j
+        L_grad = Σ_i | G_i − Ḡ r_i^α |     (targets Ḡ r_i^α held constant)
+        w ← w − lr ∇_w L_grad,  ∂L_grad/∂w_i = sign(G_i − Ḡ r_i^α) √M_ii
+        w ← K w / Σ_j w_j                  (renormalised to sum to K)
+
+    ``L_i(0)`` are the losses of the first call. GradNorm applies to the last shared layer in
+    the paper, to save computation; here the norms are those of the rows ``g_i`` of whatever
+    Jacobian is aggregated (the whole shared parameters by default). The paper updates ``w``
+    with the network's optimiser and gives no separate learning rate; here ``w`` takes plain
+    gradient steps of size ``lr`` (0.025 by default: this library's choice, not the paper's).
+    A weight that the step makes non-positive raises ``ValueError`` (lower ``lr``): the paper
+    keeps the weights positive and does not say how.
+
+    The losses are required and must be positive. Reads only the Gramian's diagonal: a Gramian
+    weighting. State (``state_dict``): ``w`` and ``L(0)`` (and the call counter) of single
+    calls and, separately, of batched calls (one per batch entry).
+
+    Args:
+        alpha: ``α ≥ 0``, the strength of the restoring force (1.5, LibMTL's default; the paper
+            uses 0.12–1.5 by data set).
+        lr: ``lr > 0``, the step size of the weights.
+    """
+
+    uses_losses = True
+    requires_losses = True
+
+    def __init__(self, alpha: float = 1.5, lr: float = 0.025) -> None:
+        self.alpha = check_range("alpha", alpha, low=0.0, owner="GradNorm")
+        self.lr = check_range("lr", lr, low=0.0, low_inclusive=False, owner="GradNorm")
+        self.reset()
+
+    # ---------------------------------------------------------------------------- state
+    def reset(self) -> None:
+        self._step = 0
+        self._w: Tensor | None = None  # (1, K)
+        self._l0: Tensor | None = None  # (1, K)
+        self._batch_step = 0
+        self._batch_w: Tensor | None = None  # (B, K)
+        self._batch_l0: Tensor | None = None
+
+    @property
+    def task_weights_now(self) -> Tensor | None:
+        """The weights ``w`` the next single call will use (``None`` before the first call)."""
+        return clone_or_none(None if self._w is None else self._w[0])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self._step,
+            "weights": clone_or_none(self._w),
+            "initial_losses": clone_or_none(self._l0),
+            "batch_step": self._batch_step,
+            "batch_weights": clone_or_none(self._batch_w),
+            "batch_initial_losses": clone_or_none(self._batch_l0),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        checked_state("GradNorm", state, _KEYS)
+        values = {
+            "step": checked_counter("GradNorm", "step", state["step"]),
+            "batch_step": checked_counter("GradNorm", "batch_step", state["batch_step"]),
+        }
+        for key in ("weights", "initial_losses", "batch_weights", "batch_initial_losses"):
+            t = checked_tensor("GradNorm", key, state[key], ndim=2)
+            values[key] = None if t is None else t.to(dtype=torch.float64, device="cpu")
+        for prefix in ("", "batch_"):
+            w, l0 = values[prefix + "weights"], values[prefix + "initial_losses"]
+            if (w is None) != (l0 is None) or (w is not None and w.shape != l0.shape):
+                raise ValueError(f"GradNorm state {prefix}weights and {prefix}initial_losses do not match")
+        self._step, self._batch_step = values["step"], values["batch_step"]
+        self._w, self._l0 = values["weights"], values["initial_losses"]
+        self._batch_w, self._batch_l0 = values["batch_weights"], values["batch_initial_losses"]
+
+    # ---------------------------------------------------------------------------- weights
+    def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        assert losses is not None  # requires_losses
+        beta, self._w, self._l0 = self._advance(M[None], losses[None], self._w, self._l0)
+        self._step += 1
+        return beta[0]
+
+    def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        assert losses is not None
+        beta, self._batch_w, self._batch_l0 = self._advance(M, losses, self._batch_w, self._batch_l0)
+        self._batch_step += 1
+        return beta
+
+    def _advance(
+        self, M: Tensor, losses: Tensor, w: Tensor | None, l0: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Weights of this call and the new ``w``, ``L(0)``, for Gramians (B, K, K), losses (B, K)."""
+        if bool((losses <= 0).any()):
+            raise ValueError(f"GradNorm uses loss ratios L_i(t)/L_i(0): the losses must be positive, got {losses.tolist()}")
+        if w is not None and w.shape != losses.shape:
+            raise ValueError(
+                f"GradNorm keeps weights of shape {tuple(w.shape)} and now gets {tuple(losses.shape)} "
+                "(batch entries, tasks); call reset() between runs"
+            )
+        B, K = losses.shape
+        if w is None or l0 is None:
+            w = torch.ones((B, K), dtype=torch.float64)
+            l0 = losses.clone()
+        norms = torch.sqrt(torch.clamp(torch.diagonal(M, dim1=-2, dim2=-1), min=0.0))
+        weighted = w * norms
+        ratio = losses / l0
+        rate = ratio / ratio.mean(dim=-1, keepdim=True)
+        target = weighted.mean(dim=-1, keepdim=True) * rate**self.alpha
+        new_w = w - self.lr * torch.sign(weighted - target) * norms
+        if bool((new_w <= 0).any()):
+            b, i = (int(x) for x in torch.nonzero(new_w <= 0)[0])
+            raise ValueError(
+                f"GradNorm: the weight of task {i} became {new_w[b, i].item():.3g} <= 0 after a step of "
+                f"lr = {self.lr} with gradient norm {norms[b, i].item():.3g}; lower lr"
+            )
+        new_w = K * new_w / new_w.sum(dim=-1, keepdim=True)
+        return w.clone(), new_w, l0
