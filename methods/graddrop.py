@@ -87,18 +87,27 @@ class GradDrop(GradientAggregator):
         return self._directions(G)
 
     def _directions(self, G: Tensor) -> Tensor:
-        """Directions of a batch ``G`` (B, K, d) with one draw ``U`` (d,)."""
+        """Directions of a batch ``G`` (B, K, d) with one draw ``U`` (d,).
+
+        With ``g⁺ = max(g, 0)`` and ``g⁻ = min(g, 0)``, the masks select whole sign classes, so
+        ``d = Σ_i ℓ_i g_i + [P > U] Σ_i (1 − ℓ_i) g_i⁺ + [P < U] Σ_i (1 − ℓ_i) g_i⁻`` and
+        ``P = ½(1 + (Σ g⁺ + Σ g⁻)/(Σ g⁺ − Σ g⁻))``: two passes over ``G`` instead of K masks.
+        """
         work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-        total = work.sum(dim=-2)
-        magnitude = work.abs().sum(dim=-2)
+        pos_rows, neg_rows = work.clamp(min=0.0), work.clamp(max=0.0)
+        pos, neg = pos_rows.sum(dim=-2), neg_rows.sum(dim=-2)
+        magnitude = pos - neg
         nonzero = magnitude > 0
-        ratio = torch.where(nonzero, total / torch.where(nonzero, magnitude, 1.0), 0.0)
-        P = 0.5 * (1.0 + ratio)
+        P = 0.5 * (1.0 + torch.where(nonzero, (pos + neg) / torch.where(nonzero, magnitude, 1.0), 0.0))
         U = torch.rand(G.shape[-1], generator=self._generator, dtype=work.dtype).to(G.device)
-        keep = ((P > U).unsqueeze(-2) & (work > 0)) | ((P < U).unsqueeze(-2) & (work < 0))
         if self.leak is None:
-            out = torch.where(keep, work, 0.0).sum(dim=-2)
+            out = torch.where(P > U, pos, 0.0) + torch.where(P < U, neg, 0.0)
         else:
             leak = torch.tensor(self.leak, dtype=work.dtype, device=G.device).unsqueeze(-1)
-            out = ((leak + (1.0 - leak) * keep.to(work.dtype)) * work).sum(dim=-2)
+            keep = 1.0 - leak
+            out = (
+                (leak * work).sum(dim=-2)
+                + torch.where(P > U, (keep * pos_rows).sum(dim=-2), 0.0)
+                + torch.where(P < U, (keep * neg_rows).sum(dim=-2), 0.0)
+            )
         return out.to(G.dtype)

@@ -18,3 +18,20 @@ def test_graddrop_and_rgw_draw_per_seed_reproducibly():
         assert torch.equal(run.x, again.x), method  # reproducible
         one = run_method("quadratic_many", method, **{**kw, "seeds": (1,)})
         assert torch.equal(one.x, run.x[1::2]), method  # a run's draws depend on its own seed only
+
+
+def test_default_compare_leaves_out_methods_that_need_positive_losses(tmp_path, capsys):
+    import json
+
+    from mtl_opt.cli import main
+    from mtl_opt.experiments.compare_cli import default_methods
+
+    kept, left = default_methods()
+    assert {"db_mtl", "gradnorm"} <= set(left) and "mgda" in kept and "graddrop" in kept
+    out = tmp_path / "cmp"
+    assert main(["compare", "--problems", "toy", "--steps", "3", "--out", str(out), "--quiet",
+                 "--no-figures"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    methods = json.dumps(config)
+    assert "db_mtl" not in methods and "gradnorm" not in methods and "graddrop" in methods
+    assert "leave out db_mtl" in capsys.readouterr().err

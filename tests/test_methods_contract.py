@@ -30,6 +30,7 @@ EXTRA_SPECS = [
     ("moco", {"normalization": "loss+"}),
     ("moco", {"normalization": "l2", "beta_sigma": 0.5, "gamma_sigma": 0.5}),
     ("pcd", {"tau": 0.5, "beta": 0.9}),
+    ("gradnorm", {"update": "sgd", "lr": 0.001}),
 ]
 SPECS = [(name, {}) for name in mtl_opt.available_aggregators()] + [
     s for s in EXTRA_SPECS if s[0] in mtl_opt.available_aggregators()

@@ -22,10 +22,13 @@ def jacobians(K: int, n: int, d: int = 12, seed: int = 0):
 
 
 # ------------------------------------------------------------------------------- GradNorm
-def gradnorm_reference(Gs, losses, alpha, lr):
-    """Chen et al. (2018), Algorithm 1: d = Σ w_i(t) g_i, then the L_grad step and renormalisation."""
+def gradnorm_reference(Gs, losses, alpha, lr, update="sgd"):
+    """Chen et al. (2018), Algorithm 1: d = Σ w_i(t) g_i, then the L_grad step and renormalisation;
+    the Adam step is torch.optim.Adam's on a parameter holding w."""
     K = Gs[0].shape[0]
     w = [1.0] * K
+    param = torch.nn.Parameter(torch.ones(K, dtype=torch.float64))
+    adam = torch.optim.Adam([param], lr=lr)
     L0 = None
     outs = []
     for G, L in zip(Gs, losses):
@@ -38,19 +41,28 @@ def gradnorm_reference(Gs, losses, alpha, lr):
         Lt = [L[i] / L0[i] for i in range(K)]
         r = [x / (sum(Lt) / K) for x in Lt]
         grad = [np.sign(GW[i] - Gbar * r[i] ** alpha) * n[i] for i in range(K)]
-        w = [w[i] - lr * grad[i] for i in range(K)]
+        if update == "sgd":
+            w = [w[i] - lr * grad[i] for i in range(K)]
+        else:
+            with torch.no_grad():
+                param.copy_(torch.tensor(w, dtype=torch.float64))
+            param.grad = torch.tensor(grad, dtype=torch.float64)
+            adam.step()
+            w = param.detach().tolist()
         w = [K * x / sum(w) for x in w]
     return outs
 
 
 @pytest.mark.parametrize("K", KS)
-@pytest.mark.parametrize("alpha,lr", [(1.5, 0.025), (0.12, 0.01), (0.0, 0.002)])
-def test_gradnorm_matches_the_reference_over_several_calls(K, alpha, lr):
-    Gs = [G / 500 for G in jacobians(K, 6, seed=K)]  # norms below ~1: the weights stay positive
+@pytest.mark.parametrize("alpha,lr,update", [(1.5, 0.025, "adam"), (0.12, 0.1, "adam"), (1.5, 0.025, "sgd"),
+                                             (0.12, 0.01, "sgd"), (0.0, 0.002, "sgd")])
+def test_gradnorm_matches_the_reference_over_several_calls(K, alpha, lr, update):
+    scale = 1.0 if update == "adam" else 1 / 500  # sgd: norms below ~1 keep the weights positive
+    Gs = [G * scale for G in jacobians(K, 6, seed=K)]
     g = torch.Generator().manual_seed(K)
     losses = [torch.rand(K, generator=g, dtype=torch.float64) + 0.2 for _ in Gs]
-    agg = GradNorm(alpha=alpha, lr=lr)
-    for G, L, (ref_d, ref_w) in zip(Gs, losses, gradnorm_reference(Gs, losses, alpha, lr)):
+    agg = GradNorm(alpha=alpha, lr=lr, update=update)
+    for G, L, (ref_d, ref_w) in zip(Gs, losses, gradnorm_reference(Gs, losses, alpha, lr, update)):
         res = agg.aggregate(G, losses=L)
         np.testing.assert_allclose(res.weights.numpy(), ref_w, rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(res.direction.numpy(), ref_d, rtol=1e-10, atol=1e-12)
@@ -59,7 +71,7 @@ def test_gradnorm_matches_the_reference_over_several_calls(K, alpha, lr):
 def test_gradnorm_weights_sum_to_K_and_shift_toward_the_slow_task():
     # Equal gradient norms; task 0's loss falls slower (higher L(t)/L(0)): it gets more weight.
     G = torch.eye(3, dtype=torch.float64)
-    agg = GradNorm(alpha=1.0, lr=0.05)
+    agg = GradNorm(alpha=1.0, lr=0.05, update="sgd")
     agg(G, losses=torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64))
     w_prev = agg.task_weights_now
     for _ in range(5):
@@ -76,7 +88,9 @@ def test_gradnorm_errors_are_clear_and_state_round_trips():
         GradNorm()(G, losses=torch.tensor([1.0, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="lower lr"):
         big = torch.tensor([[100.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-        GradNorm(lr=0.1)(big, losses=torch.tensor([1.0, 1.0], dtype=torch.float64))
+        GradNorm(lr=0.1, update="sgd")(big, losses=torch.tensor([1.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="update"):
+        GradNorm(update="rmsprop")
     with pytest.raises(ValueError, match="losses"):
         GradNorm()(G)
     agg = GradNorm()
