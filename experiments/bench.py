@@ -103,6 +103,8 @@ TORCHJD_EQUIVALENTS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
     "dualproj": ("DualProj", lambda K: {}),
     "graddrop": ("GradDrop", lambda K: {}),
     "gradvac": ("GradVac", lambda K: {}),
+    "rgw": ("Random", lambda K: {}),
+    "pcd": ("PCD", lambda K: {"tau": 0.02, "beta": 0.999, "eps": 1e-8}),
 }
 
 

@@ -117,9 +117,10 @@ class DBMTL(GradientAggregator):
         scale = (1.0 / (losses + self.eps)).to(device=work.device, dtype=work.dtype)
         h = work * scale.unsqueeze(-1)
         beta_t = self.beta / t**self.beta_sigma
-        new = (1.0 - beta_t) * h if buffer is None else beta_t * buffer + (1.0 - beta_t) * h
-        # The new average is differentiable w.r.t. G (through h); the coefficients are constants.
+        # β_t ĝ + (1 − β_t) h as one fused pass (lerp); differentiable w.r.t. G through h, while
+        # the coefficients below are constants.
+        new = (1.0 - beta_t) * h if buffer is None else torch.lerp(buffer, h, 1.0 - beta_t)
         norms = torch.linalg.vector_norm(new.detach(), dim=-1)  # (B, K)
         alpha = norms.max(dim=-1, keepdim=True).values / (norms + self.eps)
-        direction = (alpha.unsqueeze(-1) * new).sum(dim=-2)
+        direction = torch.einsum("bk,bkd->bd", alpha.to(new.dtype), new)
         return new.detach(), direction.to(G.dtype)

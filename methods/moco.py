@@ -148,15 +148,18 @@ class MoCo(GradientAggregator):
         beta_k = self.beta / k**self.beta_sigma
         gamma_k = self.gamma / k**self.gamma_sigma
         # Y_k is differentiable w.r.t. G_k (the current Jacobian's share); the state is detached.
-        new_y = beta_k * work if y is None else y - beta_k * (y - work)
-        scale = self._scales(new_y.detach(), losses)  # (B, K) float64 CPU, 1/s_i
-        y_hat = new_y * scale.to(device=work.device, dtype=work.dtype).unsqueeze(-1)
+        new_y = beta_k * work if y is None else torch.lerp(y, work, beta_k)  # one fused pass
+        if self.normalization == "none":
+            y_hat = new_y
+        else:
+            scale = self._scales(new_y.detach(), losses)  # (B, K) float64 CPU, 1/s_i
+            y_hat = new_y * scale.to(device=work.device, dtype=work.dtype).unsqueeze(-1)
         yd = y_hat.detach()
         M = (yd @ yd.transpose(-1, -2)).to(device="cpu", dtype=torch.float64)
         lam_prev = torch.full((B, K), 1.0 / K, dtype=torch.float64) if lam is None else lam
         step = (M @ lam_prev.unsqueeze(-1)).squeeze(-1) + self.rho * lam_prev
         new_lam = project_onto_simplex(lam_prev - gamma_k * step)
-        direction = (new_lam.to(device=work.device, dtype=work.dtype).unsqueeze(-1) * y_hat).sum(dim=-2)
+        direction = torch.einsum("bk,bkd->bd", new_lam.to(device=work.device, dtype=work.dtype), y_hat)
         return new_y.detach(), new_lam, direction.to(G.dtype)
 
     def _scales(self, y: Tensor, losses: Tensor | None) -> Tensor:

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.aggregator import AggregationResult, GramianAggregator, combine_rows
+from mtl_opt.methods.linear_scalarization import _check_finite_direction
 from mtl_opt.methods._state import checked_seed, checked_state, drawn_seed
 from mtl_opt.registry import register_aggregator
 
@@ -22,7 +23,8 @@ class RGW(GramianAggregator):
         λ̃ ~ N(0, I_K),    λ = softmax(λ̃),    d = Σ_i λ_i g_i
 
     (the paper's default distribution, the standard normal; the weights are positive and sum to
-    one). The Gramian is not used: the weights depend on the random draw only.
+    one). The Gramian is not used: the weights depend on the random draw only, and a single call
+    makes one pass over ``G``.
 
     Randomness comes from this instance's seeded :class:`torch.Generator` (float64 draws).
     Batched calls (:meth:`aggregate_batch`) draw once per call and give every batch entry those
@@ -32,6 +34,8 @@ class RGW(GramianAggregator):
         seed: seed of the generator; ``None`` draws one from torch's global generator at
             construction. :meth:`reset` re-seeds with it.
     """
+
+    aggregate_is_weighting = True  # a single call skips the Gramian and returns λᵀG
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = checked_seed("RGW", seed)
@@ -52,6 +56,14 @@ class RGW(GramianAggregator):
     def _draw(self, K: int) -> Tensor:
         z = torch.randn(K, generator=self._generator, dtype=torch.float64)
         return torch.softmax(z, dim=0)
+
+    def _aggregate(self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> AggregationResult:
+        """``d = λᵀG`` in one pass over ``G`` (the weights need no Gramian; ``gramian`` is
+        ``None``); finiteness is checked on the direction."""
+        beta = self._draw(G.shape[0])
+        direction = combine_rows(beta, G)
+        _check_finite_direction(direction, G)
+        return AggregationResult(direction=direction, weights=beta, gramian=None)
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         return self._draw(M.shape[0])
