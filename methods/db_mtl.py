@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from mtl_opt._validation import check_range
-from mtl_opt.aggregator import AggregationResult, GradientAggregator
+from mtl_opt.aggregator import _HALF_DTYPES, AggregationResult, GradientAggregator, _checked_half
 from mtl_opt.methods._state import (
     checked_counter,
     checked_state,
@@ -38,8 +38,10 @@ class DBMTL(GradientAggregator):
            d = Σ_i  max_j ‖ĝ_j‖ / (‖ĝ_i‖ + ε) · ĝ_i
 
     Not a Gramian weighting: the moving average keeps a (K, d) buffer of past gradients. The
-    buffer lives on ``G``'s device in ``G``'s dtype (float32 for half-precision Jacobians); a
-    call with another shape, dtype or device raises until :meth:`reset`.
+    buffer lives on ``G``'s device in ``G``'s dtype (float32 for half-precision Jacobians, whose
+    directions are checked to fit); the norms are taken in float64 (float32 squares of tiny or
+    huge gradients would leave its range). A call with another shape, dtype or device raises
+    until :meth:`reset`.
 
     The losses are required (``losses=...``; :func:`mtl_opt.mtl_backward` passes them) and must
     be non-negative (the method takes their logarithm).
@@ -120,7 +122,10 @@ class DBMTL(GradientAggregator):
         # β_t ĝ + (1 − β_t) h as one fused pass (lerp); differentiable w.r.t. G through h, while
         # the coefficients below are constants.
         new = (1.0 - beta_t) * h if buffer is None else torch.lerp(buffer, h, 1.0 - beta_t)
-        norms = torch.linalg.vector_norm(new.detach(), dim=-1)  # (B, K)
+        # Norms in float64: float32 squares of tiny or huge gradients leave float32's range.
+        norms = torch.linalg.vector_norm(new.detach(), dim=-1, dtype=torch.float64)  # (B, K)
         alpha = norms.max(dim=-1, keepdim=True).values / (norms + self.eps)
         direction = torch.einsum("bk,bkd->bd", alpha.to(new.dtype), new)
-        return new.detach(), direction.to(G.dtype)
+        if G.dtype in _HALF_DTYPES:
+            return new.detach(), _checked_half(direction, G.dtype)
+        return new.detach(), direction

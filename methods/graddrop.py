@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtl_opt._validation import check_range
-from mtl_opt.aggregator import AggregationResult, GradientAggregator
+from mtl_opt.aggregator import _HALF_DTYPES, AggregationResult, GradientAggregator, _checked_half
 from mtl_opt.methods._state import checked_seed, checked_state, drawn_seed
 from mtl_opt.registry import register_aggregator
 
@@ -38,8 +38,10 @@ class GradDrop(GradientAggregator):
     shared parameters (the convention of TorchJD's ``GradDrop``, which this method matches on
     the same draws).
 
-    ``U`` is drawn in the Jacobian's working dtype (float32 for half-precision Jacobians) on the
-    CPU from this instance's seeded :class:`torch.Generator` and moved to ``G``'s device.
+    ``U`` is drawn in float64 on the CPU from this instance's seeded :class:`torch.Generator`,
+    then cast to the Jacobian's working dtype (float32 for half-precision Jacobians, whose
+    directions are checked to fit: else ``ValueError``) and moved to ``G``'s device, so a float32
+    Jacobian and its float64 copy see the same draws.
     Batched calls draw one ``U`` per call, shared by every batch entry, so a batch of ``B``
     problems behaves exactly as ``B`` instances with the same seed.
 
@@ -99,7 +101,8 @@ class GradDrop(GradientAggregator):
         magnitude = pos - neg
         nonzero = magnitude > 0
         P = 0.5 * (1.0 + torch.where(nonzero, (pos + neg) / torch.where(nonzero, magnitude, 1.0), 0.0))
-        U = torch.rand(G.shape[-1], generator=self._generator, dtype=work.dtype).to(G.device)
+        U = torch.rand(G.shape[-1], generator=self._generator, dtype=torch.float64)
+        U = U.to(device=G.device, dtype=work.dtype)
         if self.leak is None:
             out = torch.where(P > U, pos, 0.0) + torch.where(P < U, neg, 0.0)
         else:
@@ -110,4 +113,4 @@ class GradDrop(GradientAggregator):
                 + torch.where(P > U, (keep * pos_rows).sum(dim=-2), 0.0)
                 + torch.where(P < U, (keep * neg_rows).sum(dim=-2), 0.0)
             )
-        return out.to(G.dtype)
+        return _checked_half(out, G.dtype) if G.dtype in _HALF_DTYPES else out

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mtl_opt._validation import check_choice, check_range
-from mtl_opt.aggregator import AggregationResult, GradientAggregator
+from mtl_opt._validation import check_choice, check_range, gramian_of
+from mtl_opt.aggregator import _HALF_DTYPES, AggregationResult, GradientAggregator, _checked_half
 from mtl_opt.methods._state import (
     checked_counter,
     checked_state,
@@ -47,7 +47,9 @@ class MoCo(GradientAggregator):
     gradient to ``L_i g_i/‖g_i‖`` before tracking and replaces ``Π_Δ`` by a softmax.
 
     Not a Gramian weighting: ``Y`` is a (K, d) state (on ``G``'s device, in ``G``'s dtype,
-    float32 for half-precision Jacobians). ``Ŷ Ŷᵀ`` and ``λ`` are float64 on the CPU.
+    float32 for half-precision Jacobians, whose directions are checked to fit). ``Ŷ Ŷᵀ`` (from
+    ``Y Yᵀ`` formed like every Gramian of this library: float64, range-checked) and ``λ`` are
+    float64 on the CPU.
 
     State (``state_dict``): the call counter, ``Y`` and ``λ`` of single calls and, separately,
     of batched calls (one of each per batch entry).
@@ -149,25 +151,26 @@ class MoCo(GradientAggregator):
         gamma_k = self.gamma / k**self.gamma_sigma
         # Y_k is differentiable w.r.t. G_k (the current Jacobian's share); the state is detached.
         new_y = beta_k * work if y is None else torch.lerp(y, work, beta_k)  # one fused pass
-        if self.normalization == "none":
-            y_hat = new_y
-        else:
-            scale = self._scales(new_y.detach(), losses)  # (B, K) float64 CPU, 1/s_i
-            y_hat = new_y * scale.to(device=work.device, dtype=work.dtype).unsqueeze(-1)
-        yd = y_hat.detach()
-        M = (yd @ yd.transpose(-1, -2)).to(device="cpu", dtype=torch.float64)
+        yd = new_y.detach()
+        # Gramians of Y in float64 with the library's range checks (float32 squares of tiny or
+        # huge rows leave float32's range); the normalisation acts on them as diag(1/s) M diag(1/s).
+        M = torch.stack([gramian_of(yd[b]) for b in range(B)])
+        inv_s = self._scales(torch.diagonal(M, dim1=-2, dim2=-1), losses)  # (B, K)
+        M = M * inv_s.unsqueeze(-1) * inv_s.unsqueeze(-2)
         lam_prev = torch.full((B, K), 1.0 / K, dtype=torch.float64) if lam is None else lam
         step = (M @ lam_prev.unsqueeze(-1)).squeeze(-1) + self.rho * lam_prev
         new_lam = project_onto_simplex(lam_prev - gamma_k * step)
-        direction = torch.einsum("bk,bkd->bd", new_lam.to(device=work.device, dtype=work.dtype), y_hat)
-        return new_y.detach(), new_lam, direction.to(G.dtype)
+        coef = (new_lam * inv_s).to(device=work.device, dtype=work.dtype)  # d = Σ λ_i y_i / s_i
+        direction = torch.einsum("bk,bkd->bd", coef, new_y)
+        if G.dtype in _HALF_DTYPES:
+            direction = _checked_half(direction, G.dtype)
+        return yd, new_lam, direction
 
-    def _scales(self, y: Tensor, losses: Tensor | None) -> Tensor:
-        """``1/s_i`` (B, K), float64 on the CPU."""
-        B, K = y.shape[0], y.shape[1]
-        s = torch.ones((B, K), dtype=torch.float64)
+    def _scales(self, sq_norms: Tensor, losses: Tensor | None) -> Tensor:
+        """``1/s_i`` (B, K), float64 on the CPU, from the squared row norms of ``Y``."""
+        s = torch.ones_like(sq_norms)
         if self.normalization in ("l2", "loss+"):
-            norms = torch.linalg.vector_norm(y, dim=-1).to(device="cpu", dtype=torch.float64)
+            norms = torch.sqrt(sq_norms)
             s = torch.where(norms > 0, norms, 1.0)
         if self.normalization in ("loss", "loss+"):
             assert losses is not None  # requires_losses

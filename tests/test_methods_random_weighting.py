@@ -57,8 +57,8 @@ def test_graddrop_matches_the_reference_over_several_calls(K, with_leak):
 def test_graddrop_equals_torchjd_on_the_same_draws(K):
     from torchjd.aggregation import GradDrop as TorchJDGradDrop
 
-    # TorchJD draws U with torch.rand from the global generator in G's dtype; ours draws the same
-    # call from a generator seeded alike, so float64 inputs give the same U and the same output.
+    # TorchJD draws U with torch.rand from the global generator in G's dtype; ours draws it in
+    # float64 from a generator seeded alike, so float64 inputs give the same U and the same output.
     leak = torch.linspace(0.0, 1.0, K, dtype=torch.float64)
     for seed in range(3):
         G = mixed_jacobian(K, 64, seed)

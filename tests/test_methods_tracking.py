@@ -196,3 +196,19 @@ def test_moco_batch_keeps_one_state_per_entry_and_errors_are_clear():
         singles[1](torch.ones(4, 11, dtype=torch.float64), losses=torch.ones(4, dtype=torch.float64))
     with pytest.raises(ValueError, match="normalization"):
         MoCo(normalization="max")
+
+
+@pytest.mark.parametrize("name,kw", [("graddrop", {"seed": 0}), ("db_mtl", {"beta": 0.0}), ("moco", {})])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_elementwise_half_directions_are_computed_in_float32_and_checked(name, kw, dtype):
+    import mtl_opt
+
+    losses = {"losses": torch.ones(3, dtype=torch.float64)} if name == "db_mtl" else {}
+    if name != "moco" and dtype == torch.float16:  # MoCo's direction is a convex combination: it fits
+        G = torch.full((3, 4), 3e4, dtype=dtype)  # the three rows' sum, 9e4, exceeds float16
+        with pytest.raises(ValueError, match="overflows float16"):
+            mtl_opt.get_aggregator(name, **kw)(G, **losses)
+    small = torch.tensor([[1.0, -2.0, 0.5], [0.25, 1.0, -1.0], [2.0, 0.0, 1.0]], dtype=dtype)
+    out = mtl_opt.get_aggregator(name, **kw)(small, **losses)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out, mtl_opt.get_aggregator(name, **kw)(small.float(), **losses).to(dtype))
