@@ -139,6 +139,8 @@ class PCD(GramianAggregator):
         denom = torch.sqrt(v_new / (1.0 - self.beta**t) + self.eps)
         s = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
         Mn, sn = M.numpy(), s.numpy()
+        if K == 2:
+            return torch.from_numpy(_pcd_weights_two(Mn, sn, float(taus[0]))), v_new
         out = np.zeros((B, K))
         for b in range(B):
             out[b] = _pcd_weights(Mn[b], sn[b], taus)
@@ -164,6 +166,22 @@ def _pcd_weights(M: np.ndarray, s: np.ndarray, taus: np.ndarray) -> np.ndarray:
     if not sq > _ZERO_DIRECTION_RTOL * size:
         return beta
     return coef * math.sqrt(M[0, 0] / sq)
+
+
+def _pcd_weights_two(M: np.ndarray, s: np.ndarray, tau: float) -> np.ndarray:
+    """:func:`_pcd_weights` at K = 2 for a batch (B, 2, 2), vectorised: the closed form of
+    Cor. 4.6, ``μ = max(0, τ Ã_22 − Ã_21) / Ã_22`` (0 when ``g_2 = 0``); never infeasible."""
+    A = M * (s[:, :, None] * s[:, None, :])
+    a22, a21 = A[:, 1, 1], A[:, 1, 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu = np.where(a22 > 0, np.maximum(tau * a22 - a21, 0.0) / np.where(a22 > 0, a22, 1.0), 0.0)
+    coef = np.stack([s[:, 0], mu * s[:, 1]], axis=1)
+    sq = np.einsum("bi,bij,bj->b", coef, M, coef)
+    size = (np.abs(coef) * np.sqrt(np.maximum(np.diagonal(M, axis1=1, axis2=2), 0.0))).sum(1) ** 2
+    ok = (M[:, 0, 0] > 0) & (sq > _ZERO_DIRECTION_RTOL * size)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(ok, np.sqrt(np.where(ok, M[:, 0, 0] / np.where(ok, sq, 1.0), 0.0)), 0.0)
+    return coef * factor[:, None]
 
 
 def solve_priority_qp(A_full: np.ndarray, taus: np.ndarray) -> np.ndarray | None:
