@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -152,31 +153,34 @@ class GradNorm(GramianAggregator):
                 f"GradNorm keeps weights of shape {tuple(w.shape)} and now gets {tuple(losses.shape)} "
                 "(batch entries, tasks); call reset() between runs"
             )
+        # NumPy on the (B, K) arrays: a few µs per operation instead of torch's ~10 on tiny tensors.
         B, K = losses.shape
+        Ln = losses.numpy()
         if w is None or l0 is None:
-            w = torch.ones((B, K), dtype=torch.float64)
-            l0 = losses.clone()
-        norms = torch.sqrt(torch.clamp(torch.diagonal(M, dim1=-2, dim2=-1), min=0.0))
-        weighted = w * norms
-        ratio = losses / l0
-        rate = ratio / ratio.mean(dim=-1, keepdim=True)
-        target = weighted.mean(dim=-1, keepdim=True) * rate**self.alpha
-        grad = torch.sign(weighted - target) * norms
+            wn, l0n = np.ones((B, K)), Ln.copy()
+        else:
+            wn, l0n = w.numpy(), l0.numpy()
+        norms = np.sqrt(np.maximum(np.diagonal(M.numpy(), axis1=1, axis2=2), 0.0))
+        weighted = wn * norms
+        ratio = Ln / l0n
+        rate = ratio / ratio.mean(axis=-1, keepdims=True)
+        target = weighted.mean(axis=-1, keepdims=True) * rate**self.alpha
+        grad = np.sign(weighted - target) * norms
         if self.update == "sgd":
-            new_w = w - self.lr * grad
+            new_w = wn - self.lr * grad
         else:
             b1, b2 = _ADAM_BETAS
-            m_prev, v_prev = (torch.zeros_like(w), torch.zeros_like(w)) if moments is None else moments
+            m_prev, v_prev = (np.zeros_like(wn), np.zeros_like(wn)) if moments is None else moments.numpy()
             m = b1 * m_prev + (1.0 - b1) * grad
             v = b2 * v_prev + (1.0 - b2) * grad * grad
-            step = (m / (1.0 - b1**t)) / (torch.sqrt(v / (1.0 - b2**t)) + _ADAM_EPS)
-            new_w = w - self.lr * step
-            moments = torch.stack([m, v])
-        if bool((new_w <= 0).any()):
-            b, i = (int(x) for x in torch.nonzero(new_w <= 0)[0])
+            step = (m / (1.0 - b1**t)) / (np.sqrt(v / (1.0 - b2**t)) + _ADAM_EPS)
+            new_w = wn - self.lr * step
+            moments = torch.from_numpy(np.stack([m, v]))
+        if not bool((new_w > 0).all()):
+            b, i = (int(x) for x in np.argwhere(new_w <= 0)[0])
             raise ValueError(
-                f"GradNorm: the weight of task {i} became {new_w[b, i].item():.3g} <= 0 after a step of "
-                f"lr = {self.lr} ({self.update}) with gradient norm {norms[b, i].item():.3g}; lower lr"
+                f"GradNorm: the weight of task {i} became {new_w[b, i]:.3g} <= 0 after a step of "
+                f"lr = {self.lr} ({self.update}) with gradient norm {norms[b, i]:.3g}; lower lr"
             )
-        new_w = K * new_w / new_w.sum(dim=-1, keepdim=True)
-        return w.clone(), new_w, l0, moments
+        new_w = K * new_w / new_w.sum(axis=-1, keepdims=True)
+        return torch.from_numpy(wn.copy()), torch.from_numpy(new_w), torch.from_numpy(l0n.copy()), moments
