@@ -198,12 +198,17 @@ def solve_priority_qp(A_full: np.ndarray, taus: np.ndarray) -> np.ndarray | None
         return mu
     atol = _KKT_TOL * max(float(np.max(np.diag(A_full))), np.finfo(np.float64).tiny)
     candidates = [j for j in range(m) if A[j, j] > 0.0]  # a zero secondary's constraint is 0 ≥ 0
-    for size in range(1, len(candidates) + 1):
+    for j in candidates:  # one active constraint (the common case): μ_j = b_j / A_jj, no solve
+        mu_j = b[j] / A[j, j]
+        if mu_j >= 0.0 and np.all(A[:, j] * mu_j - b >= -atol):
+            mu[j] = mu_j
+            return mu
+    for size in range(2, len(candidates) + 1):
         for subset in itertools.combinations(candidates, size):
             S = list(subset)
             A_SS = A[np.ix_(S, S)]
             norms = np.sqrt(np.diag(A_SS))
-            if size > 1 and np.linalg.eigvalsh(A_SS / np.outer(norms, norms))[0] <= _KKT_TOL:
+            if np.linalg.eigvalsh(A_SS / np.outer(norms, norms))[0] <= _KKT_TOL:
                 continue  # linearly dependent constraints: a smaller set covers this face
             mu_S = np.linalg.solve(A_SS, b[S])
             if np.any(mu_S < -_KKT_TOL * np.maximum(1.0, np.abs(mu_S).max())):
