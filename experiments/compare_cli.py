@@ -105,15 +105,7 @@ def _from_options(args: argparse.Namespace) -> tuple:
         if clashes:
             raise ValueError(f"--protocol {args.protocol} fixes {', '.join(clashes)}; drop them or drop --protocol")
     problem_specs = protocol["problems"] if protocol else (args.problems or list(DEFAULT_PROBLEMS))
-    if args.methods:
-        method_specs = list(args.methods)
-    else:
-        method_specs, left_out = default_methods()
-        if left_out:
-            print(f"note: the default methods leave out {', '.join(left_out)}: they need the task losses "
-                  "to be positive, which the synthetic problems do not guarantee (the toy's losses go "
-                  "negative); name them with --methods on problems whose losses stay positive",
-                  file=sys.stderr)
+    method_specs = list(args.methods) if args.methods else default_methods()[0]
     labels = [method_from_spec(m)[0] for m in method_specs]  # raises on unknown names / bad values
     problems = {}
     for spec in problem_specs:
@@ -309,6 +301,12 @@ def run(args: argparse.Namespace) -> int:
     print(comp.summary[cols].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print()
     print(comp.overall.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    left_out = default_methods()[1] if args.config is None and not args.methods else []
+    if left_out:  # said with the results: errors before any work stay one line
+        print(f"note: the default methods leave out {', '.join(left_out)}: they need the task losses "
+              "to be positive, which the synthetic problems do not guarantee (the toy's losses go "
+              "negative); name them with --methods on problems whose losses stay positive",
+              file=sys.stderr)
     print(f"\n{len(comp.final)} runs in {elapsed:.1f} s; outputs in {out}"
           + ("" if args.no_figures else f" (open {out / 'index.html'})"))
     return 0
