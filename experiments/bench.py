@@ -111,6 +111,8 @@ TORCHJD_EQUIVALENTS: dict[str, tuple[str, Callable[[int], dict[str, Any]]]] = {
     "graddrop": ("GradDrop", lambda K: {}),
     # The paper's β = 0.01 (ours); TorchJD defaults to 0.5.
     "gradvac": ("GradVac", lambda K: {"beta": 0.01}),
+    "rgw": ("Random", lambda K: {}),
+    "pcd": ("PCD", lambda K: {"tau": 0.02, "beta": 0.999, "eps": 1e-8}),
 }
 
 

@@ -56,7 +56,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         f"(default: {' '.join(DEFAULT_PROBLEMS)})")
     parser.add_argument("--methods", nargs="+", metavar="METHOD", default=None,
                         help="method specs with hyperparameters, e.g. mgda cagrad:c=0.5 "
-                        "came_grad:kappa=2,nu=0.5 (default: every registered method)")
+                        "came_grad:kappa=2,nu=0.5 (default: every registered method that does not "
+                        "require the task losses)")
     parser.add_argument("--starts", default="all",
                         help="which starts: 'all' (each problem's protocol list), indices into "
                         "that list such as '0,2,4', or 'random:N' for N seeded uniform starts")
@@ -113,7 +114,7 @@ def _from_options(args: argparse.Namespace) -> tuple:
         if clashes:
             raise ValueError(f"--protocol {args.protocol} fixes {', '.join(clashes)}; drop them or drop --protocol")
     problem_specs = protocol["problems"] if protocol else (args.problems or list(DEFAULT_PROBLEMS))
-    method_specs = args.methods or mtl_opt.available_aggregators()
+    method_specs = list(args.methods) if args.methods else default_methods()[0]
     labels = [method_from_spec(m)[0] for m in method_specs]  # raises on unknown names / bad values
     problems = {}
     for spec in problem_specs:
@@ -232,6 +233,17 @@ def _resolve_starts(text: str, problems: dict[str, Any]) -> tuple[dict[str, Any]
     return out, labels
 
 
+def default_methods() -> tuple[list[str], list[str]]:
+    """The methods ``compare`` runs without ``--methods``: every registered method whose class
+    requires the task losses is left out (those need positive losses); returns (kept, left out)."""
+    import mtl_opt
+    from mtl_opt.registry import aggregator_class
+
+    names = mtl_opt.available_aggregators()
+    left_out = [name for name in names if aggregator_class(name).requires_losses]
+    return [name for name in names if name not in left_out], left_out
+
+
 def run(args: argparse.Namespace) -> int:
     import mtl_opt
     from mtl_opt.experiments.runner import OPTIMIZERS, method_from_spec
@@ -309,6 +321,12 @@ def _run_and_write(args: argparse.Namespace, out: Path, problems: dict, method_s
     print()
     print(summary_display(comp.overall, list(comp.overall.columns), 3).to_string(index=False))
     print("\n" + _TABLE_NOTE)
+    left_out = default_methods()[1] if args.config is None and not args.methods else []
+    if left_out:  # said with the results: errors before any work stay one line
+        print(f"note: the default methods leave out {', '.join(left_out)}: they need the task losses "
+              "to be positive, which the synthetic problems do not guarantee (the toy's losses go "
+              "negative); name them with --methods on problems whose losses stay positive",
+              file=sys.stderr)
     print(f"\n{len(comp.final)} runs in {elapsed:.1f} s; outputs in {out}"
           + ("" if args.no_figures else f" (open {out / 'index.html'})"))
     return 0

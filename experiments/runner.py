@@ -578,7 +578,16 @@ def run_methods(
         for m, agg in general:
             sl = slice(m * n_runs, (m + 1) * n_runs)
             t0 = perf()
-            direction[sl] = agg.aggregate_batch(J[sl], losses=F[sl] if agg.uses_losses else None)
+            if per_seed[m] is None:
+                direction[sl] = agg.aggregate_batch(J[sl], losses=F[sl] if agg.uses_losses else None)
+            else:  # one instance (own random stream) per run seed, as for Gramian methods
+                Jm = J[sl].reshape(n_s, n_r, K, d)
+                Fm = F[sl].reshape(n_s, n_r, K) if agg.uses_losses else None
+                dm = direction[sl].view(n_s, n_r, d)
+                for r, inst in enumerate(per_seed[m]):
+                    dm[:, r] = inst.aggregate_batch(
+                        Jm[:, r].contiguous(), losses=Fm[:, r].contiguous() if Fm is not None else None
+                    )
             agg_time[m] += perf() - t0
         opt.step(direction)
         if bounded:
@@ -627,15 +636,13 @@ def run_methods(
 
 
 def _per_seed_instances(agg: GradientAggregator, seeds: tuple[int, ...]) -> list[GradientAggregator] | None:
-    """For a Gramian method or loss weighting with seeded randomness (its constructor takes
-    ``seed``, e.g. PCGrad's random projection orders, RLW's random weights), one fresh instance per run seed ``r``, seeded with
+    """For a method with seeded randomness (its constructor takes ``seed``, e.g. PCGrad's
+    random projection orders, RLW's random weights, GradDrop's sign draws), one fresh instance per run seed ``r``, seeded with
     ``SeedSequence((method seed, r))`` (NumPy's seed mixing; a method seed of ``None`` counts as
     0), so that a seed is a replicate of the method's randomness too and a run's random stream
     depends only on its method seed and its run seed. ``None`` for every other method."""
     import inspect
 
-    if not isinstance(agg, (GramianAggregator, LossWeighting)):
-        return None
     if "seed" not in inspect.signature(type(agg).__init__).parameters:
         return None
     import numpy as np

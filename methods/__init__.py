@@ -16,6 +16,12 @@ from mtl_opt.methods.aligned_mtl import AlignedMTL
 from mtl_opt.methods.config import ConFIG
 from mtl_opt.methods.fairgrad import FairGrad, FairGradSolverError
 from mtl_opt.methods.gradvac import GradVac
+from mtl_opt.methods.graddrop import GradDrop
+from mtl_opt.methods.rgw import RGW
+from mtl_opt.methods.db_mtl import DBMTL
+from mtl_opt.methods.moco import MoCo
+from mtl_opt.methods.gradnorm import GradNorm
+from mtl_opt.methods.pcd import PCD
 from mtl_opt.methods.uw import UncertaintyWeighting
 from mtl_opt.methods.dwa import DWA
 from mtl_opt.methods.rlw import RLW
@@ -30,20 +36,26 @@ __all__ = [
     "CAGrad",
     "CAMEGrad",
     "ConFIG",
+    "DBMTL",
     "DWA",
     "DualProj",
     "FAMO",
     "FairGrad",
     "FairGradSolverError",
     "GeometricLossStrategy",
+    "GradDrop",
+    "GradNorm",
     "GradVac",
     "IMTLG",
     "IMTLL",
     "LinearScalarization",
     "MGDA",
+    "MoCo",
     "NashMTL",
     "NashSolverError",
+    "PCD",
     "PCGrad",
+    "RGW",
     "RLW",
     "STCH",
     "ScaleInvariant",

@@ -24,9 +24,16 @@ from _mtl_models import (
     token_batch,
 )
 
-# Methods whose update reads the Jacobian: linear scalarization and the loss weightings take one
-# backward pass of the weighted sum instead (tests/test_loss_weightings.py), so no layer is factored.
-METHODS = [m for m in mtl_opt.available_aggregators() if mtl_opt.aggregator_class(m).needs_jacobian]
+# Gramian weightings that read the Jacobian: their update βᵀG can be factored. Linear
+# scalarization and the loss weightings take one backward pass of the weighted sum instead
+# (tests/test_loss_weightings.py); element-wise methods (GradDrop, DB-MTL, MoCo) read the
+# Jacobian's rows and always get them.
+METHODS = [n for n in mtl_opt.available_aggregators()
+           if issubclass(mtl_opt.registry.aggregator_class(n), mtl_opt.GramianAggregator)
+           and mtl_opt.registry.aggregator_class(n).needs_jacobian]
+ELEMENTWISE = [n for n in mtl_opt.available_aggregators()
+               if not issubclass(mtl_opt.registry.aggregator_class(n), mtl_opt.GramianAggregator)
+               and mtl_opt.registry.aggregator_class(n).needs_jacobian]
 
 
 @pytest.fixture
@@ -93,9 +100,24 @@ class Sequence(nn.Module):
 def _run(model, shared, method, *, factor_linear=True, **kw):
     for p in model.parameters():
         p.grad = None
+    if not isinstance(method, mtl_opt.GradientAggregator):
+        torch.manual_seed(0)  # methods that draw their seed draw the same one for both paths
     agg = method if isinstance(method, mtl_opt.GradientAggregator) else mtl_opt.get_aggregator(method)
     result = mtl_backward(model.losses(), shared, agg, factor_linear=factor_linear, **kw)
     return result, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("method", ELEMENTWISE)
+def test_elementwise_methods_get_the_jacobian_rows(always_factor, method):
+    model = MLP(torch.float64)
+    shared = list(model.trunk.parameters())
+    results = []
+    for factor_linear in (False, True):
+        results.append(_run(model, shared, method, factor_linear=factor_linear))
+    (rows, rows_grads), (fact, fact_grads) = results
+    assert rows.factored_params == 0 and fact.factored_params == 0
+    for name, g in rows_grads.items():
+        torch.testing.assert_close(fact_grads[name], g, rtol=1e-12, atol=1e-12)
 
 
 def _tol(dtype):

@@ -25,6 +25,12 @@ EXTRA_SPECS = [
     ("cagrad", {"c": 1.5, "rescale": 2}),
     ("came_grad", {"task_weights": [1.0, 4.0, 2.0]}),
     ("came_grad", {"rectify": False, "inject": False, "fuse": False}),
+    ("graddrop", {"leak": [0.2, 0.0, 1.0]}),
+    ("db_mtl", {"beta_sigma": 0.5}),
+    ("moco", {"normalization": "loss+"}),
+    ("moco", {"normalization": "l2", "beta_sigma": 0.5, "gamma_sigma": 0.5}),
+    ("pcd", {"tau": 0.5, "beta": 0.9}),
+    ("gradnorm", {"update": "sgd", "lr": 0.001}),
 ]
 SPECS = [(name, {}) for name in mtl_opt.available_aggregators()] + [
     s for s in EXTRA_SPECS if s[0] in mtl_opt.available_aggregators()
@@ -113,12 +119,13 @@ def test_repr_shows_hyperparameters(name, kw):
         assert f"{key}={value!r}" in text
 
 
-# Configurations with fixed task weights only make sense at their own K.
+# Configurations with fixed per-task values (task weights, leaks) only make sense at their own K.
+PER_TASK_KEYS = ("task_weights", "leak")
 BATCH_CASES = [
     (name, kw, K)
     for (name, kw) in SPECS
     for K in [1, 2, 3, 5]
-    if "task_weights" not in kw or len(kw["task_weights"]) == K
+    if all(key not in kw or len(kw[key]) == K for key in PER_TASK_KEYS)
 ]
 
 

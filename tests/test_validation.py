@@ -23,8 +23,10 @@ except ImportError:
 from mtl_opt.registry import aggregator_class
 
 NAMES = mtl_opt.available_aggregators()
-# The Gramian weightings: `weights(M)` and `batch_weights(M)` take a Gramian (loss weightings'
-# `weights` take the losses; tests/test_loss_weightings.py checks those).
+# Checks of weights β and Gramians apply to the Gramian weightings: `weights(M)` and
+# `batch_weights(M)` take a Gramian (loss weightings' `weights` take the losses, see
+# tests/test_loss_weightings.py); element-wise methods (GradDrop, DB-MTL, MoCo) return
+# directions only, which the range checks compare.
 GRAMIAN_NAMES = [n for n in NAMES if issubclass(aggregator_class(n), mtl_opt.GramianAggregator)]
 
 
@@ -39,6 +41,13 @@ def extra(agg, K, B=None):
         return {}
     row = torch.linspace(0.5, 2.0, K, dtype=torch.float64)
     return {"losses": row if B is None else row.expand(B, K).clone()}
+
+
+def _atol(scale: float, rel: float = 1e-6) -> float:
+    """Absolute tolerance of a float32 direction of largest entry ``scale``: ``rel · scale``, but
+    never below a few float32 subnormal steps (2⁻¹⁴⁹), the precision of an answer that is itself
+    below float32's normal range (DB-MTL's ε makes tiny gradients' directions that small)."""
+    return max(rel * scale, 4 * 2.0**-149)
 
 
 def conflicting(K=3, d=6, seed=0) -> torch.Tensor:
@@ -59,11 +68,12 @@ def test_float32_out_of_range_squares_give_the_float64_answer(name, scale):
     assert torch.isfinite(G32).all() and (G32 != 0).any()
     reference = make(name).aggregate(G32.double(), **extra(make(name), 3))
     got = make(name).aggregate(G32, **extra(make(name), 3))
-    torch.testing.assert_close(got.gramian, reference.gramian, rtol=1e-12, atol=0)
-    torch.testing.assert_close(got.weights, reference.weights, rtol=1e-9, atol=0)
+    if reference.weights is not None:
+        torch.testing.assert_close(got.gramian, reference.gramian, rtol=1e-12, atol=0)
+        torch.testing.assert_close(got.weights, reference.weights, rtol=1e-9, atol=0)
     assert got.direction.dtype == torch.float32
     expected = reference.direction.float()
-    torch.testing.assert_close(got.direction, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    torch.testing.assert_close(got.direction, expected, rtol=1e-5, atol=_atol(float(expected.abs().max())))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -72,9 +82,9 @@ def test_batched_float32_out_of_range_squares_give_the_float64_answer(name):
     agg = make(name)
     got = agg.aggregate_batch(G32, **extra(agg, 3, B=3))
     reference = make(name).aggregate_batch(G32.double(), **extra(agg, 3, B=3))
-    for b in range(3):  # each entry at its own scale: βᵀG summed in float32 may cancel
+    for b in range(3):  # each entry at its own scale (a coordinate may cancel to far below it)
         scale = float(reference[b].abs().max())
-        torch.testing.assert_close(got[b], reference[b].float(), rtol=1e-5, atol=1e-6 * scale)
+        torch.testing.assert_close(got[b], reference[b].float(), rtol=1e-5, atol=_atol(scale))
 
 
 def test_float32_ls_of_huge_gradients_is_their_sum():
@@ -110,7 +120,7 @@ def test_recomputation_only_for_rows_that_lost_range():
 # --------------------------------------------------------------------------------------------
 # Half-precision directions
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", GRAMIAN_NAMES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_directions_are_combined_in_float32_and_checked(name, dtype):
     limit = float(torch.finfo(dtype).max)
@@ -204,6 +214,7 @@ def test_zero_rows_next_to_tiny_rows_in_a_float32_batch(name):
     reference = make(name).aggregate_batch(G32.double(), **extra(agg, 3, B=2))
     for b in range(2):  # each entry at its own scale
         scale = float(reference[b].abs().max())
-        torch.testing.assert_close(got[b], reference[b].float(), rtol=1e-5, atol=1e-6 * scale)
-    single = make(name).aggregate(G32[0], **extra(agg, 3)).weights
-    torch.testing.assert_close(single, make(name).aggregate(G32[0].double(), **extra(agg, 3)).weights, rtol=1e-9, atol=0)
+        torch.testing.assert_close(got[b], reference[b].float(), rtol=1e-5, atol=_atol(scale))
+    if isinstance(agg, mtl_opt.GramianAggregator):
+        single = make(name).aggregate(G32[0], **extra(agg, 3)).weights
+        torch.testing.assert_close(single, make(name).aggregate(G32[0].double(), **extra(agg, 3)).weights, rtol=1e-9, atol=0)

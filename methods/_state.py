@@ -1,0 +1,55 @@
+"""Small checks shared by the stateful and the seeded methods (seeds, saved states)."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+def checked_seed(owner: str, seed: object) -> int | None:
+    """``seed`` as an int, or ``None``; anything else raises ``TypeError`` naming the method."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+        raise TypeError(f"{owner}: seed must be an int or None, got {seed!r}")
+    return None if seed is None else int(seed)
+
+
+def drawn_seed(seed: int | None) -> int:
+    """The seed a generator is started from: ``seed``, or one drawn from torch's global generator
+    (so that ``torch.manual_seed`` makes runs reproducible)."""
+    return int(torch.randint(0, 2**62, (1,)).item()) if seed is None else seed
+
+
+def checked_state(owner: str, state: object, keys: Iterable[str]) -> dict[str, Any]:
+    """A saved state must be a dict with exactly ``keys``."""
+    expected = sorted(keys)
+    if not isinstance(state, dict) or sorted(state) != expected:
+        got = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{owner} state must have keys {expected}, got {got}")
+    return state
+
+
+def checked_counter(owner: str, name: str, value: object) -> int:
+    """A step counter of a saved state: a non-negative int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{owner} state {name!r} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
+def checked_tensor(owner: str, name: str, value: object, ndim: int) -> Tensor | None:
+    """An optional floating tensor of a saved state with ``ndim`` dimensions (cloned)."""
+    if value is None:
+        return None
+    if not isinstance(value, Tensor) or value.dim() != ndim or not value.is_floating_point():
+        got = f"shape {tuple(value.shape)}, dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"{owner} state {name!r} must be None or a {ndim}-D floating tensor, got {got}")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{owner} state {name!r} is not finite")
+    return value.detach().clone()
+
+
+def clone_or_none(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().clone()
