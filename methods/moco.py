@@ -185,8 +185,14 @@ def project_onto_simplex(v: Tensor) -> Tensor:
     row sorted in decreasing order and ``ρ`` the largest ``j`` with
     ``u_j − (Σ_{i≤j} u_i − 1)/j > 0``, the projection is ``max(v − θ, 0)`` with
     ``θ = (Σ_{i≤ρ} u_i − 1)/ρ``.
+
+    The projection does not change when a constant is added to a row (the simplex fixes the
+    sum), so each row is first shifted to a maximum of 0: the cumulative sums then stay on the
+    scale of the entries that matter (within 1 of the maximum) instead of cancelling at the
+    row's own scale (a λ step ``γ(YYᵀ + ρI)λ`` of 1e39 used to leave λ off the simplex).
     """
     a = v.numpy()
+    a = a - a.max(axis=-1, keepdims=True)
     u = -np.sort(-a, axis=-1)
     css = np.cumsum(u, axis=-1) - 1.0
     j = np.arange(1, a.shape[-1] + 1)

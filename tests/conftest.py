@@ -15,7 +15,9 @@ def _ray_auth_mode_does_not_leak(monkeypatch):
     would run its GCS server in token mode while the already-imported driver is not: "Failed to
     start GCS ... InvalidAuthToken". Recording the variable here makes pytest restore it.
     """
-    if "RAY_AUTH_MODE" in os.environ:
-        monkeypatch.setenv("RAY_AUTH_MODE", os.environ["RAY_AUTH_MODE"])
-    else:
-        monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    # setenv records the value before it (or its absence) for pytest to restore afterwards;
+    # delenv of a missing variable would record nothing.
+    before = os.environ.get("RAY_AUTH_MODE")
+    monkeypatch.setenv("RAY_AUTH_MODE", before if before is not None else "disabled")
+    if before is None:
+        monkeypatch.delenv("RAY_AUTH_MODE")

@@ -212,3 +212,17 @@ def test_elementwise_half_directions_are_computed_in_float32_and_checked(name, k
     out = mtl_opt.get_aggregator(name, **kw)(small, **losses)
     assert out.dtype == dtype
     torch.testing.assert_close(out, mtl_opt.get_aggregator(name, **kw)(small.float(), **losses).to(dtype))
+
+
+def test_simplex_projection_is_exact_at_any_scale():
+    # The projection is invariant to adding a constant to a row; at the scale of a huge λ step
+    # (MoCo on gradients of 1e20: γ(YYᵀ + ρI)λ ~ 1e39) the unshifted cumulative sums cancel and
+    # used to leave λ far off the simplex (entries ~1e22), so MoCo's direction overflowed.
+    from mtl_opt.methods.moco import project_onto_simplex
+
+    v = torch.tensor([[0.3, -0.2, 0.1], [2.0, 2.0, -5.0]], dtype=torch.float64)
+    expected = project_onto_simplex(v)
+    for shift in (1e3, -1e9):  # shifts that keep the differences representable
+        torch.testing.assert_close(project_onto_simplex(v + shift), expected, rtol=0, atol=1e-6)
+    huge = torch.tensor([[-1e39, -3e39, -2e39]], dtype=torch.float64)
+    torch.testing.assert_close(project_onto_simplex(huge), torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))

@@ -116,7 +116,8 @@ def test_eval_takes_the_checkpoint_positionally_and_writes_samples(tmp_path, cap
     train_rrg(RRGConfig(method="ls", steps=2, out=str(run), **TINY))
     saved = json.loads((run / "eval.json").read_text())["metrics"]
     capsys.readouterr()
-    assert main(["rrg", "eval", str(run / "checkpoint.pt"), "--no-meteor", "--device", "cpu"]) == 0
+    assert main(["rrg", "eval", str(run / "checkpoint.pt"), "--no-meteor", "--device", "cpu",
+                 "--json"]) == 0  # the full JSON on stdout (without --json: a summary line)
     printed = json.loads(capsys.readouterr().out)["metrics"]
     assert printed == pytest.approx(saved)
     samples = _rows(run / "samples-test.csv")
