@@ -234,13 +234,18 @@ def _resolve_starts(text: str, problems: dict[str, Any]) -> tuple[dict[str, Any]
 
 
 def default_methods() -> tuple[list[str], list[str]]:
-    """The methods ``compare`` runs without ``--methods``: every registered method whose class
-    requires the task losses is left out (those need positive losses); returns (kept, left out)."""
+    """The methods ``compare`` runs without ``--methods``: every registered method except the
+    gradient methods that require positive task losses (DB-MTL's log losses, GradNorm's loss
+    ratios), which the synthetic problems do not guarantee. The loss weightings stay: the runner
+    gives them the losses above the problem's floor (``problem.loss_floor()``). Returns (kept,
+    left out)."""
     import mtl_opt
+    from mtl_opt.loss_weighting import LossWeighting
     from mtl_opt.registry import aggregator_class
 
     names = mtl_opt.available_aggregators()
-    left_out = [name for name in names if aggregator_class(name).requires_losses]
+    left_out = [name for name in names if aggregator_class(name).requires_losses
+                and not issubclass(aggregator_class(name), LossWeighting)]
     return [name for name in names if name not in left_out], left_out
 
 
@@ -323,9 +328,9 @@ def _run_and_write(args: argparse.Namespace, out: Path, problems: dict, method_s
     print("\n" + _TABLE_NOTE)
     left_out = default_methods()[1] if args.config is None and not args.methods else []
     if left_out:  # said with the results: errors before any work stay one line
-        print(f"note: the default methods leave out {', '.join(left_out)}: they need the task losses "
-              "to be positive, which the synthetic problems do not guarantee (the toy's losses go "
-              "negative); name them with --methods on problems whose losses stay positive",
+        print(f"note: the default methods leave out {', '.join(left_out)}: these gradient methods "
+              "need positive task losses, which the synthetic problems do not guarantee (the toy's "
+              "losses go negative); name them with --methods on problems whose losses stay positive",
               file=sys.stderr)
     print(f"\n{len(comp.final)} runs in {elapsed:.1f} s; outputs in {out}"
           + ("" if args.no_figures else f" (open {out / 'index.html'})"))

@@ -29,6 +29,15 @@ _COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 _DASHES = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
 
 
+def vertical_spacing(rows: int, *, height: float, gap_px: float = 80.0) -> float:
+    """The ``vertical_spacing`` of a ``rows``-row subplot grid on a figure ``height`` pixels tall:
+    about ``gap_px`` between rows (room for the next panel's title), never more than plotly
+    allows (``1 / (rows − 1)``), however many methods or levels there are."""
+    if rows <= 1:
+        return 0.0
+    return min(gap_px / height, 0.9 / (rows - 1))
+
+
 def toy_trajectory_figure(comparison: "Comparison", problem_name: str) -> "go.Figure":
     """One panel per method: the summed loss's contours, the Pareto set (as in Nash-MTL's
     Figure 1), and every start's trajectory from its start (circle) to its end (star)."""
@@ -41,7 +50,8 @@ def toy_trajectory_figure(comparison: "Comparison", problem_name: str) -> "go.Fi
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=[r.method for r in runs],
-                        horizontal_spacing=0.06, vertical_spacing=0.14 if n > 3 else 0.08)
+                        horizontal_spacing=0.06,
+                        vertical_spacing=vertical_spacing(rows, height=440 * rows + 60))
     grid = torch.linspace(-10, 10, 81, dtype=torch.float64)
     X1, X2 = torch.meshgrid(grid, grid, indexing="xy")
     Z = prob.losses(torch.stack([X1, X2], -1)).sum(-1)

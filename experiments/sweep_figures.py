@@ -114,6 +114,8 @@ def faceted_heatmap_figure(trials: Any, searched: Sequence[str], metric: str) ->
     """One heat map panel per level of the third searched axis (``None`` without a third axis)."""
     from plotly.subplots import make_subplots
 
+    from mtl_opt.experiments.figures import vertical_spacing
+
     axes = heatmap_axes(searched)
     df = _ok(trials, metric)
     if axes is None or axes[2] is None or df.empty:
@@ -126,7 +128,8 @@ def faceted_heatmap_figure(trials: Any, searched: Sequence[str], metric: str) ->
     rows = -(-len(levels) // cols)
     titles = [f"{facet} = {v}" + ("" if (done[facet] == v).any() else " (no finished trial)") for v in levels]
     fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, shared_yaxes=True,
-                        horizontal_spacing=0.06, vertical_spacing=0.18)
+                        horizontal_spacing=0.06,
+                        vertical_spacing=vertical_spacing(rows, height=380 * rows + 120))
     zmin = float(done[metric].min()) if not done.empty else 0.0
     zmax = float(done[metric].max()) if not done.empty else 1.0
     for i, level in enumerate(levels):

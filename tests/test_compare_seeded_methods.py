@@ -27,11 +27,12 @@ def test_default_compare_leaves_out_methods_that_need_positive_losses(tmp_path, 
     from mtl_opt.experiments.compare_cli import default_methods
 
     kept, left = default_methods()
-    assert {"db_mtl", "gradnorm"} <= set(left) and "mgda" in kept and "graddrop" in kept
+    assert set(left) == {"db_mtl", "gradnorm"} and {"mgda", "graddrop", "famo", "uw"} <= set(kept)
     out = tmp_path / "cmp"
     assert main(["compare", "--problems", "toy", "--steps", "3", "--out", str(out), "--quiet",
                  "--no-figures"]) == 0
     config = json.loads((out / "config.json").read_text())
     methods = json.dumps(config)
     assert "db_mtl" not in methods and "gradnorm" not in methods and "graddrop" in methods
+    assert "famo" in methods  # the loss weightings run on the losses above the problem's floor
     assert "leave out db_mtl" in capsys.readouterr().err

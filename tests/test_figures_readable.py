@@ -114,3 +114,18 @@ def test_bench_series_have_distinct_colours_and_plain_panel_titles():
     assert "d=10³" in titles and not any("d=d=" in t for t in titles)
     assert _power_of_ten(1e6) == "10⁶" and _power_of_ten(2e4) == "2·10⁴"
     assert list(fig.layout.xaxis.tickvals) == [2, 4]  # no "2.5 tasks"
+
+
+def test_trajectories_of_every_default_method_fit_one_figure():
+    # Nine rows of panels (25 methods): a fixed spacing between rows exceeded plotly's limit of
+    # 1 / (rows - 1) and the whole study stopped with "Vertical spacing cannot be greater than".
+    from mtl_opt.experiments.compare_cli import default_methods
+    from mtl_opt.experiments.figures import vertical_spacing
+
+    methods = default_methods()[0]
+    assert len(methods) > 19
+    fig = toy_trajectory_figure(run_comparison(["toy"], methods, steps=2), "toy")
+    panels = [a for a in fig.layout if a.startswith("yaxis")]
+    assert len(panels) >= len(methods)
+    for rows in range(2, 40):
+        assert 0 < vertical_spacing(rows, height=440 * rows + 60) <= 1 / (rows - 1)
