@@ -34,6 +34,7 @@ class RGW(GramianAggregator):
             construction. :meth:`reset` re-seeds with it.
     """
 
+    state = "random"
     properties = frozenset({"linear_under_scaling"})  # checked in tests/test_method_properties.py
     kind = "gramian"  # a single call skips the Gramian and still returns λᵀG
 

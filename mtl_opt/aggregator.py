@@ -43,7 +43,8 @@ from mtl_opt._validation import (
 from mtl_opt.simplex import gramian_precision
 
 __all__ = [
-    "AggregationResult", "GradientAggregator", "GramianAggregator", "KINDS", "PROPERTIES", "is_gramian_weighting",
+    "AggregationResult", "GradientAggregator", "GramianAggregator", "KINDS", "PROPERTIES", "STATES",
+    "is_gramian_weighting",
 ]
 
 #: What a method is, declared by its class attribute ``kind``:
@@ -57,6 +58,12 @@ KINDS: tuple[str, ...] = ("gramian", "loss", "general")
 #: ``permutation_invariant``: permuting the rows of ``G`` leaves ``d`` unchanged;
 #: ``linear_under_scaling``: ``agg(s G) = s · agg(G)`` for ``s > 0``;
 #: ``stationary_at_pareto_stationary``: ``d = 0`` when a convex combination of the rows is 0.
+#: What a method keeps between calls, declared by its class attribute ``state``: ``"none"``;
+#: ``"random"``: a seeded generator (``seed=``), so calls differ and :meth:`reset` re-seeds;
+#: ``"tracked"``: quantities tracked over calls (EMAs, learned weights, steps) in ``state_dict``;
+#: ``"tracked, random"``: both.
+STATES: tuple[str, ...] = ("none", "random", "tracked", "tracked, random")
+
 PROPERTIES: tuple[str, ...] = (
     "non_conflicting", "permutation_invariant", "linear_under_scaling",
     "stationary_at_pareto_stationary",
@@ -102,12 +109,14 @@ class GradientAggregator:
             whose update is ``Σ_i w_i ∇L_i`` with ``w`` given by :meth:`jacobian_free_weights`;
             :func:`mtl_opt.mtl_backward` then runs one backward pass of the weighted sum and
             builds no Jacobian.
+        state: what the method keeps between calls, from :data:`STATES`.
         properties: the mathematical properties the method has, from :data:`PROPERTIES`
             (``mtl-opt methods`` lists them; tests/test_method_properties.py checks each).
     """
 
     kind: ClassVar[str] = "general"
     needs_jacobian: ClassVar[bool] = True
+    state: ClassVar[str] = "none"
     properties: ClassVar[frozenset[str]] = frozenset()
     uses_losses: ClassVar[bool] = False
     requires_losses: ClassVar[bool] = False
@@ -126,6 +135,8 @@ class GradientAggregator:
             )
         if cls.kind not in KINDS:
             raise TypeError(f"{cls.__name__}.kind must be one of {KINDS}, got {cls.kind!r}")
+        if cls.state not in STATES:
+            raise TypeError(f"{cls.__name__}.state must be one of {STATES}, got {cls.state!r}")
         unknown = set(cls.properties) - set(PROPERTIES)
         if unknown:
             raise TypeError(

@@ -71,7 +71,8 @@ def test_declaring_gramian_while_replacing_aggregate_is_refused():
     with pytest.raises(TypeError, match="declares kind = 'gramian' but replaces aggregate"):
         type("Liar", (UnitNormSum,), {"kind": "gramian", "aggregate": lambda self, G: None})
     with pytest.raises(TypeError, match="replaces _validate_jacobian"):
-        type("Liar", (UnitNormSum,), {"kind": "gramian", "_validate_jacobian": lambda self, G: None})
+        type("Liar", (UnitNormSum,),
+             {"kind": "gramian", "_validate_jacobian": lambda self, G: None})
 
 
 def test_needs_jacobian_is_not_declared_and_kind_is_checked():
