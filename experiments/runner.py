@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_opt.aggregator import GradientAggregator, GramianAggregator
+from mtl_opt.aggregator import GradientAggregator, GramianAggregator, is_gramian_weighting
 from mtl_opt.loss_weighting import LossWeighting
 from mtl_opt.problems import ParetoProblem, problem_from_spec
 
@@ -481,7 +481,7 @@ def run_methods(
     for m, agg in enumerate(aggs):
         if isinstance(agg, LossWeighting):
             loss_groups.append((m, per_seed[m] or [agg]))  # type: ignore[list-item]
-        elif isinstance(agg, GramianAggregator):
+        elif is_gramian_weighting(agg):
             gram_groups.append((m, agg, agg.uses_losses))
         else:
             general.append((m, agg))

@@ -72,6 +72,7 @@ class CAMEGrad(GramianAggregator):
         eps: ``ε > 0`` in stage 2.
     """
 
+    properties = frozenset({"permutation_invariant"})  # checked in tests/test_method_properties.py
     accepts_task_weights = True
 
     def __init__(

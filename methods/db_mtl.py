@@ -55,6 +55,8 @@ class DBMTL(GradientAggregator):
         eps: ``ε > 0`` of the logarithm and of the norm ratio.
     """
 
+    state = "tracked"
+    properties = frozenset({"permutation_invariant"})  # checked in tests/test_method_properties.py
     uses_losses = True
     requires_losses = True
 

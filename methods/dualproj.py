@@ -34,6 +34,10 @@ class DualProj(GramianAggregator):
         pref_vector: the weights ``p`` (length K); ``None`` = ``1/K`` each.
     """
 
+    properties = frozenset({  # checked in tests/test_method_properties.py
+        "non_conflicting", "permutation_invariant", "linear_under_scaling",
+        "stationary_at_pareto_stationary",
+    })
     def __init__(self, pref_vector: Sequence[float] | Tensor | None = None) -> None:
         self.pref_vector = check_preference(pref_vector, "DualProj")
 

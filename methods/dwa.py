@@ -35,6 +35,8 @@ class DWA(LossWeighting):
         epoch_length: steps per epoch, or ``None`` to be told by :meth:`end_epoch`.
     """
 
+    state = "tracked"
+    properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
     loss_domain: ClassVar[str] = "positive"
     state_keys: ClassVar[tuple[str, ...]] = (
         "epoch_loss_sum", "epoch_steps", "last_epoch_mean", "previous_epoch_mean",

@@ -47,6 +47,8 @@ class FAMO(LossWeighting):
         gamma: Adam's L2 weight decay of the logits.
     """
 
+    state = "tracked"
+    properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
     loss_domain: ClassVar[str] = "nonnegative"
     wants_losses_after_step: ClassVar[bool] = True
     state_keys: ClassVar[tuple[str, ...]] = ("logits", "adam_m", "adam_v", "adam_steps", "prev_losses")

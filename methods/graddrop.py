@@ -51,6 +51,8 @@ class GradDrop(GradientAggregator):
             construction. :meth:`reset` re-seeds with it.
     """
 
+    state = "random"
+    properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
     def __init__(self, leak: Sequence[float] | None = None, seed: int | None = None) -> None:
         if leak is not None:
             if isinstance(leak, Tensor):

@@ -62,6 +62,8 @@ class GradNorm(GramianAggregator):
         update: ``"adam"`` or ``"sgd"``, the weights' update rule.
     """
 
+    state = "tracked"
+    properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
     uses_losses = True
     requires_losses = True
 

@@ -33,6 +33,8 @@ class IMTLL(LossWeighting):
         lr: Adam learning rate of ``s`` (set it to the model's).
     """
 
+    state = "tracked"
+    properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
     loss_domain: ClassVar[str] = "nonnegative"
     state_keys: ClassVar[tuple[str, ...]] = ("log_scales", "adam_m", "adam_v", "adam_steps")
 

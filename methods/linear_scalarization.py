@@ -22,7 +22,7 @@ class LinearScalarization(GramianAggregator):
     the *sum* of task gradients).
 
     It needs no Gramian: ``aggregate(G)`` is one pass over ``G`` (its ``gramian`` is ``None``).
-    It needs no Jacobian either (``needs_jacobian = False``): :func:`mtl_opt.mtl_backward` runs
+    It needs no Jacobian either (``kind = "loss"``): :func:`mtl_opt.mtl_backward` runs
     one backward pass of ``Σ w_i L_i`` and reports no Gramian.
 
     Args:
@@ -30,9 +30,9 @@ class LinearScalarization(GramianAggregator):
             ``task_weights=`` overrides them for that call.
     """
 
+    properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
     accepts_task_weights = True
-    aggregate_is_weighting = True
-    needs_jacobian = False
+    kind = "loss"  # w from the call context alone; its own _aggregate still returns wᵀG
 
     def __init__(self, weights: Sequence[float] | Tensor | None = None) -> None:
         if weights is not None:

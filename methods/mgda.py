@@ -51,6 +51,10 @@ class MGDA(GramianAggregator):
         normalization: ``"none"`` (default), ``"l2"``, ``"loss"`` or ``"loss+"``.
     """
 
+    properties = frozenset({  # checked in tests/test_method_properties.py
+        "non_conflicting", "permutation_invariant", "linear_under_scaling",
+        "stationary_at_pareto_stationary",
+    })
     uses_losses = True
 
     def __init__(self, normalization: str = "none") -> None:

@@ -63,6 +63,8 @@ class MoCo(GradientAggregator):
         gamma_sigma: ``σ_γ ≥ 0``, decay exponent of ``γ_k``.
     """
 
+    state = "tracked"
+    properties = frozenset({"permutation_invariant"})  # checked in tests/test_method_properties.py
     def __init__(
         self,
         beta: float = 0.1,

@@ -111,6 +111,8 @@ class NashMTL(GramianAggregator):
     state between aggregations): loading it into a fresh instance continues bit for bit.
     """
 
+    state = "tracked"
+    properties = frozenset({"permutation_invariant"})  # checked in tests/test_method_properties.py
     SOLVERS: ClassVar[tuple[str, ...]] = ("exact", "cvxpy")
     cvxpy_solver: ClassVar[str] = "CLARABEL"
 

@@ -55,6 +55,8 @@ class PCGrad(GramianAggregator):
         order: ``"random"`` (the paper) or ``"fixed"`` (index order; deterministic).
     """
 
+    state = "random"
+    properties = frozenset({"linear_under_scaling"})  # checked in tests/test_method_properties.py
     def __init__(self, seed: int | None = None, order: str = "random") -> None:
         self.order = check_choice("order", order, _ORDERS, owner="PCGrad")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):

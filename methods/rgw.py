@@ -34,7 +34,9 @@ class RGW(GramianAggregator):
             construction. :meth:`reset` re-seeds with it.
     """
 
-    aggregate_is_weighting = True  # a single call skips the Gramian and returns λᵀG
+    state = "random"
+    properties = frozenset({"linear_under_scaling"})  # checked in tests/test_method_properties.py
+    kind = "gramian"  # a single call skips the Gramian and still returns λᵀG
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = checked_seed("RGW", seed)

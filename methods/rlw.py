@@ -36,6 +36,8 @@ class RLW(LossWeighting):
             construction. :meth:`reset` re-seeds with it.
     """
 
+    state = "random"
+    properties = frozenset({"linear_under_scaling"})  # checked in tests/test_method_properties.py
     state_keys: ClassVar[tuple[str, ...]] = ("generator_state",)
 
     def __init__(self, distribution: str = "normal", seed: int | None = None) -> None:

@@ -19,6 +19,7 @@ class ScaleInvariant(LossWeighting):
     be > 0. Stateless.
     """
 
+    properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
     loss_domain: ClassVar[str] = "positive"
 
     def __init__(self) -> None:

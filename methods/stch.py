@@ -39,6 +39,8 @@ class STCH(LossWeighting):
         epoch_length: steps per epoch, or ``None`` to be told by :meth:`end_epoch`.
     """
 
+    state = "tracked"
+    properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
     loss_domain: ClassVar[str] = "positive"
     state_keys: ClassVar[tuple[str, ...]] = ("epoch", "epoch_steps", "nadir_sum", "nadir_steps", "nadir")
 

@@ -35,6 +35,8 @@ class UncertaintyWeighting(LossWeighting):
         init_log_variance: ``s`` at the start (0: σ = 1, weights 1/2; LibMTL starts at −0.5).
     """
 
+    state = "tracked"
+    properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
     loss_domain: ClassVar[str] = "nonnegative"
     state_keys: ClassVar[tuple[str, ...]] = ("log_variances", "adam_m", "adam_v", "adam_steps")
 

@@ -1,7 +1,7 @@
 """The one-backward path: methods whose update is ``Σ_i w_i ∇L_i`` with ``w`` from the losses.
 
 Linear scalarization and the loss weightings (:class:`mtl_opt.LossWeighting`) declare
-``needs_jacobian = False``; :func:`mtl_opt.mtl_backward` then asks the method for this step's
+``kind = "loss"`` (so ``needs_jacobian`` is False); :func:`mtl_opt.mtl_backward` then asks the method for this step's
 weights (``aggregator.jacobian_free_weights(losses, task_weights)``) and runs ONE backward pass
 of the weighted sum, built exactly as a user would write it::
 

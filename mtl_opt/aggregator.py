@@ -42,7 +42,32 @@ from mtl_opt._validation import (
 )
 from mtl_opt.simplex import gramian_precision
 
-__all__ = ["AggregationResult", "GradientAggregator", "GramianAggregator"]
+__all__ = [
+    "AggregationResult", "GradientAggregator", "GramianAggregator", "KINDS", "PROPERTIES", "STATES",
+    "is_gramian_weighting",
+]
+
+#: What a method is, declared by its class attribute ``kind``:
+#: ``"gramian"``: a Gramian weighting, ``β = weights(M, losses=, task_weights=)`` and ``d = βᵀG``;
+#: ``"loss"``: a loss weighting, ``d = Σ w_i g_i`` with ``w`` from the losses (and call context)
+#: alone, so no Jacobian is needed; ``"general"``: the direction is computed from ``G`` itself.
+KINDS: tuple[str, ...] = ("gramian", "loss", "general")
+
+#: The properties a method may declare in its ``properties`` (each checked by a test):
+#: ``non_conflicting``: ``G d ≥ 0`` (no task's loss increases to first order);
+#: ``permutation_invariant``: permuting the rows of ``G`` leaves ``d`` unchanged;
+#: ``linear_under_scaling``: ``agg(s G) = s · agg(G)`` for ``s > 0``;
+#: ``stationary_at_pareto_stationary``: ``d = 0`` when a convex combination of the rows is 0.
+#: What a method keeps between calls, declared by its class attribute ``state``: ``"none"``;
+#: ``"random"``: a seeded generator (``seed=``), so calls differ and :meth:`reset` re-seeds;
+#: ``"tracked"``: quantities tracked over calls (EMAs, learned weights, steps) in ``state_dict``;
+#: ``"tracked, random"``: both.
+STATES: tuple[str, ...] = ("none", "random", "tracked", "tracked, random")
+
+PROPERTIES: tuple[str, ...] = (
+    "non_conflicting", "permutation_invariant", "linear_under_scaling",
+    "stationary_at_pareto_stationary",
+)
 
 
 @dataclass(frozen=True)
@@ -71,17 +96,67 @@ class GradientAggregator:
         uses_losses: the method can use the task losses passed at call time.
         requires_losses: the method cannot run without them.
         accepts_task_weights: the method has a notion of per-task weights that a call may override.
-        needs_jacobian: False for methods whose update is ``Σ_i w_i ∇L_i`` with ``w`` from the
-            losses (and call context) alone, given by :meth:`jacobian_free_weights`: linear
-            scalarization and the loss weightings (:class:`mtl_opt.LossWeighting`).
+        kind: what the method is (see :data:`KINDS`); the engine asks it and never inspects
+            which methods a subclass overrode. ``"general"`` here, ``"gramian"`` on
+            :class:`GramianAggregator`, ``"loss"`` on :class:`mtl_opt.LossWeighting` and linear
+            scalarization. A subclass that inherits ``"gramian"`` or ``"loss"`` but replaces the
+            code that keeps that promise (``aggregate``, ``_aggregate`` or
+            ``_validate_jacobian``) becomes ``"general"``; one that declares the kind in its
+            own body while replacing ``aggregate`` or ``_validate_jacobian`` is a
+            :class:`TypeError` (a class may replace ``_aggregate`` for speed and still declare
+            its kind: it then promises the same ``βᵀG``).
+        needs_jacobian: derived from ``kind``, never declared: False for the loss weightings,
+            whose update is ``Σ_i w_i ∇L_i`` with ``w`` given by :meth:`jacobian_free_weights`;
             :func:`mtl_opt.mtl_backward` then runs one backward pass of the weighted sum and
             builds no Jacobian.
+        state: what the method keeps between calls, from :data:`STATES`.
+        properties: the mathematical properties the method has, from :data:`PROPERTIES`
+            (``mtl-opt methods`` lists them; tests/test_method_properties.py checks each).
     """
 
-    uses_losses: ClassVar[bool] = False
+    kind: ClassVar[str] = "general"
     needs_jacobian: ClassVar[bool] = True
+    state: ClassVar[str] = "none"
+    properties: ClassVar[frozenset[str]] = frozenset()
+    uses_losses: ClassVar[bool] = False
     requires_losses: ClassVar[bool] = False
     accepts_task_weights: ClassVar[bool] = False
+
+    def __init_subclass__(cls, protocol: bool = False, **kwargs: Any) -> None:
+        """Checks the declarations and derives ``needs_jacobian``; ``protocol=True`` marks the
+        base classes that define how a kind is computed (:class:`GramianAggregator`,
+        :class:`mtl_opt.LossWeighting`)."""
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "needs_jacobian" in own:
+            raise TypeError(
+                f"{cls.__name__} sets needs_jacobian; declare kind = 'loss' (no Jacobian), "
+                "'gramian' or 'general' instead: needs_jacobian is derived from it"
+            )
+        if cls.kind not in KINDS:
+            raise TypeError(f"{cls.__name__}.kind must be one of {KINDS}, got {cls.kind!r}")
+        if cls.state not in STATES:
+            raise TypeError(f"{cls.__name__}.state must be one of {STATES}, got {cls.state!r}")
+        unknown = set(cls.properties) - set(PROPERTIES)
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.properties has unknown entries {sorted(unknown)}; "
+                f"known: {list(PROPERTIES)}"
+            )
+        if cls.kind != "general" and not protocol:
+            replaced = [
+                name for name in ("aggregate", "_validate_jacobian", "_aggregate")
+                if name in own and not (name == "_aggregate" and "kind" in own)
+            ]
+            if "kind" in own and replaced:
+                raise TypeError(
+                    f"{cls.__name__} declares kind = {cls.kind!r} but replaces "
+                    f"{', '.join(replaced)}, so its result need not be the method's weights "
+                    "times G; declare kind = 'general'"
+                )
+            if replaced:
+                cls.kind = "general"  # the inherited promise no longer holds
+        cls.needs_jacobian = cls.kind != "loss"
 
     # ----------------------------------------------------------------------------------------
     # Public API
@@ -239,19 +314,19 @@ class GradientAggregator:
         return losses, task_weights
 
 
-class GramianAggregator(GradientAggregator):
+class GramianAggregator(GradientAggregator, protocol=True):
     """An aggregator that is a weighting of the rows: ``d = weights(G Gᵀ) @ G``.
 
     Subclasses implement :meth:`_weights`, which receives the Gramian as a float64 CPU tensor and
     returns ``β`` (K,) float64. The Gramian is the only device-to-host transfer of a call.
 
-    Class attribute ``aggregate_is_weighting``: a subclass that overrides ``_aggregate`` only to
-    skip work (linear scalarization needs no Gramian) and still returns ``βᵀG`` with the β of
-    :meth:`weights` sets it to True, so that :func:`mtl_opt.mtl_backward` may still aggregate
-    per parameter block.
+    Its ``kind`` is ``"gramian"``. A subclass that replaces ``_aggregate`` only to skip work
+    (random weighting needs no Gramian) and still returns ``βᵀG`` with the β of :meth:`weights`
+    declares its kind in its own body (``kind = "gramian"``), so that
+    :func:`mtl_opt.mtl_backward` may still aggregate per parameter block.
     """
 
-    aggregate_is_weighting: ClassVar[bool] = False
+    kind = "gramian"
 
     def weights(
         self, M: Tensor, /, *, losses: Tensor | None = None, task_weights: Tensor | None = None
@@ -365,6 +440,16 @@ class GramianAggregator(GradientAggregator):
         self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
     ) -> Tensor:
         raise NotImplementedError
+
+
+def is_gramian_weighting(aggregator: GradientAggregator) -> bool:
+    """Whether the engine may compute ``aggregator``'s result as ``βᵀG`` with
+    ``β = weights(M, losses=, task_weights=)`` from the Gramian alone: a ``"gramian"`` method,
+    or a ``"loss"`` method that also gives those weights (linear scalarization, whose β ignores
+    ``M``)."""
+    return aggregator.kind == "gramian" or (
+        aggregator.kind == "loss" and isinstance(aggregator, GramianAggregator)
+    )
 
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)

@@ -29,7 +29,7 @@ Everything is *accumulated* into ``.grad`` exactly like ``.backward()`` (added t
 unless the whole call succeeds. With ``LinearScalarization(w)`` every parameter therefore
 receives what ``(w * losses).sum().backward()`` would give it.
 
-Methods that read no Jacobian (``aggregator.needs_jacobian`` is False: linear scalarization and
+Methods that read no Jacobian (``aggregator.kind == "loss"``: linear scalarization and
 the loss weightings, :class:`mtl_opt.LossWeighting`) skip everything below: the method gives
 this step's ``w`` from the losses and ONE backward pass of ``Σ w_i L_i`` fills ``.grad`` bit for
 bit as that line does (``h = w``; no Gramian in the result; :mod:`mtl_opt._one_backward`).
@@ -144,6 +144,7 @@ from mtl_opt.aggregator import (
     AggregationResult,
     GradientAggregator,
     GramianAggregator,
+    is_gramian_weighting,
     combine_rows,
 )
 
@@ -735,11 +736,12 @@ def mtl_backward(
     if not isinstance(factor_linear, bool):
         raise TypeError(f"factor_linear must be a bool, got {factor_linear!r}")
     level: Literal["parameters", "features"] = "parameters" if features is None else "features"
-    if features is not None and not isinstance(aggregator, GramianAggregator):
+    if features is not None and not is_gramian_weighting(aggregator):
         raise TypeError(
-            f"features= (representation-level aggregation, MGDA-UB) needs a GramianAggregator, "
-            f"whose weights β can be applied to the losses; {type(aggregator).__name__} is not "
-            "one. Aggregate at the parameters instead (drop features=)."
+            f"features= (representation-level aggregation, MGDA-UB) needs a GramianAggregator "
+            f"(a method of kind 'gramian'), whose weights β can be applied to the losses; "
+            f"{type(aggregator).__name__} is of kind {aggregator.kind!r}. Aggregate at the "
+            "parameters instead (drop features=)."
         )
 
     loss_list, L = _stack_losses(losses)
@@ -780,7 +782,7 @@ def mtl_backward(
                     "losses"
                 )
 
-    if not aggregator.needs_jacobian and level == "parameters":
+    if aggregator.kind == "loss" and level == "parameters":
         # LS and the loss weightings: one backward pass of Σ w_i L_i (mtl_opt._one_backward).
         from mtl_opt._one_backward import weighted_sum_backward
 
@@ -804,7 +806,7 @@ def mtl_backward(
     plan = None
     if (
         level == "parameters" and factor_linear and K > 1 and parallel is not False
-        and _blocked_eligible_class(aggregator)
+        and is_gramian_weighting(aggregator)
     ):
         plan = plan_linear_layers(L, first, K)
     grads = _task_grads(
@@ -1015,25 +1017,12 @@ class _BlockedAggregationResult(AggregationResult):
         return self._flat
 
 
-def _blocked_eligible_class(aggregator: GradientAggregator) -> bool:
-    """A GramianAggregator that keeps the base class's ``aggregate`` (validation, Gramian,
-    ``βᵀG``; or declares with ``aggregate_is_weighting`` that its own ``_aggregate`` returns the
-    same ``βᵀG``): its result is ``βᵀG`` with ``β`` from the Gramian alone."""
-    if not isinstance(aggregator, GramianAggregator):
-        return False
-    cls = type(aggregator)
-    return not (
-        cls.aggregate is not GradientAggregator.aggregate
-        or (cls._aggregate is not GramianAggregator._aggregate and not cls.aggregate_is_weighting)
-        or cls._validate_jacobian is not GramianAggregator._validate_jacobian
-    )
-
-
 def _blocked_eligible(aggregator: GradientAggregator, blocks: list[Tensor] | None) -> bool:
-    """Whether the aggregation can run on the blocks: :func:`_blocked_eligible_class`, over
+    """Whether the aggregation can run on the blocks: a Gramian weighting
+    (:func:`mtl_opt.aggregator.is_gramian_weighting`, asked of its declared ``kind``), over
     float32/float64 blocks of one dtype on one real device with d > 0. Anything else takes the
     flat path."""
-    if blocks is None or not blocks or not _blocked_eligible_class(aggregator):
+    if blocks is None or not blocks or not is_gramian_weighting(aggregator):
         return False
     dtype, device = blocks[0].dtype, blocks[0].device
     if dtype not in (torch.float32, torch.float64) or device.type == "meta":

@@ -8,7 +8,7 @@ is the gradient of ``Σ_i w_i L_i`` with ``w`` held constant. So no Jacobian is 
 the weighted sum, exactly ``(w * losses).sum().backward()`` (see :mod:`mtl_opt._one_backward`).
 
 A method says it is a loss weighting by subclassing :class:`LossWeighting` (its class attribute
-``needs_jacobian`` is False); the engine asks for the weights with :meth:`LossWeighting.weights`
+``kind`` is ``"loss"``, so ``needs_jacobian`` is False); the engine asks for the weights with :meth:`LossWeighting.weights`
 and never inspects which methods a subclass overrode.
 
 The protocol::
@@ -56,7 +56,7 @@ __all__ = ["LossWeighting", "adam_step"]
 LossDomain = str
 
 
-class LossWeighting(GradientAggregator):
+class LossWeighting(GradientAggregator, protocol=True):
     """Base class of the loss weightings: ``w = weights(losses)``, update ``Σ w_i ∇L_i``.
 
     Subclasses implement :meth:`_batch_weights_from_losses` (B, K) -> (B, K) on float64 CPU
@@ -73,7 +73,7 @@ class LossWeighting(GradientAggregator):
             the first step, or Python ints).
     """
 
-    needs_jacobian: ClassVar[bool] = False
+    kind = "loss"
     uses_losses: ClassVar[bool] = True
     requires_losses: ClassVar[bool] = True
     accepts_task_weights: ClassVar[bool] = False

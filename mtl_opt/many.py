@@ -26,6 +26,7 @@ from mtl_opt.aggregator import (
     AggregationResult,
     GradientAggregator,
     GramianAggregator,
+    is_gramian_weighting,
     combine_rows,
 )
 
@@ -61,7 +62,7 @@ def aggregate_many(
     check_jacobian(G)
     K = G.shape[0]
 
-    gramian_methods = {k: a for k, a in named.items() if isinstance(a, GramianAggregator)}
+    gramian_methods = {k: a for k, a in named.items() if is_gramian_weighting(a)}
     results: dict[str, AggregationResult] = {}
     if gramian_methods:
         M64 = gramian_of(G)  # also the finiteness check of G

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mtl_opt.aggregator import GradientAggregator, GramianAggregator
+from mtl_opt.aggregator import GradientAggregator, GramianAggregator, is_gramian_weighting
 from mtl_opt.backward import (
     MTLBackwardResult,
     Params,
@@ -242,7 +242,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                     f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}"
                 )
             if grad_scaler.is_enabled():
-                if not isinstance(aggregator, GramianAggregator):
+                if not is_gramian_weighting(aggregator):
                     raise TypeError(
                         f"grad_scaler needs a Gramian method (its weights are computed on the "
                         f"unscaled Gramian); {type(aggregator).__name__} is not one"
