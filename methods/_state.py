@@ -53,3 +53,33 @@ def checked_tensor(owner: str, name: str, value: object, ndim: int) -> Tensor | 
 
 def clone_or_none(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().clone()
+
+
+class SeededGenerator:
+    """The state of a method whose only memory is a seeded ``torch.Generator`` (its random draws).
+
+    :meth:`_start_generator` checks ``seed`` (an int, or ``None`` for one drawn from torch's
+    global generator) and stores it as the ``seed`` hyperparameter; :meth:`reset` re-seeds, and
+    :meth:`state_dict` / :meth:`load_state_dict` save and restore the generator, so a resumed
+    run draws what an uninterrupted one would. Listed before the aggregator base class.
+    """
+
+    seed: int | None
+    _seed_used: int
+    _generator: torch.Generator
+
+    def _start_generator(self, seed: object) -> None:
+        self.seed = checked_seed(type(self).__name__, seed)
+        self._seed_used = drawn_seed(self.seed)
+        self._generator = torch.Generator()
+        self.reset()
+
+    def reset(self) -> None:
+        self._generator.manual_seed(self._seed_used)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator_state": self._generator.get_state().clone()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        checked_state(type(self).__name__, state, ["generator_state"])
+        self._generator.set_state(state["generator_state"])

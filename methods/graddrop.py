@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import _HALF_DTYPES, AggregationResult, GradientAggregator
-from mtl_opt.methods._state import checked_seed, checked_state, drawn_seed
+from mtl_opt.methods._state import SeededGenerator
 from mtl_opt.registry import register_aggregator
 
 
 @register_aggregator("graddrop")
-class GradDrop(GradientAggregator):
+class GradDrop(SeededGenerator, GradientAggregator):
     """GradDrop (Chen, Ngiam, Huang, Luong, Kretzschmar, Chai, Anguelov): gradient sign dropout.
 
     "Just Pick a Sign: Optimizing Deep Multitask Models with Gradient Sign Dropout",
@@ -53,6 +52,7 @@ class GradDrop(GradientAggregator):
 
     state = "random"
     properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
+
     def __init__(self, leak: Sequence[float] | None = None, seed: int | None = None) -> None:
         if leak is not None:
             if isinstance(leak, Tensor):
@@ -61,21 +61,7 @@ class GradDrop(GradientAggregator):
                 raise TypeError(f"GradDrop: leak must be None or a non-empty list of numbers, got {leak!r}")
             leak = [check_range(f"leak[{i}]", v, low=0.0, high=1.0, owner="GradDrop") for i, v in enumerate(leak)]
         self.leak = leak
-        self.seed = checked_seed("GradDrop", seed)
-        self._seed_used = drawn_seed(self.seed)
-        self._generator = torch.Generator()
-        self.reset()
-
-    # ---------------------------------------------------------------------------- state
-    def reset(self) -> None:
-        self._generator.manual_seed(self._seed_used)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator_state": self._generator.get_state().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        checked_state("GradDrop", state, ["generator_state"])
-        self._generator.set_state(state["generator_state"])
+        self._start_generator(seed)  # state: the generator (SeededGenerator)
 
     # ---------------------------------------------------------------------------- direction
     def _check_leak(self, K: int) -> None:

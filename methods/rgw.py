@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from mtl_opt.aggregator import AggregationResult, GramianAggregator, combine_rows
-from mtl_opt.methods._state import checked_seed, checked_state, drawn_seed
+from mtl_opt.methods._state import SeededGenerator
 from mtl_opt.registry import register_aggregator
 
 
 @register_aggregator("rgw")
-class RGW(GramianAggregator):
+class RGW(SeededGenerator, GramianAggregator):
     """RGW (Lin, Ye, Xu, Shi, Zhang, Kwok): random gradient weighting.
 
     "Reasonable Effectiveness of Random Weighting: A Litmus Test for Multi-Task Learning",
@@ -39,20 +38,7 @@ class RGW(GramianAggregator):
     kind = "gramian"  # a single call skips the Gramian and still returns λᵀG
 
     def __init__(self, seed: int | None = None) -> None:
-        self.seed = checked_seed("RGW", seed)
-        self._seed_used = drawn_seed(self.seed)
-        self._generator = torch.Generator()
-        self.reset()
-
-    def reset(self) -> None:
-        self._generator.manual_seed(self._seed_used)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator_state": self._generator.get_state().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        checked_state("RGW", state, ["generator_state"])
-        self._generator.set_state(state["generator_state"])
+        self._start_generator(seed)  # state: the generator (SeededGenerator)
 
     def _draw(self, K: int) -> Tensor:
         z = torch.randn(K, generator=self._generator, dtype=torch.float64)
