@@ -10,11 +10,28 @@ import torch
 from torch import Tensor
 
 
-def checked_seed(owner: str, seed: object) -> int | None:
-    """``seed`` as an int, or ``None``; anything else raises ``TypeError`` naming the method."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
+#: The seeds :meth:`torch.Generator.manual_seed` takes.
+TORCH_SEEDS = (-(2**63), 2**64)
+#: The seeds :func:`numpy.random.default_rng` takes (any non-negative int; bounded here too).
+NUMPY_SEEDS = (0, 2**64)
+
+
+def checked_seed(owner: str, seed: object, seeds: tuple[int, int] = TORCH_SEEDS) -> int | None:
+    """``seed`` as an int in ``[seeds[0], seeds[1])``, or ``None``. A non-int raises
+    ``TypeError`` and an int out of range ``ValueError``, naming the method: a seed is refused
+    rather than reduced (modulo 2**64 a seed of 2**70 would draw what 0 draws)."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{owner}: seed must be an int or None, got {seed!r}")
-    return None if seed is None else int(seed)
+    low, end = seeds
+    if not low <= int(seed) < end:
+        low_text = "0" if low == 0 else "-2**63"
+        raise ValueError(
+            f"{owner}: seed must be an int in [{low_text}, 2**64) (what its random generator "
+            f"accepts), got {seed!r}"
+        )
+    return int(seed)
 
 
 def drawn_seed(seed: int | None) -> int:
@@ -69,7 +86,7 @@ class SeededGenerator:
     _generator: torch.Generator
 
     def _start_generator(self, seed: object) -> None:
-        self.seed = checked_seed(type(self).__name__, seed)
+        self.seed = checked_seed(type(self).__name__, seed)  # refused, never reduced
         self._seed_used = drawn_seed(self.seed)
         self._generator = torch.Generator()
         self.reset()

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.methods._state import NUMPY_SEEDS, checked_seed
 from mtl_opt.registry import register_aggregator
 
 
@@ -55,9 +56,9 @@ class GradVac(GramianAggregator):
     def __init__(self, beta: float = 0.01, eps: float = 1e-8, seed: int = 0) -> None:
         self.beta = check_range("beta", beta, low=0.0, high=1.0, owner="GradVac")
         self.eps = check_range("eps", eps, low=0.0, owner="GradVac")
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"GradVac: seed must be an integer, got {seed!r}")
-        self.seed = seed
+        if seed is None:
+            raise TypeError("GradVac: seed must be an int (it seeds the random task order), got None")
+        self.seed = checked_seed("GradVac", seed, NUMPY_SEEDS)
         self.reset()
 
     # ------------------------------------------------------------------------------------

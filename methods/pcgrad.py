@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import numbers
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from mtl_opt._validation import check_choice
 from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.methods._state import SeededGenerator
 from mtl_opt.methods._two_task import weight_pair
 from mtl_opt.registry import register_aggregator
 
 _ORDERS = ("random", "fixed")
 #: The seeds torch.Generator.manual_seed accepts: 64-bit integers, signed or unsigned.
-_SEED_MIN, _SEED_END = -(2**63), 2**64
 
 
 @register_aggregator("pcgrad")
-class PCGrad(GramianAggregator):
+class PCGrad(SeededGenerator, GramianAggregator):
     """PCGrad (Yu et al. 2020): project each gradient off the ones it conflicts with, then sum.
 
     "Gradient Surgery for Multi-Task Learning" (NeurIPS 2020), Algorithm 1.
@@ -57,36 +54,10 @@ class PCGrad(GramianAggregator):
 
     state = "random"
     properties = frozenset({"linear_under_scaling"})  # checked in tests/test_method_properties.py
+
     def __init__(self, seed: int | None = None, order: str = "random") -> None:
         self.order = check_choice("order", order, _ORDERS, owner="PCGrad")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise TypeError(f"PCGrad: seed must be an int or None, got {seed!r}")
-        if seed is not None and not _SEED_MIN <= int(seed) < _SEED_END:
-            # Refused rather than reduced modulo 2**64, which would silently make 2**70 draw the
-            # same orders as 0.
-            raise ValueError(
-                f"PCGrad: seed must be an int in [-2**63, 2**64) (what torch.Generator.manual_seed "
-                f"accepts), got {seed!r}"
-            )
-        self.seed = None if seed is None else int(seed)
-        self._seed_used = (
-            int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
-        )
-        self._generator = torch.Generator()
-        self.reset()
-
-    # ---------------------------------------------------------------------------- state
-    def reset(self) -> None:
-        self._generator.manual_seed(self._seed_used)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator_state": self._generator.get_state().clone()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        unknown = sorted(set(state) - {"generator_state"})
-        if unknown or "generator_state" not in state:
-            raise ValueError(f"PCGrad state must have exactly the key 'generator_state', got {sorted(state)}")
-        self._generator.set_state(state["generator_state"])
+        self._start_generator(seed)  # state: the generator (SeededGenerator)
 
     # ---------------------------------------------------------------------------- weights
     def _orders(self, K: int) -> list[list[int]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import ClassVar
 
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_choice
 from mtl_opt.loss_weighting import LossWeighting
+from mtl_opt.methods._state import checked_seed, drawn_seed
 from mtl_opt.registry import register_aggregator
 
 DISTRIBUTIONS = ("normal", "uniform", "dirichlet", "bernoulli")
@@ -42,10 +42,8 @@ class RLW(LossWeighting):
 
     def __init__(self, distribution: str = "normal", seed: int | None = None) -> None:
         self.distribution = check_choice("distribution", distribution, DISTRIBUTIONS, owner="RLW")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)):
-            raise TypeError(f"RLW: seed must be an int or None, got {seed!r}")
-        self.seed = None if seed is None else int(seed)
-        self._seed_used = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        self.seed = checked_seed("RLW", seed)
+        self._seed_used = drawn_seed(self.seed)
         self._generator = torch.Generator()
         self.reset()
 

@@ -249,3 +249,26 @@ def test_the_one_backward_path_refuses_a_non_finite_gradient_and_clears_what_it_
         p.grad = torch.zeros_like(p)
     with pytest.raises(ValueError, match=r"(?s)outside shared_params.*held a gradient before this call"):
         mtl_backward([L.abs() + 1 for L in net.losses()], net.trunk, get_aggregator(method))
+
+
+def _seeded_methods() -> list[str]:
+    import inspect
+
+    from mtl_opt.registry import aggregator_class
+
+    return [n for n in mtl_opt.available_aggregators()
+            if "seed" in inspect.signature(aggregator_class(n).__init__).parameters]
+
+
+@pytest.mark.parametrize("name", _seeded_methods())
+def test_every_seeded_method_refuses_a_seed_its_generator_cannot_take(name):
+    # One check for every seeded method (methods/_state.checked_seed): out of range is refused,
+    # never reduced modulo 2**64; a non-int is a TypeError; 0 and 2**64 - 1 are taken.
+    assert len(_seeded_methods()) >= 5  # pcgrad, gradvac, graddrop, rgw, rlw
+    for seed in (2**70, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be an int in \["):
+            get_aggregator(name, seed=seed)
+    with pytest.raises(TypeError, match="seed must be an int"):
+        get_aggregator(name, seed="1")
+    for seed in (0, 2**64 - 1):
+        get_aggregator(name, seed=seed)
