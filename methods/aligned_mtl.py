@@ -51,6 +51,7 @@ a task whose gradient is 10⁻⁴ times smaller than another's, counts here and 
     """
 
     properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
+
     def __init__(self, pref_vector: Sequence[float] | Tensor | None = None, scale_mode: str = "min") -> None:
         self.pref_vector = check_preference(pref_vector, "AlignedMTL")
         self.scale_mode = check_choice("scale_mode", scale_mode, _SCALE_MODES, owner="AlignedMTL")

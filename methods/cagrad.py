@@ -62,6 +62,7 @@ class CAGrad(GramianAggregator):
     """
 
     properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
+
     def __init__(self, c: float = 0.4, rescale: int = 1) -> None:
         self.c = check_range("c", c, low=0.0, owner="CAGrad")
         if rescale not in (0, 1, 2) or isinstance(rescale, bool):

@@ -48,6 +48,7 @@ class FairGrad(GramianAggregator):
     """
 
     properties = frozenset({"permutation_invariant"})  # checked in tests/test_method_properties.py
+
     def __init__(self, alpha: float = 1.0, max_norm: float = 1.0) -> None:
         self.alpha = check_range("alpha", alpha, low=0.0, low_inclusive=False, owner="FairGrad")
         self.max_norm = check_range("max_norm", max_norm, low=0.0, owner="FairGrad")

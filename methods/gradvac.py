@@ -53,6 +53,7 @@ class GradVac(GramianAggregator):
     """
 
     state = "tracked, random"
+
     def __init__(self, beta: float = 0.01, eps: float = 1e-8, seed: int = 0) -> None:
         self.beta = check_range("beta", beta, low=0.0, high=1.0, owner="GradVac")
         self.eps = check_range("eps", eps, low=0.0, owner="GradVac")

@@ -37,6 +37,7 @@ class IMTLG(GramianAggregator):
     """
 
     properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
+
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         A = M.numpy()
         scale = np.diagonal(A, axis1=1, axis2=2).max(axis=1)

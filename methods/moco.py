@@ -65,6 +65,7 @@ class MoCo(GradientAggregator):
 
     state = "tracked"
     properties = frozenset({"permutation_invariant"})  # checked in tests/test_method_properties.py
+
     def __init__(
         self,
         beta: float = 0.1,

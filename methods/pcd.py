@@ -69,6 +69,7 @@ class PCD(GramianAggregator):
     """
 
     state = "tracked"
+
     def __init__(self, tau: float | Sequence[float] = 0.02, beta: float = 0.999, eps: float = 1e-8) -> None:
         owner = "PCD"
         if isinstance(tau, (list, tuple)):

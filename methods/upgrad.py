@@ -47,6 +47,7 @@ class UPGrad(GramianAggregator):
         "non_conflicting", "permutation_invariant", "linear_under_scaling",
         "stationary_at_pareto_stationary",
     })
+
     def __init__(self, pref_vector: Sequence[float] | Tensor | None = None) -> None:
         self.pref_vector = check_preference(pref_vector, "UPGrad")
 
