@@ -83,6 +83,8 @@ def _read_digit_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"digit file {path} is not a text file of comma-separated numbers "
                          f"(byte {exc.start} is not ASCII)") from None
     width = DIGIT_SIZE * DIGIT_SIZE + 1
+    if not text.strip():
+        raise ValueError(f"digit file {path} holds no digits")
     try:
         table = np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float64, ndmin=2)
     except ValueError as exc:
@@ -100,7 +102,7 @@ def _read_digit_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"digit file {path}, line {bad[0] + 1}: pixel values must lie in 0..255")
     bad = np.flatnonzero(~np.isin(labels, np.arange(10)))
     if bad.size:
-        raise ValueError(f"digit file {path}, line {bad[0] + 1}: the label {labels[bad[0]]!r} is not "
+        raise ValueError(f"digit file {path}, line {bad[0] + 1}: the label {float(labels[bad[0]]):g} is not "
                          "a digit 0..9")
     return (np.rint(pixels).astype(np.uint8).reshape(-1, DIGIT_SIZE, DIGIT_SIZE),
             labels.astype(np.int64))

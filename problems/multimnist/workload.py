@@ -37,7 +37,7 @@ class MultiMNIST(TrainingWorkload):
     name = "multimnist"
     task_names = ("left", "right")
     metrics = (TaskMetric("acc_left", "left", True), TaskMetric("acc_right", "right", True))
-    defaults = TrainingDefaults(epochs=5, batch_size=256, lr=1e-3, optimizer="adam")
+    defaults = TrainingDefaults(epochs=5, batch_size=256, lr=3e-3, optimizer="adam")
 
     def __init__(self, *, n_train: int = 6000, n_val: int = 1000, n_test: int = 2000,
                  max_shift: int = 4, image_size: int = DIGIT_SIZE, data_seed: int | None = 0,
