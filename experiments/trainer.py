@@ -75,6 +75,7 @@ __all__ = [
     "load_run_checkpoint",
     "prepare",
     "restore",
+    "resume_config",
     "run_checkpoint",
     "train",
     "train_steps",
@@ -556,7 +557,7 @@ def restore(run: Run, ckpt: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 # The whole run
 # ------------------------------------------------------------------------------------------------
-def _resume_config(resume: str | os.PathLike, config: TrainConfig | None) -> tuple[TrainConfig, dict, Path]:
+def resume_config(resume: str | os.PathLike, config: TrainConfig | None) -> tuple[TrainConfig, dict, Path]:
     path = Path(resume)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -594,7 +595,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
 
     ckpt = None
     if resume is not None:
-        config, ckpt, ckpt_path = _resume_config(resume, config)
+        config, ckpt, ckpt_path = resume_config(resume, config)
     if config is None:
         raise ValueError("train needs a config or a run to resume")
     cfg = config
