@@ -52,6 +52,15 @@ def test_every_registered_method_takes_a_finite_step_on_multimnist(method):
         assert row["loss_left"] > 0 and row["loss_right"] > 0
 
 
+def test_diffusion_is_one_for_linear_scalarization_and_the_cosine_matches_the_gradients():
+    run = prepare(_cfg(method="ls", steps=3))
+    rows = train_steps(run, 3)
+    for row in rows:
+        assert row["diffusion"] == pytest.approx(1.0, rel=1e-5)  # the update is Σ g_i itself
+        assert -1 <= row["cos"] <= 1 and row["conflict"] == int(row["cos"] < 0)
+    assert run.state.tally.n == 3
+
+
 def test_a_single_task_run_trains_only_its_own_head():
     run = prepare(_cfg(task="right", steps=2))
     before = _params(run.model)
