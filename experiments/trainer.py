@@ -541,6 +541,7 @@ def run_checkpoint(run: Run) -> dict[str, Any]:
         "format": CHECKPOINT_FORMAT,
         "config": run.cfg.to_dict(),
         "workload": {"spec": run.workload.spec(), "options": dict(run.workload.options)},
+        "workload_state": run.workload.checkpoint_state(run.data),
         "model": run.model.state_dict(),
         "optimizer": run.mto.state_dict(),
         "total_steps": run.total_steps,

@@ -184,7 +184,14 @@ class TrainingWorkload(ABC):
         """Every metric of :attr:`metrics` (and, optionally, more: losses, ...) over ``batches``.
 
         Called under ``torch.no_grad()`` with the model in eval mode and the batches on its
-        device; returns plain floats."""
+        device; returns plain floats. The trainer builds one workload object per run and calls
+        :meth:`data` first, so what ``data`` built (a tokenizer, say) may be kept on ``self``."""
+
+    def checkpoint_state(self, data: WorkloadData) -> dict[str, Any]:
+        """What a checkpoint must hold besides the model to use it without rebuilding the data
+        (a tokenizer's vocabulary, say), as tensors and plain data; saved as
+        ``workload_state``. Default: nothing."""
+        return {}
 
     # ---- derived -------------------------------------------------------------------------------
     @property

@@ -118,6 +118,8 @@ def test_the_run_folder_holds_config_logs_checkpoint_and_result(tmp_path):
     assert set(result["test"]) >= {"acc_left", "acc_right"}
     assert 0.0 <= result["conflict_share"] <= 1.0 and result["conflict_steps"] == 4
     assert -1.0 <= result["cos_mean"] <= 1.0
+    ckpt = load_run_checkpoint(out / "checkpoint.pt")
+    assert ckpt["workload_state"] == {} and ckpt["workload"]["spec"].startswith("multimnist:")
     epochs = (out / "epochs.csv").read_text().splitlines()
     assert epochs[0].startswith("step,epoch,train_loss_left") and "val_acc_left" in epochs[0]
     assert len(epochs) == 1 + 2  # validation after each of the two epochs (3 steps, then 1)
