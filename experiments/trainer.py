@@ -615,17 +615,19 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         raise ValueError("train needs a config or a run to resume")
     cfg = config
     cfg.validate()
-    run = prepare(cfg)
     if ckpt is not None:
-        try:
-            restore(run, ckpt)
-        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be resumed: {first_line(str(exc))}") from None
         folder = reclaim_output_folder(cfg.out, command="mtl-opt train --resume")
     else:
         folder = claim_output_folder(cfg.out or default_folder_name("train"), command="mtl-opt train",
                                      unique=cfg.out is None)
-    with folder:
+    with folder:  # a run that fails before writing anything gives its fresh folder back
+        run = prepare(cfg)
+        if ckpt is not None:
+            try:
+                restore(run, ckpt)
+            except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+                raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be resumed: "
+                                 f"{first_line(str(exc))}") from None
         return _train_in(run, folder.path, resumed=ckpt is not None, callback=callback, verbose=verbose)
 
 

@@ -155,7 +155,7 @@ def test_a_malicious_checkpoint_runs_nothing_and_is_refused_naming_the_file(tmp_
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "a tensor", "no model"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "a tensor", "no model", "wrong weights"])
 def test_a_damaged_checkpoint_gives_one_error_naming_the_file(damage, tmp_path):
     out = tmp_path / "run"
     train(_cfg(steps=1, out=str(out)))
@@ -168,7 +168,10 @@ def test_a_damaged_checkpoint_gives_one_error_naming_the_file(damage, tmp_path):
         torch.save(torch.ones(2), path)
     else:
         ckpt = torch.load(path, weights_only=True)
-        del ckpt["model"]
+        if damage == "no model":
+            del ckpt["model"]
+        else:
+            ckpt["model"][next(iter(ckpt["model"]))] = torch.zeros(1)
         torch.save(ckpt, path)
     with pytest.raises(ValueError, match=re.escape(str(path))):
         train(resume=out)
