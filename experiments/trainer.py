@@ -19,7 +19,9 @@ atomically before any work (:mod:`mtl_opt._output_folder`):
   generator, as tensors and plain data (:mod:`mtl_opt.experiments.checkpoint`), written at each
   validation; ``train(cfg, resume=run_dir)`` continues from it and ends with the same parameters,
   bit for bit, as a run that was never interrupted;
-* ``result.json``: the test metrics, the last validation's, the conflict statistics, the times.
+* ``result.json``: the test metrics, the last validation's, the conflict statistics, the times;
+  and whatever the workload writes after the test (:meth:`TrainingWorkload.write_test_outputs`:
+  generated samples, say), listed in ``result.json``.
 
 **Methods of every kind**, written once here: a Gramian or general method aggregates the
 Jacobian of the shared parameters; a loss weighting (and linear scalarization) takes one backward
@@ -713,6 +715,7 @@ def _train_in(run: Run, out_dir: Path, *, resumed: bool,
         "conflict_steps": tally.n, "steps": run.total_steps,
         "train_time_s": train_time, "test_time_s": time.perf_counter() - t1,
     }
+    result["test_outputs"] = list(run.workload.write_test_outputs(out_dir))
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     say("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items())
         + f"; mean cosine {result['cos_mean']:.3f}, conflict share {result['conflict_share']:.3f}")

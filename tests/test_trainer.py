@@ -254,6 +254,10 @@ class NoisyRegression(TrainingWorkload):
         z, (pa, pb) = model(x)
         return TaskLosses([((pa - ya) ** 2).mean(), ((pb - yb) ** 2).mean()], z if features else None)
 
+    def write_test_outputs(self, folder):
+        (folder / "predictions.txt").write_text("written after the test\n")
+        return ["predictions.txt"]
+
     def evaluate(self, model, batches):
         err, n = torch.zeros(2), 0
         for x, ya, yb in batches:
@@ -284,4 +288,5 @@ def test_a_resumed_run_with_dropout_draws_what_an_uninterrupted_one_draws(method
     b = load_run_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test"] == whole["test"] and set(whole["test"]) == {"mse_a", "mse_b"}
+    assert whole["test_outputs"] == ["predictions.txt"] and (tmp_path / "whole" / "predictions.txt").is_file()
     assert _rows(tmp_path / "whole" / "steps.csv") == _rows(tmp_path / "cut" / "steps.csv")
