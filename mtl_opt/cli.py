@@ -15,9 +15,10 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "methods": ("mtl_opt.cli", "list every registered method with its hyperparameters and defaults"),
-    "compare": ("mtl_opt.experiments.compare_cli", "compare methods on synthetic Pareto problems with known fronts"),
+    "compare": ("mtl_opt.experiments.compare_cli", "compare methods on synthetic Pareto problems with known fronts, or on a training workload (--workload)"),
     "ablate": ("mtl_opt.experiments.ablate_study", "CAME-Grad stage ablation over seeds, with paired confidence intervals"),
     "sweep": ("mtl_opt.experiments.sweep_study", "Ray Tune search over a method's hyperparameters on any problem"),
+    "train": ("mtl_opt.experiments.train_cli", "train any training workload (multimnist, ...) with any method"),
     "rrg": ("mtl_opt.problems.rrg.cli", "radiology report generation: train, eval, conflict"),
     "bench": ("mtl_opt.experiments.bench", "time every method against the G Gᵀ + wᵀG floor (and TorchJD)"),
 }
