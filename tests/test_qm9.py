@@ -1,5 +1,6 @@
-"""The QM9 workload on a fixture of 12 molecules copied verbatim from qm9pack's CSV
-(tests/data/qm9/qm9_part1.csv: QM9 molecules 1-7, 50, 214, 215, 271, 486): target values and
+"""The QM9 workload on a fixture of 13 molecules copied verbatim from qm9pack's CSV files
+(tests/data/qm9/qm9_part1.csv: QM9 molecules 1-7, 50, 214, 215, 271, 486; qm9_part3.csv:
+133857): target values and
 units against documented molecules, featurisation of hand-checked molecules, batching, splits,
 standardisation, one training step of every registered method, Δm% by hand."""
 
@@ -116,6 +117,21 @@ def test_bonds_land_on_the_geometry_when_the_xyz_order_differs(records, number, 
     assert float(length[heavy & (g.bond_type == short)].max()) < float(length[heavy & (g.bond_type == long)].min())
 
 
+def test_a_geometry_without_its_smiles_bonds_gets_the_geometrys_bonds(records):
+    """QM9 molecule 133857 (SMILES CC1C2C3C4=CCC13C24) relaxed into another cage: its SMILES
+    graph is not among the geometry's contacts, so its bonds are perceived from the geometry."""
+    g, i = _graph(records, 133857)
+    assert records.sources[i] == "qm9_part3.csv"
+    assert g.bonds_from_geometry
+    assert g.num_bonds == 22 and g.bond_type.bincount(minlength=4).tolist() == [42, 2, 0, 0]
+    src, dst = g.bond_index
+    assert float((g.pos[src] - g.pos[dst]).norm(dim=1).max()) < 1.6
+    others = [_graph(records, int(n))[0] for n in records.index if n != 133857]
+    assert not any(o.bonds_from_geometry for o in others)
+    info = QM9(data_dir=FIXTURE, split_seed=0).data(0).info
+    assert info["bonds_from_geometry"] == [133857]
+
+
 def test_a_smiles_that_does_not_fit_its_geometry_is_named(records):
     with pytest.raises(ValueError, match=r"molecule 7.*CO"):
         molecule_graph("CO", records.elements[6], records.positions(6), where="qm9_part1.csv, molecule 7")
@@ -155,7 +171,7 @@ def test_splits_are_determined_by_the_seed():
 def test_targets_are_standardised_with_the_training_splits_statistics(records):
     data = QM9(data_dir=FIXTURE, split_seed=0).data(0)
     train_rows = [int(np.nonzero(records.index == n)[0][0]) for n in data.info["molecules"]["train"]]
-    assert data.sizes() == {"train": 10, "val": 1, "test": 1}
+    assert data.sizes() == {"train": 11, "val": 1, "test": 1}
     y = data.train.y.double()
     torch.testing.assert_close(y.mean(0), torch.zeros(11, dtype=torch.float64), atol=1e-6, rtol=0)
     torch.testing.assert_close(y.std(0), torch.ones(11, dtype=torch.float64), atol=1e-6, rtol=0)
@@ -201,7 +217,7 @@ def test_bad_files_and_options_are_named(tmp_path):
             read_qm9(tmp_path)
     with pytest.raises(ValueError, match="subset"):
         get_training_workload("qm9", subset=0)
-    with pytest.raises(ValueError, match="subset=50 exceeds the 12 molecules"):
+    with pytest.raises(ValueError, match="subset=50 exceeds the 13 molecules"):
         QM9(data_dir=FIXTURE, subset=50).data(0)
 
 

@@ -14,7 +14,10 @@ SMILES graph and a subgraph of the geometry's covalent contacts (atoms closer th
 covalent radii + 0.45 Å; elements must agree, bond orders are ignored; strained rings add contacts
 that are not bonds, hence a subgraph):
 QM9's XYZ blocks do not always list atoms in SMILES order (e.g. ``N#CC#CC#N``, zwitterions).
-A molecule whose SMILES and geometry do not describe the same graph raises, naming it.
+Two of the 130,831 molecules (QM9 numbers 133857 and 133859, strained cages) relaxed into a
+geometry whose bonds are not those of their SMILES: their bonds are then read from the geometry
+(RDKit's ``DetermineBonds``, neutral molecule), as PyG's SDF-based reading does for every molecule,
+and :attr:`MoleculeGraph.bonds_from_geometry` says so.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class MoleculeGraph:
     pos: Tensor
     bond_index: Tensor
     bond_type: Tensor
+    bonds_from_geometry: bool = False
 
     @property
     def num_atoms(self) -> int:
@@ -87,6 +91,9 @@ def molecule_graph(smiles: str, elements: list[str], positions: np.ndarray, *,
         raise ValueError(f"{where}: the SMILES {smiles!r} has {mol.GetNumAtoms()} atoms with "
                          f"hydrogens, the XYZ block {n}")
     place = _place_on_geometry(Chem, mol, elements, positions, smiles, where)
+    from_geometry = place is None
+    if from_geometry:
+        mol, place = _molecule_from_geometry(Chem, elements, positions, smiles, where), list(range(n))
 
     x = torch.zeros(n, NODE_FEATURES)
     for atom in mol.GetAtoms():
@@ -112,12 +119,14 @@ def molecule_graph(smiles: str, elements: list[str], positions: np.ndarray, *,
         is_h = x[:, 0]
         x[:, 10].index_add_(0, bond_index[1], is_h[bond_index[0]])
     return MoleculeGraph(x=x, pos=torch.tensor(positions, dtype=torch.float32),
-                         bond_index=bond_index.reshape(2, -1), bond_type=bond_type)
+                         bond_index=bond_index.reshape(2, -1), bond_type=bond_type,
+                         bonds_from_geometry=from_geometry)
 
 
 def _place_on_geometry(Chem, mol, elements: list[str], positions: np.ndarray, smiles: str,
-                       where: str) -> list[int]:
-    """``place[k]``: the XYZ index of SMILES atom ``k`` (an isomorphism of the two graphs)."""
+                       where: str) -> list[int] | None:
+    """``place[k]``: the XYZ index of SMILES atom ``k`` (the SMILES graph matched into the
+    geometry's contacts); ``None`` when the SMILES graph is not among them."""
     n = len(elements)
     symbols = [a.GetSymbol() for a in mol.GetAtoms()]
     if sorted(symbols) != sorted(elements):
@@ -133,11 +142,24 @@ def _place_on_geometry(Chem, mol, elements: list[str], positions: np.ndarray, sm
     pattern = _bare_graph(Chem, symbols, [(b.GetBeginAtomIdx(), b.GetEndAtomIdx())
                                           for b in mol.GetBonds()])
     match = geometry.GetSubstructMatch(pattern)
-    if len(match) != n:
-        raise ValueError(
-            f"{where}: the SMILES {smiles!r} is not a subgraph of the geometry's covalent "
-            "connectivity: cannot place the SMILES atoms on the XYZ atoms")
-    return list(match)
+    return list(match) if len(match) == n else None
+
+
+def _molecule_from_geometry(Chem, elements: list[str], positions: np.ndarray, smiles: str, where: str):
+    """The molecule with bonds and bond orders perceived from the coordinates (neutral, sanitised),
+    atoms in XYZ order: for a geometry that does not hold its SMILES' bonds."""
+    from rdkit.Chem import rdDetermineBonds
+
+    block = f"{len(elements)}\n\n" + "\n".join(
+        f"{e} {x:.10f} {y:.10f} {z:.10f}" for e, (x, y, z) in zip(elements, positions))
+    try:
+        mol = Chem.MolFromXYZBlock(block)
+        rdDetermineBonds.DetermineBonds(mol, charge=0)
+        Chem.SanitizeMol(mol)
+    except (ValueError, RuntimeError) as exc:
+        raise ValueError(f"{where}: the geometry does not hold the bonds of the SMILES {smiles!r}, "
+                         f"and RDKit cannot perceive bonds from it ({exc})") from None
+    return mol
 
 
 _COVALENT_RADIUS = {"H": 0.31, "C": 0.76, "N": 0.71, "O": 0.66, "F": 0.57}  # Å, Cordero et al. 2008

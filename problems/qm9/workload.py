@@ -155,15 +155,17 @@ class QM9(TrainingWorkload):
             flat = [t.name for t, s in zip(QM9_TARGETS, std) if not s > 0]
             raise ValueError(f"qm9: target(s) {flat} are constant over the training split; "
                              "standardisation needs a spread (use more molecules)")
-        splits = {}
+        splits, from_geometry = {}, []
         for name, idx in rows.items():
             graphs = [_graph(self.data_dir, records, int(r)) for r in idx]
+            from_geometry += [int(records.index[r]) for r, g in zip(idx, graphs) if g.bonds_from_geometry]
             y = torch.tensor((records.targets[idx] - mean) / std, dtype=torch.float32)
             splits[name] = QM9Split(graphs, y)
         scale = np.array([t.report_scale for t in QM9_TARGETS]) * std
         return WorkloadData(splits["train"], splits["val"], splits["test"], collate=collate_qm9,
                             info={"target_mean": mean.tolist(), "target_std": std.tolist(),
                                   "metric_scale": scale.tolist(),
+                                  "bonds_from_geometry": sorted(from_geometry),
                                   "molecules": {k: [int(records.index[r]) for r in v[:5]]
                                                 for k, v in rows.items()}})
 
