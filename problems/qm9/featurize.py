@@ -9,11 +9,11 @@ Edges: every chemical bond in both directions, sorted by (source, target), with 
 (single, double, triple, aromatic) as an index into that one-hot order.
 
 Bonds, aromaticity and hybridisation come from RDKit's reading of the SMILES (with explicit
-hydrogens). The SMILES atoms are placed on the XYZ atoms by a graph isomorphism between the
-SMILES graph and a subgraph of the geometry's covalent contacts (atoms closer than the sum of their
-covalent radii + 0.45 Å; elements must agree, bond orders are ignored; strained rings add contacts
-that are not bonds, hence a subgraph):
-QM9's XYZ blocks do not always list atoms in SMILES order (e.g. ``N#CC#CC#N``, zwitterions).
+hydrogens). QM9's XYZ blocks do not always list atoms in SMILES order (e.g. ``N#CC#CC#N``,
+zwitterions), so the SMILES atoms are placed on the XYZ atoms by matching the SMILES graph into
+the geometry's covalent contacts (atoms closer than the sum of their covalent radii + 0.45 Å;
+elements must agree, bond orders are ignored; strained rings add contacts that are not bonds,
+hence a match into the contacts rather than an isomorphism).
 Two of the 130,831 molecules (QM9 numbers 133857 and 133859, strained cages) relaxed into a
 geometry whose bonds are not those of their SMILES: their bonds are then read from the geometry
 (RDKit's ``DetermineBonds``, neutral molecule), as PyG's SDF-based reading does for every molecule,
