@@ -10,14 +10,18 @@ atomically before any work (:mod:`mtl_opt._output_folder`):
 * ``config.json``: the exact :class:`TrainConfig`, the resolved settings, the workload's spec;
 * ``steps.csv``: every ``log_every``-th step: task losses, the method's weights β, the task
   gradient norms, this step's mean cosine between task gradients and whether they conflicted,
-  the running conflict share (:mod:`mtl_opt.experiments.conflict`), time;
+  the running conflict share (:mod:`mtl_opt.experiments.conflict`), ``joint_norm = ‖Σ ω_i g_i‖``,
+  ``update_norm`` (the shared parameters' ``.grad`` the step applied) and their ratio
+  ``diffusion`` (CAME-Grad's diagnostic: below 1 when aggregation shrinks the update), time;
 * ``epochs.csv``: one row per validation: mean training losses, mean cosine and conflict share
   since the previous row, and every validation metric (``val_*``);
 * ``checkpoint.pt``: model, optimizer and aggregator state, the data position and every random
   generator, as tensors and plain data (:mod:`mtl_opt.experiments.checkpoint`), written at each
   validation; ``train(cfg, resume=run_dir)`` continues from it and ends with the same parameters,
   bit for bit, as a run that was never interrupted;
-* ``result.json``: the test metrics, the last validation's, the conflict statistics, the times.
+* ``result.json``: the test metrics, the last validation's, the conflict statistics, the times;
+  and whatever the workload writes after the test (:meth:`TrainingWorkload.write_test_outputs`:
+  generated samples, say), listed in ``result.json``.
 
 **Methods of every kind**, written once here: a Gramian or general method aggregates the
 Jacobian of the shared parameters; a loss weighting (and linear scalarization) takes one backward
@@ -475,6 +479,11 @@ def train_steps(run: Run, n_steps: int, *,
                 if M is not None:
                     for n, v in zip(run.task_names, M.diagonal().clamp(min=0).sqrt().tolist()):
                         row[f"grad_norm_{n}"] = v
+                    # diffusion (CAME-Grad's diagnostic): ‖applied update‖ / ‖Σ ω_i g_i‖
+                    joint = math.sqrt(max(float(w_t @ M @ w_t), 0.0))
+                    update = _grad_norm(run.shared)
+                    row["joint_norm"], row["update_norm"] = joint, update
+                    row["diffusion"] = update / joint if joint > 0 else float("nan")
                 if figures is not None:
                     row["cos"] = figures[0]
                     row["conflict"] = int(figures[1])
@@ -495,6 +504,13 @@ def train_steps(run: Run, n_steps: int, *,
                 run.aggregator.end_epoch()  # DWA's and STCH's epochs are the data's
             state.epoch_generator_state = run.shuffle_generator.get_state()
     return rows
+
+
+@torch.no_grad()
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    """‖.grad‖ over ``params`` (the update the step applied to the shared parameters)."""
+    total = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+    return math.sqrt(total)
 
 
 @torch.no_grad()
@@ -527,6 +543,7 @@ def run_checkpoint(run: Run) -> dict[str, Any]:
         "format": CHECKPOINT_FORMAT,
         "config": run.cfg.to_dict(),
         "workload": {"spec": run.workload.spec(), "options": dict(run.workload.options)},
+        "workload_state": run.workload.checkpoint_state(run.data),
         "model": run.model.state_dict(),
         "optimizer": run.mto.state_dict(),
         "total_steps": run.total_steps,
@@ -600,17 +617,19 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         raise ValueError("train needs a config or a run to resume")
     cfg = config
     cfg.validate()
-    run = prepare(cfg)
     if ckpt is not None:
-        try:
-            restore(run, ckpt)
-        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be resumed: {first_line(str(exc))}") from None
         folder = reclaim_output_folder(cfg.out, command="mtl-opt train --resume")
     else:
         folder = claim_output_folder(cfg.out or default_folder_name("train"), command="mtl-opt train",
                                      unique=cfg.out is None)
-    with folder:
+    with folder:  # a run that fails before writing anything gives its fresh folder back
+        run = prepare(cfg)
+        if ckpt is not None:
+            try:
+                restore(run, ckpt)
+            except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+                raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be resumed: "
+                                 f"{first_line(str(exc))}") from None
         return _train_in(run, folder.path, resumed=ckpt is not None, callback=callback, verbose=verbose)
 
 
@@ -696,6 +715,7 @@ def _train_in(run: Run, out_dir: Path, *, resumed: bool,
         "conflict_steps": tally.n, "steps": run.total_steps,
         "train_time_s": train_time, "test_time_s": time.perf_counter() - t1,
     }
+    result["test_outputs"] = list(run.workload.write_test_outputs(out_dir))
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     say("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items())
         + f"; mean cosine {result['cos_mean']:.3f}, conflict share {result['conflict_share']:.3f}")
