@@ -149,16 +149,33 @@ class MPNNEncoder(nn.Module):
 
 
 class QM9Model(nn.Module):
-    """:class:`MPNNEncoder` (shared) and one ``Linear(width, 1)`` head per target."""
+    """:class:`MPNNEncoder` (shared) and one ``Linear(width, 1)`` head per target.
 
-    def __init__(self, n_tasks: int = 11, width: int = 64, **encoder_options: int) -> None:
+    ``target_scale`` (a buffer, K values) turns a standardised error of each target into the
+    units its metric reports (the workload's training-split standard deviation × report scale).
+    """
+
+    def __init__(self, n_tasks: int = 11, width: int = 64, target_scale: Tensor | None = None,
+                 **encoder_options: int) -> None:
         super().__init__()
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"width must be a positive integer, got {width!r}")
         self.encoder = MPNNEncoder(width, **encoder_options)
         self.heads = nn.ModuleList(nn.Linear(width, 1) for _ in range(n_tasks))
+        scale = torch.ones(n_tasks, dtype=torch.float64) if target_scale is None else target_scale
+        if scale.shape != (n_tasks,):
+            raise ValueError(f"target_scale must hold {n_tasks} values, got shape {tuple(scale.shape)}")
+        self.register_buffer("target_scale", scale.detach().clone().to(torch.float64))
 
     def forward(self, batch: MoleculeBatch) -> tuple[Tensor, Tensor]:
         """Predictions (B, K) in standardised units, and the shared representation (B, width)."""
         z = self.encoder(batch)
         return torch.cat([head(z) for head in self.heads], dim=1), z
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The encoder's parameters: they receive the method's aggregated direction."""
+        return list(self.encoder.parameters())
+
+    def task_parameters(self) -> list[list[nn.Parameter]]:
+        """Head k's weight and bias, for each target k."""
+        return [list(head.parameters()) for head in self.heads]

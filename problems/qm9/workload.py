@@ -103,21 +103,6 @@ def _graph(data_dir: str | None, records: QM9Records, row: int) -> MoleculeGraph
     return _GRAPHS[key]
 
 
-class QM9Model11(QM9Model):
-    """:class:`~.model.QM9Model` as the trainer sees it: the encoder is shared, head k is task k's;
-    ``target_scale`` (a buffer) turns standardised errors into the reported units."""
-
-    def __init__(self, width: int, target_scale: Tensor) -> None:
-        super().__init__(n_tasks=len(QM9_TARGETS), width=width)
-        self.register_buffer("target_scale", target_scale.clone())
-
-    def shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.encoder.parameters())
-
-    def task_parameters(self) -> list[list[nn.Parameter]]:
-        return [list(head.parameters()) for head in self.heads]
-
-
 class QM9(TrainingWorkload):
     """The 11-target QM9 benchmark of Nash-MTL / FAMO / FairGrad (module docstring)."""
 
@@ -170,7 +155,8 @@ class QM9(TrainingWorkload):
                                                 for k, v in rows.items()}})
 
     def build_model(self, data: WorkloadData) -> nn.Module:
-        return QM9Model11(self.width, torch.tensor(data.info["metric_scale"], dtype=torch.float64))
+        return QM9Model(len(QM9_TARGETS), self.width,
+                        target_scale=torch.tensor(data.info["metric_scale"], dtype=torch.float64))
 
     def task_losses(self, model: nn.Module, batch: Any, *, features: bool = False) -> TaskLosses:
         prediction, z = model(batch)
