@@ -221,14 +221,34 @@ def test_bad_files_and_options_are_named(tmp_path):
         QM9(data_dir=FIXTURE, subset=50).data(0)
 
 
-def test_a_missing_qm9pack_names_the_extra(monkeypatch):
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "qm9pack" else real(name, *a))
-    from mtl_opt.problems.qm9 import reader
+@pytest.mark.parametrize("package", ["qm9pack", "rdkit"])
+def test_a_missing_extra_is_named_in_one_line(monkeypatch, capsys, tmp_path, package):
+    """Without qm9pack (the data) or RDKit (the graphs) the error names the extra; it is an
+    ImportError for library code and one line on the command line."""
+    import builtins
+    import sys
 
+    from mtl_opt.cli import main
+    from mtl_opt.problems.qm9 import workload as qm9_workload
+
+    real_find, real_import = importlib.util.find_spec, builtins.__import__
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == package else real_find(name, *a))
+
+    def no_rdkit(name, *args, **kwargs):
+        if name == "rdkit" or name.startswith("rdkit."):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    if package == "rdkit":
+        monkeypatch.setattr(builtins, "__import__", no_rdkit)
+        monkeypatch.setattr(qm9_workload, "_GRAPHS", {})
+    spec = "qm9" if package == "qm9pack" else f"qm9:data_dir={FIXTURE}"
     with pytest.raises(ImportError, match=r"pip install 'mtl-opt\[qm9\]'"):
-        reader.read_qm9()
+        QM9(**({} if package == "qm9pack" else {"data_dir": FIXTURE})).data(0)
+    assert main(["train", "--workload", spec, "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'mtl-opt[qm9]'" in err[0], err
 
 
 # ---- training through the one trainer ----------------------------------------------------------------

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .reader import MissingExtraError
+
 __all__ = ["BOND_TYPES", "ELEMENTS", "MoleculeGraph", "molecule_graph", "require_rdkit"]
 
 ELEMENTS: tuple[str, ...] = ("H", "C", "N", "O", "F")
@@ -39,8 +41,8 @@ def require_rdkit():
     """RDKit's ``Chem`` module, or one error naming the extra that installs it."""
     try:
         from rdkit import Chem, RDLogger
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError(
+    except ImportError as exc:
+        raise MissingExtraError(
             "the QM9 workload builds molecular graphs with RDKit, which is not installed: "
             "pip install 'mtl-opt[qm9]'"
         ) from exc

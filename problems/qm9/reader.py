@@ -23,12 +23,19 @@ import numpy as np
 
 from .targets import ATOM_REFERENCE_HARTREE, QM9_TARGETS
 
-__all__ = ["QM9Records", "qm9pack_data_dir", "read_qm9"]
+__all__ = ["MissingExtraError", "QM9Records", "qm9pack_data_dir", "read_qm9"]
 
 _BARE_POINT = re.compile(r"(?<=\d)\.(?![\d])")
 _STRUCTURE_COLUMNS = ("Index", "SMILES", "Elements", "XYZ_Ang")
 _MISSING_PACKAGE = ("the QM9 workload reads the molecules that the qm9pack package ships, and "
                     "qm9pack is not installed: pip install 'mtl-opt[qm9]'")
+
+
+class MissingExtraError(ModuleNotFoundError, ValueError):
+    """An optional dependency of the QM9 workload is not installed; the message names the extra.
+
+    A ``ModuleNotFoundError`` for code that catches import errors, and a ``ValueError`` so that
+    the command line reports it in one line, like any other unusable input."""
 
 
 @dataclass(frozen=True)
@@ -66,14 +73,14 @@ class QM9Records:
 
 
 def qm9pack_data_dir() -> Path:
-    """The folder of qm9pack's CSV files, or an ImportError naming the extra that installs it."""
+    """The folder of qm9pack's CSV files, or a :class:`MissingExtraError` naming the extra."""
     spec = importlib.util.find_spec("qm9pack")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(_MISSING_PACKAGE)
+        raise MissingExtraError(_MISSING_PACKAGE)
     folder = Path(next(iter(spec.submodule_search_locations))) / "data"
     if not folder.is_dir():
-        raise ImportError(f"qm9pack is installed but has no data folder at {folder}; "
-                          "reinstall it: pip install --force-reinstall qm9pack")
+        raise MissingExtraError(f"qm9pack is installed but has no data folder at {folder}; "
+                                "reinstall it: pip install --force-reinstall qm9pack")
     return folder
 
 
@@ -87,7 +94,7 @@ def read_qm9(data_dir: str | Path | None = None) -> QM9Records:
     try:
         import pandas as pd
     except ImportError as exc:  # pragma: no cover - pandas comes with qm9pack and the test extra
-        raise ImportError(_MISSING_PACKAGE) from exc
+        raise MissingExtraError(_MISSING_PACKAGE) from exc
     folder = qm9pack_data_dir() if data_dir is None else Path(data_dir)
     if not folder.is_dir():
         raise ValueError(f"QM9 data folder {str(folder)!r} does not exist")
