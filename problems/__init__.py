@@ -24,7 +24,11 @@ from mtl_opt.problems.base import ParetoProblem
 from mtl_opt.problems.dtlz import DTLZ2
 from mtl_opt.problems.quadratic import Quadratic
 from mtl_opt.problems.toy import NASH_TOY_STARTS, Toy
+from mtl_opt.problems.workload import register_training_workload
 from mtl_opt.problems.zdt import ZDT1, ZDT2, ZDT3
+
+# QM9 (problems/qm9/): imported on first use, like every built-in training workload.
+register_training_workload("qm9", "mtl_opt.problems.qm9.workload:QM9")
 
 __all__ = [
     "DTLZ2",
