@@ -1,0 +1,505 @@
+"""Multi-task aggregation under ``torch.distributed``: the global batch's Jacobian, exactly.
+
+Plain data parallelism averages ONE gradient per parameter over the ranks. A gradient method
+needs more: its direction ``d = A(G)`` is not linear in the batch, so the average of the ranks'
+directions is not the direction of the global batch. Under an initialised process group
+:func:`mtl_opt.mtl_backward` and :class:`mtl_opt.MultiTaskOptimizer` therefore take one of three
+``distributed=`` modes (``R`` ranks, rank ``r`` holding an equal shard of the global batch, every
+task loss a mean over its samples, so the global loss is ``L_i = (1/R) Σ_r L_i^r``):
+
+``"global"`` (default)
+    The per-task gradient blocks ``G_j^r`` (K × n_j per shared parameter, as the batched
+    Jacobian call returns them) are all-reduced and averaged, ``G = (1/R) Σ_r G^r``: the Jacobian
+    of the global batch. The blocks travel in buckets of at most :data:`BUCKET_BYTES` (blocks
+    larger than that go alone, in place), never as one concatenated ``K × d`` copy. The losses
+    are averaged too (``L = (1/R) Σ_r L^r``, K numbers), so every rank gives the method the same
+    ``(G, L)``, computes the same weights and writes the same update. Task parameters and every
+    other parameter receive ``h_i ∇L_i`` and ``Σ h_i ∇L_i`` of the global batch, i.e. their
+    ordinary averaged gradients (averaged in the same buckets). What "global" means per kind:
+
+    * Gramian weightings (MGDA, CAGrad, Nash-MTL, CAME-Grad, PCGrad, ...): ``β`` from the Gramian
+      of the averaged ``G``, ``d = βᵀG``.
+    * general methods (GradDrop, DB-MTL, MoCo): the direction from the averaged ``G`` itself.
+    * loss weightings and LS (one backward pass, no Jacobian): the weights ``w`` come from the
+      averaged losses, each rank runs its one backward pass of ``Σ w_i L_i^r`` and the
+      resulting gradients are averaged; since ``w`` is the same on every rank,
+      ``(1/R) Σ_r Σ_i w_i ∇L_i^r = Σ_i w_i ∇L_i`` exactly. Methods that learn from the losses
+      after the step (FAMO's ``update``) must be given the global losses as well:
+      ``agg.update(mean_over_ranks(losses_after))`` (:func:`mean_over_ranks`).
+
+    The result equals one process on the concatenated global batch to rounding (the tests check
+    every registered method to 1e-6 in float64). Cost: the traffic of data parallelism times K
+    for the shared parameters (``K · d`` values instead of ``d``).
+
+    Shared linear layers (``factor_linear``) are not factored in this mode: their Gramian share
+    ``Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` runs over the samples of ALL ranks, so its cross-rank terms
+    would need every rank's layer inputs and output gradients gathered (``R · N · (in + K·out)``
+    values per layer to every rank) and ``(R·N)²``-sized products. The layer takes its Jacobian
+    rows instead (``K · out · in`` values, all-reduced with the other blocks), which is the
+    smaller message whenever ``R · N · (in + K·out) > K · out · in`` and costs no more than the
+    unfactored single-process step; ``benchmarks/bench_distributed.py`` measures both.
+
+    Representation-level aggregation (``features=``) is refused in this mode: each rank's
+    features belong to its own samples, so the global representation Jacobian is the
+    concatenation of the ranks' ``Z^r`` (or its Gramian, summed over ranks); that path is not
+    implemented. Use ``distributed="local"`` or aggregate at the parameters.
+
+``"local"``
+    Each rank aggregates ITS OWN Jacobian and losses, ``d_r = A(G^r, L^r)``; the update is the
+    average of the directions, ``(1/R) Σ_r d_r`` (task and other parameters get the same
+    averaged gradients as in ``"global"``). One all-reduce of ``d`` values for the shared
+    parameters, as cheap as data parallelism, but a DIFFERENT method: ``(1/R) Σ_r A(G^r) ≠
+    A((1/R) Σ_r G^r)`` for every method that is not linear (all but LS and the loss weightings
+    with fixed weights); it is the aggregation of a batch R times smaller, averaged. Stateful
+    methods then track their own rank's quantities: their states differ across ranks, and a
+    checkpoint from rank 0 holds rank 0's.
+
+``"off"``
+    The process group is ignored: each rank trains on its own (nothing is communicated).
+
+Outside an initialised process group (or with one rank) the three modes are the same.
+
+DistributedDataParallel
+-----------------------
+Do not rely on DDP's gradient all-reduce: the Jacobian is taken with ``torch.autograd.grad``,
+which does not fire DDP's hooks, so DDP does not communicate on that path (the modes above do the
+averaging), and on the one-backward path of the loss weightings DDP's average is followed by the
+mode's own (the same numbers, twice the traffic). A DDP-wrapped model is therefore accepted, best
+with its forward under ``ddp_model.no_sync()`` (DDP then only keeps its broadcast of the initial
+parameters and buffers). DDP with ``find_unused_parameters=True`` or ``static_graph=True`` puts a
+node in the graph whose backward schedules DDP's own reduction in the middle of the Jacobian
+call; a step whose losses hold such a node outside ``no_sync()`` is refused with an error saying
+so.
+
+Same state on every rank
+------------------------
+In the global mode every rank's method sees the same inputs, so a stateful method (Nash-MTL's
+warm start, GradVac's, MoCo's, DB-MTL's, GradNorm's or FAMO's tracked quantities) stays identical
+as long as it starts identical. Random methods (PCGrad, GradDrop, RGW, RLW, GradVac) draw from
+their own seeded generator; :func:`broadcast_aggregator_state` copies rank 0's state (generators
+included) to every rank, and :class:`mtl_opt.MultiTaskOptimizer` calls it when it is built
+under a process group. Give random methods an explicit ``seed=`` so that ``reset()`` re-seeds
+every rank alike. :func:`state_fingerprint` hashes a state and :func:`check_same_state` compares
+the hashes of all ranks. Save checkpoints on rank 0 only (every rank holds the same).
+
+Failures
+--------
+Every collective here runs under the process group's timeout (``init_process_group(...,
+timeout=...)``; :func:`init_process_group_from_env` sets 5 minutes by default, gloo's own
+default is 30): a rank that raised or was killed makes the others fail with
+:class:`DistributedStepError`, naming the rank and the collective, as soon as the connection
+drops or at the latest when the timeout expires, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import io
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from mtl_opt.aggregator import GradientAggregator
+    from mtl_opt.backward import MTLBackwardResult, _TaskGrads
+
+__all__ = [
+    "BUCKET_BYTES",
+    "DistributedMode",
+    "DistributedStepError",
+    "Synchroniser",
+    "broadcast_aggregator_state",
+    "broadcast_parameters",
+    "check_same_state",
+    "communication_stats",
+    "init_process_group_from_env",
+    "mean_over_ranks",
+    "reset_communication_stats",
+    "state_fingerprint",
+    "synchroniser",
+]
+
+DistributedMode = Literal["global", "local", "off"]
+MODES: tuple[str, ...] = ("global", "local", "off")
+
+#: Largest all-reduce bucket: small blocks are packed into buckets up to this size; a block
+#: larger than it is all-reduced alone, in place.
+BUCKET_BYTES = 16 * 2**20
+
+_STATS = {"bytes": 0, "calls": 0}
+
+
+class DistributedStepError(RuntimeError):
+    """A collective of a distributed multi-task step failed (another rank failed, was killed or
+    exceeded the process group's timeout)."""
+
+
+def communication_stats() -> dict[str, int]:
+    """Bytes this process sent into all-reduces of multi-task steps, and how many all-reduces,
+    since :func:`reset_communication_stats` (for benchmarks)."""
+    return dict(_STATS)
+
+
+def reset_communication_stats() -> None:
+    _STATS["bytes"] = 0
+    _STATS["calls"] = 0
+
+
+def _dist() -> Any:
+    import torch.distributed as dist
+
+    return dist
+
+
+def check_mode(mode: object) -> DistributedMode:
+    if mode not in MODES or not isinstance(mode, str):
+        raise ValueError(f"distributed must be one of {list(MODES)}, got {mode!r}")
+    return mode  # type: ignore[return-value]
+
+
+def _group_active() -> bool:
+    dist = _dist()
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def _collective_device(fallback: torch.device) -> torch.device:
+    """Where small CPU-side values (losses) travel: the current CUDA device under NCCL."""
+    dist = _dist()
+    backend = str(dist.get_backend()).lower()
+    if "nccl" in backend and fallback.type == "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return fallback
+
+
+def _failed(what: str, exc: BaseException) -> DistributedStepError:
+    dist = _dist()
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    first = str(exc).strip().splitlines()
+    reason = first[0][:300] if first else type(exc).__name__
+    return DistributedStepError(
+        f"rank {rank}: the all-reduce of {what} failed: another rank failed, was killed or did "
+        f"not reach this step within the process group's timeout ({type(exc).__name__}: "
+        f"{reason})"
+    )
+
+
+def _all_reduce_mean(tensors: list[Tensor], what: str, bucket_bytes: int = BUCKET_BYTES) -> None:
+    """Average ``tensors`` over the ranks, in place, in buckets of at most ``bucket_bytes``.
+
+    Tensors of one dtype and device are packed (in order) into flat buckets; a contiguous tensor
+    larger than a bucket is all-reduced alone without a copy. All all-reduces are issued before
+    any is waited for, so they overlap.
+    """
+    dist = _dist()
+    world = dist.get_world_size()
+    pending: list[tuple[Any, Tensor, list[Tensor]]] = []  # (work, buffer, tensors it holds)
+
+    def launch(buffer: Tensor, members: list[Tensor]) -> None:
+        try:
+            work = dist.all_reduce(buffer, op=dist.ReduceOp.SUM, async_op=True)
+        except Exception as exc:  # noqa: BLE001 - any backend error is reported the same way
+            raise _failed(what, exc) from exc
+        _STATS["bytes"] += buffer.numel() * buffer.element_size()
+        _STATS["calls"] += 1
+        pending.append((work, buffer, members))
+
+    buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    sizes: dict[tuple[torch.dtype, torch.device], int] = {}
+
+    def flush(key: tuple[torch.dtype, torch.device]) -> None:
+        members = buckets.pop(key, [])
+        sizes.pop(key, None)
+        if members:
+            launch(torch.cat([t.reshape(-1) for t in members]), members)
+
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if nbytes == 0:
+            continue
+        if nbytes > bucket_bytes and t.is_contiguous():
+            launch(t, [t])
+            continue
+        key = (t.dtype, t.device)
+        if sizes.get(key, 0) + nbytes > bucket_bytes:
+            flush(key)
+        buckets.setdefault(key, []).append(t)
+        sizes[key] = sizes.get(key, 0) + nbytes
+    for key in list(buckets):
+        flush(key)
+    for work, buffer, members in pending:
+        try:
+            work.wait()
+        except Exception as exc:  # noqa: BLE001
+            raise _failed(what, exc) from exc
+        buffer.div_(world)
+        if len(members) == 1 and members[0] is buffer:
+            continue
+        offset = 0
+        for t in members:
+            n = t.numel()
+            t.copy_(buffer[offset: offset + n].view_as(t))
+            offset += n
+
+
+def mean_over_ranks(values: Tensor | Iterable[Tensor]) -> Tensor:
+    """The average over the ranks of ``values`` (e.g. the K losses), detached; ``values``
+    itself outside a process group. Use it for the losses given to ``agg.update`` (FAMO) in the
+    global mode."""
+    if not isinstance(values, Tensor):
+        values = torch.stack([torch.as_tensor(v) for v in values])
+    out = values.detach().clone()
+    if not _group_active():
+        return out
+    device = _collective_device(out.device)
+    moved = out.to(device)
+    _all_reduce_mean([moved], "the losses")
+    return moved.to(out.device)
+
+
+class Synchroniser:
+    """What one :func:`mtl_opt.mtl_backward` call communicates, in the ``"global"`` or
+    ``"local"`` mode under an active process group (see the module docstring)."""
+
+    def __init__(self, mode: DistributedMode) -> None:
+        self.mode = mode
+
+    # -- global mode -----------------------------------------------------------------------
+    def losses(self, L: Tensor) -> Tensor:
+        """The losses averaged over the ranks (detached, float64; checked by the caller, after
+        the all-reduce, so that a non-finite loss on one rank stops every rank alike)."""
+        values = L.detach().to(dtype=torch.float64)
+        device = _collective_device(values.device)
+        moved = values.to(device, copy=True)
+        _all_reduce_mean([moved], "the task losses")
+        return moved
+
+    def check_step(self, loss_list: list[Tensor], features: object) -> None:
+        """Refuse, before any communication, what this mode cannot do exactly."""
+        refuse_ddp_reduction(loss_list)
+        if features is not None and self.mode == "global":
+            raise ValueError(
+                "features= (representation-level aggregation) cannot run with "
+                "distributed='global': each rank's features belong to its own samples, so the "
+                "global batch's representation Jacobian is not the average of the ranks'. "
+                "Aggregate at the parameters (drop features=) or pass distributed='local'"
+            )
+
+    def task_grads(self, grads: _TaskGrads, level: str) -> None:
+        """Average the per-task gradient blocks (or the flat ``G`` of the per-task loop) and
+        the head updates over the ranks, in place."""
+        assert level == "parameters", "check_step refuses features= in the global mode"
+        rows = grads.blocks if grads.blocks is not None else ([grads.G] if grads.G is not None else [])
+        heads = [g for g in grads.head if g is not None]
+        _all_reduce_mean([*rows, *heads], "the task Jacobian")
+
+    @contextlib.contextmanager
+    def new_grads_averaged(self, loss_list: list[Tensor]) -> Iterator[list[Any]]:
+        """Average over the ranks what the body adds to the ``.grad`` of every leaf the losses
+        reach (gradients held before stay as they were, added back afterwards). Yields a list
+        into which the body may put its :class:`MTLBackwardResult`, whose direction is then
+        kept readable."""
+        from mtl_opt.backward import _reachable_leaves
+
+        leaves = _reachable_leaves(loss_list)
+        held = [p.grad for p in leaves]
+        for p in leaves:
+            p.grad = None
+        out: list[Any] = []
+        try:
+            yield out
+        except BaseException:
+            for p, g in zip(leaves, held):
+                p.grad = g
+            raise
+        written = [p.grad for p in leaves if p.grad is not None]
+        dense = [g for g in written if not g.is_sparse]
+        for p in leaves:
+            if p.grad is not None and p.grad.is_sparse:
+                p.grad = p.grad.to_dense()
+                dense.append(p.grad)
+        _all_reduce_mean(dense, "the gradients")
+        for p, g in zip(leaves, held):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g
+            else:
+                p.grad = g + p.grad.to(g.dtype) if g.is_sparse else g.add_(p.grad)
+        for result in out:
+            _refresh_direction(result)
+
+    def local(self, run: Callable[[], MTLBackwardResult], loss_list: list[Tensor]) -> MTLBackwardResult:
+        """The local mode: ``run()`` (the un-synchronised call) under :meth:`new_grads_averaged`."""
+        with self.new_grads_averaged(loss_list) as out:
+            result = run()
+            out.append(result)
+        return result
+
+
+def _refresh_direction(result: object) -> None:
+    """After averaging, the result's direction pieces (the new ``.grad`` tensors, averaged in
+    place) hold the averaged update: keep them readable."""
+    from mtl_opt.backward import MTLBackwardResult, _BlockedAggregationResult
+
+    if not isinstance(result, MTLBackwardResult):
+        return
+    agg = result.aggregation
+    if isinstance(agg, _BlockedAggregationResult) and agg._flat is None and agg._pieces:
+        agg._freeze_versions()
+
+
+def synchroniser(mode: object) -> Synchroniser | None:
+    """The :class:`Synchroniser` of ``mode``, or ``None`` when nothing is communicated (mode
+    ``"off"``, no initialised process group, or a group of one rank)."""
+    mode = check_mode(mode)
+    if mode == "off" or not _group_active():
+        return None
+    return Synchroniser(mode)
+
+
+def refuse_ddp_reduction(loss_list: list[Tensor]) -> None:
+    """Raise when the losses' graph holds DDP's own reduction node (``_DDPSink``, added by a
+    DDP forward with ``find_unused_parameters=True`` or ``static_graph=True`` outside
+    ``no_sync()``), whose backward would start DDP's reduction in the middle of the Jacobian."""
+    stack = [loss.grad_fn for loss in loss_list if loss.grad_fn is not None]
+    seen: set[int] = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "_DDPSinkBackward":
+            raise RuntimeError(
+                "the losses come from a DistributedDataParallel forward with "
+                "find_unused_parameters=True or static_graph=True that ran outside no_sync(): "
+                "DDP would start its own gradient reduction inside the Jacobian computation. "
+                "Run the forward under `with ddp_model.no_sync():` (mtl_opt averages the task "
+                "gradients itself; see mtl_opt.distributed)"
+            )
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                stack.append(nxt)
+
+
+# --------------------------------------------------------------------------------------------
+# Same parameters and state on every rank
+# --------------------------------------------------------------------------------------------
+def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank (what DDP does when built);
+    nothing outside a process group."""
+    if not _group_active():
+        return
+    dist = _dist()
+    for t in [*module.parameters(), *module.buffers()]:
+        with torch.no_grad():
+            try:
+                dist.broadcast(t.data, src=src)
+            except Exception as exc:  # noqa: BLE001
+                raise _failed("the initial parameters (broadcast)", exc) from exc
+
+
+def broadcast_aggregator_state(aggregator: GradientAggregator, src: int = 0) -> None:
+    """Give every rank rank ``src``'s aggregator state (random generators, tracked quantities).
+
+    Also checks that every rank built the same method with the same hyperparameters (``repr``),
+    and raises naming both otherwise. Nothing outside a process group.
+    """
+    if not _group_active():
+        return
+    dist = _dist()
+    payload = [repr(aggregator), _state_bytes(aggregator.state_dict())]
+    try:
+        dist.broadcast_object_list(payload, src=src)
+    except Exception as exc:  # noqa: BLE001
+        raise _failed("the aggregator state (broadcast)", exc) from exc
+    if payload[0] != repr(aggregator):
+        raise ValueError(
+            f"rank {dist.get_rank()} built {aggregator!r} but rank {src} built {payload[0]}: "
+            "every rank must use the same method and hyperparameters"
+        )
+    if dist.get_rank() != src:
+        aggregator.load_state_dict(_state_from_bytes(payload[1]))
+
+
+def _state_bytes(state: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _state_from_bytes(data: bytes) -> dict[str, Any]:
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
+def state_fingerprint(aggregator: GradientAggregator) -> str:
+    """A SHA-256 of the aggregator's ``state_dict()`` (tensors by dtype, shape and bytes; other
+    values by ``repr``), equal on two ranks exactly when their states are equal."""
+    digest = hashlib.sha256()
+
+    def feed(obj: object) -> None:
+        if isinstance(obj, Tensor):
+            t = obj.detach().cpu().contiguous()
+            digest.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            digest.update(b"{")
+            for key in sorted(obj, key=repr):
+                digest.update(repr(key).encode())
+                feed(obj[key])
+            digest.update(b"}")
+        elif isinstance(obj, (list, tuple)):
+            digest.update(b"[")
+            for item in obj:
+                feed(item)
+            digest.update(b"]")
+        else:
+            digest.update(repr(obj).encode())
+
+    feed(aggregator.state_dict())
+    return digest.hexdigest()
+
+
+def check_same_state(aggregator: GradientAggregator) -> str:
+    """Raise ``RuntimeError`` naming the ranks whose aggregator state differs from rank 0's;
+    returns the common :func:`state_fingerprint`."""
+    mine = state_fingerprint(aggregator)
+    if not _group_active():
+        return mine
+    dist = _dist()
+    every: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(every, mine)
+    except Exception as exc:  # noqa: BLE001
+        raise _failed("the aggregator state fingerprints", exc) from exc
+    differ = [r for r, h in enumerate(every) if h != every[0]]
+    if differ:
+        raise RuntimeError(
+            f"{type(aggregator).__name__}: the aggregator state of rank(s) {differ} differs from "
+            "rank 0's"
+        )
+    return mine
+
+
+def init_process_group_from_env(
+    backend: str | None = None, timeout: datetime.timedelta = datetime.timedelta(minutes=5)
+) -> bool:
+    """Initialise the default process group from torchrun's environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``) with a timeout; ``False`` (nothing done)
+    when the process was not started by a launcher. The backend defaults to NCCL on CUDA
+    machines and gloo otherwise."""
+    if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
+        return False
+    dist = _dist()
+    if dist.is_initialized():
+        return True
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend, timeout=timeout)
+    return True

@@ -1,0 +1,205 @@
+"""One rank of the distributed tests (tests/test_distributed.py), and the single-process
+reference they compare with.
+
+Run as ``python _distributed_worker.py SCENARIO RANK WORLD PORT OUT``: it joins a gloo process
+group on 127.0.0.1:PORT, runs SCENARIO and writes what it observed to OUT (``torch.save`` of
+plain data and tensors).
+"""
+
+from __future__ import annotations
+
+import datetime
+import sys
+import time
+import traceback
+
+import torch
+from torch import Tensor, nn
+
+import mtl_opt
+from mtl_opt import distributed as mdist
+
+N_GLOBAL = 8  # samples of the global batch (each of 2 ranks holds 4)
+STEPS = 3
+LR = 0.1
+
+
+class ThreeTaskNet(nn.Module):
+    """A shared two-layer trunk and three heads (two regressions, one 3-class classification)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1), nn.Linear(8, 3)])
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+        self.double()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.trunk(x)
+
+
+def global_batch() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N_GLOBAL, 4, generator=g, dtype=torch.float64)
+    y1 = torch.randn(N_GLOBAL, generator=g, dtype=torch.float64)
+    y2 = torch.randn(N_GLOBAL, generator=g, dtype=torch.float64) + 1.0
+    labels = torch.randint(0, 3, (N_GLOBAL,), generator=g)
+    return x, y1, y2, labels
+
+
+def shard(batch: tuple[Tensor, ...], rank: int, world: int) -> tuple[Tensor, ...]:
+    n = N_GLOBAL // world
+    return tuple(t[rank * n: (rank + 1) * n] for t in batch)
+
+
+def task_losses(model: nn.Module, batch: tuple[Tensor, ...]) -> list[Tensor]:
+    x, y1, y2, labels = batch
+    z = model(x)
+    heads = model.module.heads if isinstance(model, nn.parallel.DistributedDataParallel) else model.heads
+    return [
+        (heads[0](z).squeeze(-1) - y1).pow(2).mean(),
+        (heads[1](z).squeeze(-1) - y2).pow(2).mean(),
+        nn.functional.cross_entropy(heads[2](z), labels),
+    ]
+
+
+def make_aggregator(name: str, torch_seed: int) -> mtl_opt.GradientAggregator:
+    """The registered method with its defaults; random methods draw their seed from torch's
+    global generator, seeded here with ``torch_seed`` (different per rank in the tests, so that
+    only the broadcast of rank 0's state can make them agree)."""
+    torch.manual_seed(torch_seed)
+    return mtl_opt.get_aggregator(name)
+
+
+def train(
+    name: str, batch: tuple[Tensor, ...], *, steps: int = STEPS, distributed: str = "off",
+    torch_seed: int = 100, ddp: str | None = None,
+) -> tuple[Tensor, mtl_opt.GradientAggregator, list[object]]:
+    """``steps`` SGD steps of method ``name`` on ``batch``; the flat parameters afterwards, the
+    aggregator and each step's result. With ``ddp`` the model is wrapped in
+    DistributedDataParallel (``"sync"``: plain forward; ``"no_sync"``: forward under no_sync;
+    ``"unused"``: find_unused_parameters=True)."""
+    model = ThreeTaskNet()
+    agg = make_aggregator(name, torch_seed)
+    wrapped: nn.Module = model
+    if ddp is not None:
+        wrapped = nn.parallel.DistributedDataParallel(model, find_unused_parameters=ddp == "unused")
+    opt = mtl_opt.MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=LR), agg, shared_params=model.trunk,
+        task_params=list(model.heads), distributed=distributed,
+    )
+    results = []
+    for _ in range(steps):
+        opt.zero_grad()
+        if ddp == "no_sync":
+            with wrapped.no_sync():  # type: ignore[operator]
+                losses = task_losses(wrapped, batch)
+        else:
+            losses = task_losses(wrapped, batch)
+        results.append(opt.step(losses))
+        if getattr(agg, "wants_losses_after_step", False):
+            with torch.no_grad():
+                after = torch.stack(task_losses(model, batch))
+            agg.update(mdist.mean_over_ranks(after) if distributed == "global" else after)
+        if hasattr(agg, "end_epoch"):
+            agg.end_epoch()
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return flat, agg, results
+
+
+def _scenario_methods(rank: int, world: int) -> dict[str, object]:
+    """Every registered method in the global mode; local mode; DDP; state agreement."""
+    batch = shard(global_batch(), rank, world)
+    out: dict[str, object] = {"global": {}, "fingerprints": {}}
+    for name in mtl_opt.available_aggregators():
+        flat, agg, _ = train(name, batch, distributed="global", torch_seed=100 + rank)
+        out["global"][name] = flat  # type: ignore[index]
+        out["fingerprints"][name] = mdist.check_same_state(agg)  # type: ignore[index]
+    for name in ("mgda", "nash_mtl"):
+        out[f"local_{name}"] = train(name, batch, steps=1, distributed="local", torch_seed=100 + rank)[0]
+    # Without the broadcast (distributed="off" on different shards) states differ, and the
+    # check says so.
+    _, agg, _ = train("nash_mtl", batch, steps=1, distributed="off", torch_seed=100 + rank)
+    try:
+        mdist.check_same_state(agg)
+        out["diverged_check"] = "no error"
+    except RuntimeError as exc:
+        out["diverged_check"] = str(exc)
+    for mode in ("sync", "no_sync"):
+        for name in ("mgda", "ls"):
+            out[f"ddp_{mode}_{name}"] = train(name, batch, distributed="global", ddp=mode)[0]
+    try:
+        train("mgda", batch, steps=1, distributed="global", ddp="unused")
+        out["ddp_unused"] = "no error"
+    except RuntimeError as exc:
+        out["ddp_unused"] = str(exc)
+    model = ThreeTaskNet()
+    z = model(batch[0])
+    try:
+        mtl_opt.mtl_backward(task_losses(model, batch), model.trunk, mtl_opt.get_aggregator("mgda"),
+                             features=z)
+        out["features_global"] = "no error"
+    except ValueError as exc:
+        out["features_global"] = str(exc)
+    return out
+
+
+def _scenario_rank1_raises(rank: int, world: int) -> dict[str, object]:
+    """Rank 1 raises before its step; rank 0 must fail with a clear error."""
+    batch = shard(global_batch(), rank, world)
+    if rank == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    start = time.monotonic()
+    try:
+        train("mgda", batch, steps=1, distributed="global")
+        return {"error": None, "seconds": time.monotonic() - start}
+    except mdist.DistributedStepError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - start}
+
+
+def _scenario_rank1_hangs(rank: int, world: int) -> dict[str, object]:
+    """Rank 1 never reaches the step (it sleeps); rank 0 must fail by the group's timeout."""
+    batch = shard(global_batch(), rank, world)
+    if rank == 1:
+        time.sleep(60)
+        return {}
+    start = time.monotonic()
+    try:
+        train("came_grad", batch, steps=1, distributed="global")
+        return {"error": None, "seconds": time.monotonic() - start}
+    except mdist.DistributedStepError as exc:
+        return {"error": str(exc), "seconds": time.monotonic() - start}
+
+
+SCENARIOS = {
+    "methods": (_scenario_methods, 60),
+    "rank1_raises": (_scenario_rank1_raises, 60),
+    "rank1_hangs": (_scenario_rank1_hangs, 3),
+}
+
+
+def main(argv: list[str]) -> int:
+    scenario, rank, world, port, out = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
+    fn, timeout_s = SCENARIOS[scenario]
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        result = fn(rank, world)
+    except Exception:  # noqa: BLE001 - reported to the test through the output file
+        torch.save({"crashed": traceback.format_exc()}, out)
+        return 1
+    torch.save(result, out)
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
