@@ -117,7 +117,12 @@ def _scenario_methods(rank: int, world: int) -> dict[str, object]:
     for name in mtl_opt.available_aggregators():
         flat, agg, _ = train(name, batch, distributed="global", torch_seed=100 + rank)
         out["global"][name] = flat  # type: ignore[index]
-        out["fingerprints"][name] = mdist.check_same_state(agg)  # type: ignore[index]
+        try:
+            mdist.check_same_state(agg)
+            agree: object = True
+        except RuntimeError as exc:
+            agree = str(exc)
+        out["fingerprints"][name] = (mdist.state_fingerprint(agg), agree)  # type: ignore[index]
     for name in ("mgda", "nash_mtl"):
         out[f"local_{name}"] = train(name, batch, steps=1, distributed="local", torch_seed=100 + rank)[0]
     # Without the broadcast (distributed="off" on different shards) states differ, and the
