@@ -755,12 +755,13 @@ def mtl_backward(
     K = len(loss_list)
     sync = synchroniser(distributed)  # None: no process group (or distributed="off")
     if sync is not None:
-        sync.check_step(loss_list, features)
-        if sync.mode == "local":
-            return sync.local(lambda: mtl_backward(
-                losses, shared_params, aggregator, task_params=task_params,
+        sync.check_step(loss_list)
+        if sync.mode == "local" or features is not None:  # this rank's call, then averaged
+            return sync.averaged_call(lambda agg: mtl_backward(
+                losses, shared_params, agg, task_params=task_params,
                 task_weights=task_weights, features=features, retain_graph=retain_graph,
-                parallel=parallel, factor_linear=factor_linear, distributed="off"), loss_list)
+                parallel=parallel, factor_linear=factor_linear, distributed="off"),
+                aggregator, loss_list)
     shared = _param_list(shared_params, "shared parameter")
     groups = _task_groups(task_params, K)
     _check_unique([shared, *groups])

@@ -104,8 +104,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from mtl_opt.aggregator import GradientAggregator, GramianAggregator
+
 if TYPE_CHECKING:
-    from mtl_opt.aggregator import GradientAggregator
     from mtl_opt.backward import MTLBackwardResult, _TaskGrads
 
 __all__ = [
@@ -278,21 +279,14 @@ class Synchroniser:
         _all_reduce_mean([moved], "the task losses")
         return moved
 
-    def check_step(self, loss_list: list[Tensor], features: object) -> None:
-        """Refuse, before any communication, what this mode cannot do exactly."""
+    def check_step(self, loss_list: list[Tensor]) -> None:
+        """Refuse, before any communication, what cannot be done exactly."""
         refuse_ddp_reduction(loss_list)
-        if features is not None and self.mode == "global":
-            raise ValueError(
-                "features= (representation-level aggregation) cannot run with "
-                "distributed='global': each rank's features belong to its own samples, so the "
-                "global batch's representation Jacobian is not the average of the ranks'. "
-                "Aggregate at the parameters (drop features=) or pass distributed='local'"
-            )
 
     def task_grads(self, grads: _TaskGrads, level: str) -> None:
         """Average the per-task gradient blocks (or the flat ``G`` of the per-task loop) and
         the head updates over the ranks, in place."""
-        assert level == "parameters", "check_step refuses features= in the global mode"
+        assert level == "parameters", "features= runs through averaged_call"
         rows = grads.blocks if grads.blocks is not None else ([grads.G] if grads.G is not None else [])
         heads = [g for g in grads.head if g is not None]
         _all_reduce_mean([*rows, *heads], "the task Jacobian")
@@ -333,12 +327,58 @@ class Synchroniser:
         for result in out:
             _refresh_direction(result)
 
-    def local(self, run: Callable[[], MTLBackwardResult], loss_list: list[Tensor]) -> MTLBackwardResult:
-        """The local mode: ``run()`` (the un-synchronised call) under :meth:`new_grads_averaged`."""
+    def averaged_call(
+        self, run: Callable[[GradientAggregator], MTLBackwardResult],
+        aggregator: GradientAggregator, loss_list: list[Tensor],
+    ) -> MTLBackwardResult:
+        """``run(aggregator)`` (the un-synchronised call) under :meth:`new_grads_averaged`: the
+        local mode, and (global mode, ``features=``) representation-level aggregation with the
+        weights of the global Gramian (:class:`_GlobalGramian`)."""
+        if self.mode == "global":
+            assert isinstance(aggregator, GramianAggregator), "mtl_backward checks features="
+            aggregator = _GlobalGramian(aggregator)
         with self.new_grads_averaged(loss_list) as out:
-            result = run()
+            result = run(aggregator)
             out.append(result)
         return result
+
+
+class _GlobalGramian(GramianAggregator):
+    """``inner``'s weights from the Gramian and losses of the GLOBAL batch, given this rank's.
+
+    Representation-level aggregation (``features=z``): rank ``r``'s rows ``Z^r`` are the
+    gradients of its own loss at its own samples' features. In the global batch (loss
+    ``L = (1/R) Σ_r L^r``) those features' rows are ``Z^r / R`` and the rows of different
+    ranks occupy different columns, so ``M = Σ_r Z^r Z^rᵀ / R²``: an all-reduce of K × K
+    numbers (with the K losses, averaged). The direction at rank ``r``'s features is then
+    ``βᵀZ^r`` (``R`` times the global batch's share, which the average over ranks of the
+    pass through the encoder divides back out).
+    """
+
+    def __init__(self, inner: GramianAggregator) -> None:
+        self.inner = inner
+        self.uses_losses = inner.uses_losses
+        self.requires_losses = inner.requires_losses
+        self.accepts_task_weights = inner.accepts_task_weights
+
+    def loss_weights(self, n_tasks: int) -> Tensor | None:
+        return self.inner.loss_weights(n_tasks)
+
+    def __repr__(self) -> str:
+        return f"{self.inner!r} on the global Gramian"
+
+    def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        dist = _dist()
+        world = dist.get_world_size()
+        K = M.shape[0]
+        parts = [M.reshape(-1) * world] + ([] if losses is None else [losses.to(torch.float64)])
+        both = torch.cat(parts).to(_collective_device(M.device))
+        _all_reduce_mean([both], "the representation Gramian")
+        both = both.cpu()
+        M_global = both[: K * K].view(K, K) / float(world * world)
+        M_global = (M_global + M_global.T) / 2
+        L_global = None if losses is None else both[K * K:]
+        return self.inner._checked_weights(M_global, L_global, task_weights)
 
 
 def _refresh_direction(result: object) -> None:

@@ -55,15 +55,17 @@ def shard(batch: tuple[Tensor, ...], rank: int, world: int) -> tuple[Tensor, ...
     return tuple(t[rank * n: (rank + 1) * n] for t in batch)
 
 
-def task_losses(model: nn.Module, batch: tuple[Tensor, ...]) -> list[Tensor]:
+def task_losses(model: nn.Module, batch: tuple[Tensor, ...], with_features: bool = False):
+    """The three losses (and the trunk's output, with ``with_features``)."""
     x, y1, y2, labels = batch
     z = model(x)
     heads = model.module.heads if isinstance(model, nn.parallel.DistributedDataParallel) else model.heads
-    return [
+    losses = [
         (heads[0](z).squeeze(-1) - y1).pow(2).mean(),
         (heads[1](z).squeeze(-1) - y2).pow(2).mean(),
         nn.functional.cross_entropy(heads[2](z), labels),
     ]
+    return (losses, z) if with_features else losses
 
 
 def make_aggregator(name: str, torch_seed: int) -> mtl_opt.GradientAggregator:
@@ -76,12 +78,13 @@ def make_aggregator(name: str, torch_seed: int) -> mtl_opt.GradientAggregator:
 
 def train(
     name: str, batch: tuple[Tensor, ...], *, steps: int = STEPS, distributed: str = "off",
-    torch_seed: int = 100, ddp: str | None = None,
+    torch_seed: int = 100, ddp: str | None = None, features: bool = False,
 ) -> tuple[Tensor, mtl_opt.GradientAggregator, list[object]]:
     """``steps`` SGD steps of method ``name`` on ``batch``; the flat parameters afterwards, the
     aggregator and each step's result. With ``ddp`` the model is wrapped in
     DistributedDataParallel (``"sync"``: plain forward; ``"no_sync"``: forward under no_sync;
-    ``"unused"``: find_unused_parameters=True)."""
+    ``"unused"``: find_unused_parameters=True); ``features``: representation-level
+    aggregation at the trunk's output."""
     model = ThreeTaskNet()
     agg = make_aggregator(name, torch_seed)
     wrapped: nn.Module = model
@@ -98,8 +101,8 @@ def train(
             with wrapped.no_sync():  # type: ignore[operator]
                 losses = task_losses(wrapped, batch)
         else:
-            losses = task_losses(wrapped, batch)
-        results.append(opt.step(losses))
+            losses, z = task_losses(wrapped, batch, with_features=True)
+        results.append(opt.step(losses, features=z if features else None))
         if getattr(agg, "wants_losses_after_step", False):
             with torch.no_grad():
                 after = torch.stack(task_losses(model, batch))
@@ -141,14 +144,9 @@ def _scenario_methods(rank: int, world: int) -> dict[str, object]:
         out["ddp_unused"] = "no error"
     except RuntimeError as exc:
         out["ddp_unused"] = str(exc)
-    model = ThreeTaskNet()
-    z = model(batch[0])
-    try:
-        mtl_opt.mtl_backward(task_losses(model, batch), model.trunk, mtl_opt.get_aggregator("mgda"),
-                             features=z)
-        out["features_global"] = "no error"
-    except ValueError as exc:
-        out["features_global"] = str(exc)
+    for name in ("mgda", "nash_mtl", "came_grad"):
+        flat, agg, _ = train(name, batch, distributed="global", features=True)
+        out[f"features_{name}"] = (flat, mdist.state_fingerprint(agg))
     return out
 
 

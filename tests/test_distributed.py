@@ -123,8 +123,20 @@ def test_ddp_wrapped_model(methods_run):
         assert "no_sync()" in methods_run[r]["ddp_unused"]
 
 
-def test_features_refused_in_global_mode(methods_run):
-    assert "distributed='global'" in methods_run[0]["features_global"]
+def test_representation_level_global_mode_equals_one_process(methods_run):
+    """features= in the global mode: weights from the global batch's representation Gramian
+    (Σ_r Z^r Z^rᵀ / R², one all-reduce of K × K numbers), the encoder's gradients averaged:
+    one process with features= on the concatenated batch, 3 steps, both ranks."""
+    batch = worker.global_batch()
+    for name in ("mgda", "nash_mtl", "came_grad"):
+        ref = worker.train(name, batch, features=True)[0]
+        local = [worker.train(name, worker.shard(batch, r, WORLD), features=True)[0] for r in range(WORLD)]
+        for r in range(WORLD):
+            got, _ = methods_run[r][f"features_{name}"]
+            assert (got - ref).abs().max().item() < 1e-6, (name, r)
+            assert (got - torch.stack(local).mean(0)).abs().max().item() > 1e-4, name
+        # the ranks' states are equal bit for bit (they agree with one process to rounding)
+        assert methods_run[0][f"features_{name}"][1] == methods_run[1][f"features_{name}"][1], name
 
 
 def test_a_rank_that_raises_makes_the_other_fail_clearly(tmp_path):
