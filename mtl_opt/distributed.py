@@ -39,10 +39,13 @@ task loss a mean over its samples, so the global loss is ``L_i = (1/R) Σ_r L_i^
     smaller message whenever ``R · N · (in + K·out) > K · out · in`` and costs no more than the
     unfactored single-process step; ``benchmarks/bench_distributed.py`` measures both.
 
-    Representation-level aggregation (``features=``) is refused in this mode: each rank's
-    features belong to its own samples, so the global representation Jacobian is the
-    concatenation of the ranks' ``Z^r`` (or its Gramian, summed over ranks); that path is not
-    implemented. Use ``distributed="local"`` or aggregate at the parameters.
+    Representation-level aggregation (``features=z``, MGDA-UB) is exact in this mode too. Each
+    rank's features belong to its own samples, so the global representation Jacobian is not an
+    average: its rows are the ranks' ``Z^r / R`` side by side, and its Gramian is
+    ``M = Σ_r Z^r Z^rᵀ / R²``. That Gramian is all-reduced (K × K numbers, with the losses), the
+    weights ``β`` come from it, each rank passes ``βᵀZ^r`` through its encoder and the resulting
+    gradients (and the heads') are averaged. The result's ``gramian``, ``grad_norms`` and
+    ``cosines`` are then this rank's (of ``Z^r``); its ``weights`` are the global ones.
 
 ``"local"``
     Each rank aggregates ITS OWN Jacobian and losses, ``d_r = A(G^r, L^r)``; the update is the
