@@ -824,9 +824,11 @@ def mtl_backward(
     plan = None
     if (
         level == "parameters" and factor_linear and K > 1 and parallel is not False
-        and is_gramian_weighting(aggregator) and sync is None  # global mode: rows (distributed.py)
+        and is_gramian_weighting(aggregator)
     ):
         plan = plan_linear_layers(L, first, K)
+        if sync is not None:
+            plan = sync.layer_plan(plan, K)  # factored over all ranks' rows, or rows
     grads = _task_grads(
         loss_list, L, first, head_inputs, owners, h, parallel, retain_graph or level == "features",
         plan,

@@ -31,13 +31,17 @@ task loss a mean over its samples, so the global loss is ``L_i = (1/R) Σ_r L_i^
     every registered method to 1e-6 in float64). Cost: the traffic of data parallelism times K
     for the shared parameters (``K · d`` values instead of ``d``).
 
-    Shared linear layers (``factor_linear``) are not factored in this mode: their Gramian share
-    ``Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` runs over the samples of ALL ranks, so its cross-rank terms
-    would need every rank's layer inputs and output gradients gathered (``R · N · (in + K·out)``
-    values per layer to every rank) and ``(R·N)²``-sized products. The layer takes its Jacobian
-    rows instead (``K · out · in`` values, all-reduced with the other blocks), which is the
-    smaller message whenever ``R · N · (in + K·out) > K · out · in`` and costs no more than the
-    unfactored single-process step; ``benchmarks/bench_distributed.py`` measures both.
+    Shared linear layers (``factor_linear``, where one process would factor them) stay
+    factored: a weight's Gramian share ``Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` runs over the samples of
+    ALL ranks, cross-rank terms included, so every rank's layer inputs ``X^r`` and output
+    gradients ``Δ^r`` are all-gathered (``N · (in + K·out)`` values from each rank, one packed
+    all-gather per step) and the share and the update are computed on the ``R · N`` stacked rows.
+    The alternative, materialising the weight's Jacobian rows and all-reducing them with the
+    other blocks (``K · out · in`` values), is what a layer gets when factoring does not pay over
+    ``R · N`` rows (the single-process cost rule, applied to the gathered size; then no layer is
+    factored this step). Where factoring pays, the gathered message is the smaller one too
+    (the rule implies ``R·N·(in + K·out) < K·out·in / 2``); ``benchmarks/bench_distributed.py``
+    measures both.
 
     Representation-level aggregation (``features=z``, MGDA-UB) is exact in this mode too. Each
     rank's features belong to its own samples, so the global representation Jacobian is not an
@@ -97,6 +101,7 @@ drops or at the latest when the timeout expires, never a silent hang.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import io
@@ -107,6 +112,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from mtl_opt._layerwise import _FLOAT64_COST, LayerPlan
 from mtl_opt.aggregator import GradientAggregator, GramianAggregator
 
 if TYPE_CHECKING:
@@ -286,10 +292,30 @@ class Synchroniser:
         """Refuse, before any communication, what cannot be done exactly."""
         refuse_ddp_reduction(loss_list)
 
+    def layer_plan(self, plan: LayerPlan | None, n_tasks: int) -> LayerPlan | None:
+        """The factored linear layers of the global mode: ``plan`` when factoring still pays
+        over the ``R · N`` rows of all ranks (the single-process rule of
+        :func:`mtl_opt._layerwise.plan_linear_layers`, for every factored weight), else
+        ``None`` (every layer takes its Jacobian rows)."""
+        if plan is None:
+            return None
+        world = _dist().get_world_size()
+        K = n_tasks
+        for f in plan.factored:
+            N = world * sum(plan.uses[u].X.shape[0] for u in f.uses)
+            first = plan.uses[f.uses[0]]
+            fan_in, fan_out = first.X.shape[1], first.out
+            if _FLOAT64_COST * (N * N * fan_in + K * K * N * N * fan_out) > K * N * fan_in * fan_out:
+                return None
+        return plan
+
     def task_grads(self, grads: _TaskGrads, level: str) -> None:
         """Average the per-task gradient blocks (or the flat ``G`` of the per-task loop) and
-        the head updates over the ranks, in place."""
+        the head updates over the ranks, in place; gather the factored layers' inputs and
+        output gradients."""
         assert level == "parameters", "features= runs through averaged_call"
+        if grads.plan is not None and grads.deltas is not None:
+            _gather_layers(grads)
         rows = grads.blocks if grads.blocks is not None else ([grads.G] if grads.G is not None else [])
         heads = [g for g in grads.head if g is not None]
         _all_reduce_mean([*rows, *heads], "the task Jacobian")
@@ -344,6 +370,42 @@ class Synchroniser:
             result = run(aggregator)
             out.append(result)
         return result
+
+
+def _gather_layers(grads: _TaskGrads) -> None:
+    """Replace the factored layers' ``(X, Δ)`` by those of the global batch: every rank's
+    inputs ``X^r`` (N × in) stacked, and ``Δ^r / R`` (the gradients of the global loss, the mean
+    of the ranks') stacked along the rows. One all-gather of all of them, packed.
+
+    Then the weight's Gramian share ``Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` runs over all ``R · N``
+    rows, cross-rank terms included, and its update ``(Σ_k β_k Δ_k)ᵀ X`` is the global batch's;
+    a bias that checks a layer's ``Δ`` (its rows, averaged with the other blocks, are
+    ``(1/R) Σ_r Σ_rows Δ^r``) still equals the gathered ``Σ_rows Δ``.
+    """
+    dist = _dist()
+    world = dist.get_world_size()
+    plan, deltas = grads.plan, grads.deltas
+    assert plan is not None and deltas is not None
+    dtype = deltas[0].dtype
+    parts = [t.reshape(-1).to(dtype) for u, D in zip(plan.uses, deltas) for t in (u.X, D)]
+    flat = torch.cat(parts)
+    every = [torch.empty_like(flat) for _ in range(world)]
+    try:
+        dist.all_gather(every, flat)
+    except Exception as exc:  # noqa: BLE001
+        raise _failed("the linear layers' inputs and output gradients", exc) from exc
+    _STATS["bytes"] += flat.numel() * flat.element_size()
+    _STATS["calls"] += 1
+    sizes = [t.numel() for t in parts]
+    pieces = [list(torch.split(buffer, sizes)) for buffer in every]
+    uses, new_deltas = [], []
+    for i, (u, D) in enumerate(zip(plan.uses, deltas)):
+        Xs = [pieces[r][2 * i].view(u.X.shape).to(u.X.dtype) for r in range(world)]
+        Ds = [pieces[r][2 * i + 1].view(D.shape) for r in range(world)]
+        uses.append(dataclasses.replace(u, X=torch.cat(Xs)))
+        new_deltas.append(torch.cat(Ds, dim=1).div_(world))
+    grads.plan = dataclasses.replace(plan, uses=uses)
+    grads.deltas = new_deltas
 
 
 class _GlobalGramian(GramianAggregator):

@@ -25,16 +25,20 @@ LR = 0.1
 
 
 class ThreeTaskNet(nn.Module):
-    """A shared two-layer trunk and three heads (two regressions, one 3-class classification)."""
+    """A shared two-layer trunk and three heads (two regressions, one 3-class classification).
+
+    The trunk's second layer (64 × 64) is wide enough next to the batch (4 rows per rank, 8 in
+    all) for its Gramian share to be factored (``factor_linear``), in one process and over the
+    gathered rows of both ranks; the first (64 × 4) keeps its Jacobian rows."""
 
     def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh())
-        self.heads = nn.ModuleList([nn.Linear(8, 1), nn.Linear(8, 1), nn.Linear(8, 3)])
+        self.trunk = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
+        self.heads = nn.ModuleList([nn.Linear(64, 1), nn.Linear(64, 1), nn.Linear(64, 3)])
         with torch.no_grad():
             for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=g) / max(p.shape[-1], 1) ** 0.5)
         self.double()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -116,10 +120,11 @@ def train(
 def _scenario_methods(rank: int, world: int) -> dict[str, object]:
     """Every registered method in the global mode; local mode; DDP; state agreement."""
     batch = shard(global_batch(), rank, world)
-    out: dict[str, object] = {"global": {}, "fingerprints": {}}
+    out: dict[str, object] = {"global": {}, "fingerprints": {}, "factored": {}}
     for name in mtl_opt.available_aggregators():
-        flat, agg, _ = train(name, batch, distributed="global", torch_seed=100 + rank)
+        flat, agg, results = train(name, batch, distributed="global", torch_seed=100 + rank)
         out["global"][name] = flat  # type: ignore[index]
+        out["factored"][name] = results[-1].factored_params  # type: ignore[index,union-attr]
         try:
             mdist.check_same_state(agg)
             agree: object = True

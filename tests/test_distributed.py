@@ -80,6 +80,10 @@ def test_global_mode_equals_one_process_on_the_global_batch(methods_run):
             if not err < 1e-6:
                 wrong.append(f"{name} (rank {r}: {err:.3g})")
     assert not wrong, f"differ from one process on the global batch: {', '.join(wrong)}"
+    # the Gramian weightings factored the wide layer over both ranks' gathered rows
+    for name in ("mgda", "nash_mtl", "came_grad", "pcgrad"):
+        assert methods_run[0]["factored"][name] == 1, name
+        assert worker.train(name, batch, steps=1)[2][0].factored_params == 1, name
 
 
 def test_local_mode_averages_the_ranks_own_directions(methods_run):
