@@ -1,6 +1,7 @@
-"""Distributed multi-task steps: bytes all-reduced and step time, against DDP with plain LS.
+"""Distributed multi-task steps: bytes sent and step time, against DDP with plain LS.
 
     python benchmarks/bench_distributed.py                       # 2 gloo processes on this CPU
+    python benchmarks/bench_distributed.py --wide                # factored layers: gathered vs rows
     python benchmarks/bench_distributed.py --rounds 40 --width 256 --local-batch 32
 
 Two processes (gloo, 127.0.0.1) train the same model, an MLP trunk of ``--depth`` linear layers
@@ -12,25 +13,25 @@ rank on ``--local-batch`` samples (global batch = 2 × that). One step is forwar
   plain data parallelism, the baseline. Its bytes are counted by a DDP communication hook
   around the ordinary all-reduce.
 * ``<method> global``: :class:`mtl_opt.MultiTaskOptimizer` with ``distributed="global"`` (the
-  global batch's Jacobian; the trunk's K × d blocks and the heads' gradients all-reduced; shared
-  linear layers take their Jacobian rows in this mode).
+  global batch's Jacobian: the trunk's K × n_j blocks and the heads' gradients all-reduced;
+  factored linear layers all-gather their inputs and output gradients instead).
+* ``<method> global (rows)`` (``--wide``): the same with ``factor_linear=False``: every layer's
+  Jacobian rows all-reduced.
 * ``<method> local``: ``distributed="local"`` (each rank's own direction; the gradients
   all-reduced once).
 * ``ls global``: the one-backward path (weights from the averaged losses, gradients averaged).
 * ``<method> off``: ``distributed="off"``, no communication at all (each rank on its own): the
   step's cost without the collectives, to tell the library's own work from the communication.
 
-Bytes are what this rank put into all-reduces per step (``mtl_opt.distributed
-.communication_stats``; for DDP the hook's count). Step times are the slower rank's, per round;
-variants alternate within each round so that a busy machine slows them alike; the table gives
-the median and the ratio to ``ddp_ls``'s median.
+Bytes are what this rank put into collectives per step (``mtl_opt.distributed
+.communication_stats``: all-reduce buffers and all-gather contributions; for DDP the hook's
+count). Step times are the slower rank's, per round; variants alternate within each round so that
+a busy machine slows them alike; the table gives the median and the ratio to ``ddp_ls``'s median.
 
-The second table is the factored-layer question of the global mode: for each shared linear
-layer, the bytes and time of all-reducing its Jacobian rows (K · out · in values, what the global
-mode does) against all-gathering its inputs and output gradients (N · (in + K · out) values from
-each rank, what an exact factored global mode would need), both measured here with the real
-collectives, and the single-process step time on the global batch with and without
-``factor_linear`` (the compute side).
+The second table times the two collectives of the factored-layer question alone, per shared
+linear layer: all-reducing its Jacobian rows (K · out · in values) against all-gathering its
+inputs and output gradients (N · (in + K · out) values from each rank). The last line is one
+process on the global batch with ``factor_linear`` on and off (the compute side).
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class _Variant:
     def __init__(self, kind: str, method: str, args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         self.model = Trunk3Heads(args.d_in, args.width, args.depth)
+        self.rows = kind == "global_rows"  # the global mode with factor_linear=False
+        kind = "global" if self.rows else kind
         self.kind, self.method = kind, method
         self.ddp_bytes = 0
         if kind == "ddp":
@@ -105,12 +108,15 @@ class _Variant:
             self.opt = mtl_opt.MultiTaskOptimizer(
                 torch.optim.SGD(self.model.parameters(), lr=1e-3), mtl_opt.get_aggregator(method),
                 shared_params=self.model.trunk, task_params=list(self.model.heads),
-                distributed=kind,
+                distributed=kind, factor_linear=not self.rows,
             )
+        self.factored = 0
 
     @property
     def name(self) -> str:
-        return "ddp_ls" if self.kind == "ddp" else f"{self.method} {self.kind}"
+        if self.kind == "ddp":
+            return "ddp_ls"
+        return f"{self.method} {self.kind}" + (" (rows)" if self.rows else "")
 
     def step(self, batch: tuple[Tensor, ...]) -> int:
         x, *targets = batch
@@ -123,7 +129,8 @@ class _Variant:
             return self.ddp_bytes - before
         mdist.reset_communication_stats()
         self.opt.zero_grad()
-        self.opt.step(self.model.losses(self.model(x), *targets))
+        result = self.opt.step(self.model.losses(self.model(x), *targets))
+        self.factored = result.factored_params if result is not None else 0
         return mdist.communication_stats()["bytes"]
 
 
@@ -147,10 +154,15 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace) -> No
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(minutes=5))
-    variants = [_Variant("ddp", "ls", args), _Variant("off", "ls", args), _Variant("global", "ls", args)]
-    for method in args.methods:
-        variants.append(_Variant("global", method, args))
-    variants += [_Variant("local", args.methods[-1], args), _Variant("off", args.methods[-1], args)]
+    last = args.methods[-1]
+    if args.wide:  # the factored-layer question: gathered (X, Δ) against all-reduced rows
+        variants = [_Variant("ddp", "ls", args), _Variant("global", last, args),
+                    _Variant("global_rows", last, args), _Variant("off", last, args)]
+    else:
+        variants = [_Variant("ddp", "ls", args), _Variant("off", "ls", args),
+                    _Variant("global", "ls", args)]
+        variants += [_Variant("global", m, args) for m in args.methods]
+        variants += [_Variant("local", last, args), _Variant("off", last, args)]
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     sent: dict[str, int] = {}
     for r in range(args.warmup + args.rounds):
@@ -184,12 +196,13 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace) -> No
         print(f"2 gloo processes on {os.cpu_count()} CPU core(s), 1 thread each; trunk "
               f"{args.depth}×{args.width} ({d_shared} shared of {d_all} parameters), K = {K}, "
               f"global batch {2 * args.local_batch}; {args.rounds} rounds (median)\n")
-        print("| variant | bytes all-reduced / step | × DDP | step ms (median) | × DDP |")
-        print("|---|---:|---:|---:|---:|")
+        print("| variant | factored layers | bytes sent / step | × DDP | step ms (median) | × DDP |")
+        print("|---|---:|---:|---:|---:|---:|")
         for v in variants:
             med = statistics.median(times[v.name])
-            print(f"| {v.name} | {sent[v.name]:,} | {sent[v.name] / max(sent['ddp_ls'], 1):.2f} | "
-                  f"{1e3 * med:.2f} | {med / base:.2f} |")
+            factored = "—" if v.kind == "ddp" else str(v.factored)
+            print(f"| {v.name} | {factored} | {sent[v.name]:,} | "
+                  f"{sent[v.name] / max(sent['ddp_ls'], 1):.2f} | {1e3 * med:.2f} | {med / base:.2f} |")
         print("\nShared linear layers under the global mode (per layer, float32, this rank's share):\n")
         print("| layer (out×in) | rows all-reduced: bytes | ms | inputs + output grads gathered: bytes | ms |")
         print("|---|---:|---:|---:|---:|")
@@ -234,7 +247,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--comm-rounds", type=int, default=30)
+    parser.add_argument("--wide", action="store_true",
+                        help="the factored-layer comparison only (defaults: width 1024, depth 2, "
+                        "local batch 8)")
     args = parser.parse_args(argv)
+    if args.wide:
+        given = set(argv if argv is not None else sys.argv[1:])
+        if "--width" not in given:
+            args.width = 1024
+        if "--depth" not in given:
+            args.depth = 2
+        if "--local-batch" not in given:
+            args.local_batch = 8
     for name in args.methods:
         mtl_opt.get_aggregator(name)  # unknown names fail here, before any process starts
     with socket.socket() as s:

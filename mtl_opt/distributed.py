@@ -38,8 +38,7 @@ task loss a mean over its samples, so the global loss is ``L_i = (1/R) Σ_r L_i^
     all-gather per step) and the share and the update are computed on the ``R · N`` stacked rows.
     The alternative, materialising the weight's Jacobian rows and all-reducing them with the
     other blocks (``K · out · in`` values), is what a layer gets when factoring does not pay over
-    ``R · N`` rows (the single-process cost rule, applied to the gathered size; then no layer is
-    factored this step). Where factoring pays, the gathered message is the smaller one too
+    ``R · N`` rows (the single-process cost rule, applied to the gathered size). Where factoring pays, the gathered message is the smaller one too
     (the rule implies ``R·N·(in + K·out) < K·out·in / 2``); ``benchmarks/bench_distributed.py``
     measures both.
 
@@ -150,8 +149,9 @@ class DistributedStepError(RuntimeError):
 
 
 def communication_stats() -> dict[str, int]:
-    """Bytes this process sent into all-reduces of multi-task steps, and how many all-reduces,
-    since :func:`reset_communication_stats` (for benchmarks)."""
+    """Bytes this process put into the collectives of multi-task steps (all-reduce buffers,
+    all-gather contributions) and how many collectives, since :func:`reset_communication_stats`
+    (for benchmarks)."""
     return dict(_STATS)
 
 
@@ -186,13 +186,13 @@ def _collective_device(fallback: torch.device) -> torch.device:
     return fallback
 
 
-def _failed(what: str, exc: BaseException) -> DistributedStepError:
+def _failed(what: str, exc: BaseException, op: str = "all-reduce") -> DistributedStepError:
     dist = _dist()
     rank = dist.get_rank() if dist.is_initialized() else "?"
     first = str(exc).strip().splitlines()
     reason = first[0][:300] if first else type(exc).__name__
     return DistributedStepError(
-        f"rank {rank}: the all-reduce of {what} failed: another rank failed, was killed or did "
+        f"rank {rank}: the {op} of {what} failed: another rank failed, was killed or did "
         f"not reach this step within the process group's timeout ({type(exc).__name__}: "
         f"{reason})"
     )
@@ -293,21 +293,38 @@ class Synchroniser:
         refuse_ddp_reduction(loss_list)
 
     def layer_plan(self, plan: LayerPlan | None, n_tasks: int) -> LayerPlan | None:
-        """The factored linear layers of the global mode: ``plan`` when factoring still pays
-        over the ``R · N`` rows of all ranks (the single-process rule of
-        :func:`mtl_opt._layerwise.plan_linear_layers`, for every factored weight), else
-        ``None`` (every layer takes its Jacobian rows)."""
+        """The factored linear layers of the global mode: those of ``plan`` for which factoring
+        still pays over the ``R · N`` rows of all ranks (the single-process rule of
+        :func:`mtl_opt._layerwise.plan_linear_layers`, applied to the gathered size); the others
+        take their Jacobian rows (all-reduced with the other blocks)."""
         if plan is None:
             return None
         world = _dist().get_world_size()
         K = n_tasks
+        keep = []
         for f in plan.factored:
             N = world * sum(plan.uses[u].X.shape[0] for u in f.uses)
             first = plan.uses[f.uses[0]]
             fan_in, fan_out = first.X.shape[1], first.out
-            if _FLOAT64_COST * (N * N * fan_in + K * K * N * N * fan_out) > K * N * fan_in * fan_out:
-                return None
-        return plan
+            if _FLOAT64_COST * (N * N * fan_in + K * K * N * N * fan_out) <= K * N * fan_in * fan_out:
+                keep.append(f)
+        if len(keep) == len(plan.factored):
+            return plan
+        if not keep:
+            return None
+        kept_uses = sorted(u for f in keep for u in f.uses)
+        position = {u: i for i, u in enumerate(kept_uses)}
+        dropped = [f.index for f in plan.factored if f not in keep]
+        return dataclasses.replace(
+            plan,
+            uses=[plan.uses[u] for u in kept_uses],
+            factored=[dataclasses.replace(f, uses=[position[u] for u in f.uses]) for f in keep],
+            rest=sorted([*plan.rest, *dropped]),
+            checks=[
+                dataclasses.replace(c, uses=[position[u] for u in c.uses])
+                for c in plan.checks if all(u in position for u in c.uses)
+            ],
+        )
 
     def task_grads(self, grads: _TaskGrads, level: str) -> None:
         """Average the per-task gradient blocks (or the flat ``G`` of the per-task loop) and
@@ -393,7 +410,7 @@ def _gather_layers(grads: _TaskGrads) -> None:
     try:
         dist.all_gather(every, flat)
     except Exception as exc:  # noqa: BLE001
-        raise _failed("the linear layers' inputs and output gradients", exc) from exc
+        raise _failed("the linear layers' inputs and output gradients", exc, "all-gather") from exc
     _STATS["bytes"] += flat.numel() * flat.element_size()
     _STATS["calls"] += 1
     sizes = [t.numel() for t in parts]
@@ -505,7 +522,7 @@ def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
             try:
                 dist.broadcast(t.data, src=src)
             except Exception as exc:  # noqa: BLE001
-                raise _failed("the initial parameters (broadcast)", exc) from exc
+                raise _failed("the initial parameters", exc, "broadcast") from exc
 
 
 def broadcast_aggregator_state(aggregator: GradientAggregator, src: int = 0) -> None:
@@ -521,7 +538,7 @@ def broadcast_aggregator_state(aggregator: GradientAggregator, src: int = 0) -> 
     try:
         dist.broadcast_object_list(payload, src=src)
     except Exception as exc:  # noqa: BLE001
-        raise _failed("the aggregator state (broadcast)", exc) from exc
+        raise _failed("the aggregator state", exc, "broadcast") from exc
     if payload[0] != repr(aggregator):
         raise ValueError(
             f"rank {dist.get_rank()} built {aggregator!r} but rank {src} built {payload[0]}: "
@@ -580,7 +597,7 @@ def check_same_state(aggregator: GradientAggregator) -> str:
     try:
         dist.all_gather_object(every, mine)
     except Exception as exc:  # noqa: BLE001
-        raise _failed("the aggregator state fingerprints", exc) from exc
+        raise _failed("the aggregator state fingerprints", exc, "all-gather") from exc
     differ = [r for r, h in enumerate(every) if h != every[0]]
     if differ:
         raise RuntimeError(

@@ -25,16 +25,18 @@ LR = 0.1
 
 
 class ThreeTaskNet(nn.Module):
-    """A shared two-layer trunk and three heads (two regressions, one 3-class classification).
+    """A shared three-layer trunk and three heads (two regressions, one 3-class classification).
 
-    The trunk's second layer (64 × 64) is wide enough next to the batch (4 rows per rank, 8 in
-    all) for its Gramian share to be factored (``factor_linear``), in one process and over the
-    gathered rows of both ranks; the first (64 × 4) keeps its Jacobian rows."""
+    Sized for the factored linear layers (``factor_linear``): the last trunk layer (64 × 64) is
+    factored over 4 rows (one rank's shard) and over 8 (both ranks' gathered rows, or one process
+    on the global batch); the middle one (64 × 32) only over 4, so the global mode gives it its
+    Jacobian rows; the first (32 × 4) never."""
 
     def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(0)
-        self.trunk = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh())
+        self.trunk = nn.Sequential(nn.Linear(4, 32), nn.Tanh(), nn.Linear(32, 64), nn.Tanh(),
+                                   nn.Linear(64, 64), nn.Tanh())
         self.heads = nn.ModuleList([nn.Linear(64, 1), nn.Linear(64, 1), nn.Linear(64, 3)])
         with torch.no_grad():
             for p in self.parameters():
@@ -156,13 +158,19 @@ def _scenario_methods(rank: int, world: int) -> dict[str, object]:
 
 
 def _scenario_rank1_raises(rank: int, world: int) -> dict[str, object]:
-    """Rank 1 raises before its step; rank 0 must fail with a clear error."""
+    """Both ranks build the optimizer (a collective); rank 1 then raises before its step, and
+    rank 0, in the step's all-reduce, must fail with a clear error."""
     batch = shard(global_batch(), rank, world)
+    model = ThreeTaskNet()
+    opt = mtl_opt.MultiTaskOptimizer(
+        torch.optim.SGD(model.parameters(), lr=LR), mtl_opt.get_aggregator("mgda"),
+        shared_params=model.trunk, task_params=list(model.heads),
+    )
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
     start = time.monotonic()
     try:
-        train("mgda", batch, steps=1, distributed="global")
+        opt.step(task_losses(model, batch))
         return {"error": None, "seconds": time.monotonic() - start}
     except mdist.DistributedStepError as exc:
         return {"error": str(exc), "seconds": time.monotonic() - start}

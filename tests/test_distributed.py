@@ -80,10 +80,13 @@ def test_global_mode_equals_one_process_on_the_global_batch(methods_run):
             if not err < 1e-6:
                 wrong.append(f"{name} (rank {r}: {err:.3g})")
     assert not wrong, f"differ from one process on the global batch: {', '.join(wrong)}"
-    # the Gramian weightings factored the wide layer over both ranks' gathered rows
+    # Gramian weightings factored the widest layer over both ranks' gathered rows, as one
+    # process does on the global batch; the layer that factors only over one shard took rows.
     for name in ("mgda", "nash_mtl", "came_grad", "pcgrad"):
         assert methods_run[0]["factored"][name] == 1, name
         assert worker.train(name, batch, steps=1)[2][0].factored_params == 1, name
+        shard = worker.shard(batch, 0, WORLD)
+        assert worker.train(name, shard, steps=1)[2][0].factored_params == 2, name
 
 
 def test_local_mode_averages_the_ranks_own_directions(methods_run):
@@ -147,7 +150,7 @@ def test_a_rank_that_raises_makes_the_other_fail_clearly(tmp_path):
     results = _run("rank1_raises", tmp_path, timeout=90)
     assert "rank 1 fails on purpose" in results[1]["crashed"]
     error = results[0]["error"]
-    assert error is not None and error.startswith("rank 0: the all-reduce of")
+    assert error is not None and error.startswith("rank 0: the all-reduce of the task losses failed")
     assert "another rank failed, was killed or did not reach this step" in error
 
 
