@@ -198,3 +198,22 @@ def test_outside_a_process_group_the_modes_agree_and_are_checked():
     assert mdist.state_fingerprint(agg) != first
     agg.reset()
     assert mdist.state_fingerprint(agg) == first
+
+
+def test_the_torchrun_example_keeps_the_ranks_identical():
+    """`torchrun --nproc_per_node 2 -m mtl_opt.experiments.distributed_example` (as
+    `python -m torch.distributed.run`, with this interpreter), one short epoch."""
+    port = _free_port()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+             "--master_addr", "127.0.0.1", "--master_port", str(port),
+             "-m", "mtl_opt.experiments.distributed_example", "--method", "nash_mtl",
+             "--epochs", "1", "--samples", "256", "--timeout", "60"],
+            capture_output=True, text=True, timeout=180,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("the torchrun example did not finish within 180 s")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "identical on all 2 ranks" in done.stdout, done.stdout
+    assert "epoch 1: losses" in done.stdout
