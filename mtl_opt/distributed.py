@@ -384,9 +384,42 @@ class Synchroniser:
             assert isinstance(aggregator, GramianAggregator), "mtl_backward checks features="
             aggregator = _GlobalGramian(aggregator)
         with self.new_grads_averaged(loss_list) as out:
-            result = run(aggregator)
+            if self.mode == "global":
+                result = run(aggregator)
+            else:  # no collective inside: every rank learns whether all succeeded
+                failed: Exception | None = None
+                try:
+                    result = run(aggregator)
+                except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                    failed = exc
+                _all_succeeded(failed)
             out.append(result)
         return result
+
+
+def _all_succeeded(failed: Exception | None) -> None:
+    """One all-reduce of a flag per rank: when any rank's local step failed, every rank raises
+    (that rank its own error, the others a ``ValueError`` naming it), so that no rank goes on
+    to a collective that the failed rank will never join, and a ``GradScaler`` overflow on one
+    rank skips the step on all of them (the message says "not finite")."""
+    dist = _dist()
+    flags = torch.zeros(dist.get_world_size(), dtype=torch.float64)
+    flags[dist.get_rank()] = 0.0 if failed is None else 1.0
+    moved = flags.to(_collective_device(flags.device))
+    try:
+        dist.all_reduce(moved)
+    except Exception as exc:  # noqa: BLE001
+        raise _failed("the step's outcome", exc) from exc
+    _STATS["bytes"] += moved.numel() * moved.element_size()
+    _STATS["calls"] += 1
+    bad = [r for r, v in enumerate(moved.cpu().tolist()) if v]
+    if failed is not None:
+        raise failed
+    if bad:
+        raise ValueError(
+            f"rank(s) {bad} could not complete this step (a loss or gradient that is not finite, "
+            "or another error reported there); the step is abandoned on every rank"
+        )
 
 
 def _gather_layers(grads: _TaskGrads) -> None:

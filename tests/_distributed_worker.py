@@ -143,6 +143,22 @@ def _scenario_methods(rank: int, world: int) -> dict[str, object]:
         out["diverged_check"] = "no error"
     except RuntimeError as exc:
         out["diverged_check"] = str(exc)
+    # Local mode, a non-finite loss on rank 1 only: both ranks raise, nothing hangs, and the
+    # next collective still pairs up.
+    model = ThreeTaskNet()
+    opt = mtl_opt.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                     mtl_opt.get_aggregator("mgda"), model.trunk,
+                                     task_params=list(model.heads), distributed="local")
+    bad = tuple(t.clone() for t in batch)
+    if rank == 1:
+        bad[1][0] = float("nan")
+    try:
+        opt.step(task_losses(model, bad))
+        out["local_nan"] = "no error"
+    except ValueError as exc:
+        out["local_nan"] = str(exc)
+    out["local_nan_grads"] = [p.grad is None for p in model.parameters()]
+    out["after_local_nan"] = mdist.mean_over_ranks(torch.tensor([float(rank)])).item()
     for mode in ("sync", "no_sync"):
         for name in ("mgda", "ls"):
             out[f"ddp_{mode}_{name}"] = train(name, batch, distributed="global", ddp=mode)[0]

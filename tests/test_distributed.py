@@ -106,6 +106,16 @@ def test_local_mode_averages_the_ranks_own_directions(methods_run):
             assert (got - glob).abs().max().item() > 1e-4, f"{name}: local equals global here"
 
 
+def test_local_mode_a_failure_on_one_rank_stops_every_rank(methods_run):
+    """Rank 1's loss is NaN: rank 1 raises its own error, rank 0 one naming rank 1; no gradient
+    is written on either, and the next collective pairs up (no rank is left behind)."""
+    assert "non-finite loss" in methods_run[1]["local_nan"]
+    assert "rank(s) [1] could not complete this step" in methods_run[0]["local_nan"]
+    for r in range(WORLD):
+        assert all(methods_run[r]["local_nan_grads"])
+        assert methods_run[r]["after_local_nan"] == 0.5
+
+
 def test_stateful_methods_keep_one_state_across_ranks(methods_run):
     for name in mtl_opt.available_aggregators():
         assert methods_run[0]["fingerprints"][name] == methods_run[1]["fingerprints"][name], name
