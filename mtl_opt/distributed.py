@@ -94,7 +94,12 @@ Every collective here runs under the process group's timeout (``init_process_gro
 timeout=...)``; :func:`init_process_group_from_env` sets 5 minutes by default, gloo's own
 default is 30): a rank that raised or was killed makes the others fail with
 :class:`DistributedStepError`, naming the rank and the collective, as soon as the connection
-drops or at the latest when the timeout expires, never a silent hang.
+drops or at the latest when the timeout expires, never a silent hang. A step that fails on one
+rank only (a non-finite loss or gradient there, e.g. a ``GradScaler`` overflow) fails on every
+rank: the global mode checks the losses and the Jacobian after averaging them; the local mode and
+the representation level exchange one flag per step (and a rank that fails before the
+representation Gramian's all-reduce joins it with NaN), so that no rank waits in a collective
+that another will never reach.
 """
 
 from __future__ import annotations
@@ -384,15 +389,16 @@ class Synchroniser:
             assert isinstance(aggregator, GramianAggregator), "mtl_backward checks features="
             aggregator = _GlobalGramian(aggregator)
         with self.new_grads_averaged(loss_list) as out:
-            if self.mode == "global":
+            failed: Exception | None = None
+            try:
                 result = run(aggregator)
-            else:  # no collective inside: every rank learns whether all succeeded
-                failed: Exception | None = None
-                try:
-                    result = run(aggregator)
-                except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
-                    failed = exc
-                _all_succeeded(failed)
+            except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+                failed = exc
+                if isinstance(aggregator, _GlobalGramian) and not aggregator.exchanged:
+                    # This rank failed before the Gramian's all-reduce, which the others are
+                    # in: join it with NaN, so that they fail too (their weights refuse it).
+                    aggregator.poison(len(loss_list))
+            _all_succeeded(failed)  # every rank learns whether all succeeded
             out.append(result)
         return result
 
@@ -472,6 +478,7 @@ class _GlobalGramian(GramianAggregator):
 
     def __init__(self, inner: GramianAggregator) -> None:
         self.inner = inner
+        self.exchanged = False  # whether this call's all-reduce took place
         self.uses_losses = inner.uses_losses
         self.requires_losses = inner.requires_losses
         self.accepts_task_weights = inner.accepts_task_weights
@@ -488,12 +495,25 @@ class _GlobalGramian(GramianAggregator):
         K = M.shape[0]
         parts = [M.reshape(-1) * world] + ([] if losses is None else [losses.to(torch.float64)])
         both = torch.cat(parts).to(_collective_device(M.device))
+        self.exchanged = True
         _all_reduce_mean([both], "the representation Gramian")
         both = both.cpu()
         M_global = both[: K * K].view(K, K) / float(world * world)
         M_global = (M_global + M_global.T) / 2
         L_global = None if losses is None else both[K * K:]
+        if not bool(torch.isfinite(both).all()):
+            raise ValueError(
+                "the representation Gramian or the losses of another rank are not finite "
+                "(that rank could not complete this step)"
+            )
         return self.inner._checked_weights(M_global, L_global, task_weights)
+
+    def poison(self, n_tasks: int) -> None:
+        """Join the all-reduce that the other ranks are in with NaN (this rank failed first)."""
+        n = n_tasks * n_tasks + (n_tasks if self.uses_losses else 0)
+        nan = torch.full((n,), float("nan"), dtype=torch.float64)
+        self.exchanged = True
+        _all_reduce_mean([nan.to(_collective_device(nan.device))], "the representation Gramian")
 
 
 def _refresh_direction(result: object) -> None:

@@ -159,6 +159,19 @@ def _scenario_methods(rank: int, world: int) -> dict[str, object]:
         out["local_nan"] = str(exc)
     out["local_nan_grads"] = [p.grad is None for p in model.parameters()]
     out["after_local_nan"] = mdist.mean_over_ranks(torch.tensor([float(rank)])).item()
+    # The same in the global mode at the representation (rank 1 fails before the Gramian's
+    # all-reduce, which rank 0 is in).
+    opt = mtl_opt.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                     mtl_opt.get_aggregator("mgda"), model.trunk,
+                                     task_params=list(model.heads))
+    losses, z = task_losses(model, bad, with_features=True)
+    try:
+        opt.step(losses, features=z)
+        out["features_nan"] = "no error"
+    except ValueError as exc:
+        out["features_nan"] = str(exc)
+    out["features_nan_grads"] = [p.grad is None for p in model.parameters()]
+    out["after_features_nan"] = mdist.mean_over_ranks(torch.tensor([float(rank)])).item()
     for mode in ("sync", "no_sync"):
         for name in ("mgda", "ls"):
             out[f"ddp_{mode}_{name}"] = train(name, batch, distributed="global", ddp=mode)[0]

@@ -114,6 +114,12 @@ def test_local_mode_a_failure_on_one_rank_stops_every_rank(methods_run):
     for r in range(WORLD):
         assert all(methods_run[r]["local_nan_grads"])
         assert methods_run[r]["after_local_nan"] == 0.5
+    # global mode, features=: rank 1 fails before the Gramian's all-reduce
+    assert "non-finite loss" in methods_run[1]["features_nan"]
+    assert "another rank are not finite" in methods_run[0]["features_nan"]
+    for r in range(WORLD):
+        assert all(methods_run[r]["features_nan_grads"])
+        assert methods_run[r]["after_features_nan"] == 0.5
 
 
 def test_stateful_methods_keep_one_state_across_ranks(methods_run):
