@@ -308,6 +308,8 @@ class Synchroniser:
         K = n_tasks
         keep = []
         for f in plan.factored:
+            if not all(_plain_linear(plan.uses[u]) for u in f.uses):
+                continue  # only ``Y = X Wᵀ`` uses are gathered row-wise; others take rows
             N = world * sum(plan.uses[u].X.shape[0] for u in f.uses)
             first = plan.uses[f.uses[0]]
             fan_in, fan_out = first.X.shape[1], first.out
@@ -426,6 +428,17 @@ def _all_succeeded(failed: Exception | None) -> None:
             f"rank(s) {bad} could not complete this step (a loss or gradient that is not finite, "
             "or another error reported there); the step is abandoned on every rank"
         )
+
+
+def _plain_linear(use: Any) -> bool:
+    """Whether a factored use is a plain ``Y = X Wᵀ`` over the rows of ``X`` (N × in), whose
+    rows can be stacked across ranks; any other kind of use (a convolution, an embedding, a
+    grouped product) keeps its weight's Jacobian rows in the global mode."""
+    return (
+        isinstance(use.X, Tensor) and use.X.dim() == 2 and use.X.is_floating_point()
+        and getattr(use, "conv", None) is None and not getattr(use, "table", 0)
+        and getattr(use, "groups", 1) == 1
+    )
 
 
 def _gather_layers(grads: _TaskGrads) -> None:
