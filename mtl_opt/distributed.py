@@ -594,24 +594,32 @@ def broadcast_parameters(module: nn.Module, src: int = 0) -> None:
 def broadcast_aggregator_state(aggregator: GradientAggregator, src: int = 0) -> None:
     """Give every rank rank ``src``'s aggregator state (random generators, tracked quantities).
 
-    Also checks that every rank built the same method with the same hyperparameters (``repr``),
-    and raises naming both otherwise. Nothing outside a process group.
+    First checks that every rank built the same method with the same hyperparameters
+    (``repr``): otherwise every rank raises ``ValueError`` naming the ranks that differ.
+    Nothing outside a process group.
     """
     if not _group_active():
         return
     dist = _dist()
-    payload = [repr(aggregator), _state_bytes(aggregator.state_dict())]
+    every: list[Any] = [None] * dist.get_world_size()
+    try:
+        dist.all_gather_object(every, repr(aggregator))
+    except Exception as exc:  # noqa: BLE001
+        raise _failed("the aggregators' descriptions", exc, "all-gather") from exc
+    differ = [r for r, text in enumerate(every) if text != every[src]]
+    if differ:
+        raise ValueError(
+            f"every rank must use the same method and hyperparameters: rank {src} built "
+            f"{every[src]}, rank {differ[0]} built {every[differ[0]]}"
+            + (f" (and {len(differ) - 1} more ranks differ)" if len(differ) > 1 else "")
+        )
+    payload = [_state_bytes(aggregator.state_dict())]
     try:
         dist.broadcast_object_list(payload, src=src)
     except Exception as exc:  # noqa: BLE001
         raise _failed("the aggregator state", exc, "broadcast") from exc
-    if payload[0] != repr(aggregator):
-        raise ValueError(
-            f"rank {dist.get_rank()} built {aggregator!r} but rank {src} built {payload[0]}: "
-            "every rank must use the same method and hyperparameters"
-        )
     if dist.get_rank() != src:
-        aggregator.load_state_dict(_state_from_bytes(payload[1]))
+        aggregator.load_state_dict(_state_from_bytes(payload[0]))
 
 
 def _state_bytes(state: dict[str, Any]) -> bytes:

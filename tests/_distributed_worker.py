@@ -172,6 +172,16 @@ def _scenario_methods(rank: int, world: int) -> dict[str, object]:
         out["features_nan"] = str(exc)
     out["features_nan_grads"] = [p.grad is None for p in model.parameters()]
     out["after_features_nan"] = mdist.mean_over_ranks(torch.tensor([float(rank)])).item()
+    # Ranks that built different hyperparameters: every rank refuses, naming both.
+    try:
+        train("came_grad", batch, steps=1, distributed="global") if rank == 0 else None
+        if rank == 1:
+            model = ThreeTaskNet()
+            mtl_opt.MultiTaskOptimizer(torch.optim.SGD(model.parameters(), lr=LR),
+                                       mtl_opt.get_aggregator("came_grad", kappa=2.0), model.trunk)
+        out["mismatch"] = "no error"
+    except ValueError as exc:
+        out["mismatch"] = str(exc)
     for mode in ("sync", "no_sync"):
         for name in ("mgda", "ls"):
             out[f"ddp_{mode}_{name}"] = train(name, batch, distributed="global", ddp=mode)[0]

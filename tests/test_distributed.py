@@ -122,6 +122,12 @@ def test_local_mode_a_failure_on_one_rank_stops_every_rank(methods_run):
         assert methods_run[r]["after_features_nan"] == 0.5
 
 
+def test_ranks_with_different_hyperparameters_all_refuse(methods_run):
+    for r in range(WORLD):
+        assert "every rank must use the same method and hyperparameters" in methods_run[r]["mismatch"]
+        assert "kappa=2.0" in methods_run[r]["mismatch"]
+
+
 def test_stateful_methods_keep_one_state_across_ranks(methods_run):
     for name in mtl_opt.available_aggregators():
         assert methods_run[0]["fingerprints"][name] == methods_run[1]["fingerprints"][name], name
