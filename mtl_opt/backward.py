@@ -105,12 +105,13 @@ Limits
 The gradients come from ``torch.autograd.grad``, not ``.backward()``: hooks that only
 ``.backward()`` fires (``register_post_accumulate_grad_hook``, DistributedDataParallel's
 gradient all-reduce) do not run, and tensor hooks on the inputs see K-row batched gradients on
-the batched path. Under DDP the per-rank Jacobians are therefore not averaged; aggregate them
-yourself or train on one process.
+the batched path, so DDP does not average them; under a process group the ``distributed=``
+option does (:mod:`mtl_opt.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -129,6 +130,7 @@ from mtl_opt._layerwise import (
     hooked_layers,
     plan_linear_layers,
 )
+from mtl_opt.distributed import DistributedMode, synchroniser
 from mtl_opt._validation import (
     GRAMIAN_BLOCK,
     _diagonal_in_range,
@@ -690,6 +692,7 @@ def mtl_backward(
     retain_graph: bool = False,
     parallel: Parallel = "auto",
     factor_linear: bool = True,
+    distributed: DistributedMode = "global",
 ) -> MTLBackwardResult:
     """Backpropagate K task losses through an aggregator, accumulating into ``.grad``.
 
@@ -717,6 +720,10 @@ def mtl_backward(
             inputs and output gradients instead of their Jacobian rows (see "Linear layers
             without Jacobian rows" in the module docs). Same result to rounding; ``False``
             forces the Jacobian rows.
+        distributed: under an initialised ``torch.distributed`` process group, ``"global"``
+            aggregates the global batch's Jacobian (averaged over the ranks; the same update on
+            every rank), ``"local"`` averages the ranks' own directions, ``"off"`` ignores the
+            group (see :mod:`mtl_opt.distributed`).
 
     Returns:
         :class:`MTLBackwardResult` with the aggregation and the Jacobian's diagnostics.
@@ -746,6 +753,15 @@ def mtl_backward(
 
     loss_list, L = _stack_losses(losses)
     K = len(loss_list)
+    sync = synchroniser(distributed)  # None: no process group (or distributed="off")
+    if sync is not None:
+        sync.check_step(loss_list)
+        if sync.mode == "local" or features is not None:  # this rank's call, then averaged
+            return sync.averaged_call(lambda agg: mtl_backward(
+                losses, shared_params, agg, task_params=task_params,
+                task_weights=task_weights, features=features, retain_graph=retain_graph,
+                parallel=parallel, factor_linear=factor_linear, distributed="off"),
+                aggregator, loss_list)
     shared = _param_list(shared_params, "shared parameter")
     groups = _task_groups(task_params, K)
     _check_unique([shared, *groups])
@@ -756,7 +772,7 @@ def mtl_backward(
             "Jacobian is one (K, d) tensor, so they must share a device"
         )
     h = loss_weights(aggregator, K, task_weights)
-    values = _loss_values(L)
+    values = _loss_values(L if sync is None else sync.losses(L))
     feats = _features_list(features) if features is not None else []
     if feats:
         # Checked before any work so that a stateful aggregator is not advanced by a failing call.
@@ -786,8 +802,10 @@ def mtl_backward(
         # LS and the loss weightings: one backward pass of Σ w_i L_i (mtl_opt._one_backward).
         from mtl_opt._one_backward import weighted_sum_backward
 
-        done = weighted_sum_backward(aggregator, loss_list, L, losses, values, shared, groups,
-                                     task_weights, retain_graph)
+        with sync.new_grads_averaged(loss_list) if sync else contextlib.nullcontext([]) as out:
+            done = weighted_sum_backward(aggregator, loss_list, L, losses, values, shared, groups,
+                                         task_weights, retain_graph)
+            out.append(done)
         if isinstance(done, MTLBackwardResult):
             return done
         # A task group reached by another task's loss: the Jacobian path with this step's w.
@@ -809,10 +827,14 @@ def mtl_backward(
         and is_gramian_weighting(aggregator)
     ):
         plan = plan_linear_layers(L, first, K)
+        if sync is not None:
+            plan = sync.layer_plan(plan, K)  # factored over all ranks' rows, or rows
     grads = _task_grads(
         loss_list, L, first, head_inputs, owners, h, parallel, retain_graph or level == "features",
         plan,
     )
+    if sync is not None:
+        sync.task_grads(grads, level)  # the global batch's Jacobian: blocks averaged over ranks
 
     # Every given parameter must be reached by some loss.
     for j, reached in enumerate(grads.first_reached):

@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from mtl_opt.aggregator import GradientAggregator, GramianAggregator, is_gramian_weighting
+from mtl_opt.distributed import DistributedMode, broadcast_aggregator_state, check_mode
 from mtl_opt.backward import (
     MTLBackwardResult,
     Params,
@@ -104,6 +105,10 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
             loop is used from then on (no failed attempt per step).
         factor_linear: passed to :func:`mtl_opt.mtl_backward`: shared linear layers take their
             Gramian share and update from their inputs and output gradients (no Jacobian rows).
+        distributed: passed to :func:`mtl_opt.mtl_backward` (``"global"``, ``"local"`` or
+            ``"off"``; see :mod:`mtl_opt.distributed`). Built under a process group in the first
+            two modes, the wrapper gives every rank rank 0's aggregator state (seeded
+            generators included): a collective, so build it on every rank.
 
     It is a ``torch.optim.Optimizer`` that shares the wrapped one's ``param_groups`` (the same
     list), ``state``, ``defaults`` and hook tables (``register_step_pre_hook`` and the state-dict
@@ -120,6 +125,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         task_params: Sequence[Params] | None = None,
         parallel: Parallel = "auto",
         factor_linear: bool = True,
+        distributed: DistributedMode = "global",
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
@@ -165,6 +171,9 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         self.last_result: MTLBackwardResult | None = None
         self.last_grad_norm: Tensor | None = None
         self._check_params_in_optimizer()
+        self.distributed: DistributedMode = check_mode(distributed)
+        if self.distributed != "off":
+            broadcast_aggregator_state(aggregator)  # same state on every rank (no-op alone)
 
     def _check_params_in_optimizer(self) -> None:
         held = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
@@ -264,6 +273,7 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                 retain_graph=retain_graph,
                 parallel=parallel,
                 factor_linear=self.factor_linear,
+                distributed=self.distributed,
             )
         except ValueError as exc:
             if scale is None or not _is_overflow(exc):
