@@ -10,7 +10,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt.methods._fairgrad_solver import FairGradSolverError, fair_weights
+from mtl_opt.solvers import FairGradSolverError, alpha_fair_weights
 from mtl_opt.registry import register_aggregator
 
 __all__ = ["FairGrad", "FairGradSolverError"]
@@ -26,7 +26,7 @@ class FairGrad(GramianAggregator):
 
         (G Gᵀ) w = w^{-1/α}        (element-wise),
 
-    solved exactly by :func:`mtl_opt.methods._fairgrad_solver.fair_weights` (Newton on a
+    solved exactly by :func:`mtl_opt.solvers.alpha_fair_weights` (Newton on a
     strictly convex potential, certified residual ``max_i |w_i^{1/α} (Mw)_i − 1| ≤ 1e-10``,
     :class:`FairGradSolverError` otherwise; the regularisation ``M + 10⁻⁹ diag(M)`` and the
     zero-gradient rule are Nash-MTL's). At α = 1 the equations are Nash-MTL's ``Mw = 1/w``: with
@@ -55,7 +55,7 @@ class FairGrad(GramianAggregator):
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         M_np = M.numpy()
-        w, _ = fair_weights(M_np, 1.0 / self.alpha)
+        w, _ = alpha_fair_weights(M_np, 1.0 / self.alpha)
         if self.max_norm != 0.0:
             norm = math.sqrt(max(float(w @ M_np @ w), 0.0))
             if norm > self.max_norm:

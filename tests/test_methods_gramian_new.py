@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mtl_opt
-from mtl_opt.dual_cone import DualConeError, dual_cone_weights_single
+from mtl_opt.solvers import DualConeError, dual_cone_weights
 from mtl_opt.methods import (
     AlignedMTL, ConFIG, DualProj, FairGrad, GradVac, IMTLG, NashMTL, UPGrad,
 )
@@ -149,13 +149,13 @@ def test_dual_cone_projection_handles_dependent_and_zero_rows():
 
 def test_dual_cone_projection_refuses_to_return_an_uncertified_answer(monkeypatch):
     # A face solve that returns a wrong minimiser (injected) must be caught by the certificate.
-    import mtl_opt.dual_cone as dual_cone
+    import mtl_opt.solvers.dual_cone as dual_cone
 
     monkeypatch.setattr(dual_cone, "_solve_face", lambda A_PP, rhs: [2.0 * x + 1.0 for x in rhs])
     M = (rows(3, 0) @ rows(3, 0).T).numpy()
     M[0, 1] = M[1, 0] = -0.9 * np.sqrt(M[0, 0] * M[1, 1])  # conflicting: the solve is needed
     with pytest.raises(DualConeError, match="certificate|did not settle"):
-        dual_cone_weights_single(M, np.eye(3))
+        dual_cone_weights(M, np.eye(3))
 
 
 @pytest.mark.parametrize("K", KS)
