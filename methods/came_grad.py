@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -10,6 +12,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range, check_task_vector
 from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.methods._combinations import ArrayRows, FloatRows
 from mtl_opt.registry import register_aggregator
 from mtl_opt.solvers import conflict_averse, zero_norm_rtol
 
@@ -120,36 +123,35 @@ class CAMEGrad(GramianAggregator):
         return self._omega
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        # One Gramian is a batch of one: the solver's entry point takes its single-call path.
-        return self._batch_weights(M[None], losses=None, task_weights=task_weights)[0]
+        m = M.numpy()
+        omega = self._omega_for(m.shape[0], task_weights).tolist()
+        u_rect = conflict_averse(m, self.rho)[1].tolist() if self.rectify else None
+        return torch.from_numpy(np.array(self._stages(FloatRows(m.tolist()), omega, u_rect)))
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()
         B, K = Mn.shape[0], Mn.shape[1]
-        omega1 = self._omega_for(K, task_weights).numpy()
-        omega = np.broadcast_to(omega1, (B, K))
-        joint_norm = np.sqrt(np.maximum(np.einsum("i,bij,j->b", omega1, Mn, omega1), 0.0))
-
-        def norm(coef: np.ndarray) -> np.ndarray:  # ‖coefᵀG‖ per batch entry
-            if coef is omega:
-                return joint_norm
-            return np.sqrt(np.maximum(np.einsum("bi,bij,bj->b", coef, Mn, coef), 0.0))
-
-        # Stage 1: conflict-averse rectification (mean scale).
+        omega = np.broadcast_to(self._omega_for(K, task_weights).numpy(), (B, K))
         u_rect = conflict_averse(Mn, self.rho)[1] if self.rectify else None
-        # Stage 2: energy injection.
-        if self.inject:
-            v = u_rect if self.rectify else omega
-            v_norm = norm(v)
-            if self.rectify:  # u_rect = 0 to the Gramian's precision: u_en = 0
-                diag = np.sqrt(np.maximum(np.diagonal(Mn, axis1=1, axis2=2), 0.0))
-                noise = np.sqrt(zero_norm_rtol()) * np.einsum("bi,bi->b", np.abs(v), diag)
-                v_norm = np.where(v_norm <= noise, np.inf, v_norm)
-            u_en = v * (self.kappa * norm(omega) / (v_norm + self.eps))[:, None]
-        else:
-            u_en = omega.sum(axis=1, keepdims=True) * u_rect if self.rectify else omega.copy()
-        # Stage 3: adaptive fusion.
-        if self.fuse:
-            u_en = (1.0 - self.nu) * u_en + (self.nu * self.kappa) * omega
-        return torch.from_numpy(np.ascontiguousarray(u_en))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            beta = self._stages(ArrayRows(Mn), omega, u_rect)
+        return torch.from_numpy(np.ascontiguousarray(beta))
 
+    def _stages(self, rows: FloatRows | ArrayRows, omega: Any, u_rect: Any) -> Any:
+        """Stages 2 and 3 on the coefficients (``u_rect``: stage 1's, mean scale), written once
+        for one Gramian on floats and for a batch on arrays (see :mod:`mtl_opt.methods._combinations`)."""
+        joint_norm = rows.norm(omega)
+        if self.inject:  # stage 2: energy injection
+            v = u_rect if self.rectify else omega
+            v_norm = rows.norm(v) if self.rectify else joint_norm
+            if self.rectify:  # u_rect = 0 to the Gramian's precision: u_en = 0
+                noise = math.sqrt(zero_norm_rtol()) * rows.size(v)
+                v_norm = rows.xp.where(v_norm <= noise, math.inf, v_norm)
+            u_en = rows.scale(v, self.kappa * joint_norm / (v_norm + self.eps))
+        elif self.rectify:  # the rectified direction on the sum-of-gradients scale
+            u_en = rows.scale(u_rect, rows.total(omega))
+        else:
+            u_en = omega
+        if self.fuse:  # stage 3: adaptive fusion
+            u_en = rows.add(rows.scale(u_en, 1.0 - self.nu), rows.scale(omega, self.nu * self.kappa))
+        return u_en

@@ -26,7 +26,8 @@ class FairGrad(GramianAggregator):
 
         (G Gᵀ) w = w^{-1/α}        (element-wise),
 
-    solved exactly by :func:`mtl_opt.solvers.alpha_fair_weights` (Newton on a
+    solved exactly by :func:`mtl_opt.solvers.alpha_fair_weights` (at α = 1 Nash-MTL's solver, the
+    same system; otherwise Newton on a
     strictly convex potential, certified residual ``max_i |w_i^{1/α} (Mw)_i − 1| ≤ 1e-10``,
     :class:`FairGradSolverError` otherwise; the regularisation ``M + 10⁻⁹ diag(M)`` and the
     zero-gradient rule are Nash-MTL's). At α = 1 the equations are Nash-MTL's ``Mw = 1/w``: with

@@ -196,6 +196,18 @@ def test_fairgrad_solves_the_alpha_fair_equations_on_the_rows(K, alpha):
 
 
 @pytest.mark.parametrize("K", KS)
+def test_fairgrad_newton_at_alpha_one_solves_the_nash_system(K):
+    """FairGrad's α-fair Newton method at p = 1/α = 1 and Nash-MTL's solver (which FairGrad uses
+    at α = 1) solve the same regularised equations."""
+    from mtl_opt.solvers.alpha_fair import _alpha_fair_newton
+    from mtl_opt.solvers.nash import nash_weights
+
+    for seed in range(3):
+        M = (lambda G: (G @ G.T).numpy())(rows(K, seed, d=20))
+        np.testing.assert_allclose(_alpha_fair_newton(M, 1.0)[0], nash_weights(M)[0], rtol=1e-8)
+
+
+@pytest.mark.parametrize("K", KS)
 def test_fairgrad_at_alpha_one_is_nash_mtl(K):
     for seed in range(3):
         G = rows(K, seed, d=20)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from mtl_opt.solvers._precision import SolverError
-from mtl_opt.solvers.nash import cosine_form
+from mtl_opt.solvers.nash import cosine_form, nash_weights
 
 __all__ = ["FairGradSolverError", "alpha_fair_weights"]
 
@@ -60,7 +60,20 @@ class FairGradSolverError(SolverError):
 
 
 def alpha_fair_weights(M: np.ndarray, p: float) -> tuple[np.ndarray, dict[str, Any]]:
-    """``w`` (K,) with ``(M + σ diag M) w = w^{-p}`` on the tasks with non-zero gradients."""
+    """``w`` (K,) with ``(M + σ diag M) w = w^{-p}`` on the tasks with non-zero gradients.
+
+    At ``p = 1`` this is the Nash bargaining system with the same regularisation, solved by
+    :func:`mtl_opt.solvers.nash_weights` (its closed form at K = 2, its Newton method with
+    Chebyshev's correction beyond): the system is solved in one place. Other ``p`` use the
+    Newton method of this module (:func:`_alpha_fair_newton`).
+    """
+    if p == 1.0:
+        return nash_weights(np.asarray(M, dtype=np.float64))
+    return _alpha_fair_newton(M, p)
+
+
+def _alpha_fair_newton(M: np.ndarray, p: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """Newton's method on the potential ``f`` (see the module docstring), any ``p > 0``."""
     K = M.shape[0]
     form = cosine_form(M[None])
     inv_norm = form.inv_norm[0]
