@@ -19,7 +19,7 @@ import numpy as np
 
 from mtl_opt.solvers._linalg import ARRAY_OPS, FLOAT_OPS
 
-__all__ = ["ArrayRows", "FloatRows"]
+__all__ = ["ArrayRows", "FloatRows", "clip_to_norm"]
 
 
 class FloatRows:
@@ -72,3 +72,17 @@ class ArrayRows:
     def size(self, c: np.ndarray) -> np.ndarray:
         diag = np.sqrt(np.maximum(np.diagonal(self.M, axis1=1, axis2=2), 0.0))
         return np.einsum("bi,bi->b", np.abs(c), diag)
+
+
+def clip_to_norm(M: np.ndarray, c: np.ndarray, max_norm: float) -> np.ndarray:
+    """``c · min(1, max_norm/‖cᵀG‖)`` for coefficients ``c`` (B, K) of Gramians ``M`` (B, K, K)
+    (``max_norm = 0``: unchanged): the direction clipped to ``max_norm``, as Nash-MTL's and
+    FairGrad's authors clip the shared gradient. One problem with K ≤ 8 runs on floats."""
+    if max_norm == 0.0:
+        return c.copy()
+    single = c.shape[0] == 1 and c.shape[1] <= 8
+    rows: FloatRows | ArrayRows = FloatRows(M[0].tolist()) if single else ArrayRows(M)
+    with np.errstate(divide="ignore"):
+        norm = rows.norm(c[0].tolist() if single else c)
+        factor = rows.xp.where(norm > max_norm, rows.xp.div(max_norm, norm), 1.0)
+    return c * (factor if single else factor[:, None])

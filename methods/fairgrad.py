@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -10,6 +9,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.methods._combinations import clip_to_norm
 from mtl_opt.solvers import FairGradSolverError, alpha_fair_weights
 from mtl_opt.registry import register_aggregator
 
@@ -57,8 +57,4 @@ class FairGrad(GramianAggregator):
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         M_np = M.numpy()
         w, _ = alpha_fair_weights(M_np, 1.0 / self.alpha)
-        if self.max_norm != 0.0:
-            norm = math.sqrt(max(float(w @ M_np @ w), 0.0))
-            if norm > self.max_norm:
-                w = w * (self.max_norm / norm)
-        return torch.from_numpy(w)
+        return torch.from_numpy(clip_to_norm(M_np[None], w[None], self.max_norm)[0])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from operator import mul
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,6 +10,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_choice, check_range
 from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.methods._combinations import clip_to_norm
 from mtl_opt.registry import register_aggregator
 from mtl_opt.solvers import NashSolverError, nash_weights
 from mtl_opt.solvers.nash import NashSCAProblem, nash_cvxpy
@@ -226,27 +225,7 @@ class NashMTL(GramianAggregator):
 
     def _clip(self, M: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         """``α · min(1, max_norm/‖αᵀG‖)`` with ``‖αᵀG‖² = αᵀMα`` (B, K)."""
-        if self.max_norm == 0.0:
-            return alpha.copy()
-        if alpha.shape[0] == 1:  # one problem: the same arithmetic on Python floats
-            a = alpha[0]
-            if a.shape[0] <= 8:
-                a_list = a.tolist()
-                sq = sum(ai * sum(map(mul, row, a_list)) for ai, row in zip(a_list, M[0].tolist()))
-            else:
-                sq = float(a @ M[0] @ a)
-            norm = math.sqrt(max(sq, 0.0))
-            return alpha * (self.max_norm / norm if norm > self.max_norm else 1.0)
-        if alpha.shape[1] == 2:
-            a0, a1 = alpha[:, 0], alpha[:, 1]
-            sq = M[:, 0, 0] * a0 * a0 + 2.0 * M[:, 0, 1] * a0 * a1 + M[:, 1, 1] * a1 * a1
-        else:
-            sq = np.einsum("bi,bij,bj->b", alpha, M, alpha)
-        norm = np.sqrt(np.maximum(sq, 0.0))
-        with np.errstate(divide="ignore"):
-            factor = np.where(norm > self.max_norm, self.max_norm / norm, 1.0)
-        return alpha * factor[:, None]
-
+        return clip_to_norm(M, alpha, self.max_norm)
 
 def _positive_int(name: str, value: object, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
