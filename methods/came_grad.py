@@ -135,7 +135,7 @@ class CAMEGrad(GramianAggregator):
         u_rect = conflict_averse(Mn, self.rho)[1] if self.rectify else None
         with np.errstate(divide="ignore", invalid="ignore"):
             beta = self._stages(ArrayRows(Mn), omega, u_rect)
-        return torch.from_numpy(np.ascontiguousarray(beta))
+        return torch.from_numpy(np.array(beta, dtype=np.float64))  # a copy: beta may be ω's read-only view
 
     def _stages(self, rows: FloatRows | ArrayRows, omega: Any, u_rect: Any) -> Any:
         """Stages 2 and 3 on the coefficients (``u_rect``: stage 1's, mean scale), written once
