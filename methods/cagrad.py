@@ -76,5 +76,5 @@ class CAGrad(GramianAggregator):
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         K = M.shape[1]
-        _, coef = conflict_averse(M.numpy(), self.c)
+        _, coef = conflict_averse(M.numpy(), self.c, checked=True)
         return torch.from_numpy(coef * (K / self._divisor()))

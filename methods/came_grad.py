@@ -125,14 +125,14 @@ class CAMEGrad(GramianAggregator):
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         m = M.numpy()
         omega = self._omega_for(m.shape[0], task_weights).tolist()
-        u_rect = conflict_averse(m, self.rho)[1].tolist() if self.rectify else None
+        u_rect = conflict_averse(m, self.rho, checked=True)[1].tolist() if self.rectify else None
         return torch.from_numpy(np.array(self._stages(FloatRows(m.tolist()), omega, u_rect)))
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()
         B, K = Mn.shape[0], Mn.shape[1]
         omega = np.broadcast_to(self._omega_for(K, task_weights).numpy(), (B, K))
-        u_rect = conflict_averse(Mn, self.rho)[1] if self.rectify else None
+        u_rect = conflict_averse(Mn, self.rho, checked=True)[1] if self.rectify else None
         with np.errstate(divide="ignore", invalid="ignore"):
             beta = self._stages(ArrayRows(Mn), omega, u_rect)
         return torch.from_numpy(np.array(beta, dtype=np.float64))  # a copy: beta may be ω's read-only view

@@ -88,4 +88,4 @@ class MGDA(GramianAggregator):
         if self.normalization != "none":
             inv = self._scales_inverse(Mn, losses)
             Mn = Mn * inv[:, :, None] * inv[:, None, :]
-        return torch.from_numpy(K * min_norm_weights(Mn))
+        return torch.from_numpy(K * min_norm_weights(Mn, checked=True))

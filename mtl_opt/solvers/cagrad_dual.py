@@ -82,7 +82,9 @@ class ConflictAverseSolverError(SolverError):
     """The conflict-averse solver could not certify an optimum."""
 
 
-def conflict_averse(M: Tensor | np.ndarray, c: float) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
+def conflict_averse(
+    M: Tensor | np.ndarray, c: float, *, checked: bool = False
+) -> tuple[Tensor | np.ndarray, Tensor | np.ndarray]:
     """``(w*, γ)``: the exact minimiser of ``F(w) = wᵀM1/K + c‖g0‖ √(wᵀMw)`` over the simplex and
     the row coefficients ``γ = 1/K + (c‖g0‖/r) w*`` of the direction ``u = γᵀG`` (mean scale).
 
@@ -93,6 +95,8 @@ def conflict_averse(M: Tensor | np.ndarray, c: float) -> tuple[Tensor | np.ndarr
     Args:
         M: a Gramian (K, K) or a batch (B, K, K) (symmetrised here; checked finite).
         c: the radius factor ``c ≥ 0``.
+        checked: ``M`` is already known finite and symmetric (the aggregators' Gramians, checked
+            once in :mod:`mtl_opt._validation`): no second check.
 
     Returns:
         ``(w*, γ)`` float64, each (K,) or (B, K): CPU tensors for a tensor input, NumPy arrays
@@ -109,14 +113,14 @@ def conflict_averse(M: Tensor | np.ndarray, c: float) -> tuple[Tensor | np.ndarr
     K = Ms.shape[1]
     solved = None
     if Ms.shape[0] == 1 and K <= ACTIVE_SET_MAX_K:
-        rows = checked_rows(Ms[0], "conflict_averse")
+        rows = Ms[0].tolist() if checked else checked_rows(Ms[0], "conflict_averse")
         solved = _conflict_averse_single(rows, c)
         if solved is None:
             w, coef = _conflict_averse_batch(np.array([rows]), c)
         else:
             w, coef = np.array([solved[0]]), np.array([solved[1]])
     else:
-        w, coef = _conflict_averse_batch(checked_stack(Ms, "conflict_averse"), c)
+        w, coef = _conflict_averse_batch(Ms if checked else checked_stack(Ms, "conflict_averse"), c)
     return answer(w, batched, tensor), answer(coef, batched, tensor)
 
 

@@ -62,12 +62,14 @@ class MinNormSolverError(SolverError):
     """The min-norm solver could not certify an optimum (KKT test failed)."""
 
 
-def min_norm_weights(M: Tensor | np.ndarray) -> Tensor | np.ndarray:
+def min_norm_weights(M: Tensor | np.ndarray, *, checked: bool = False) -> Tensor | np.ndarray:
     """The exact min-norm weights ``α* = argmin_{α∈Δ} αᵀMα``.
 
     Args:
         M: a Gramian (K, K) or a batch of them (B, K, K); symmetric positive semi-definite
             (symmetrised here; checked finite).
+        checked: ``M`` is already known finite and symmetric (the aggregators' Gramians, checked
+            once in :mod:`mtl_opt._validation`): no second check.
 
     Returns:
         ``α*`` float64, shape (K,) or (B, K): a CPU tensor for a tensor input, a NumPy array
@@ -82,11 +84,11 @@ def min_norm_weights(M: Tensor | np.ndarray) -> Tensor | np.ndarray:
     Ms, batched, tensor = stack_of(M, "min_norm_weights")
     K = Ms.shape[1]
     if Ms.shape[0] == 1 and K <= ACTIVE_SET_MAX_K:
-        rows = checked_rows(Ms[0], "min_norm_weights")
+        rows = Ms[0].tolist() if checked else checked_rows(Ms[0], "min_norm_weights")
         alpha = _min_norm_single(rows)
         out = np.array([alpha]) if alpha is not None else _min_norm_batch(np.array([rows]))
     else:
-        out = _min_norm_batch(checked_stack(Ms, "min_norm_weights"))
+        out = _min_norm_batch(Ms if checked else checked_stack(Ms, "min_norm_weights"))
     return answer(out, batched, tensor)
 
 
