@@ -6,7 +6,7 @@ For K = 2, 4, 8 both solvers get the same slowly drifting sequence of Gramians (
 every call re-solves, warm-started from the previous weights; the directions drift by a random
 walk and the gradient norms shrink by 1% per step, see ``drifting_gramians``). Printed, as medians over calls:
 
-* ``solve``: the Nash solve alone (``nash_exact_single`` vs the cvxpy SCA ``nash_cvxpy`` with
+* ``solve``: the Nash solve alone (``nash_weights`` on one Gramian vs the cvxpy SCA ``nash_cvxpy`` with
   its compiled Problem; same regularised equations);
 * ``call``: a whole ``NashMTL.weights(M)`` call (input checks, state, clipping), the Gramian
   given (no matmul timed);
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from mtl_opt.methods import NashMTL
-from mtl_opt.methods._nash_solvers import NashSCAProblem, nash_cvxpy, nash_exact_single
+from mtl_opt.solvers.nash import NashSCAProblem, nash_cvxpy, nash_weights
 
 
 def drifting_gramians(K: int, n: int, d: int = 64, seed: int = 0, shrink: float = 0.99) -> list[torch.Tensor]:
@@ -84,7 +84,7 @@ def main() -> None:
         gramians = drifting_gramians(K, max(args.calls_exact, args.calls_cvxpy))
         arrays = [M.numpy() for M in gramians]
 
-        t_exact, exact_out = median_time(chained(nash_exact_single), arrays[: args.calls_exact])
+        t_exact, exact_out = median_time(chained(nash_weights), arrays[: args.calls_exact])
         problems: dict[int, NashSCAProblem] = {}
         nash_cvxpy(arrays[0], None, 20, problems)  # compile the Problem once (not timed)
         t_sca, sca_out = median_time(

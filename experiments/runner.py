@@ -304,7 +304,7 @@ def pareto_stationarity(J: Tensor) -> Tensor:
     The norm of the min-norm element of the convex hull of the task gradients: zero exactly at
     Pareto-stationary points (MGDA's criterion, Désidéri 2012; Sener & Koltun 2018).
     """
-    from mtl_opt.simplex import min_norm_weights
+    from mtl_opt.solvers import min_norm_weights
 
     J64 = J.detach().to(device="cpu", dtype=torch.float64)
     M = J64 @ J64.transpose(-1, -2)

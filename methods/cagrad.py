@@ -8,9 +8,7 @@ from torch import Tensor
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.registry import register_aggregator
-from mtl_opt._active_set import ACTIVE_SET_MAX_K, conflict_averse_floats
-from mtl_opt.methods._two_task import conflict_averse_2, weight_pair, weight_vector
-from mtl_opt.simplex import conflict_averse_batch_np
+from mtl_opt.solvers import conflict_averse
 
 
 @register_aggregator("cagrad")
@@ -30,7 +28,7 @@ class CAGrad(GramianAggregator):
     (``rescale=0``). The factor ``K`` puts it on the scale of the *sum* of task gradients.
 
     The original code solves for ``w`` with scipy's SLSQP; here it is exact (see
-    :mod:`mtl_opt.simplex`). K = 2: closed form (stationarity on the edge is a quadratic
+    :mod:`mtl_opt.solvers.cagrad_dual`). K = 2: closed form (stationarity on the edge is a quadratic
     equation), best of the edge point and the two vertices. K = 3: the same over the triangle's
     seven faces, vectorised over batches. Every answer off the origin (K = 2 edge points included)
     is accepted only on a primal/dual certificate: with ``γ = 1/K + (√φ/r) w*`` and
@@ -40,7 +38,7 @@ class CAGrad(GramianAggregator):
     K ≥ 4 (and any entry failing the test) uses a bracketed root search for the support with a
     closed-form root, and raises if nothing passes. Where the optimum is a near-cancelling mix of
     much larger rows the gap is only known to ~1e-7 of ``max_i‖g_i‖²`` (see
-    :mod:`mtl_opt.simplex`). An optimum at ``g_w* = 0`` is certified by
+    :mod:`mtl_opt.solvers.cagrad_dual`). An optimum at ``g_w* = 0`` is certified by
     ``‖proj_{cone(rows)}(−g0)‖ ≤ √φ``. The tests also check a zero
     duality gap: ``min_i g_i·d`` equals ``F(w*)`` for the returned ``d``.
 
@@ -73,21 +71,10 @@ class CAGrad(GramianAggregator):
         return {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        K = M.shape[0]
-        if K == 2:
-            (m11, m12), (_, m22) = M.tolist()
-            coef = conflict_averse_2(m11, m12, m22, self.c)
-            if coef is not None:  # else: optimum at the hull's origin, solved by the batched path
-                scale = 2 / self._divisor()
-                return weight_pair(coef[0] * scale, coef[1] * scale)
-        elif 3 <= K <= ACTIVE_SET_MAX_K:
-            solved = conflict_averse_floats(M.tolist(), self.c)
-            if solved is not None:  # else: uncertified or at the hull's origin: batched path
-                scale = K / self._divisor()
-                return weight_vector([g * scale for g in solved[1]])
+        # One Gramian is a batch of one: the solver's entry point takes its single-call path.
         return self._batch_weights(M[None], losses=None, task_weights=None)[0]
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         K = M.shape[1]
-        _, coef = conflict_averse_batch_np(M.numpy(), self.c)
+        _, coef = conflict_averse(M.numpy(), self.c, checked=True)
         return torch.from_numpy(coef * (K / self._divisor()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,10 +12,9 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range, check_task_vector
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt._active_set import ACTIVE_SET_MAX_K, conflict_averse_floats
-from mtl_opt.methods._two_task import conflict_averse_2, weight_vector
+from mtl_opt.methods._combinations import ArrayRows, FloatRows
 from mtl_opt.registry import register_aggregator
-from mtl_opt.simplex import conflict_averse_batch_np, zero_norm_rtol
+from mtl_opt.solvers import conflict_averse, zero_norm_rtol
 
 
 @register_aggregator("came_grad")
@@ -27,7 +27,7 @@ class CAMEGrad(GramianAggregator):
 
     1. **conflict-averse rectification** — ``μ = (1/K) Σ_i g_i``, trust radius ``√ξ = ρ‖μ‖``,
        ``α* = argmin_{α∈Δ} αᵀGμ + √ξ ‖αᵀG‖`` (the CAGrad sub-problem with ``c = ρ``, solved
-       exactly by :func:`mtl_opt.simplex.conflict_averse_weights`),
+       exactly by :func:`mtl_opt.solvers.conflict_averse`),
        ``u_rect = μ + √ξ/‖g_α*‖ · g_α*``;
     2. **energy injection** — ``g_joint = Σ_i ω_i g_i``,
        ``u_en = u_rect · κ‖g_joint‖ / (‖u_rect‖ + ε)``: the rectified direction rescaled to
@@ -53,7 +53,7 @@ class CAMEGrad(GramianAggregator):
     the unit vector is undefined and ``u_rect`` is the
     solution of the rectification's primal problem closest to ``μ``,
     ``u_rect = proj_{u: Gu ≥ 0}(μ)`` (``= μ`` when no task conflicts with ``μ``; see
-    :func:`mtl_opt.simplex.conflict_averse_coefficients`); ``‖μ‖ = 0`` → ``u_rect = μ = 0``, ``u_en = 0`` and
+    :func:`mtl_opt.solvers.conflict_averse`); ``‖μ‖ = 0`` → ``u_rect = μ = 0``, ``u_en = 0`` and
     ``g_final = ν κ g_joint``; ``g_joint = 0`` (e.g. all-zero ``G``) → ``u_en = 0``; ``K = 1`` →
     ``u_rect = (1 + ρ) g_1`` (for ``g_1 ≠ 0``). The ``ε`` keeps stage 2 finite when
     ``u_rect = 0``; it makes the method positively homogeneous only up to ``ε/‖u_rect‖``. A
@@ -123,94 +123,35 @@ class CAMEGrad(GramianAggregator):
         return self._omega
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        if M.shape[0] <= ACTIVE_SET_MAX_K:
-            beta = self._weights_floats(M, task_weights)
-            if beta is not None:
-                return beta
-        return self._batch_weights(M[None], losses=None, task_weights=task_weights)[0]
-
-    def _weights_floats(self, M: Tensor, task_weights: Tensor | None) -> Tensor | None:
-        """One Gramian on Python floats: :meth:`_batch_weights`' three stages without arrays,
-        with the K = 2 closed form or the certified active set for the rectification.
-
-        ``None`` when the rectification's optimum is at the origin of the hull or the active set
-        cannot certify it (the batched path then decides, with the cone projection).
-        """
-        m = M.tolist()
-        K = len(m)
-        if task_weights is None and self._omega is None:
-            omega = [1.0] * K
-        else:
-            omega = self._omega_for(K, task_weights).tolist()
-
-        def norm(v: list[float]) -> float:  # ‖vᵀG‖
-            return math.sqrt(max(sum(v[i] * m[i][j] * v[j] for i in range(K) for j in range(K)), 0.0))
-
-        joint_norm = norm(omega)
-        u_rect = [0.0] * K
-        if self.rectify:
-            if K == 2:
-                solved = conflict_averse_2(m[0][0], m[0][1], m[1][1], self.rho)
-            elif K >= 3:
-                pair = conflict_averse_floats(m, self.rho)
-                solved = None if pair is None else pair[1]
-            else:
-                return None
-            if solved is None:
-                return None
-            u_rect = list(solved)
-        if self.inject:
-            v, v_norm = (u_rect, norm(u_rect)) if self.rectify else (omega, joint_norm)
-            if self.rectify and _is_rounding_noise(v_norm, u_rect, [m[i][i] for i in range(K)]):
-                v_norm = math.inf  # u_rect = 0 to the Gramian's precision: u_en = 0
-            factor = self.kappa * joint_norm / (v_norm + self.eps)
-            energy = [x * factor for x in v]
-        elif self.rectify:
-            total = sum(omega)
-            energy = [total * x for x in u_rect]
-        else:
-            energy = list(omega)
-        if self.fuse:
-            keep, add = 1.0 - self.nu, self.nu * self.kappa
-            energy = [keep * x + add * o for x, o in zip(energy, omega)]
-        return weight_vector(energy)
+        m = M.numpy()
+        omega = self._omega_for(m.shape[0], task_weights).tolist()
+        u_rect = conflict_averse(m, self.rho, checked=True)[1].tolist() if self.rectify else None
+        return torch.from_numpy(np.array(self._stages(FloatRows(m.tolist()), omega, u_rect)))
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()
         B, K = Mn.shape[0], Mn.shape[1]
-        omega1 = self._omega_for(K, task_weights).numpy()
-        omega = np.broadcast_to(omega1, (B, K))
-        joint_norm = np.sqrt(np.maximum(np.einsum("i,bij,j->b", omega1, Mn, omega1), 0.0))
+        omega = np.broadcast_to(self._omega_for(K, task_weights).numpy(), (B, K))
+        u_rect = conflict_averse(Mn, self.rho, checked=True)[1] if self.rectify else None
+        with np.errstate(divide="ignore", invalid="ignore"):
+            beta = self._stages(ArrayRows(Mn), omega, u_rect)
+        return torch.from_numpy(np.array(beta, dtype=np.float64))  # a copy: beta may be ω's read-only view
 
-        def norm(coef: np.ndarray) -> np.ndarray:  # ‖coefᵀG‖ per batch entry
-            if coef is omega:
-                return joint_norm
-            return np.sqrt(np.maximum(np.einsum("bi,bij,bj->b", coef, Mn, coef), 0.0))
-
-        # Stage 1: conflict-averse rectification (mean scale).
-        u_rect = conflict_averse_batch_np(Mn, self.rho)[1] if self.rectify else None
-        # Stage 2: energy injection.
-        if self.inject:
+    def _stages(self, rows: FloatRows | ArrayRows, omega: Any, u_rect: Any) -> Any:
+        """Stages 2 and 3 on the coefficients (``u_rect``: stage 1's, mean scale), written once
+        for one Gramian on floats and for a batch on arrays (see :mod:`mtl_opt.methods._combinations`)."""
+        joint_norm = rows.norm(omega)
+        if self.inject:  # stage 2: energy injection
             v = u_rect if self.rectify else omega
-            v_norm = norm(v)
+            v_norm = rows.norm(v) if self.rectify else joint_norm
             if self.rectify:  # u_rect = 0 to the Gramian's precision: u_en = 0
-                diag = np.sqrt(np.maximum(np.diagonal(Mn, axis1=1, axis2=2), 0.0))
-                noise = np.sqrt(zero_norm_rtol()) * np.einsum("bi,bi->b", np.abs(v), diag)
-                v_norm = np.where(v_norm <= noise, np.inf, v_norm)
-            u_en = v * (self.kappa * norm(omega) / (v_norm + self.eps))[:, None]
+                noise = math.sqrt(zero_norm_rtol()) * rows.size(v)
+                v_norm = rows.xp.where(v_norm <= noise, math.inf, v_norm)
+            u_en = rows.scale(v, self.kappa * joint_norm / (v_norm + self.eps))
+        elif self.rectify:  # the rectified direction on the sum-of-gradients scale
+            u_en = rows.scale(u_rect, rows.total(omega))
         else:
-            u_en = omega.sum(axis=1, keepdims=True) * u_rect if self.rectify else omega.copy()
-        # Stage 3: adaptive fusion.
-        if self.fuse:
-            u_en = (1.0 - self.nu) * u_en + (self.nu * self.kappa) * omega
-        return torch.from_numpy(np.ascontiguousarray(u_en))
-
-
-def _is_rounding_noise(norm: float, coef: list[float], diag: list[float]) -> bool:
-    """Whether ``‖coefᵀG‖ = norm`` is zero to the precision of the Gramian and of the direction:
-    at most ``√rtol · Σ_i |coef_i| ‖g_i‖`` (``rtol`` from :func:`zero_norm_rtol`), the rounding
-    of a combination of rows of those sizes. Stage 2 would otherwise rescale that noise to
-    ``κ‖g_joint‖``: a direction in a random span of the rows, which can conflict with every task
-    (e.g. rows ``u`` and ``−0.7u``, where ``u_rect`` is exactly 0 for ``ρ ≥ 1``)."""
-    total = sum(abs(c) * math.sqrt(max(m, 0.0)) for c, m in zip(coef, diag))
-    return norm <= math.sqrt(zero_norm_rtol()) * total
+            u_en = omega
+        if self.fuse:  # stage 3: adaptive fusion
+            u_en = rows.add(rows.scale(u_en, 1.0 - self.nu), rows.scale(omega, self.nu * self.kappa))
+        return u_en

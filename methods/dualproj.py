@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt.dual_cone import dual_cone_weights
+from mtl_opt.solvers import dual_cone_weights
 from mtl_opt.methods._preference import check_preference, preference_for
 from mtl_opt.registry import register_aggregator
 
@@ -23,8 +23,8 @@ class DualProj(GramianAggregator):
 
         d = π_C(Gᵀp) = Gᵀ(p + v*),      v* = argmin_{v≥0} ½(p+v)ᵀM(p+v),
 
-    one K-variable QP solved exactly by :func:`mtl_opt.dual_cone.dual_cone_weights` (active set,
-    KKT certificate, :class:`mtl_opt.dual_cone.DualConeError` when it cannot certify).
+    one K-variable QP solved exactly by :func:`mtl_opt.solvers.dual_cone_weights` (active set,
+    KKT certificate, :class:`mtl_opt.solvers.DualConeError` when it cannot certify).
 
     Properties (tested): non-conflicting (``G d ≥ 0``); zero at Pareto-stationary points;
     permutation invariant; linear under ``G → sG``. Difference from TorchJD 0.18's ``DualProj``:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import torch
@@ -10,7 +9,8 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt.methods._fairgrad_solver import FairGradSolverError, fair_weights
+from mtl_opt.methods._combinations import clip_to_norm
+from mtl_opt.solvers import FairGradSolverError, alpha_fair_weights
 from mtl_opt.registry import register_aggregator
 
 __all__ = ["FairGrad", "FairGradSolverError"]
@@ -26,7 +26,8 @@ class FairGrad(GramianAggregator):
 
         (G Gᵀ) w = w^{-1/α}        (element-wise),
 
-    solved exactly by :func:`mtl_opt.methods._fairgrad_solver.fair_weights` (Newton on a
+    solved exactly by :func:`mtl_opt.solvers.alpha_fair_weights` (at α = 1 Nash-MTL's solver, the
+    same system; otherwise Newton on a
     strictly convex potential, certified residual ``max_i |w_i^{1/α} (Mw)_i − 1| ≤ 1e-10``,
     :class:`FairGradSolverError` otherwise; the regularisation ``M + 10⁻⁹ diag(M)`` and the
     zero-gradient rule are Nash-MTL's). At α = 1 the equations are Nash-MTL's ``Mw = 1/w``: with
@@ -55,9 +56,5 @@ class FairGrad(GramianAggregator):
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         M_np = M.numpy()
-        w, _ = fair_weights(M_np, 1.0 / self.alpha)
-        if self.max_norm != 0.0:
-            norm = math.sqrt(max(float(w @ M_np @ w), 0.0))
-            if norm > self.max_norm:
-                w = w * (self.max_norm / norm)
-        return torch.from_numpy(w)
+        w, _ = alpha_fair_weights(M_np, 1.0 / self.alpha)
+        return torch.from_numpy(clip_to_norm(M_np[None], w[None], self.max_norm)[0])

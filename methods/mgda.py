@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import Tensor
@@ -11,10 +9,7 @@ from torch import Tensor
 from mtl_opt._validation import check_choice
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.registry import register_aggregator
-from mtl_opt._active_set import ACTIVE_SET_MAX_K, min_norm_floats
-from mtl_opt.simplex import min_norm_batch_np
-
-from mtl_opt.methods._two_task import min_norm_2, weight_pair, weight_vector
+from mtl_opt.solvers import min_norm_weights
 
 _NORMALIZATIONS = ("none", "l2", "loss", "loss+")
 
@@ -32,7 +27,7 @@ class MGDA(GramianAggregator):
         α* = argmin_{α∈Δ} ‖Σ_i α_i ĝ_i‖² = argmin_{α∈Δ} αᵀM̂α
 
     (closed form at K = 2, an exact NNLS active set with KKT verification beyond: see
-    :func:`mtl_opt.simplex.min_norm_weights`; no fixed number of Frank–Wolfe steps). The direction
+    :func:`mtl_opt.solvers.min_norm_weights`; no fixed number of Frank–Wolfe steps). The direction
     is ``d = K · Σ_i α*_i g_i``, i.e. ``β = K α*``, applied to the ORIGINAL rows, exactly as
     Sener & Koltun's training code does (it solves on normalised gradients, then back-propagates
     ``Σ_t α_t L_t`` on the unnormalised losses). The factor ``K`` puts the direction on the scale
@@ -82,41 +77,10 @@ class MGDA(GramianAggregator):
         return inv
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
-        if M.shape[0] <= ACTIVE_SET_MAX_K:
-            beta = self._weights_floats(M, losses)
-            if beta is not None:
-                return beta
+        # One Gramian is a batch of one: the solver's entry point takes its single-call path.
         return self._batch_weights(
             M[None], losses=None if losses is None else losses[None], task_weights=None
         )[0]
-
-    def _weights_floats(self, M: Tensor, losses: Tensor | None) -> Tensor | None:
-        """One Gramian on Python floats: the batched path's scales, then the K = 2 closed form
-        or the certified active set (``None`` when it cannot certify; the batched path decides)."""
-        m = M.tolist()
-        K = len(m)
-        inv = [1.0] * K
-        if self.normalization in ("loss", "loss+"):
-            if losses is None:
-                raise ValueError(f"{self!r} needs the task losses: call it with losses=...")
-            L = losses.tolist()
-            if not all(v > 0 for v in L):
-                raise ValueError(
-                    f"{self!r} divides by the task losses, which must be positive; got {L}"
-                )
-            inv = [i / v for i, v in zip(inv, L)]
-        if self.normalization in ("l2", "loss+"):
-            norms = [math.sqrt(max(m[i][i], 0.0)) for i in range(K)]
-            inv = [i / n if n > 0 else 0.0 for i, n in zip(inv, norms)]
-        if self.normalization != "none":
-            m = [[m[i][j] * inv[i] * inv[j] for j in range(K)] for i in range(K)]
-        if K == 2:
-            a1 = min_norm_2(m[0][0], m[0][1], m[1][1])
-            return weight_pair(2 * a1, 2 * (1.0 - a1))
-        if K == 1:
-            return None
-        alpha = min_norm_floats(m)
-        return None if alpha is None else weight_vector([K * a for a in alpha])
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
         Mn = M.numpy()
@@ -124,4 +88,4 @@ class MGDA(GramianAggregator):
         if self.normalization != "none":
             inv = self._scales_inverse(Mn, losses)
             Mn = Mn * inv[:, :, None] * inv[:, None, :]
-        return torch.from_numpy(K * min_norm_batch_np(Mn))
+        return torch.from_numpy(K * min_norm_weights(Mn, checked=True))

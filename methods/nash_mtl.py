@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-from operator import mul
 from typing import Any, ClassVar
 
 import numpy as np
@@ -12,16 +10,10 @@ from torch import Tensor
 
 from mtl_opt._validation import check_choice, check_range
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt.methods._nash_solvers import (
-    NashSCAProblem,
-    NashSolverError,
-    nash_cvxpy,
-    nash_exact,
-    nash_exact_single,
-    nash_two_floats,
-)
-from mtl_opt.methods._two_task import weight_pair
+from mtl_opt.methods._combinations import clip_to_norm
 from mtl_opt.registry import register_aggregator
+from mtl_opt.solvers import NashSolverError, nash_weights
+from mtl_opt.solvers.nash import NashSCAProblem, nash_cvxpy
 
 __all__ = ["NashMTL", "NashSolverError"]
 
@@ -62,7 +54,7 @@ class NashMTL(GramianAggregator):
       end optimal raises :class:`NashSolverError` (the original silently kept its previous or
       all-ones weights). cvxpy is imported only when this solver first runs. The class attributes
       ``cvxpy_solver`` / ``cvxpy_options`` (overridable per instance) choose the cvxpy solver and
-      its options. See ``mtl_opt.methods._nash_solvers.NashSCAProblem`` for the formulation and
+      its options. See ``mtl_opt.solvers.nash.NashSCAProblem`` for the formulation and
       every deliberate difference from the original.
 
     Degenerate Gramians (documented behaviour, finite in every case):
@@ -179,25 +171,10 @@ class NashMTL(GramianAggregator):
                 "call reset() between runs with different numbers of tasks"
             )
         resolve = self._alpha is None or self._step % self.update_weights_every == 0
-        if K == 2 and resolve and self.solver == "exact":
-            (a, b), (_, c) = M.tolist()
-            closed = nash_two_floats(a, b, c)
-            if closed is not None:  # the closed form and the clip on floats: no arrays
-                alpha, info = closed
-                self._alpha = np.array(alpha)
-                self.last_info = {"solver": self.solver, "resolved": True, **info}
-                self._step += 1
-                factor = 1.0
-                if self.max_norm != 0.0:
-                    a1, a2 = alpha
-                    sq = a1 * (a * a1 + b * a2) + a2 * (b * a1 + c * a2)
-                    norm = math.sqrt(max(sq, 0.0))
-                    factor = self.max_norm / norm if norm > self.max_norm else 1.0
-                return weight_pair(alpha[0] * factor, alpha[1] * factor)
         M_np = M.numpy()
         if resolve:
             if self.solver == "exact":
-                alpha, info = nash_exact_single(M_np, self._alpha)
+                alpha, info = nash_weights(M_np, self._alpha)
             else:
                 alpha, info = self._cvxpy_one(M_np, self._alpha)
             self._alpha = alpha
@@ -218,7 +195,7 @@ class NashMTL(GramianAggregator):
             )
         if self._batch_alpha is None or self._batch_step % self.update_weights_every == 0:
             if self.solver == "exact":
-                alpha, info = nash_exact(M_np, self._batch_alpha)
+                alpha, info = nash_weights(M_np, self._batch_alpha)
             else:
                 # cvxpy solves one problem at a time: loop over the batch entries.
                 rows, infos = [], []
@@ -248,27 +225,7 @@ class NashMTL(GramianAggregator):
 
     def _clip(self, M: np.ndarray, alpha: np.ndarray) -> np.ndarray:
         """``α · min(1, max_norm/‖αᵀG‖)`` with ``‖αᵀG‖² = αᵀMα`` (B, K)."""
-        if self.max_norm == 0.0:
-            return alpha.copy()
-        if alpha.shape[0] == 1:  # one problem: the same arithmetic on Python floats
-            a = alpha[0]
-            if a.shape[0] <= 8:
-                a_list = a.tolist()
-                sq = sum(ai * sum(map(mul, row, a_list)) for ai, row in zip(a_list, M[0].tolist()))
-            else:
-                sq = float(a @ M[0] @ a)
-            norm = math.sqrt(max(sq, 0.0))
-            return alpha * (self.max_norm / norm if norm > self.max_norm else 1.0)
-        if alpha.shape[1] == 2:
-            a0, a1 = alpha[:, 0], alpha[:, 1]
-            sq = M[:, 0, 0] * a0 * a0 + 2.0 * M[:, 0, 1] * a0 * a1 + M[:, 1, 1] * a1 * a1
-        else:
-            sq = np.einsum("bi,bij,bj->b", alpha, M, alpha)
-        norm = np.sqrt(np.maximum(sq, 0.0))
-        with np.errstate(divide="ignore"):
-            factor = np.where(norm > self.max_norm, self.max_norm / norm, 1.0)
-        return alpha * factor[:, None]
-
+        return clip_to_norm(M, alpha, self.max_norm)
 
 def _positive_int(name: str, value: object, owner: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

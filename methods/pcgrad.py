@@ -9,7 +9,6 @@ from torch import Tensor
 from mtl_opt._validation import check_choice
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.methods._state import SeededGenerator
-from mtl_opt.methods._two_task import weight_pair
 from mtl_opt.registry import register_aggregator
 
 _ORDERS = ("random", "fixed")
@@ -76,7 +75,7 @@ class PCGrad(SeededGenerator, GramianAggregator):
             (m11, m12), (_, m22) = M.tolist()
             beta1 = 1.0 - (m12 / m11 if m12 < 0 and m11 > 0 else 0.0)
             beta2 = 1.0 - (m12 / m22 if m12 < 0 and m22 > 0 else 0.0)
-            return weight_pair(beta1, beta2)
+            return torch.from_numpy(np.array([beta1, beta2]))
         return self._batch_weights(M[None], losses=None, task_weights=None)[0]
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:

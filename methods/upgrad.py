@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt.dual_cone import dual_cone_weights
+from mtl_opt.solvers import dual_cone_weights
 from mtl_opt.methods._preference import check_preference, preference_for
 from mtl_opt.registry import register_aggregator
 
@@ -24,8 +24,8 @@ class UPGrad(GramianAggregator):
         d = Σ_i p_i π_C(g_i),      π_C(Gᵀu) = Gᵀ(u + v*),   v* = argmin_{v≥0} ½(u+v)ᵀM(u+v),
 
     so ``β = Σ_i (p_i e_i + v*_i)`` with one K-variable QP per task, solved exactly by
-    :func:`mtl_opt.dual_cone.dual_cone_weights` (active set with a KKT certificate; it raises
-    :class:`mtl_opt.dual_cone.DualConeError` rather than return an uncertified answer).
+    :func:`mtl_opt.solvers.dual_cone_weights` (active set with a KKT certificate; it raises
+    :class:`mtl_opt.solvers.DualConeError` rather than return an uncertified answer).
 
     Properties (tested): the direction conflicts with no task (``G d ≥ 0``, as a sum of points of
     the cone, when ``p ≥ 0``); it is zero at Pareto-stationary points (0 in the convex hull of the
@@ -34,7 +34,7 @@ class UPGrad(GramianAggregator):
     Difference from TorchJD 0.18 (``torchjd.aggregation.UPGrad``, the authors' library): it
     solves the same QP with quadprog on ``M / tr(M) + 10⁻⁴ I`` (``reg_eps = 10⁻⁴``, added so
     quadprog sees a positive definite matrix). Here the ridge is 10⁻¹² relative to each
-    ``M_ii`` (see :mod:`mtl_opt.dual_cone`), so the two differ by the effect of TorchJD's
+    ``M_ii`` (see :mod:`mtl_opt.solvers.dual_cone`), so the two differ by the effect of TorchJD's
     ridge (a relative 10⁻⁴ and more when rows nearly oppose: cosine 0.96 between the two
     directions on the benchmark's two-task Jacobian); on TorchJD's ridged Gramian they agree to
     quadprog's precision (see the tests).

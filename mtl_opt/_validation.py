@@ -109,7 +109,7 @@ def _checked_symmetric(rows: list[list[float]], low: float) -> list[list[float]]
 def gramian_rtol(dtype: torch.dtype, d: int) -> float:
     """Relative precision of a Gramian of ``d`` columns formed from a ``dtype`` Jacobian, and
     of the direction formed from it: the zero-norm threshold of the K × K solves
-    (:func:`mtl_opt.simplex.gramian_precision`), relative to ``max_i M_ii``.
+    (:func:`mtl_opt.solvers.gramian_precision`), relative to ``max_i M_ii``.
 
     ``max(ZERO_NORM_RTOL, eps_gram·√d, eps_dtype)``:
 

@@ -40,7 +40,7 @@ from mtl_opt._validation import (
     gramian_of,
     gramian_rtol,
 )
-from mtl_opt.simplex import gramian_precision
+from mtl_opt.solvers import gramian_precision
 
 __all__ = [
     "AggregationResult", "GradientAggregator", "GramianAggregator", "KINDS", "PROPERTIES", "STATES",

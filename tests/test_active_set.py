@@ -1,4 +1,4 @@
-"""The single-Gramian active-set solvers on Python floats (``mtl_opt._active_set``).
+"""The single-Gramian active-set solvers on Python floats (``mtl_opt.solvers._active_set``).
 
 They must return only certified optima (checked here independently of their own certificate),
 agree with the batched NumPy solvers, really run (not fall back) on generic problems, and hand
@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from mtl_opt import _active_set as active
-from mtl_opt._active_set import ACTIVE_SET_MAX_K, conflict_averse_floats, min_norm_floats
+from mtl_opt.solvers import _active_set as active
+from mtl_opt.solvers._active_set import ACTIVE_SET_MAX_K, conflict_averse_floats, min_norm_floats
 from mtl_opt.methods import CAGrad, CAMEGrad, MGDA
-from mtl_opt.simplex import conflict_averse_batch_np, min_norm_batch_np
+from mtl_opt.solvers.cagrad_dual import _conflict_averse_batch as conflict_averse_batch_np
+from mtl_opt.solvers.min_norm import _min_norm_batch as min_norm_batch_np
 
 
 def _problems(seed: int, n: int, *, generic: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -201,8 +202,9 @@ def _single_vs_batched(agg, M: np.ndarray, **ctx) -> None:
     Mt = torch.from_numpy(M)
     fast = agg._weights(Mt, losses=ctx.get("losses"), task_weights=ctx.get("task_weights"))
     losses = ctx.get("losses")
-    ref = agg._batch_weights(
-        Mt[None], losses=None if losses is None else losses[None], task_weights=ctx.get("task_weights")
+    ref = agg._batch_weights(  # two copies: the vectorised solvers (a batch of one is a single call)
+        Mt.expand(2, -1, -1), losses=None if losses is None else losses.expand(2, -1),
+        task_weights=ctx.get("task_weights"),
     )[0]
     scale = max(float(ref.abs().max()), 1e-300)
     assert float((fast - ref).abs().max()) <= 1e-7 * scale, (fast.tolist(), ref.tolist())

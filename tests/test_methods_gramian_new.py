@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import mtl_opt
-from mtl_opt.dual_cone import DualConeError, dual_cone_weights_single
+from mtl_opt.solvers import DualConeError, dual_cone_weights
 from mtl_opt.methods import (
     AlignedMTL, ConFIG, DualProj, FairGrad, GradVac, IMTLG, NashMTL, UPGrad,
 )
@@ -149,13 +149,13 @@ def test_dual_cone_projection_handles_dependent_and_zero_rows():
 
 def test_dual_cone_projection_refuses_to_return_an_uncertified_answer(monkeypatch):
     # A face solve that returns a wrong minimiser (injected) must be caught by the certificate.
-    import mtl_opt.dual_cone as dual_cone
+    import mtl_opt.solvers.dual_cone as dual_cone
 
     monkeypatch.setattr(dual_cone, "_solve_face", lambda A_PP, rhs: [2.0 * x + 1.0 for x in rhs])
     M = (rows(3, 0) @ rows(3, 0).T).numpy()
     M[0, 1] = M[1, 0] = -0.9 * np.sqrt(M[0, 0] * M[1, 1])  # conflicting: the solve is needed
     with pytest.raises(DualConeError, match="certificate|did not settle"):
-        dual_cone_weights_single(M, np.eye(3))
+        dual_cone_weights(M, np.eye(3))
 
 
 @pytest.mark.parametrize("K", KS)
@@ -193,6 +193,18 @@ def test_fairgrad_solves_the_alpha_fair_equations_on_the_rows(K, alpha):
     utilities = G @ (w @ G)  # g_iᵀ d
     # (G Gᵀ) w = w^{-1/α}; the 1e-9 ridge of the solver moves the residual by about 1e-9.
     assert float(((utilities - w ** (-1.0 / alpha)) / w ** (-1.0 / alpha)).abs().max()) < 1e-7
+
+
+@pytest.mark.parametrize("K", KS)
+def test_fairgrad_newton_at_alpha_one_solves_the_nash_system(K):
+    """FairGrad's α-fair Newton method at p = 1/α = 1 and Nash-MTL's solver (which FairGrad uses
+    at α = 1) solve the same regularised equations."""
+    from mtl_opt.solvers.alpha_fair import _alpha_fair_newton
+    from mtl_opt.solvers.nash import nash_weights
+
+    for seed in range(3):
+        M = (lambda G: (G @ G.T).numpy())(rows(K, seed, d=20))
+        np.testing.assert_allclose(_alpha_fair_newton(M, 1.0)[0], nash_weights(M)[0], rtol=1e-8)
 
 
 @pytest.mark.parametrize("K", KS)

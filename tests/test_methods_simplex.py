@@ -1,4 +1,5 @@
-"""The exact K × K simplex solvers in mtl_opt.simplex: known answers, KKT certificates, batching."""
+"""The exact min-norm and conflict-averse solvers (mtl_opt.solvers): known answers, KKT
+certificates, batching."""
 
 from __future__ import annotations
 
@@ -10,12 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mtl_opt.simplex import (
-    ZERO_NORM_RTOL,
-    conflict_averse_coefficients,
-    conflict_averse_weights,
-    min_norm_weights,
-)
+from mtl_opt.solvers import ZERO_NORM_RTOL, conflict_averse, min_norm_weights
+import mtl_opt.solvers.cagrad_dual as conflict_averse_module
+import mtl_opt.solvers.min_norm as min_norm_module
 
 
 def gramian(G: np.ndarray) -> torch.Tensor:
@@ -117,8 +115,11 @@ def test_min_norm_batch_equals_single(K, B, seed):
     M = torch.from_numpy(G @ G.transpose(0, 2, 1))
     batched = min_norm_weights(M)
     assert batched.shape == (B, K)
-    for b in range(B):
-        assert torch.equal(batched[b], min_norm_weights(M[b]))
+    for b in range(B):  # a single Gramian takes the active set on floats: rounding may differ
+        single = min_norm_weights(M[b])
+        scale = float(M[b].diagonal().max())
+        assert abs(float(single @ M[b] @ single - batched[b] @ M[b] @ batched[b])) <= 1e-12 * scale
+        np.testing.assert_allclose(single.numpy() @ G[b], batched[b].numpy() @ G[b], atol=1e-7 * np.sqrt(scale))
 
 
 # ---------------------------------------------------------------------------- conflict-averse
@@ -132,8 +133,8 @@ def test_conflict_averse_orthonormal_pair_by_hand():
     # g1 = e1, g2 = e2: by symmetry w = (½, ½); g0 = (½, ½), ‖g0‖ = 1/√2, u = g0 + c‖g0‖ g_w/‖g_w‖
     c = 0.4
     M = torch.eye(2, dtype=torch.float64)
-    torch.testing.assert_close(conflict_averse_weights(M, c), torch.tensor([0.5, 0.5], dtype=torch.float64))
-    gamma = conflict_averse_coefficients(M, c)  # u = γᵀG = γ here
+    torch.testing.assert_close(conflict_averse(M, c)[0], torch.tensor([0.5, 0.5], dtype=torch.float64))
+    gamma = conflict_averse(M, c)[1]  # u = γᵀG = γ here
     torch.testing.assert_close(gamma, torch.tensor([0.5 + c / 2, 0.5 + c / 2], dtype=torch.float64))
 
 
@@ -148,7 +149,7 @@ def test_conflict_averse_two_rows_matches_fine_grid():
         b = M.sum(axis=1) / 2
         quad = grid**2 * M[0, 0] + 2 * grid * (1 - grid) * M[0, 1] + (1 - grid) ** 2 * M[1, 1]
         values = grid * b[0] + (1 - grid) * b[1] + s * np.sqrt(np.clip(quad, 0, None))
-        w = conflict_averse_weights(torch.from_numpy(M), c).numpy()
+        w = conflict_averse(torch.from_numpy(M), c)[0].numpy()
         assert F(M, w, c) <= values.min() + 1e-12 * M.diagonal().max()
         assert abs(w[0] - grid[values.argmin()]) < 1e-3 or abs(F(M, w, c) - values.min()) < 1e-10
 
@@ -160,8 +161,8 @@ def test_conflict_averse_kkt_and_duality(G, c):
     M = G @ G.T
     K = M.shape[0]
     scale = M.diagonal().max()
-    w = conflict_averse_weights(torch.from_numpy(M), c).numpy()
-    gamma = conflict_averse_coefficients(torch.from_numpy(M), c).numpy()
+    w = conflict_averse(torch.from_numpy(M), c)[0].numpy()
+    gamma = conflict_averse(torch.from_numpy(M), c)[1].numpy()
     assert w.min() >= 0 and abs(w.sum() - 1) < 1e-12
     s = c * np.sqrt(max(M.sum() / K**2, 0.0))
     r2 = w @ M @ w
@@ -189,21 +190,21 @@ def test_conflict_averse_zero_norm_optimum_is_certified():
     G = np.array([[0.0, 0.0, 0.0], [1.0, 2.0, -1.0], [0.5, 1.0, -0.5]])
     M = torch.from_numpy(G @ G.T)
     for c in (0.2, 0.4, 2.0):
-        torch.testing.assert_close(conflict_averse_coefficients(M, c), torch.full((3,), 1 / 3, dtype=torch.float64))
+        torch.testing.assert_close(conflict_averse(M, c)[1], torch.full((3,), 1 / 3, dtype=torch.float64))
     # collinear, conflicting rows with c ≥ 1: the origin is optimal; every d ⊥ the rows in the
     # ball is primal-optimal and the one closest to g0 = (−1/6, 0) is d = proj_{Gd ≥ 0}(g0) = 0.
     G2 = np.array([[1.0, 0.0], [-2.0, 0.0], [0.5, 0.0]])
     for K in (2, 3):  # the K = 2 closed form and the general solver
         rows = G2[:K]
-        gamma = conflict_averse_coefficients(torch.from_numpy(rows @ rows.T), 1.2).numpy()
+        gamma = conflict_averse(torch.from_numpy(rows @ rows.T), 1.2)[1].numpy()
         np.testing.assert_allclose(gamma @ rows, np.zeros(2), atol=1e-12)
 
 
 def test_conflict_averse_rejects_bad_c():
     with pytest.raises(ValueError, match="c"):
-        conflict_averse_weights(torch.eye(2), -0.1)
+        conflict_averse(torch.eye(2), -0.1)[0]
     with pytest.raises(ValueError, match="c"):
-        conflict_averse_weights(torch.eye(2), float("nan"))
+        conflict_averse(torch.eye(2), float("nan"))[0]
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -212,20 +213,21 @@ def test_conflict_averse_batch_equals_single(K, B, seed, c):
     rng = np.random.default_rng(seed)
     G = rng.normal(size=(B, K, 4))
     M = torch.from_numpy(G @ G.transpose(0, 2, 1))
-    batched = conflict_averse_coefficients(M, c)
+    batched = conflict_averse(M, c)[1]
     for b in range(B):  # vectorised and single-entry arithmetic may round differently
-        torch.testing.assert_close(batched[b], conflict_averse_coefficients(M[b], c), rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(batched[b], conflict_averse(M[b], c)[1], rtol=1e-12, atol=1e-14)
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(jacobians(k_min=2, k_max=2), st.sampled_from([0.0, 0.3, 1.0, 2.5]))
 def test_two_task_closed_forms_agree_with_the_general_solvers(G, c):
     """The K = 2 closed forms and the general (NNLS / root-search) solvers give the same answer."""
-    from mtl_opt.simplex import _conflict_averse_general, _conflict_averse_small, _min_norm_2, _min_norm_general
+    from mtl_opt.solvers.cagrad_dual import _conflict_averse_general, _conflict_averse_small
+    from mtl_opt.solvers.min_norm import _min_norm_batch, _min_norm_general
 
     M = G @ G.T
     scale = M.diagonal().max()
-    a_closed, a_general = _min_norm_2(M[None])[0], _min_norm_general(M)
+    a_closed, a_general = _min_norm_batch(M[None])[0], _min_norm_general(M)
     assert abs(a_closed @ M @ a_closed - a_general @ M @ a_general) <= 1e-10 * scale
     np.testing.assert_allclose(a_closed @ G, a_general @ G, atol=1e-7 * np.sqrt(scale))
     w_closed, gamma_closed = (x[0] for x in _conflict_averse_small(M[None], c))
@@ -243,7 +245,8 @@ def test_two_task_closed_forms_agree_with_the_general_solvers(G, c):
 @given(jacobians(k_min=3, k_max=3), st.sampled_from([0.0, 0.3, 1.0, 2.5]))
 def test_three_task_face_enumeration_agrees_with_the_general_solvers(G, c):
     """The vectorised K = 3 face enumeration and the general (NNLS / root-search) solvers agree."""
-    from mtl_opt.simplex import _conflict_averse_3, _conflict_averse_general, _min_norm_3, _min_norm_general
+    from mtl_opt.solvers.cagrad_dual import _conflict_averse_3, _conflict_averse_general
+    from mtl_opt.solvers.min_norm import _min_norm_3, _min_norm_general
 
     M = G @ G.T
     scale = M.diagonal().max()
@@ -293,8 +296,8 @@ def test_conflict_averse_mixed_scale_reproducer():
     G, c = REPRODUCER_G, 0.4
     M = torch.from_numpy(G @ G.T)
     scale = float(M.diagonal().max())
-    w = conflict_averse_weights(M, c).numpy()
-    gamma = conflict_averse_coefficients(M, c).numpy()
+    w = conflict_averse(M, c)[0].numpy()
+    gamma = conflict_averse(M, c)[1].numpy()
     gap, infeasibility = primal_dual_gap(G, c, w, gamma)
     assert infeasibility <= 1e-12 * np.linalg.norm(G.mean(axis=0))
     assert -1e-12 * scale <= gap <= 1e-10 * scale
@@ -322,8 +325,8 @@ def test_conflict_averse_mixed_scales_have_zero_duality_gap(K, c):
         G = mixed_scale_jacobian(K, 12 if seed % 2 else K - 1, 100 * K + seed)
         M = G @ G.T
         scale = M.diagonal().max()
-        w = conflict_averse_weights(torch.from_numpy(M), c).numpy()
-        gamma = conflict_averse_coefficients(torch.from_numpy(M), c).numpy()
+        w = conflict_averse(torch.from_numpy(M), c)[0].numpy()
+        gamma = conflict_averse(torch.from_numpy(M), c)[1].numpy()
         if w @ M @ w <= ZERO_NORM_RTOL * scale:
             continue  # origin optimum: covered by the zero-norm tests
         gap, infeasibility = primal_dual_gap(G, c, w, gamma)
@@ -354,7 +357,7 @@ def test_two_tasks_without_radius_emit_no_warning():
     G = np.array([[1.0, 2.0], [-2.0, 1.0]])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        gamma = conflict_averse_coefficients(gramian(G), 0.0)
+        gamma = conflict_averse(gramian(G), 0.0)[1]
     torch.testing.assert_close(gamma, torch.full((2,), 0.5, dtype=torch.float64))
 
 
@@ -363,7 +366,8 @@ def _assert_enumeration_matches_general(G: np.ndarray, c: float) -> None:
     """The K = 4, 5 face enumeration and the general (NNLS / root-search) solvers agree: the
     min-norm objective to the KKT tolerance (gap ≤ 2e-10 · max_i M_ii) and F to the certificate's
     ``1e-10 · (1 + s)`` (test margins as at K = 3)."""
-    from mtl_opt.simplex import _conflict_averse_faces, _conflict_averse_general, _min_norm_faces, _min_norm_general
+    from mtl_opt.solvers.cagrad_dual import _conflict_averse_faces, _conflict_averse_general
+    from mtl_opt.solvers.min_norm import _min_norm_faces, _min_norm_general
 
     M = G @ G.T
     K = M.shape[0]
@@ -420,17 +424,17 @@ def test_face_enumeration_mixed_scales(K, c):
 
 
 def _recording(monkeypatch, name: str) -> list:
-    """Wrap the general solver ``name`` of mtl_opt.simplex so that its calls are recorded."""
-    import mtl_opt.simplex as simplex
-
+    """Wrap the general solver ``name`` (of mtl_opt.solvers.min_norm or .conflict_averse, where
+    the batched solvers call it) so that its calls are recorded."""
+    module = min_norm_module if name == "_min_norm_general" else conflict_averse_module
     calls: list = []
-    original = getattr(simplex, name)
+    original = getattr(module, name)
 
     def wrapped(*args):
         calls.append(args)
         return original(*args)
 
-    monkeypatch.setattr(simplex, name, wrapped)
+    monkeypatch.setattr(module, name, wrapped)
     return calls
 
 
@@ -444,7 +448,7 @@ def test_face_enumeration_certifies_random_problems_without_fallback(K, monkeypa
     G = rng.normal(size=(16, K, 20)) * rng.uniform(0.1, 10.0, size=(16, K, 1))
     M = G @ G.transpose(0, 2, 1)
     alpha = min_norm_weights(torch.from_numpy(M)).numpy()
-    w = conflict_averse_weights(torch.from_numpy(M), 0.4).numpy()
+    w = conflict_averse(torch.from_numpy(M), 0.4)[0].numpy()
     assert mn_calls == [] and ca_calls == []
     for b in range(16):
         scale = M[b].diagonal().max()
@@ -460,24 +464,23 @@ def test_face_enumeration_falls_back_when_it_cannot_certify(K, monkeypatch):
     Simulated: only the vertex faces are offered (the others marked not solvable), while the
     optimum of orthogonal rows is on no vertex; the vertex fails the KKT test / certificate, so the
     general solver must be called, and its certified answer returned."""
-    import mtl_opt.simplex as simplex
-
-    original = simplex._face_systems
+    from mtl_opt.solvers._linalg import face_constants, face_systems
 
     def vertices_only(A, b):
-        a, e, ok = original(A, b)
-        ok = ok & (simplex._face_constants(A.shape[1])[0].sum(axis=1) == 1)
+        a, e, ok = face_systems(A, b)
+        ok = ok & (face_constants(A.shape[1])[0].sum(axis=1) == 1)
         return a, e, ok
 
-    monkeypatch.setattr(simplex, "_face_systems", vertices_only)
+    for module in (min_norm_module, conflict_averse_module):
+        monkeypatch.setattr(module, "face_systems", vertices_only)
     mn_calls = _recording(monkeypatch, "_min_norm_general")
     ca_calls = _recording(monkeypatch, "_conflict_averse_general")
     M = np.diag(np.arange(1.0, K + 1.0))[None]
-    alpha = simplex.min_norm_batch_np(M)[0]
+    alpha = min_norm_module._min_norm_batch(M)[0]
     assert len(mn_calls) == 1
     expected = (1 / np.arange(1.0, K + 1.0)) / (1 / np.arange(1.0, K + 1.0)).sum()
     np.testing.assert_allclose(alpha, expected, rtol=1e-10)
-    w, _ = simplex.conflict_averse_batch_np(M, 0.4)
+    w, _ = conflict_averse_module._conflict_averse_batch(M, 0.4)
     assert len(ca_calls) == 1
     assert F(M[0], w[0], 0.4) < min(F(M[0], v, 0.4) for v in np.eye(K)) - 1e-3  # not a vertex
 
@@ -487,7 +490,7 @@ def test_face_enumeration_natural_fallback_near_opposite_rows(K, monkeypatch):
     """Near-opposite rows (origin almost in the hull, objective ~1e-12 of the scale): on some of
     these the enumeration's best candidate fails the KKT test (about 1–2 % of them); those entries
     go to the general solver, and every returned point is certified."""
-    from mtl_opt.simplex import _min_norm_faces
+    from mtl_opt.solvers.min_norm import _min_norm_faces
 
     calls = _recording(monkeypatch, "_min_norm_general")
     Gs = []
@@ -512,6 +515,6 @@ def test_face_enumeration_origin_optimum_is_certified_by_the_cone_projection(K, 
     closest to g0 (here d = 0, as at K = 2, 3)."""
     calls = _recording(monkeypatch, "_conflict_averse_general")
     rows = np.array([[1.0, 0.0], [-2.0, 0.0], [0.5, 0.0], [-1.0, 0.0], [3.0, 0.0]])[:K]
-    gamma = conflict_averse_coefficients(torch.from_numpy(rows @ rows.T), 1.2).numpy()
+    gamma = conflict_averse(torch.from_numpy(rows @ rows.T), 1.2)[1].numpy()
     np.testing.assert_allclose(gamma @ rows, np.zeros(2), atol=1e-12)
     assert calls == []

@@ -1,7 +1,8 @@
-"""The K = 2 single-call closed forms (Python floats) against the batched NumPy path.
+"""The K = 2 single-call closed forms (Python floats) against the vectorised NumPy path.
 
-Each Gramian method's ``_weights`` at K = 2 evaluates its closed form on Python floats; the
-batched ``_batch_weights`` (vectorised NumPy, the reference) must give the same weights to
+Each K = 2 closed form of :mod:`mtl_opt.solvers` is written once and evaluated on Python floats
+for one Gramian (a method's ``_weights``, a batch of one) and on arrays for a batch (two or more
+Gramians: ``_batch_weights`` on a stack, the reference); both must give the same weights to
 rounding on random and degenerate Gramians.
 """
 
@@ -12,7 +13,9 @@ import pytest
 import torch
 
 from mtl_opt.methods import CAGrad, CAMEGrad, MGDA, PCGrad
-from mtl_opt.methods._two_task import conflict_averse_2, min_norm_2
+from mtl_opt.solvers._linalg import FLOAT_OPS
+from mtl_opt.solvers.cagrad_dual import _conflict_averse_single
+from mtl_opt.solvers.min_norm import min_norm_2
 
 
 def _gram(rows: list[list[float]]) -> torch.Tensor:
@@ -58,11 +61,15 @@ def _assert_same(fast: torch.Tensor, ref: torch.Tensor) -> None:
     assert float((fast - ref).abs().max()) <= 1e-14 * scale, (fast.tolist(), ref.tolist())
 
 
-def _check(agg, **ctx) -> None:
+def _check(agg, copies: int = 2, **ctx) -> None:
+    """``_weights(M)`` against entry 0 of ``_batch_weights`` on ``copies`` copies of ``M``
+    (two or more: the vectorised path; one for methods whose batch entries draw their own
+    random numbers)."""
     for M in GRAMIANS:
         fast = agg._weights(M, losses=ctx.get("losses"), task_weights=ctx.get("task_weights"))
-        batched_losses = None if ctx.get("losses") is None else ctx["losses"][None]
-        ref = agg._batch_weights(M[None], losses=batched_losses, task_weights=ctx.get("task_weights"))[0]
+        batched_losses = None if ctx.get("losses") is None else ctx["losses"].expand(copies, -1)
+        stack = M.expand(copies, -1, -1)
+        ref = agg._batch_weights(stack, losses=batched_losses, task_weights=ctx.get("task_weights"))[0]
         _assert_same(fast, ref)
 
 
@@ -87,8 +94,8 @@ def test_cagrad_fast_path_matches_batched(c: float, rescale: int) -> None:
 
 
 def test_pcgrad_fast_path_matches_batched() -> None:
-    _check(PCGrad(seed=0))
-    _check(PCGrad(order="fixed"))
+    _check(PCGrad(seed=0), copies=1)
+    _check(PCGrad(order="fixed"), copies=1)
 
 
 @pytest.mark.parametrize(
@@ -117,19 +124,22 @@ def test_came_grad_fast_path_call_task_weights() -> None:
 
 def test_min_norm_2_closed_form_by_hand() -> None:
     # g1 = (1, 0), g2 = (0, 2): α1 = 4/5 (the min-norm point (0.8, 0.4) is orthogonal to g1 − g2).
-    assert min_norm_2(1.0, 0.0, 4.0) == pytest.approx(0.8, rel=1e-15)
-    assert min_norm_2(1.0, 1.0, 1.0) == 0.5  # identical rows
-    assert min_norm_2(1.0, 2.0, 4.0) == 1.0  # g2 = 2 g1: the vertex g1
+    assert min_norm_2(1.0, 0.0, 4.0, FLOAT_OPS) == pytest.approx(0.8, rel=1e-15)
+    assert min_norm_2(1.0, 1.0, 1.0, FLOAT_OPS) == 0.5  # identical rows
+    assert min_norm_2(1.0, 2.0, 4.0, FLOAT_OPS) == 1.0  # g2 = 2 g1: the vertex g1
+    arrays = min_norm_2(np.array([1.0, 1.0, 1.0]), np.array([0.0, 1.0, 2.0]), np.array([4.0, 1.0, 4.0]))
+    assert arrays.tolist() == [min_norm_2(1.0, 0.0, 4.0, FLOAT_OPS), 0.5, 1.0]
 
 
 def test_conflict_averse_2_origin_is_left_to_the_batched_path() -> None:
     # 1-D rows g1 = 1, g2 = −2: g0 = −½, s = c/2, b = (−½, 1). F(vertex 1) = −½ + c/2 and F = 0 at the
     # origin of the hull (w1 = 2/3), so for c ≥ 1 the origin is optimal and the cone projection is
     # needed: the closed form hands it back (None); for c < 1 the vertex g1 wins.
-    assert conflict_averse_2(1.0, -2.0, 4.0, 2.0) is None
-    coef = conflict_averse_2(1.0, -2.0, 4.0, 0.5)
-    assert coef == pytest.approx((0.5 + 0.25, 0.5), rel=1e-15)  # γ = ½ + (s/r) w, s = ¼, r = 1
-    assert conflict_averse_2(1.0, -1.0, 1.0, 0.4) == (0.5, 0.5)  # opposite equal rows: g0 = 0, s = 0
+    assert _conflict_averse_single([[1.0, -2.0], [-2.0, 4.0]], 2.0) is None
+    _, coef = _conflict_averse_single([[1.0, -2.0], [-2.0, 4.0]], 0.5)
+    assert coef == pytest.approx([0.5 + 0.25, 0.5], rel=1e-15)  # γ = ½ + (s/r) w, s = ¼, r = 1
+    _, coef = _conflict_averse_single([[1.0, -1.0], [-1.0, 1.0]], 0.4)
+    assert coef == [0.5, 0.5]  # opposite equal rows: g0 = 0, s = 0
     agg = CAGrad(c=2.0)
     M = torch.tensor([[1.0, -2.0], [-2.0, 4.0]], dtype=torch.float64)
     _assert_same(agg._weights(M, losses=None, task_weights=None), agg._batch_weights(M[None], losses=None, task_weights=None)[0])
@@ -142,6 +152,7 @@ def test_fast_path_is_used_by_a_single_call() -> None:
     G[1] = -0.7 * G[0] + 0.1 * G[1]
     for agg in (MGDA(), MGDA("l2"), CAGrad(), PCGrad(seed=0), CAMEGrad()):
         d = agg(G)
-        d_ref = agg.aggregate_batch(G[None])[0]
+        copies = 1 if isinstance(agg, PCGrad) else 2  # two: the vectorised solvers
+        d_ref = agg.aggregate_batch(G.expand(copies, -1, -1))[0]
         assert torch.allclose(d, d_ref, rtol=1e-13, atol=1e-13 * float(G.abs().max())), type(agg)
     assert np.isfinite(d.numpy()).all()

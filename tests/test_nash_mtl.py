@@ -12,7 +12,7 @@ import torch
 
 import mtl_opt
 from mtl_opt.methods import NashMTL, NashSolverError
-from mtl_opt.methods import _nash_solvers as solvers
+import mtl_opt.solvers.nash as solvers
 
 SIGMA = solvers.RIDGE
 
@@ -71,7 +71,7 @@ def test_k2_closed_form_equals_newton_and_the_formula():
     gen = np.random.default_rng(3)
     J = gen.standard_normal((50, 2, 6)) * np.exp(gen.standard_normal((50, 2, 1)))
     M = J @ J.transpose(0, 2, 1)
-    closed, info = solvers.closed_form_k2(M)
+    closed, info = solvers.nash_weights(M)
     assert info["iterations"] == 0
     form = solvers.cosine_form(M)
     beta, steps, residual = solvers.newton_cosine(form.C, np.tile([0.3, 2.0], (50, 1)))
@@ -81,8 +81,11 @@ def test_k2_closed_form_equals_newton_and_the_formula():
     norms = np.linalg.norm(J, axis=2)
     cos = M[:, 0, 1] / (norms[:, 0] * norms[:, 1])
     np.testing.assert_allclose(closed, 1 / (norms * np.sqrt(1 + cos + SIGMA)[:, None]), rtol=1e-12)
-    # The single-call fast path gives the same numbers.
+    # The single-call form (the same closed form on Python floats) gives the same numbers.
     for b in range(5):
+        single, info = solvers.nash_weights(M[b])
+        assert info["iterations"] == 0
+        np.testing.assert_allclose(single, closed[b], rtol=1e-15)
         G = torch.from_numpy(J[b])
         np.testing.assert_allclose(NashMTL(max_norm=0).aggregate(G).weights.numpy(), closed[b], rtol=1e-12)
 
@@ -90,9 +93,9 @@ def test_k2_closed_form_equals_newton_and_the_formula():
 def test_newton_converges_quadratically_and_warm_starts():
     for K in (3, 5, 8):
         M = mtl_opt.aggregator.gramian_of(random_jacobian(K, seed=K, spread=2.0)).numpy()[None]
-        alpha, info = solvers.nash_exact(M)
+        alpha, info = solvers.nash_weights(M)
         assert info["iterations"] <= 10 and info["residual"] < 1e-9
-        again, info2 = solvers.nash_exact(M, alpha)
+        again, info2 = solvers.nash_weights(M, alpha)
         assert info2["iterations"] <= 1
         np.testing.assert_allclose(again, alpha, rtol=1e-9)
 
@@ -112,10 +115,10 @@ def test_single_solve_paths_agree_with_the_stacked_solver(K):
     for n, M in enumerate(cases):
         # Near Pareto stationarity the weights (~1/√σ) are only determined to ~ε/σ·K.
         rtol = 1e-9 if n < 3 else 1e-5
-        single, info = solvers.nash_exact_single(M)
-        stacked, _ = solvers.nash_exact(M[None])
+        single, info = solvers.nash_weights(M)
+        stacked, _ = solvers.nash_weights(M[None])
         np.testing.assert_allclose(single, stacked[0], rtol=rtol)
-        warm, info_warm = solvers.nash_exact_single(M, single * 1.3)
+        warm, info_warm = solvers.nash_weights(M, single * 1.3)
         np.testing.assert_allclose(warm, single, rtol=rtol)
 
 
@@ -139,13 +142,13 @@ def test_certified_last_newton_step_meets_the_tolerance(K):
     for step in range(60):
         G = 0.99 * (G + 0.05 * torch.randn(K, 30, generator=gen, dtype=torch.float64))
         M = (G @ G.T).numpy()
-        alpha, info = solvers.nash_exact_single(M, alpha)
+        alpha, info = solvers.nash_weights(M, alpha)
         true = _extended_residual(M, alpha)
         assert true <= solvers.RESIDUAL_TOL
         assert true <= info["residual"] + 1e-15
         # A certified step reports a bound ≥ ρ_min; a computed residual is rarely that big.
         certified += info["residual"] >= rho_min
-        stacked, _ = solvers.nash_exact(M[None], alpha[None])
+        stacked, _ = solvers.nash_weights(M[None], alpha[None])
         np.testing.assert_allclose(alpha, stacked[0], rtol=1e-9)
     assert certified >= 45
 

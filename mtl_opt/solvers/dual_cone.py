@@ -31,8 +31,12 @@ with ``tol = KKT_TOL · max(1, Σ_i |w_i|)``; otherwise :class:`DualConeError` n
 the violation (never an uncertified answer). ``w`` may be non-unique when ``M`` is singular; the
 direction ``Gᵀw`` (a Euclidean projection) is unique. All-zero Gramians return ``w = u``.
 
-One formula serves both forms: :func:`dual_cone_weights` takes a stack ``M`` (B, K, K) with
-targets ``U`` (B, R, K) (R projections per Gramian) and a single Gramian is the stack ``B = 1``.
+One entry point serves both forms: :func:`dual_cone_weights` takes one Gramian ``M`` (K, K) with
+targets ``U`` (R, K), or a stack ``M`` (B, K, K) with ``U`` (B, R, K) (R projections per
+Gramian); the solve runs per Gramian on Python floats (for K ≤ 8 a NumPy call costs more than
+the arithmetic it runs). The PSD repair is :func:`mtl_opt.solvers._linalg.psd_part` (on the
+correlation matrix); it runs only when a Cholesky factorisation on floats finds a pivot that is
+not positive (a singular or indefinite Gramian), so a well-posed Gramian costs no eigensolve.
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ from operator import mul
 
 import numpy as np
 
-__all__ = ["KKT_TOL", "RIDGE", "DualConeError", "dual_cone_weights", "dual_cone_weights_single"]
+from mtl_opt.solvers._linalg import psd_part
+from mtl_opt.solvers._precision import SolverError
+
+__all__ = ["KKT_TOL", "RIDGE", "DualConeError", "dual_cone_weights"]
 
 #: Tolerance of the KKT certificate, in normalised units (relative to ``max_i M_ii``).
 KKT_TOL = 1e-10
@@ -53,45 +60,74 @@ RIDGE = 1e-12
 _MAX_STEPS_PER_TASK = 6
 
 
-class DualConeError(RuntimeError):
+class DualConeError(SolverError):
     """The dual-cone projection could not certify its answer."""
 
 
 def dual_cone_weights(M: np.ndarray, U: np.ndarray) -> np.ndarray:
-    """Weights ``W`` (B, R, K) with ``Gᵀ W[b, r] = π_C(Gᵀ U[b, r])`` for Gramians ``M`` (B, K, K).
+    """Weights ``W`` with ``Gᵀ W[..., r, :] = π_C(Gᵀ U[..., r, :])``.
 
-    ``M`` must be symmetric positive semi-definite (float64); ``U`` (B, R, K) float64.
+    Args:
+        M: one Gramian (K, K) or a stack (B, K, K); symmetric positive semi-definite, float64.
+        U: the targets, (R, K) for one Gramian or (B, R, K) for a stack.
+
+    Returns:
+        ``W`` of ``U``'s shape (float64 NumPy).
+
+    Raises:
+        ValueError: shapes that do not match.
+        DualConeError: an answer failed its KKT certificate.
     """
+    M = np.asarray(M, dtype=np.float64)
+    U = np.asarray(U, dtype=np.float64)
+    single = M.ndim == 2
+    if single:
+        M, U = M[None], U[None]
+    if M.ndim != 3 or M.shape[1] != M.shape[2] or U.ndim != 3 or U.shape[0] != M.shape[0] or U.shape[2] != M.shape[1]:
+        raise ValueError(
+            f"dual_cone_weights: expected M (K, K) with U (R, K), or M (B, K, K) with U (B, R, K); "
+            f"got {M.shape} and {U.shape}"
+        )
     B, K, _ = M.shape
     W = np.empty(U.shape, dtype=np.float64)
-    scale = np.diagonal(M, axis1=1, axis2=2).max(axis=1)
     for b in range(B):
-        if not scale[b] > 0.0:  # every gradient is zero: C is the whole space
+        rows = M[b].tolist()
+        scale = max(rows[i][i] for i in range(K))
+        if not scale > 0.0:  # every gradient is zero: C is the whole space
             W[b] = U[b]
             continue
-        A = _psd_part(M[b] / scale[b])
-        A[np.diag_indices(K)] *= 1.0 + RIDGE
-        A = A.tolist()
-        for r, u in enumerate(U[b].tolist()):
-            W[b, r] = _project(A, u)
-    return W
+        A = [[x / scale for x in row] for row in rows]
+        if not _positive_definite(A):
+            A = psd_part(M[b] / scale).tolist()
+        for i in range(K):
+            A[i][i] *= 1.0 + RIDGE
+        W[b] = [_project(A, u) for u in U[b].tolist()]
+    return W[0] if single else W
 
 
-def _psd_part(A: np.ndarray) -> np.ndarray:
-    """``A`` with its negative eigenvalues (rounding: a Gramian computed in float32, or rows
-    that are exactly dependent) set to zero. On a negative-curvature direction inside ``v ≥ 0``
-    the QP would be unbounded below; on the PSD part it is bounded and the answer differs from
-    the unclipped problem's by the size of the clipped eigenvalues."""
-    lam, V = np.linalg.eigh(A)
-    if lam[0] >= 0.0:
-        return A
-    clipped = (V * np.maximum(lam, 0.0)) @ V.T
-    return 0.5 * (clipped + clipped.T)
+def _positive_definite(A: list[list[float]]) -> bool:
+    """Whether the Cholesky factorisation of ``A`` on floats has only positive pivots (then ``A``
+    is positive definite to rounding and needs no PSD repair)."""
+    return _cholesky(A, 0.0) is not None
 
 
-def dual_cone_weights_single(M: np.ndarray, U: np.ndarray) -> np.ndarray:
-    """The single-Gramian form: ``M`` (K, K), ``U`` (R, K) -> (R, K)."""
-    return dual_cone_weights(M[None], U[None])[0]
+def _cholesky(A: list[list[float]], relative_floor: float) -> list[list[float]] | None:
+    """``L`` with ``LLᵀ = A`` on floats, or ``None`` when a pivot is not above
+    ``relative_floor · A_ii``."""
+    n = len(A)
+    L = [[0.0] * n for _ in range(n)]
+    for i in range(n):
+        Li = L[i]
+        for k in range(i + 1):
+            Lk = L[k]
+            acc = A[i][k] - sum(map(mul, Li[:k], Lk[:k]))
+            if i == k:
+                if not acc > relative_floor * A[i][i]:
+                    return None
+                Li[i] = math.sqrt(acc)
+            else:
+                Li[k] = acc / Lk[k]
+    return L
 
 
 def _project(A: list[list[float]], u: list[float]) -> list[float]:
@@ -149,18 +185,9 @@ def _solve_face(A_PP: list[list[float]], rhs: list[float]) -> list[float]:
     ridge keeps every pivot above ``RIDGE · A_ii``; a smaller one, only possible through
     rounding, falls back to a least-squares solve)."""
     n = len(rhs)
-    L = [[0.0] * n for _ in range(n)]
-    for i in range(n):
-        Li = L[i]
-        for k in range(i + 1):
-            Lk = L[k]
-            acc = A_PP[i][k] - sum(map(mul, Li[:k], Lk[:k]))
-            if i == k:
-                if not acc > 0.5 * RIDGE * A_PP[i][i]:
-                    return np.linalg.lstsq(np.array(A_PP), np.array(rhs), rcond=None)[0].tolist()
-                Li[i] = math.sqrt(acc)
-            else:
-                Li[k] = acc / Lk[k]
+    L = _cholesky(A_PP, 0.5 * RIDGE)
+    if L is None:
+        return np.linalg.lstsq(np.array(A_PP), np.array(rhs), rcond=None)[0].tolist()
     y = [0.0] * n
     for i in range(n):
         y[i] = (rhs[i] - sum(map(mul, L[i][:i], y[:i]))) / L[i][i]

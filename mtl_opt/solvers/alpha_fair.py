@@ -6,8 +6,8 @@ conditions of the strictly convex potential
     f(w) = ½ wᵀ M w − Σ_i h(w_i),     h(w) = log w (p = 1),   h(w) = w^{1−p}/(1−p) (p ≠ 1),
 
 on ``w > 0`` (``h`` is strictly concave with ``h' = w^{-p}``). At ``p = 1`` this is the Nash
-bargaining system of :mod:`mtl_opt.methods._nash_solvers`, and the same documented
-regularisation is used: ``M' = M + σ diag(M)`` from :func:`~mtl_opt.methods._nash_solvers.cosine_form`
+bargaining system of :mod:`mtl_opt.solvers.nash`, and the same documented
+regularisation is used: ``M' = M + σ diag(M)`` from :func:`~mtl_opt.solvers.nash.cosine_form`
 (``σ = 10⁻⁹``, plus the most negative eigenvalue of the cosine matrix when rounding made it
 indefinite), which makes ``f`` coercive, so a unique solution always exists (at a
 Pareto-stationary point the unregularised system has none). Zero-gradient tasks cannot satisfy
@@ -42,7 +42,10 @@ from typing import Any
 
 import numpy as np
 
-from mtl_opt.methods._nash_solvers import cosine_form
+from mtl_opt.solvers._precision import SolverError
+from mtl_opt.solvers.nash import cosine_form, nash_weights
+
+__all__ = ["FairGradSolverError", "alpha_fair_weights"]
 
 RESIDUAL_TOL = 1e-10
 MAX_ITERATIONS = 200
@@ -52,12 +55,25 @@ _EPS = float(np.finfo(np.float64).eps)
 _NEWTON_PHASE = 1.0 / 16.0
 
 
-class FairGradSolverError(RuntimeError):
+class FairGradSolverError(SolverError):
     """The α-fair solver did not reach its certified residual."""
 
 
-def fair_weights(M: np.ndarray, p: float) -> tuple[np.ndarray, dict[str, Any]]:
-    """``w`` (K,) with ``(M + σ diag M) w = w^{-p}`` on the tasks with non-zero gradients."""
+def alpha_fair_weights(M: np.ndarray, p: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """``w`` (K,) with ``(M + σ diag M) w = w^{-p}`` on the tasks with non-zero gradients.
+
+    At ``p = 1`` this is the Nash bargaining system with the same regularisation, solved by
+    :func:`mtl_opt.solvers.nash_weights` (its closed form at K = 2, its Newton method with
+    Chebyshev's correction beyond): the system is solved in one place. Other ``p`` use the
+    Newton method of this module (:func:`_alpha_fair_newton`).
+    """
+    if p == 1.0:
+        return nash_weights(np.asarray(M, dtype=np.float64))
+    return _alpha_fair_newton(M, p)
+
+
+def _alpha_fair_newton(M: np.ndarray, p: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """Newton's method on the potential ``f`` (see the module docstring), any ``p > 0``."""
     K = M.shape[0]
     form = cosine_form(M[None])
     inv_norm = form.inv_norm[0]

@@ -57,7 +57,7 @@ It stops when every ``|r_i| ≤ RESIDUAL_TOL + 4 K ε β_i (|C'| β)_i`` (the to
 the rounding error of computing ``r_i`` in float64, which only matters near Pareto-stationary
 points, where ``β`` is large) and raises :class:`NashSolverError` with the residual and the
 iteration count if that does not happen within ``MAX_NEWTON_ITERATIONS`` steps. The
-single-Gramian path (:func:`nash_exact_single`) also stops right after a Newton-plus-Chebyshev
+single-Gramian path (``_nash_single``) also stops right after a Newton-plus-Chebyshev
 step whose new residual is certified below the tolerance without evaluating it: the residual
 after that step is exactly ``2 s∘c − s∘s∘s + c∘s∘s − c∘c`` (``c = H⁻¹(s∘s)``), at most
 ``3λ³ + 2λ⁴`` (see ``_nash_exact_lapack``), so it returns the iterate at which the stacked
@@ -84,6 +84,11 @@ from typing import Any
 
 import numpy as np
 
+from mtl_opt.solvers._linalg import ARRAY_OPS, FLOAT_OPS
+from mtl_opt.solvers._precision import SolverError
+
+__all__ = ["NashSCAProblem", "NashSolverError", "cosine_form", "nash_2", "nash_cvxpy", "nash_weights"]
+
 RIDGE = 1e-9
 RESIDUAL_TOL = 1e-10
 MAX_NEWTON_ITERATIONS = 100
@@ -91,7 +96,7 @@ _EPS = float(np.finfo(np.float64).eps)
 _UTILITY_FLOOR = 1e-3
 
 
-class NashSolverError(RuntimeError):
+class NashSolverError(SolverError):
     """A Nash-MTL solver did not produce a solution (no convergence, or a failed cvxpy solve)."""
 
 
@@ -133,26 +138,48 @@ def cosine_form(M: np.ndarray) -> CosineForm:
     return CosineForm(C=C, inv_norm=inv_norm, sigma=sigma)
 
 
-def nash_exact(
+def nash_weights(
     M: np.ndarray, alpha0: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Nash weights ``α`` (B, K) of the Gramians ``M`` (B, K, K), float64.
+    """Nash weights ``α`` of ONE Gramian ``M`` (K, K) -> (K,), or of a stack (B, K, K) -> (B, K).
+
+    The one entry point of the exact solver: the closed form at ``K = 2`` (:func:`nash_2`, on
+    floats for one Gramian, on arrays for a stack), damped Newton with Chebyshev's correction
+    otherwise (lean LAPACK bookkeeping for one Gramian, ``_nash_single``; the stacked iteration
+    :func:`newton_cosine` for a stack and for one Gramian with a zero-gradient task).
 
     Args:
-        M: symmetric positive semi-definite Gramians (float64).
-        alpha0: a warm start (B, K) (e.g. the previous step's weights); entries that are not
-            positive and finite are replaced by a cold start. Ignored at ``K ≤ 2`` (closed form).
+        M: symmetric positive semi-definite Gramian(s), float64.
+        alpha0: a warm start of the same leading shape (e.g. the previous step's weights);
+            entries that are not positive and finite are replaced by a cold start. Ignored at
+            ``K ≤ 2`` (closed form).
 
     Returns:
         ``(α, info)`` with ``info = {"iterations": Newton steps taken (0 for the closed form),
-        "residual": max_i |β_i (C'β)_i − 1| over the stack}``.
+        "residual": max_i |β_i (C'β)_i − 1|}`` (over the stack; for one Gramian solved by the
+        certified last step, the certified bound).
 
     Raises:
+        ValueError: ``M`` is not (K, K) or (B, K, K).
         NashSolverError: Newton did not reach the residual tolerance.
     """
+    M = np.asarray(M, dtype=np.float64)
+    if M.ndim == 3 and M.shape[1] == M.shape[2]:
+        return _nash_stacked(M, alpha0)
+    if M.ndim != 2 or M.shape[0] != M.shape[1]:
+        raise ValueError(f"nash_weights: expected a Gramian (K, K) or a stack (B, K, K), got shape {M.shape}")
+    return _nash_single(M, alpha0)
+
+
+def _nash_stacked(
+    M: np.ndarray, alpha0: np.ndarray | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """:func:`nash_weights` for a stack (B, K, K)."""
     K = M.shape[1]
     if K == 2:
-        return closed_form_k2(M)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            a1, a2, residual = nash_2(M[:, 0, 0], M[:, 0, 1], M[:, 1, 1])
+        return np.stack([a1, a2], axis=1), {"iterations": 0, "residual": float(residual.max())}
     form = cosine_form(M)
     if K == 1:
         beta = 1.0 / np.sqrt(form.C[:, 0, :])
@@ -165,22 +192,23 @@ def nash_exact(
     return beta * form.inv_norm, {"iterations": iterations, "residual": residual}
 
 
-def closed_form_k2(M: np.ndarray) -> tuple[np.ndarray, dict[str, Any]]:
-    """``K = 2``: ``α_i = 1/(‖g_i‖ √(1 + cos θ + σ))`` on a stack (B, 2, 2), no Python loop.
+def nash_2(a, b, c, xp=ARRAY_OPS):  # type: ignore[no-untyped-def]
+    """``K = 2``: ``α_i = 1/(‖g_i‖ √(1 + cos θ + σ))`` from ``M11 = a``, ``M12 = b``, ``M22 = c``,
+    on floats (``xp = FLOAT_OPS``) or arrays (``xp = ARRAY_OPS``, under ``np.errstate``); returns
+    ``(α1, α2, residual)``.
 
-    Same regularisation as :func:`cosine_form` (``λ_min(C) = 1 − |cos θ|``); a zero-gradient
-    task gets ``α_i = 0`` and the other one ``1/‖g‖`` (a lone task needs no ridge).
+    Same regularisation as :func:`cosine_form` (``λ_min(C) = 1 − |cos θ|``, so
+    ``σ = RIDGE + max(0, |cos θ| − 1)``); a zero-gradient task gets ``α_i = 0`` and the other one
+    ``1/‖g‖`` (a lone task needs no ridge).
     """
-    diag = M[:, (0, 1), (0, 1)]
-    active = diag > 0.0
-    inv_norm = np.zeros_like(diag)
-    np.divide(1.0, np.sqrt(diag, where=active, out=np.ones_like(diag)), out=inv_norm, where=active)
-    cos = M[:, 0, 1] * inv_norm[:, 0] * inv_norm[:, 1]
-    shift = np.where(active.all(axis=1), RIDGE + np.maximum(0.0, np.abs(cos) - 1.0), 0.0)
+    pos1, pos2 = a > 0.0, c > 0.0
+    inv1 = xp.where(pos1, xp.div(1.0, xp.sqrt(xp.where(pos1, a, 1.0))), 0.0)
+    inv2 = xp.where(pos2, xp.div(1.0, xp.sqrt(xp.where(pos2, c, 1.0))), 0.0)
+    cos = b * inv1 * inv2
+    shift = xp.where(pos1 & pos2, RIDGE + xp.maximum(0.0, abs(cos) - 1.0), 0.0)
     denom = 1.0 + cos + shift
-    beta = 1.0 / np.sqrt(denom)
-    residual = float(np.abs(beta * beta * denom - 1.0).max())
-    return inv_norm * beta[:, None], {"iterations": 0, "residual": residual}
+    beta = xp.div(1.0, xp.sqrt(denom))
+    return inv1 * beta, inv2 * beta, abs(beta * beta * denom - 1.0)
 
 
 def newton_cosine(
@@ -234,24 +262,10 @@ def newton_cosine(
     )
 
 
-def nash_two_floats(a: float, b: float, c: float) -> tuple[list[float], dict[str, Any]] | None:
-    """The K = 2 closed form of the regularised Nash weights on Python floats, from the Gramian
-    entries ``M11 = a``, ``M12 = b``, ``M22 = c``: with ``cos = b/√(ac)`` and
-    ``D = 1 + cos + σ + max(0, |cos| − 1)``, ``α = (β/√a, β/√c)``, ``β = 1/√D``.
-    ``None`` when a task's gradient is zero (the stacked solver handles it)."""
-    if not (a > 0.0 and c > 0.0):
-        return None
-    cos = b / (math.sqrt(a) * math.sqrt(c))
-    denom = 1.0 + cos + RIDGE + max(0.0, abs(cos) - 1.0)
-    beta = 1.0 / math.sqrt(denom)
-    alpha = [beta / math.sqrt(a), beta / math.sqrt(c)]
-    return alpha, {"iterations": 0, "residual": abs(beta * beta * denom - 1.0)}
-
-
-def nash_exact_single(
+def _nash_single(
     M: np.ndarray, alpha0: np.ndarray | None = None
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """:func:`nash_exact` for ONE Gramian ``M`` (K, K), with few numpy calls (the per-step path).
+    """:func:`nash_weights` for ONE Gramian ``M`` (K, K), with few NumPy calls (the per-step path).
 
     Same equations, regularisation and Newton steps as the stacked version, and the same
     returned iterate; the bookkeeping differs (the iteration runs in the units of ``M``, direct
@@ -262,14 +276,14 @@ def nash_exact_single(
     """
     K = M.shape[0]
     if K == 2:
-        closed = nash_two_floats(float(M[0, 0]), float(M[0, 1]), float(M[1, 1]))
-        if closed is not None:
-            return np.array(closed[0]), closed[1]
+        (a, b), (_, c) = M.tolist()
+        a1, a2, residual = nash_2(a, b, c, FLOAT_OPS)
+        return np.array([a1, a2]), {"iterations": 0, "residual": residual}
     if K >= 3:
         result = _nash_exact_lapack(M, alpha0)
         if result is not None:
             return result
-    alpha, info = nash_exact(M[None], None if alpha0 is None else alpha0[None])
+    alpha, info = _nash_stacked(M[None], None if alpha0 is None else alpha0[None])
     return alpha[0], info
 
 

@@ -1,11 +1,11 @@
 """Active-set solvers of the two simplex problems for ONE small Gramian, on Python floats.
 
-The batched NumPy solvers of :mod:`mtl_opt.simplex` enumerate every face of the simplex (K ≤ 5)
+The batched NumPy solvers of :mod:`mtl_opt.solvers.min_norm` and :mod:`mtl_opt.solvers.cagrad_dual` enumerate every face of the simplex (K ≤ 5)
 or search a root with NNLS sub-problems (K ≥ 6). On a single K × K problem that costs
 0.1–0.5 ms, almost all of it array creation and ufunc dispatch: 15–20 % of a whole aggregation
 at K = 4, d = 10⁶ on one CPU thread. Here the same problems are solved by a primal active-set method
 (Wolfe 1976, "Finding the nearest point in a polytope") written on Python floats, and the answer
-is accepted only on the certificates of :mod:`mtl_opt.simplex`, evaluated here too:
+is accepted only on the certificates of :mod:`mtl_opt.solvers.min_norm` and :mod:`mtl_opt.solvers.cagrad_dual`, evaluated here too:
 
 * **Min-norm point** ``min_{α∈Δ} αᵀAα`` (MGDA). Wolfe's method: start at the vertex of smallest
   norm; a *major* step adds the vertex ``j`` of least ``(Aα)_j`` while ``(Aα)_j < αᵀAα`` (a
@@ -17,11 +17,11 @@ is accepted only on the certificates of :mod:`mtl_opt.simplex`, evaluated here t
 * **Conflict-averse weights** ``min_{w∈Δ} F(w) = wᵀb + s√(wᵀAw)`` (CAGrad, CAME-Grad's
   rectification). The same active-set scheme on the convex ``F``, whose gradient is
   ``∇F = b + s·Aw/r`` (``r = √(wᵀAw) > 0``). On the affine hull of a support ``S`` the minimiser is
-  closed form (see :mod:`mtl_opt.simplex`): ``w = a + t e`` with ``a``, ``e`` from the bordered
+  closed form (see :mod:`mtl_opt.solvers.cagrad_dual`): ``w = a + t e`` with ``a``, ``e`` from the bordered
   system for the right-hand sides ``(0, 1)`` and ``(−b_S, 0)``, ``m² = aᵀAa``, ``κ² = eᵀAe``,
   ``t = m/√(s² − κ²)``; when ``s ≤ κ``, ``F`` decreases without bound along ``+e`` and the minor
   step follows that ray to the boundary. Accepted on the primal/dual certificate
-  (:func:`mtl_opt.simplex._ca_certificate`, evaluated on floats).
+  (:func:`mtl_opt.solvers.cagrad_dual._ca_certificate`, evaluated on floats).
 
 Both first try the interior of the whole simplex (one bordered solve: the optimum of a training
 step is often interior), and run the active set only when that point is not a certified optimum.
@@ -41,7 +41,7 @@ import math
 from collections.abc import Callable
 from operator import mul
 
-from mtl_opt.simplex import _EPS, _KKT_RTOL, zero_norm_rtol
+from mtl_opt.solvers._precision import EPS as _EPS, KKT_RTOL as _KKT_RTOL, zero_norm_rtol
 
 __all__ = ["ACTIVE_SET_MAX_K", "conflict_averse_floats", "min_norm_floats"]
 
@@ -60,7 +60,7 @@ def min_norm_floats(M: list[list[float]]) -> list[float] | None:
     """Certified ``α* = argmin_{α∈Δ} αᵀMα`` for a symmetric K × K Gramian given as nested lists.
 
     Returns ``α*`` (a point of the simplex) or ``None`` when the active set could not certify its
-    answer (the caller then uses :func:`mtl_opt.simplex.min_norm_batch_np`). All-zero Gramians get
+    answer (the caller then uses the batched solver of :func:`mtl_opt.solvers.min_norm_weights`). All-zero Gramians get
     the uniform weights, as in the batched solver.
     """
     K = len(M)
@@ -82,7 +82,7 @@ def conflict_averse_floats(M: list[list[float]], c: float) -> tuple[list[float],
 
     ``w* = argmin_{w∈Δ} wᵀM1/K + c‖g0‖√(wᵀMw)`` and ``γ = 1/K + (c‖g0‖/‖g_w*‖) w*`` (the row
     coefficients of CAGrad's direction on the mean scale), as
-    :func:`mtl_opt.simplex.conflict_averse_batch_np` returns them. ``c‖g0‖ = 0`` gives the best
+    :func:`mtl_opt.solvers.conflict_averse` returns them. ``c‖g0‖ = 0`` gives the best
     vertex and ``γ = 1/K``. ``None`` when the answer could not be certified or the optimum is at
     the origin of the hull (the caller then uses the batched solver).
     """
@@ -381,7 +381,7 @@ def _ca_certified_radius(
     A: list[list[float]], b: list[float], s: float, w: list[float], K: int
 ) -> float | None:
     """``r = √(wᵀAw)`` when ``w`` passes the primal/dual certificate of
-    :func:`mtl_opt.simplex._ca_certificate` (same gap, same rounding allowance), else ``None``."""
+    :func:`mtl_opt.solvers.cagrad_dual._ca_certificate` (same gap, same rounding allowance), else ``None``."""
     Aw = _matvec(A, w)
     r2 = sum(map(mul, w, Aw))
     if not r2 > zero_norm_rtol():
