@@ -13,6 +13,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.solvers._linalg import ARRAY_OPS, FLOAT_OPS
 from mtl_opt.methods._state import checked_counter, checked_state, checked_tensor, clone_or_none
 from mtl_opt.registry import register_aggregator
 
@@ -135,21 +136,39 @@ class PCD(GramianAggregator):
                 f"PCD keeps a moving average of shape {tuple(v.shape)} and now gets {(B, K)} "
                 "(batch entries, tasks); call reset() between runs"
             )
+        if B == 1 and K == 2:  # one two-task call: the same formulas on Python floats
+            (m11, m12), (_, m22) = M[0].tolist()
+            sq = [FLOAT_OPS.maximum(m11, 0.0), FLOAT_OPS.maximum(m22, 0.0)]
+            v_cols, (s1, s2) = self._scales(sq, None if v is None else v[0].tolist(), t, FLOAT_OPS)
+            tau = float(self._taus(2)[0])
+            beta = torch.tensor([pcd_two(m11, m12, m22, s1, s2, tau, FLOAT_OPS)], dtype=torch.float64)
+            return beta, torch.tensor([v_cols], dtype=torch.float64)
         taus = self._taus(K)
-        # NumPy on the K-vectors: a few µs per operation instead of torch's ~10 on tiny tensors.
         Mn = M.numpy()
         sq = np.maximum(np.diagonal(Mn, axis1=1, axis2=2), 0.0)
-        v_np = (1.0 - self.beta) * sq if v is None else self.beta * v.numpy() + (1.0 - self.beta) * sq
-        v_new = torch.from_numpy(v_np)
-        denom = np.sqrt(v_np / (1.0 - self.beta**t) + self.eps)
-        with np.errstate(divide="ignore"):
-            sn = np.where(denom > 0, 1.0 / np.where(denom > 0, denom, 1.0), 0.0)
-        if K == 2:
-            return torch.from_numpy(_pcd_weights_two(Mn, sn, float(taus[0]))), v_new
+        with np.errstate(all="ignore"):
+            v_cols, s_cols = self._scales(list(sq.T), None if v is None else list(v.numpy().T), t, ARRAY_OPS)
+            v_new = torch.from_numpy(np.stack(v_cols, axis=1))
+            if K == 2:
+                b1, b2 = pcd_two(Mn[:, 0, 0], Mn[:, 0, 1], Mn[:, 1, 1], *s_cols, float(taus[0]), ARRAY_OPS)
+                return torch.from_numpy(np.stack([b1, b2], axis=1)), v_new
+        sn = np.stack(s_cols, axis=1)
         out = np.zeros((B, K))
         for b in range(B):
             out[b] = _pcd_weights(Mn[b], sn[b], taus)
         return torch.from_numpy(out), v_new
+
+    def _scales(self, sq, v, t, xp):  # type: ignore[no-untyped-def]
+        """Def. 4.5 over the K per-task columns (floats, or (B,) arrays): the new moving
+        averages ``v_i`` of ``‖g_i‖²`` and the scales ``s_i = 1/√(v̂_i + ε)`` (0 where that is 0)."""
+        beta = self.beta
+        v_new = [(1.0 - beta) * q for q in sq] if v is None else [beta * vi + (1.0 - beta) * q for vi, q in zip(v, sq)]
+        correction = 1.0 - beta**t
+        scales = []
+        for vi in v_new:
+            denom = xp.sqrt(vi / correction + self.eps)
+            scales.append(xp.where(denom > 0, 1.0 / xp.where(denom > 0, denom, 1.0), 0.0))
+        return v_new, scales
 
 
 def _pcd_weights(M: np.ndarray, s: np.ndarray, taus: np.ndarray) -> np.ndarray:
@@ -173,20 +192,19 @@ def _pcd_weights(M: np.ndarray, s: np.ndarray, taus: np.ndarray) -> np.ndarray:
     return coef * math.sqrt(M[0, 0] / sq)
 
 
-def _pcd_weights_two(M: np.ndarray, s: np.ndarray, tau: float) -> np.ndarray:
-    """:func:`_pcd_weights` at K = 2 for a batch (B, 2, 2), vectorised: the closed form of
-    Cor. 4.6, ``μ = max(0, τ Ã_22 − Ã_21) / Ã_22`` (0 when ``g_2 = 0``); never infeasible."""
-    A = M * (s[:, :, None] * s[:, None, :])
-    a22, a21 = A[:, 1, 1], A[:, 1, 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mu = np.where(a22 > 0, np.maximum(tau * a22 - a21, 0.0) / np.where(a22 > 0, a22, 1.0), 0.0)
-    coef = np.stack([s[:, 0], mu * s[:, 1]], axis=1)
-    sq = np.einsum("bi,bij,bj->b", coef, M, coef)
-    size = (np.abs(coef) * np.sqrt(np.maximum(np.diagonal(M, axis1=1, axis2=2), 0.0))).sum(1) ** 2
-    ok = (M[:, 0, 0] > 0) & (sq > _ZERO_DIRECTION_RTOL * size)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        factor = np.where(ok, np.sqrt(np.where(ok, M[:, 0, 0] / np.where(ok, sq, 1.0), 0.0)), 0.0)
-    return coef * factor[:, None]
+def pcd_two(m11, m12, m22, s1, s2, tau, xp):  # type: ignore[no-untyped-def]
+    """:func:`_pcd_weights` at K = 2, on floats (``xp = FLOAT_OPS``) or (B,) arrays
+    (``xp = ARRAY_OPS``): the closed form of Cor. 4.6, ``μ = max(0, τ Ã_22 − Ã_21) / Ã_22``
+    (0 when ``g_2 = 0``; never infeasible), then the same rescaling and zero tests."""
+    a22, a21 = m22 * (s2 * s2), m12 * (s2 * s1)
+    live = a22 > 0
+    mu = xp.where(live, xp.maximum(tau * a22 - a21, 0.0) / xp.where(live, a22, 1.0), 0.0)
+    c1, c2 = s1, mu * s2
+    sq = c1 * (m11 * c1 + m12 * c2) + c2 * (m12 * c1 + m22 * c2)
+    size = (abs(c1) * xp.sqrt(xp.maximum(m11, 0.0)) + abs(c2) * xp.sqrt(xp.maximum(m22, 0.0))) ** 2
+    ok = (m11 > 0) & (sq > _ZERO_DIRECTION_RTOL * size)
+    factor = xp.where(ok, xp.sqrt(xp.where(ok, m11 / xp.where(ok, sq, 1.0), 0.0)), 0.0)
+    return c1 * factor, c2 * factor
 
 
 def solve_priority_qp(A_full: np.ndarray, taus: np.ndarray) -> np.ndarray | None:
