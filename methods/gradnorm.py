@@ -11,7 +11,7 @@ from torch import Tensor
 from mtl_opt._validation import check_choice, check_range
 from mtl_opt.aggregator import GramianAggregator
 from mtl_opt.solvers._linalg import ARRAY_OPS, FLOAT_OPS
-from mtl_opt.methods._state import checked_counter, checked_state, checked_tensor, clone_or_none
+from mtl_opt.methods._state import checked_counter, checked_state, checked_tensor
 from mtl_opt.registry import register_aggregator
 
 _KEYS = (
@@ -77,9 +77,11 @@ class GradNorm(GramianAggregator):
     # ---------------------------------------------------------------------------- state
     def reset(self) -> None:
         self._step = 0
-        self._w: Tensor | None = None  # (1, K)
-        self._l0: Tensor | None = None  # (1, K)
-        self._moments: Tensor | None = None  # (2, 1, K): Adam's m and v
+        # Single calls keep their state as nested lists of floats (no tensor per call; converted
+        # by state_dict): w and L(0) as [[K floats]], Adam's m and v as [[[K]], [[K]]].
+        self._w: Tensor | list | None = None  # (1, K)
+        self._l0: Tensor | list | None = None  # (1, K)
+        self._moments: Tensor | list | None = None  # (2, 1, K): Adam's m and v
         self._batch_step = 0
         self._batch_w: Tensor | None = None  # (B, K)
         self._batch_l0: Tensor | None = None
@@ -88,18 +90,18 @@ class GradNorm(GramianAggregator):
     @property
     def task_weights_now(self) -> Tensor | None:
         """The weights ``w`` the next single call will use (``None`` before the first call)."""
-        return clone_or_none(None if self._w is None else self._w[0])
+        return None if self._w is None else _tensor(self._w)[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self._step,
-            "weights": clone_or_none(self._w),
-            "initial_losses": clone_or_none(self._l0),
-            "moments": clone_or_none(self._moments),
+            "weights": _tensor(self._w),
+            "initial_losses": _tensor(self._l0),
+            "moments": _tensor(self._moments),
             "batch_step": self._batch_step,
-            "batch_weights": clone_or_none(self._batch_w),
-            "batch_initial_losses": clone_or_none(self._batch_l0),
-            "batch_moments": clone_or_none(self._batch_moments),
+            "batch_weights": _tensor(self._batch_w),
+            "batch_initial_losses": _tensor(self._batch_l0),
+            "batch_moments": _tensor(self._batch_moments),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -145,38 +147,36 @@ class GradNorm(GramianAggregator):
         return beta
 
     def _advance(
-        self, M: Tensor, losses: Tensor, w: Tensor | None, l0: Tensor | None, moments: Tensor | None, t: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        self, M: Tensor, losses: Tensor, w: Tensor | list | None, l0: Tensor | list | None,
+        moments: Tensor | list | None, t: int,
+    ) -> tuple[Tensor, Tensor | list, Tensor | list, Tensor | list | None]:
         """Weights of call ``t`` and the new ``w``, ``L(0)``, Adam moments, for Gramians
         (B, K, K) and losses (B, K). The update (:func:`gradnorm_update`) is written once over
         the K per-task columns: Python floats for one problem (a few µs; NumPy's per-call
         overhead costs tens), (B,) arrays for a batch."""
         B, K = losses.shape
-        if w is not None and w.shape != losses.shape:
+        if w is not None and _shape(w) != tuple(losses.shape):
             raise ValueError(
-                f"GradNorm keeps weights of shape {tuple(w.shape)} and now gets {tuple(losses.shape)} "
+                f"GradNorm keeps weights of shape {_shape(w)} and now gets {tuple(losses.shape)} "
                 "(batch entries, tasks); call reset() between runs"
             )
-        if B == 1:
-            Ls = losses[0].tolist()
+        if B == 1:  # state as nested lists (see reset)
+            Ls = losses.tolist()[0]
             if not all(x > 0.0 for x in Ls):
                 _raise_non_positive_losses(losses)
-            diag = [row[i] for i, row in enumerate(M[0].tolist())]
+            diag = [row[i] for i, row in enumerate(M.tolist()[0])]
             norms = [FLOAT_OPS.sqrt(FLOAT_OPS.maximum(x, 0.0)) for x in diag]
-            wn = [1.0] * K if w is None else w[0].tolist()
-            l0n = list(Ls) if w is None or l0 is None else l0[0].tolist()
-            m_prev, v_prev = ([0.0] * K, [0.0] * K) if moments is None else (moments[0, 0].tolist(), moments[1, 0].tolist())
+            wn = [1.0] * K if w is None else _rows(w)[0]
+            l0n = list(Ls) if w is None or l0 is None else _rows(l0)[0]
+            m_prev, v_prev = ([0.0] * K, [0.0] * K) if moments is None else (r[0] for r in _rows(moments))
             new_w, m, v = gradnorm_update(norms, Ls, wn, l0n, m_prev, v_prev, t, self, FLOAT_OPS)
             if not all(x > 0.0 for x in new_w):
                 self._raise_non_positive_weight(np.array([new_w]), np.array([norms]))
             total = sum(new_w)
             new_w = [K * x / total for x in new_w]
             if self.update != "sgd":
-                moments = torch.tensor([[m], [v]], dtype=torch.float64)
-            return (
-                torch.tensor(wn, dtype=torch.float64)[None], torch.tensor([new_w], dtype=torch.float64),
-                torch.tensor([l0n], dtype=torch.float64), moments,
-            )
+                moments = [[m], [v]]
+            return torch.tensor([wn], dtype=torch.float64), [new_w], [l0n], moments
         if bool((losses <= 0).any()):
             _raise_non_positive_losses(losses)
         Ln = losses.numpy()
@@ -204,6 +204,22 @@ class GradNorm(GramianAggregator):
             f"GradNorm: the weight of task {i} became {new_w[b, i]:.3g} <= 0 after a step of "
             f"lr = {self.lr} ({self.update}) with gradient norm {norms[b, i]:.3g}; lower lr"
         )
+
+
+def _rows(state: Tensor | list) -> list:
+    """State kept as a tensor (loaded) or as nested lists (single calls), as nested lists."""
+    return state.tolist() if isinstance(state, Tensor) else state
+
+
+def _shape(state: Tensor | list) -> tuple[int, ...]:
+    return tuple(state.shape) if isinstance(state, Tensor) else (len(state), len(state[0]))
+
+
+def _tensor(state: Tensor | list | None) -> Tensor | None:
+    """State as a new float64 tensor (``None`` stays ``None``)."""
+    if state is None:
+        return None
+    return state.clone() if isinstance(state, Tensor) else torch.tensor(state, dtype=torch.float64)
 
 
 def _raise_non_positive_losses(losses: Tensor) -> None:
