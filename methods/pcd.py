@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from operator import mul
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ _KEYS = ("step", "sq_norm_ema", "batch_step", "batch_sq_norm_ema")
 _KKT_TOL = 1e-9
 #: A direction with ‖d̃‖² below this fraction of its terms' squared size is zero up to rounding.
 _ZERO_DIRECTION_RTOL = 1e-10
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 @register_aggregator("pcd")
@@ -119,14 +121,14 @@ class PCD(GramianAggregator):
         self._batch_step += 1
         return beta
 
-    def _taus(self, K: int) -> np.ndarray:
+    def _taus(self, K: int) -> list[float]:
         if isinstance(self.tau, list):
             if len(self.tau) != K - 1:
                 raise ValueError(
                     f"PCD has {len(self.tau)} tau values but there are {K - 1} secondary tasks (K = {K})"
                 )
-            return np.array(self.tau, dtype=np.float64)
-        return np.full(K - 1, self.tau, dtype=np.float64)
+            return [float(x) for x in self.tau]
+        return [float(self.tau)] * (K - 1)
 
     def _advance(self, M: Tensor, v: Tensor | None, t: int) -> tuple[Tensor, Tensor]:
         """Weights for Gramians (B, K, K) and the new moving average (B, K)."""
@@ -136,26 +138,28 @@ class PCD(GramianAggregator):
                 f"PCD keeps a moving average of shape {tuple(v.shape)} and now gets {(B, K)} "
                 "(batch entries, tasks); call reset() between runs"
             )
-        if B == 1 and K == 2:  # one two-task call: the same formulas on Python floats
-            (m11, m12), (_, m22) = M[0].tolist()
-            sq = [FLOAT_OPS.maximum(m11, 0.0), FLOAT_OPS.maximum(m22, 0.0)]
-            v_cols, (s1, s2) = self._scales(sq, None if v is None else v[0].tolist(), t, FLOAT_OPS)
-            tau = float(self._taus(2)[0])
-            beta = torch.tensor([pcd_two(m11, m12, m22, s1, s2, tau, FLOAT_OPS)], dtype=torch.float64)
-            return beta, torch.tensor([v_cols], dtype=torch.float64)
         taus = self._taus(K)
+        if B == 1:  # one call: the same formulas on Python floats
+            rows = M[0].tolist()
+            sq = [FLOAT_OPS.maximum(rows[i][i], 0.0) for i in range(K)]
+            v_cols, s = self._scales(sq, None if v is None else v.tolist()[0], t, FLOAT_OPS)
+            if K == 2:
+                beta = list(pcd_two(rows[0][0], rows[0][1], rows[1][1], s[0], s[1], taus[0], FLOAT_OPS))
+            else:
+                beta = _pcd_weights(rows, s, taus)
+            return torch.tensor([beta], dtype=torch.float64), torch.tensor([v_cols], dtype=torch.float64)
         Mn = M.numpy()
         sq = np.maximum(np.diagonal(Mn, axis1=1, axis2=2), 0.0)
         with np.errstate(all="ignore"):
             v_cols, s_cols = self._scales(list(sq.T), None if v is None else list(v.numpy().T), t, ARRAY_OPS)
             v_new = torch.from_numpy(np.stack(v_cols, axis=1))
             if K == 2:
-                b1, b2 = pcd_two(Mn[:, 0, 0], Mn[:, 0, 1], Mn[:, 1, 1], *s_cols, float(taus[0]), ARRAY_OPS)
+                b1, b2 = pcd_two(Mn[:, 0, 0], Mn[:, 0, 1], Mn[:, 1, 1], *s_cols, taus[0], ARRAY_OPS)
                 return torch.from_numpy(np.stack([b1, b2], axis=1)), v_new
         sn = np.stack(s_cols, axis=1)
         out = np.zeros((B, K))
         for b in range(B):
-            out[b] = _pcd_weights(Mn[b], sn[b], taus)
+            out[b] = _pcd_weights(Mn[b].tolist(), sn[b].tolist(), taus)
         return torch.from_numpy(out), v_new
 
     def _scales(self, sq, v, t, xp):  # type: ignore[no-untyped-def]
@@ -171,25 +175,26 @@ class PCD(GramianAggregator):
         return v_new, scales
 
 
-def _pcd_weights(M: np.ndarray, s: np.ndarray, taus: np.ndarray) -> np.ndarray:
-    """``β`` of one call: the QP on ``Ã = diag(s) M diag(s)``, mapped back and rescaled."""
-    K = M.shape[0]
-    beta = np.zeros(K)
-    if not M[0, 0] > 0.0:  # g_1 = 0: the update halts
+def _pcd_weights(M: list[list[float]], s: list[float], taus: list[float]) -> list[float]:
+    """``β`` of one call: the QP on ``Ã = diag(s) M diag(s)``, mapped back and rescaled; on
+    Python floats (one problem of K ≤ 8 costs a few µs there, tens to hundreds in NumPy)."""
+    K = len(M)
+    beta = [0.0] * K
+    if not M[0][0] > 0.0:  # g_1 = 0: the update halts
         return beta
-    A_full = M * np.outer(s, s)
-    w = np.zeros(K)
-    w[0] = 1.0
+    A_full = [[M[i][j] * (s[i] * s[j]) for j in range(K)] for i in range(K)]
+    w = [1.0] + [0.0] * (K - 1)
     if K > 1:
         mu = solve_priority_qp(A_full, taus)
         if mu is not None:  # None: the constraints are infeasible together; d̃ = g̃_1
             w[1:] = mu
-    coef = w * s
-    sq = float(coef @ M @ coef)
-    size = float(np.abs(coef) @ np.sqrt(np.diag(M))) ** 2
+    coef = [wi * si for wi, si in zip(w, s)]
+    sq = sum(ci * sum(map(mul, row, coef)) for ci, row in zip(coef, M))
+    size = sum(abs(c) * math.sqrt(max(M[i][i], 0.0)) for i, c in enumerate(coef)) ** 2
     if not sq > _ZERO_DIRECTION_RTOL * size:
         return beta
-    return coef * math.sqrt(M[0, 0] / sq)
+    factor = math.sqrt(M[0][0] / sq)
+    return [c * factor for c in coef]
 
 
 def pcd_two(m11, m12, m22, s1, s2, tau, xp):  # type: ignore[no-untyped-def]
@@ -207,35 +212,39 @@ def pcd_two(m11, m12, m22, s1, s2, tau, xp):  # type: ignore[no-untyped-def]
     return c1 * factor, c2 * factor
 
 
-def solve_priority_qp(A_full: np.ndarray, taus: np.ndarray) -> np.ndarray | None:
+def solve_priority_qp(A_full: list[list[float]], taus: list[float]) -> list[float] | None:
     """The multipliers ``μ`` (K − 1,) of ``min ½‖d − a_1‖² s.t. a_jᵀd ≥ τ_j ‖a_j‖²`` for rows
-    ``a_i`` with Gramian ``A_full``, or ``None`` when no ``d`` satisfies every constraint."""
-    A = A_full[1:, 1:]
-    b = taus * np.diag(A) - A_full[1:, 0]
-    m = A.shape[0]
-    mu = np.zeros(m)
-    if np.all(b <= 0.0):  # the primary gradient already satisfies every constraint
+    ``a_i`` with Gramian ``A_full`` (nested lists), or ``None`` when no ``d`` satisfies every
+    constraint. The common cases (none or one active constraint) run on floats; larger working
+    sets in NumPy."""
+    m = len(A_full) - 1
+    A = [row[1:] for row in A_full[1:]]
+    b = [taus[j] * A[j][j] - A_full[j + 1][0] for j in range(m)]
+    mu = [0.0] * m
+    if all(x <= 0.0 for x in b):  # the primary gradient already satisfies every constraint
         return mu
-    atol = _KKT_TOL * max(float(np.max(np.diag(A_full))), np.finfo(np.float64).tiny)
-    candidates = [j for j in range(m) if A[j, j] > 0.0]  # a zero secondary's constraint is 0 ≥ 0
+    atol = _KKT_TOL * max(max(A_full[i][i] for i in range(m + 1)), _TINY)
+    candidates = [j for j in range(m) if A[j][j] > 0.0]  # a zero secondary's constraint is 0 ≥ 0
     for j in candidates:  # one active constraint (the common case): μ_j = b_j / A_jj, no solve
-        mu_j = b[j] / A[j, j]
-        if mu_j >= 0.0 and np.all(A[:, j] * mu_j - b >= -atol):
+        mu_j = b[j] / A[j][j]
+        if mu_j >= 0.0 and all(A[i][j] * mu_j - b[i] >= -atol for i in range(m)):
             mu[j] = mu_j
             return mu
+    An, bn = np.array(A), np.array(b)
     for size in range(2, len(candidates) + 1):
         for subset in itertools.combinations(candidates, size):
             S = list(subset)
-            A_SS = A[np.ix_(S, S)]
+            A_SS = An[np.ix_(S, S)]
             norms = np.sqrt(np.diag(A_SS))
             if np.linalg.eigvalsh(A_SS / np.outer(norms, norms))[0] <= _KKT_TOL:
                 continue  # linearly dependent constraints: a smaller set covers this face
-            mu_S = np.linalg.solve(A_SS, b[S])
+            mu_S = np.linalg.solve(A_SS, bn[S])
             if np.any(mu_S < -_KKT_TOL * np.maximum(1.0, np.abs(mu_S).max())):
                 continue
             mu_S = np.maximum(mu_S, 0.0)
-            slack = A[:, S] @ mu_S - b
+            slack = An[:, S] @ mu_S - bn
             if np.all(slack >= -atol):
-                mu[S] = mu_S
+                for j, x in zip(S, mu_S.tolist()):
+                    mu[j] = x
                 return mu
     return None

@@ -79,15 +79,26 @@ def test_single_call_equals_batched_call(spec: str, K: int) -> None:
             torch.testing.assert_close(got, expected[b], rtol=1e-12, atol=1e-12 * scale, msg=lambda m: f"{spec}, K={K}, call {t}, entry {b}: {m}")
 
 
-@pytest.mark.parametrize("spec", ["imtl_g", "aligned_mtl", "config", "pcd", "gradnorm", "upgrad", "dualproj"])
-def test_two_task_single_call_runs_on_floats(spec: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A single K = 2 call uses neither NumPy's eigen-solvers, its einsum, nor its element-wise
-    functions (the closed forms run on Python floats). UPGrad and DualProj repair a singular
-    Gramian with an eigen-decomposition (rare); they are checked on the well-posed ones."""
-    M = _gramians(2, 0)
-    if spec in ("upgrad", "dualproj"):
+@pytest.mark.parametrize(("spec", "K"), [
+    *[(spec, 2) for spec in ("imtl_g", "aligned_mtl", "config", "pcd", "gradnorm", "upgrad", "dualproj")],
+    *[(spec, K) for spec in ("gradnorm", "upgrad", "dualproj") for K in (3, 5)], ("pcd", 3),
+])
+def test_single_call_runs_on_floats(spec: str, K: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single call uses neither NumPy's solvers, its einsum, nor its element-wise functions:
+    at K = 2 the closed forms, and for PCD, GradNorm, UPGrad and DualProj at any K the solver,
+    run on Python floats. UPGrad and DualProj repair a singular Gramian with an
+    eigen-decomposition, and PCD with two or more active constraints solves in NumPy (both
+    rare); they are checked on the random, well-posed Gramians."""
+    M = _gramians(K, 0)
+    if spec in ("upgrad", "dualproj") or K > 2:
         M = M[:6]
-    losses = torch.rand(M.shape[0], 2, dtype=torch.float64) + 0.1
+    if spec == "pcd" and K > 2:  # one conflicting secondary (one active constraint), the rest aligned
+        g = torch.Generator().manual_seed(3)
+        Gs = torch.randn(6, K, 6, generator=g, dtype=torch.float64)
+        Gs[:, 1] = -0.5 * Gs[:, 0] + 0.3 * Gs[:, 1]
+        Gs[:, 2:] = Gs[:, :1] + 0.3 * Gs[:, 2:]
+        M = Gs @ Gs.transpose(1, 2)
+    losses = torch.rand(M.shape[0], K, dtype=torch.float64) + 0.1
     agg = _make(spec)
 
     def forbidden(*args: object, **kwargs: object) -> None:
