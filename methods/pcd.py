@@ -230,21 +230,26 @@ def solve_priority_qp(A_full: list[list[float]], taus: list[float]) -> list[floa
         if mu_j >= 0.0 and all(A[i][j] * mu_j - b[i] >= -atol for i in range(m)):
             mu[j] = mu_j
             return mu
+    # Two or more active constraints: every working set of one size at once (batched NumPy
+    # calls instead of a few per set); the first set, in enumeration order, that passes wins.
     An, bn = np.array(A), np.array(b)
     for size in range(2, len(candidates) + 1):
-        for subset in itertools.combinations(candidates, size):
-            S = list(subset)
-            A_SS = An[np.ix_(S, S)]
-            norms = np.sqrt(np.diag(A_SS))
-            if np.linalg.eigvalsh(A_SS / np.outer(norms, norms))[0] <= _KKT_TOL:
-                continue  # linearly dependent constraints: a smaller set covers this face
-            mu_S = np.linalg.solve(A_SS, bn[S])
-            if np.any(mu_S < -_KKT_TOL * np.maximum(1.0, np.abs(mu_S).max())):
-                continue
-            mu_S = np.maximum(mu_S, 0.0)
-            slack = An[:, S] @ mu_S - bn
-            if np.all(slack >= -atol):
-                for j, x in zip(S, mu_S.tolist()):
-                    mu[j] = x
-                return mu
+        sets = np.array(list(itertools.combinations(candidates, size)))  # (n, size)
+        A_SS = An[sets[:, :, None], sets[:, None, :]]
+        norms = np.sqrt(np.diagonal(A_SS, axis1=1, axis2=2))
+        # linearly dependent constraints: a smaller set covers this face
+        independent = np.linalg.eigvalsh(A_SS / (norms[:, :, None] * norms[:, None, :]))[:, 0] > _KKT_TOL
+        if not independent.any():
+            continue
+        sets, A_SS = sets[independent], A_SS[independent]
+        mu_S = np.linalg.solve(A_SS, bn[sets][:, :, None])[:, :, 0]
+        signs_ok = ~np.any(mu_S < -_KKT_TOL * np.maximum(1.0, np.abs(mu_S).max(axis=1, keepdims=True)), axis=1)
+        mu_S = np.maximum(mu_S, 0.0)
+        slack = np.einsum("ins,ns->ni", An[:, sets], mu_S) - bn
+        ok = signs_ok & np.all(slack >= -atol, axis=1)
+        if ok.any():
+            first = int(np.argmax(ok))
+            for j, x in zip(sets[first].tolist(), mu_S[first].tolist()):
+                mu[j] = x
+            return mu
     return None
