@@ -12,14 +12,17 @@ and runs them on either.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from operator import mul
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from mtl_opt.solvers._linalg import ARRAY_OPS, FLOAT_OPS
 
-__all__ = ["ArrayRows", "FloatRows", "clip_to_norm"]
+__all__ = ["ArrayRows", "FloatRows", "clip_to_norm", "two_task_weights"]
 
 
 class FloatRows:
@@ -86,3 +89,16 @@ def clip_to_norm(M: np.ndarray, c: np.ndarray, max_norm: float) -> np.ndarray:
         norm = rows.norm(c[0].tolist() if single else c)
         factor = rows.xp.where(norm > max_norm, rows.xp.div(max_norm, norm), 1.0)
     return c * (factor if single else factor[:, None])
+
+
+def two_task_weights(formula: Callable[..., tuple[Any, Any]], M: Tensor, *args: Any) -> Tensor:
+    """``β`` of a K = 2 closed form ``formula(m11, m12, m22, *args, xp)``, written once: on Python
+    floats for one Gramian (2, 2) (``xp = FLOAT_OPS``; a few µs instead of the tens that NumPy's
+    per-call overhead costs), on (B,) arrays for a batch (B, 2, 2) (``xp = ARRAY_OPS``)."""
+    if M.dim() == 2:
+        (m11, m12), (_, m22) = M.tolist()
+        return torch.tensor(formula(m11, m12, m22, *args, FLOAT_OPS), dtype=torch.float64)
+    Mn = M.numpy()
+    with np.errstate(all="ignore"):
+        b1, b2 = formula(Mn[:, 0, 0], Mn[:, 0, 1], Mn[:, 1, 1], *args, ARRAY_OPS)
+    return torch.from_numpy(np.stack([np.broadcast_to(b1, Mn.shape[:1]), np.broadcast_to(b2, Mn.shape[:1])], axis=1))

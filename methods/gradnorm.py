@@ -10,7 +10,8 @@ from torch import Tensor
 
 from mtl_opt._validation import check_choice, check_range
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt.methods._state import checked_counter, checked_state, checked_tensor, clone_or_none
+from mtl_opt.solvers._linalg import ARRAY_OPS, FLOAT_OPS
+from mtl_opt.methods._state import checked_counter, checked_state, checked_tensor
 from mtl_opt.registry import register_aggregator
 
 _KEYS = (
@@ -76,9 +77,11 @@ class GradNorm(GramianAggregator):
     # ---------------------------------------------------------------------------- state
     def reset(self) -> None:
         self._step = 0
-        self._w: Tensor | None = None  # (1, K)
-        self._l0: Tensor | None = None  # (1, K)
-        self._moments: Tensor | None = None  # (2, 1, K): Adam's m and v
+        # Single calls keep their state as nested lists of floats (no tensor per call; converted
+        # by state_dict): w and L(0) as [[K floats]], Adam's m and v as [[[K]], [[K]]].
+        self._w: Tensor | list | None = None  # (1, K)
+        self._l0: Tensor | list | None = None  # (1, K)
+        self._moments: Tensor | list | None = None  # (2, 1, K): Adam's m and v
         self._batch_step = 0
         self._batch_w: Tensor | None = None  # (B, K)
         self._batch_l0: Tensor | None = None
@@ -87,18 +90,18 @@ class GradNorm(GramianAggregator):
     @property
     def task_weights_now(self) -> Tensor | None:
         """The weights ``w`` the next single call will use (``None`` before the first call)."""
-        return clone_or_none(None if self._w is None else self._w[0])
+        return None if self._w is None else _tensor(self._w)[0]
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self._step,
-            "weights": clone_or_none(self._w),
-            "initial_losses": clone_or_none(self._l0),
-            "moments": clone_or_none(self._moments),
+            "weights": _tensor(self._w),
+            "initial_losses": _tensor(self._l0),
+            "moments": _tensor(self._moments),
             "batch_step": self._batch_step,
-            "batch_weights": clone_or_none(self._batch_w),
-            "batch_initial_losses": clone_or_none(self._batch_l0),
-            "batch_moments": clone_or_none(self._batch_moments),
+            "batch_weights": _tensor(self._batch_w),
+            "batch_initial_losses": _tensor(self._batch_l0),
+            "batch_moments": _tensor(self._batch_moments),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -144,45 +147,104 @@ class GradNorm(GramianAggregator):
         return beta
 
     def _advance(
-        self, M: Tensor, losses: Tensor, w: Tensor | None, l0: Tensor | None, moments: Tensor | None, t: int
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        self, M: Tensor, losses: Tensor, w: Tensor | list | None, l0: Tensor | list | None,
+        moments: Tensor | list | None, t: int,
+    ) -> tuple[Tensor, Tensor | list, Tensor | list, Tensor | list | None]:
         """Weights of call ``t`` and the new ``w``, ``L(0)``, Adam moments, for Gramians
-        (B, K, K) and losses (B, K)."""
-        if bool((losses <= 0).any()):
-            raise ValueError(f"GradNorm uses loss ratios L_i(t)/L_i(0): the losses must be positive, got {losses.tolist()}")
-        if w is not None and w.shape != losses.shape:
+        (B, K, K) and losses (B, K). The update (:func:`gradnorm_update`) is written once over
+        the K per-task columns: Python floats for one problem (a few µs; NumPy's per-call
+        overhead costs tens), (B,) arrays for a batch."""
+        B, K = losses.shape
+        if w is not None and _shape(w) != tuple(losses.shape):
             raise ValueError(
-                f"GradNorm keeps weights of shape {tuple(w.shape)} and now gets {tuple(losses.shape)} "
+                f"GradNorm keeps weights of shape {_shape(w)} and now gets {tuple(losses.shape)} "
                 "(batch entries, tasks); call reset() between runs"
             )
-        # NumPy on the (B, K) arrays: a few µs per operation instead of torch's ~10 on tiny tensors.
-        B, K = losses.shape
+        if B == 1:  # state as nested lists (see reset)
+            Ls = losses.tolist()[0]
+            if not all(x > 0.0 for x in Ls):
+                _raise_non_positive_losses(losses)
+            diag = [row[i] for i, row in enumerate(M.tolist()[0])]
+            norms = [FLOAT_OPS.sqrt(FLOAT_OPS.maximum(x, 0.0)) for x in diag]
+            wn = [1.0] * K if w is None else _rows(w)[0]
+            l0n = list(Ls) if w is None or l0 is None else _rows(l0)[0]
+            m_prev, v_prev = ([0.0] * K, [0.0] * K) if moments is None else (r[0] for r in _rows(moments))
+            new_w, m, v = gradnorm_update(norms, Ls, wn, l0n, m_prev, v_prev, t, self, FLOAT_OPS)
+            if not all(x > 0.0 for x in new_w):
+                self._raise_non_positive_weight(np.array([new_w]), np.array([norms]))
+            total = sum(new_w)
+            new_w = [K * x / total for x in new_w]
+            if self.update != "sgd":
+                moments = [[m], [v]]
+            return torch.tensor([wn], dtype=torch.float64), [new_w], [l0n], moments
+        if bool((losses <= 0).any()):
+            _raise_non_positive_losses(losses)
         Ln = losses.numpy()
         if w is None or l0 is None:
             wn, l0n = np.ones((B, K)), Ln.copy()
         else:
             wn, l0n = w.numpy(), l0.numpy()
         norms = np.sqrt(np.maximum(np.diagonal(M.numpy(), axis1=1, axis2=2), 0.0))
-        weighted = wn * norms
-        ratio = Ln / l0n
-        rate = ratio / ratio.mean(axis=-1, keepdims=True)
-        target = weighted.mean(axis=-1, keepdims=True) * rate**self.alpha
-        grad = np.sign(weighted - target) * norms
-        if self.update == "sgd":
-            new_w = wn - self.lr * grad
-        else:
-            b1, b2 = _ADAM_BETAS
-            m_prev, v_prev = (np.zeros_like(wn), np.zeros_like(wn)) if moments is None else moments.numpy()
-            m = b1 * m_prev + (1.0 - b1) * grad
-            v = b2 * v_prev + (1.0 - b2) * grad * grad
-            step = (m / (1.0 - b1**t)) / (np.sqrt(v / (1.0 - b2**t)) + _ADAM_EPS)
-            new_w = wn - self.lr * step
-            moments = torch.from_numpy(np.stack([m, v]))
+        zeros = np.zeros((B, K))
+        m_prev, v_prev = (zeros, zeros) if moments is None else moments.numpy()
+        new_cols, m, v = gradnorm_update(
+            list(norms.T), list(Ln.T), list(wn.T), list(l0n.T), list(m_prev.T), list(v_prev.T), t, self, ARRAY_OPS
+        )
+        new_w = np.stack(new_cols, axis=1)
+        if self.update != "sgd":
+            moments = torch.from_numpy(np.stack([np.stack(m, axis=1), np.stack(v, axis=1)]))
         if not bool((new_w > 0).all()):
-            b, i = (int(x) for x in np.argwhere(new_w <= 0)[0])
-            raise ValueError(
-                f"GradNorm: the weight of task {i} became {new_w[b, i]:.3g} <= 0 after a step of "
-                f"lr = {self.lr} ({self.update}) with gradient norm {norms[b, i]:.3g}; lower lr"
-            )
+            self._raise_non_positive_weight(new_w, norms)
         new_w = K * new_w / new_w.sum(axis=-1, keepdims=True)
         return torch.from_numpy(wn.copy()), torch.from_numpy(new_w), torch.from_numpy(l0n.copy()), moments
+
+    def _raise_non_positive_weight(self, new_w: np.ndarray, norms: np.ndarray) -> None:
+        b, i = (int(x) for x in np.argwhere(~(new_w > 0))[0])
+        raise ValueError(
+            f"GradNorm: the weight of task {i} became {new_w[b, i]:.3g} <= 0 after a step of "
+            f"lr = {self.lr} ({self.update}) with gradient norm {norms[b, i]:.3g}; lower lr"
+        )
+
+
+def _rows(state: Tensor | list) -> list:
+    """State kept as a tensor (loaded) or as nested lists (single calls), as nested lists."""
+    return state.tolist() if isinstance(state, Tensor) else state
+
+
+def _shape(state: Tensor | list) -> tuple[int, ...]:
+    return tuple(state.shape) if isinstance(state, Tensor) else (len(state), len(state[0]))
+
+
+def _tensor(state: Tensor | list | None) -> Tensor | None:
+    """State as a new float64 tensor (``None`` stays ``None``)."""
+    if state is None:
+        return None
+    return state.clone() if isinstance(state, Tensor) else torch.tensor(state, dtype=torch.float64)
+
+
+def _raise_non_positive_losses(losses: Tensor) -> None:
+    raise ValueError(f"GradNorm uses loss ratios L_i(t)/L_i(0): the losses must be positive, got {losses.tolist()}")
+
+
+def gradnorm_update(norms, L, w, l0, m_prev, v_prev, t, method, xp):  # type: ignore[no-untyped-def]
+    """One update of GradNorm's weights before renormalisation, over the K per-task columns
+    (lists of K Python floats with ``xp = FLOAT_OPS``, or of K (B,) arrays with ``xp = ARRAY_OPS``):
+    ``√M_ii``, ``L_i(t)``, ``w_i``, ``L_i(0)`` and Adam's moments. Returns the stepped ``w``
+    and the new moments (the old ones under ``update="sgd"``); see the class docstring."""
+    K = len(norms)
+    weighted = [wi * ni for wi, ni in zip(w, norms)]
+    ratio = [Li / l0i for Li, l0i in zip(L, l0)]
+    mean_ratio = sum(ratio) / K
+    mean_weighted = sum(weighted) / K
+    grad = [
+        xp.sign(gi - mean_weighted * (ri / mean_ratio) ** method.alpha) * ni
+        for gi, ri, ni in zip(weighted, ratio, norms)
+    ]
+    if method.update == "sgd":
+        return [wi - method.lr * gi for wi, gi in zip(w, grad)], m_prev, v_prev
+    b1, b2 = _ADAM_BETAS
+    c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+    m = [b1 * mi + (1.0 - b1) * gi for mi, gi in zip(m_prev, grad)]
+    v = [b2 * vi + (1.0 - b2) * gi * gi for vi, gi in zip(v_prev, grad)]
+    new_w = [wi - method.lr * ((mi / c1) / (xp.sqrt(vi / c2) + _ADAM_EPS)) for wi, mi, vi in zip(w, m, v)]
+    return new_w, m, v

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 
 from mtl_opt.aggregator import GramianAggregator
-from mtl_opt.methods._spectral import pinv_apply
+from mtl_opt.methods._combinations import two_task_weights
+from mtl_opt.methods._spectral import pinv_apply, pinv_apply_two
 from mtl_opt.registry import register_aggregator
 
 #: ``|1ᵀ M⁺ s|`` below this fraction of ``‖M⁺ s‖₁`` counts as zero (no normalisable weights).
@@ -39,6 +40,8 @@ class IMTLG(GramianAggregator):
     properties = frozenset({"permutation_invariant", "linear_under_scaling"})  # checked in tests/test_method_properties.py
 
     def _batch_weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        if M.shape[1] == 2:
+            return two_task_weights(imtl_g_two, M)
         A = M.numpy()
         scale = np.diagonal(A, axis1=1, axis2=2).max(axis=1)
         A = A / np.where(scale > 0.0, scale, 1.0)[:, None, None]
@@ -49,4 +52,20 @@ class IMTLG(GramianAggregator):
         return torch.from_numpy(np.where(ok, v / np.where(ok, total, 1.0), 0.0))
 
     def _weights(self, M: Tensor, *, losses: Tensor | None, task_weights: Tensor | None) -> Tensor:
+        if M.shape[0] == 2:  # the closed form on floats (the batch runs it on arrays)
+            return two_task_weights(imtl_g_two, M)
         return self._batch_weights(M[None], losses=None, task_weights=None)[0]
+
+
+def imtl_g_two(m11, m12, m22, xp):  # type: ignore[no-untyped-def]
+    """IMTL-G's weights at K = 2, ``α = M⁺s / 1ᵀM⁺s`` with the same normalisation, rank rule
+    and zero-sum test as the general path, ``M⁺`` in closed form
+    (:func:`mtl_opt.methods._spectral.pinv_apply_two`); on floats or (B,) arrays."""
+    scale = xp.maximum(m11, m22)
+    safe = xp.where(scale > 0.0, scale, 1.0)
+    a, b, c = m11 / safe, m12 / safe, m22 / safe
+    v1, v2 = pinv_apply_two(a, b, c, xp.sqrt(xp.maximum(a, 0.0)), xp.sqrt(xp.maximum(c, 0.0)), xp)
+    total = v1 + v2
+    ok = abs(total) > _ZERO_SUM_RTOL * (abs(v1) + abs(v2))
+    safe_total = xp.where(ok, total, 1.0)
+    return xp.where(ok, v1 / safe_total, 0.0), xp.where(ok, v2 / safe_total, 0.0)

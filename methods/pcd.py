@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from operator import mul
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from torch import Tensor
 
 from mtl_opt._validation import check_range
 from mtl_opt.aggregator import GramianAggregator
+from mtl_opt.solvers._linalg import ARRAY_OPS, FLOAT_OPS
 from mtl_opt.methods._state import checked_counter, checked_state, checked_tensor, clone_or_none
 from mtl_opt.registry import register_aggregator
 
@@ -21,6 +23,7 @@ _KEYS = ("step", "sq_norm_ema", "batch_step", "batch_sq_norm_ema")
 _KKT_TOL = 1e-9
 #: A direction with ‖d̃‖² below this fraction of its terms' squared size is zero up to rounding.
 _ZERO_DIRECTION_RTOL = 1e-10
+_TINY = float(np.finfo(np.float64).tiny)
 
 
 @register_aggregator("pcd")
@@ -118,14 +121,14 @@ class PCD(GramianAggregator):
         self._batch_step += 1
         return beta
 
-    def _taus(self, K: int) -> np.ndarray:
+    def _taus(self, K: int) -> list[float]:
         if isinstance(self.tau, list):
             if len(self.tau) != K - 1:
                 raise ValueError(
                     f"PCD has {len(self.tau)} tau values but there are {K - 1} secondary tasks (K = {K})"
                 )
-            return np.array(self.tau, dtype=np.float64)
-        return np.full(K - 1, self.tau, dtype=np.float64)
+            return [float(x) for x in self.tau]
+        return [float(self.tau)] * (K - 1)
 
     def _advance(self, M: Tensor, v: Tensor | None, t: int) -> tuple[Tensor, Tensor]:
         """Weights for Gramians (B, K, K) and the new moving average (B, K)."""
@@ -136,88 +139,117 @@ class PCD(GramianAggregator):
                 "(batch entries, tasks); call reset() between runs"
             )
         taus = self._taus(K)
-        # NumPy on the K-vectors: a few µs per operation instead of torch's ~10 on tiny tensors.
+        if B == 1:  # one call: the same formulas on Python floats
+            rows = M[0].tolist()
+            sq = [FLOAT_OPS.maximum(rows[i][i], 0.0) for i in range(K)]
+            v_cols, s = self._scales(sq, None if v is None else v.tolist()[0], t, FLOAT_OPS)
+            if K == 2:
+                beta = list(pcd_two(rows[0][0], rows[0][1], rows[1][1], s[0], s[1], taus[0], FLOAT_OPS))
+            else:
+                beta = _pcd_weights(rows, s, taus)
+            return torch.tensor([beta], dtype=torch.float64), torch.tensor([v_cols], dtype=torch.float64)
         Mn = M.numpy()
         sq = np.maximum(np.diagonal(Mn, axis1=1, axis2=2), 0.0)
-        v_np = (1.0 - self.beta) * sq if v is None else self.beta * v.numpy() + (1.0 - self.beta) * sq
-        v_new = torch.from_numpy(v_np)
-        denom = np.sqrt(v_np / (1.0 - self.beta**t) + self.eps)
-        with np.errstate(divide="ignore"):
-            sn = np.where(denom > 0, 1.0 / np.where(denom > 0, denom, 1.0), 0.0)
-        if K == 2:
-            return torch.from_numpy(_pcd_weights_two(Mn, sn, float(taus[0]))), v_new
+        with np.errstate(all="ignore"):
+            v_cols, s_cols = self._scales(list(sq.T), None if v is None else list(v.numpy().T), t, ARRAY_OPS)
+            v_new = torch.from_numpy(np.stack(v_cols, axis=1))
+            if K == 2:
+                b1, b2 = pcd_two(Mn[:, 0, 0], Mn[:, 0, 1], Mn[:, 1, 1], *s_cols, taus[0], ARRAY_OPS)
+                return torch.from_numpy(np.stack([b1, b2], axis=1)), v_new
+        sn = np.stack(s_cols, axis=1)
         out = np.zeros((B, K))
         for b in range(B):
-            out[b] = _pcd_weights(Mn[b], sn[b], taus)
+            out[b] = _pcd_weights(Mn[b].tolist(), sn[b].tolist(), taus)
         return torch.from_numpy(out), v_new
 
+    def _scales(self, sq, v, t, xp):  # type: ignore[no-untyped-def]
+        """Def. 4.5 over the K per-task columns (floats, or (B,) arrays): the new moving
+        averages ``v_i`` of ``‖g_i‖²`` and the scales ``s_i = 1/√(v̂_i + ε)`` (0 where that is 0)."""
+        beta = self.beta
+        v_new = [(1.0 - beta) * q for q in sq] if v is None else [beta * vi + (1.0 - beta) * q for vi, q in zip(v, sq)]
+        correction = 1.0 - beta**t
+        scales = []
+        for vi in v_new:
+            denom = xp.sqrt(vi / correction + self.eps)
+            scales.append(xp.where(denom > 0, 1.0 / xp.where(denom > 0, denom, 1.0), 0.0))
+        return v_new, scales
 
-def _pcd_weights(M: np.ndarray, s: np.ndarray, taus: np.ndarray) -> np.ndarray:
-    """``β`` of one call: the QP on ``Ã = diag(s) M diag(s)``, mapped back and rescaled."""
-    K = M.shape[0]
-    beta = np.zeros(K)
-    if not M[0, 0] > 0.0:  # g_1 = 0: the update halts
+
+def _pcd_weights(M: list[list[float]], s: list[float], taus: list[float]) -> list[float]:
+    """``β`` of one call: the QP on ``Ã = diag(s) M diag(s)``, mapped back and rescaled; on
+    Python floats (one problem of K ≤ 8 costs a few µs there, tens to hundreds in NumPy)."""
+    K = len(M)
+    beta = [0.0] * K
+    if not M[0][0] > 0.0:  # g_1 = 0: the update halts
         return beta
-    A_full = M * np.outer(s, s)
-    w = np.zeros(K)
-    w[0] = 1.0
+    A_full = [[M[i][j] * (s[i] * s[j]) for j in range(K)] for i in range(K)]
+    w = [1.0] + [0.0] * (K - 1)
     if K > 1:
         mu = solve_priority_qp(A_full, taus)
         if mu is not None:  # None: the constraints are infeasible together; d̃ = g̃_1
             w[1:] = mu
-    coef = w * s
-    sq = float(coef @ M @ coef)
-    size = float(np.abs(coef) @ np.sqrt(np.diag(M))) ** 2
+    coef = [wi * si for wi, si in zip(w, s)]
+    sq = sum(ci * sum(map(mul, row, coef)) for ci, row in zip(coef, M))
+    size = sum(abs(c) * math.sqrt(max(M[i][i], 0.0)) for i, c in enumerate(coef)) ** 2
     if not sq > _ZERO_DIRECTION_RTOL * size:
         return beta
-    return coef * math.sqrt(M[0, 0] / sq)
+    factor = math.sqrt(M[0][0] / sq)
+    return [c * factor for c in coef]
 
 
-def _pcd_weights_two(M: np.ndarray, s: np.ndarray, tau: float) -> np.ndarray:
-    """:func:`_pcd_weights` at K = 2 for a batch (B, 2, 2), vectorised: the closed form of
-    Cor. 4.6, ``μ = max(0, τ Ã_22 − Ã_21) / Ã_22`` (0 when ``g_2 = 0``); never infeasible."""
-    A = M * (s[:, :, None] * s[:, None, :])
-    a22, a21 = A[:, 1, 1], A[:, 1, 0]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mu = np.where(a22 > 0, np.maximum(tau * a22 - a21, 0.0) / np.where(a22 > 0, a22, 1.0), 0.0)
-    coef = np.stack([s[:, 0], mu * s[:, 1]], axis=1)
-    sq = np.einsum("bi,bij,bj->b", coef, M, coef)
-    size = (np.abs(coef) * np.sqrt(np.maximum(np.diagonal(M, axis1=1, axis2=2), 0.0))).sum(1) ** 2
-    ok = (M[:, 0, 0] > 0) & (sq > _ZERO_DIRECTION_RTOL * size)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        factor = np.where(ok, np.sqrt(np.where(ok, M[:, 0, 0] / np.where(ok, sq, 1.0), 0.0)), 0.0)
-    return coef * factor[:, None]
+def pcd_two(m11, m12, m22, s1, s2, tau, xp):  # type: ignore[no-untyped-def]
+    """:func:`_pcd_weights` at K = 2, on floats (``xp = FLOAT_OPS``) or (B,) arrays
+    (``xp = ARRAY_OPS``): the closed form of Cor. 4.6, ``μ = max(0, τ Ã_22 − Ã_21) / Ã_22``
+    (0 when ``g_2 = 0``; never infeasible), then the same rescaling and zero tests."""
+    a22, a21 = m22 * (s2 * s2), m12 * (s2 * s1)
+    live = a22 > 0
+    mu = xp.where(live, xp.maximum(tau * a22 - a21, 0.0) / xp.where(live, a22, 1.0), 0.0)
+    c1, c2 = s1, mu * s2
+    sq = c1 * (m11 * c1 + m12 * c2) + c2 * (m12 * c1 + m22 * c2)
+    size = (abs(c1) * xp.sqrt(xp.maximum(m11, 0.0)) + abs(c2) * xp.sqrt(xp.maximum(m22, 0.0))) ** 2
+    ok = (m11 > 0) & (sq > _ZERO_DIRECTION_RTOL * size)
+    factor = xp.where(ok, xp.sqrt(xp.where(ok, m11 / xp.where(ok, sq, 1.0), 0.0)), 0.0)
+    return c1 * factor, c2 * factor
 
 
-def solve_priority_qp(A_full: np.ndarray, taus: np.ndarray) -> np.ndarray | None:
+def solve_priority_qp(A_full: list[list[float]], taus: list[float]) -> list[float] | None:
     """The multipliers ``μ`` (K − 1,) of ``min ½‖d − a_1‖² s.t. a_jᵀd ≥ τ_j ‖a_j‖²`` for rows
-    ``a_i`` with Gramian ``A_full``, or ``None`` when no ``d`` satisfies every constraint."""
-    A = A_full[1:, 1:]
-    b = taus * np.diag(A) - A_full[1:, 0]
-    m = A.shape[0]
-    mu = np.zeros(m)
-    if np.all(b <= 0.0):  # the primary gradient already satisfies every constraint
+    ``a_i`` with Gramian ``A_full`` (nested lists), or ``None`` when no ``d`` satisfies every
+    constraint. The common cases (none or one active constraint) run on floats; larger working
+    sets in NumPy."""
+    m = len(A_full) - 1
+    A = [row[1:] for row in A_full[1:]]
+    b = [taus[j] * A[j][j] - A_full[j + 1][0] for j in range(m)]
+    mu = [0.0] * m
+    if all(x <= 0.0 for x in b):  # the primary gradient already satisfies every constraint
         return mu
-    atol = _KKT_TOL * max(float(np.max(np.diag(A_full))), np.finfo(np.float64).tiny)
-    candidates = [j for j in range(m) if A[j, j] > 0.0]  # a zero secondary's constraint is 0 ≥ 0
+    atol = _KKT_TOL * max(max(A_full[i][i] for i in range(m + 1)), _TINY)
+    candidates = [j for j in range(m) if A[j][j] > 0.0]  # a zero secondary's constraint is 0 ≥ 0
     for j in candidates:  # one active constraint (the common case): μ_j = b_j / A_jj, no solve
-        mu_j = b[j] / A[j, j]
-        if mu_j >= 0.0 and np.all(A[:, j] * mu_j - b >= -atol):
+        mu_j = b[j] / A[j][j]
+        if mu_j >= 0.0 and all(A[i][j] * mu_j - b[i] >= -atol for i in range(m)):
             mu[j] = mu_j
             return mu
+    # Two or more active constraints: every working set of one size at once (batched NumPy
+    # calls instead of a few per set); the first set, in enumeration order, that passes wins.
+    An, bn = np.array(A), np.array(b)
     for size in range(2, len(candidates) + 1):
-        for subset in itertools.combinations(candidates, size):
-            S = list(subset)
-            A_SS = A[np.ix_(S, S)]
-            norms = np.sqrt(np.diag(A_SS))
-            if np.linalg.eigvalsh(A_SS / np.outer(norms, norms))[0] <= _KKT_TOL:
-                continue  # linearly dependent constraints: a smaller set covers this face
-            mu_S = np.linalg.solve(A_SS, b[S])
-            if np.any(mu_S < -_KKT_TOL * np.maximum(1.0, np.abs(mu_S).max())):
-                continue
-            mu_S = np.maximum(mu_S, 0.0)
-            slack = A[:, S] @ mu_S - b
-            if np.all(slack >= -atol):
-                mu[S] = mu_S
-                return mu
+        sets = np.array(list(itertools.combinations(candidates, size)))  # (n, size)
+        A_SS = An[sets[:, :, None], sets[:, None, :]]
+        norms = np.sqrt(np.diagonal(A_SS, axis1=1, axis2=2))
+        # linearly dependent constraints: a smaller set covers this face
+        independent = np.linalg.eigvalsh(A_SS / (norms[:, :, None] * norms[:, None, :]))[:, 0] > _KKT_TOL
+        if not independent.any():
+            continue
+        sets, A_SS = sets[independent], A_SS[independent]
+        mu_S = np.linalg.solve(A_SS, bn[sets][:, :, None])[:, :, 0]
+        signs_ok = ~np.any(mu_S < -_KKT_TOL * np.maximum(1.0, np.abs(mu_S).max(axis=1, keepdims=True)), axis=1)
+        mu_S = np.maximum(mu_S, 0.0)
+        slack = np.einsum("ins,ns->ni", An[:, sets], mu_S) - bn
+        ok = signs_ok & np.all(slack >= -atol, axis=1)
+        if ok.any():
+            first = int(np.argmax(ok))
+            for j, x in zip(sets[first].tolist(), mu_S[first].tolist()):
+                mu[j] = x
+            return mu
     return None

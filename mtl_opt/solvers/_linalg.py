@@ -31,8 +31,8 @@ __all__ = [
 
 
 class _FloatOps:
-    """Scalar twins of ``np.where``, ``np.maximum``, ``np.clip``, ``np.sqrt``, ``np.divide`` and
-    ``np.logical_not`` with NumPy's IEEE results (NaN propagates; x/0 is ±inf or NaN)."""
+    """Scalar twins of ``np.where``, ``np.maximum``, ``np.clip``, ``np.sqrt``, ``np.divide``,
+    ``np.logical_not`` and ``np.sign`` with NumPy's IEEE results (NaN propagates; x/0 is ±inf or NaN)."""
 
     @staticmethod
     def where(cond: bool, a: float, b: float) -> float:
@@ -64,6 +64,12 @@ class _FloatOps:
     def not_(x: bool) -> bool:
         return not x
 
+    @staticmethod
+    def sign(x: float) -> float:
+        if x != x:
+            return x
+        return 1.0 if x > 0.0 else (-1.0 if x < 0.0 else 0.0)
+
 
 class _ArrayOps:
     """The NumPy functions behind :data:`FLOAT_OPS` (call them under ``np.errstate(all="ignore")``)."""
@@ -74,6 +80,7 @@ class _ArrayOps:
     sqrt = staticmethod(np.sqrt)
     div = staticmethod(np.divide)
     not_ = staticmethod(np.logical_not)
+    sign = staticmethod(np.sign)
 
 
 FLOAT_OPS: Any = _FloatOps()

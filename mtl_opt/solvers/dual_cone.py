@@ -64,20 +64,32 @@ class DualConeError(SolverError):
     """The dual-cone projection could not certify its answer."""
 
 
-def dual_cone_weights(M: np.ndarray, U: np.ndarray) -> np.ndarray:
+def dual_cone_weights(M: np.ndarray | list[list[float]], U: np.ndarray | list[list[float]]) -> np.ndarray | list[list[float]]:
     """Weights ``W`` with ``Gᵀ W[..., r, :] = π_C(Gᵀ U[..., r, :])``.
 
     Args:
         M: one Gramian (K, K) or a stack (B, K, K); symmetric positive semi-definite, float64.
+            One Gramian may also be given as nested lists of floats (with ``U`` as lists too):
+            the answer is then lists, and no array is created on the common path (the
+            single call of a method costs a few µs instead of tens).
         U: the targets, (R, K) for one Gramian or (B, R, K) for a stack.
 
     Returns:
-        ``W`` of ``U``'s shape (float64 NumPy).
+        ``W`` of ``U``'s shape (float64 NumPy, or nested lists for list input).
 
     Raises:
         ValueError: shapes that do not match.
         DualConeError: an answer failed its KKT certificate.
     """
+    if isinstance(M, list):
+        K = len(M)
+        if any(len(row) != K for row in M) or not isinstance(U, list) or any(len(u) != K for u in U):
+            raise ValueError(
+                f"dual_cone_weights: lists must be a square Gramian and targets of its size, got "
+                f"{K} rows of lengths {[len(row) for row in M]} and targets of lengths "
+                f"{[len(u) for u in U] if isinstance(U, list) else type(U).__name__}"
+            )
+        return _weights_one(M, U)
     M = np.asarray(M, dtype=np.float64)
     U = np.asarray(U, dtype=np.float64)
     single = M.ndim == 2
@@ -88,21 +100,24 @@ def dual_cone_weights(M: np.ndarray, U: np.ndarray) -> np.ndarray:
             f"dual_cone_weights: expected M (K, K) with U (R, K), or M (B, K, K) with U (B, R, K); "
             f"got {M.shape} and {U.shape}"
         )
-    B, K, _ = M.shape
     W = np.empty(U.shape, dtype=np.float64)
-    for b in range(B):
-        rows = M[b].tolist()
-        scale = max(rows[i][i] for i in range(K))
-        if not scale > 0.0:  # every gradient is zero: C is the whole space
-            W[b] = U[b]
-            continue
-        A = [[x / scale for x in row] for row in rows]
-        if not _positive_definite(A):
-            A = psd_part(M[b] / scale).tolist()
-        for i in range(K):
-            A[i][i] *= 1.0 + RIDGE
-        W[b] = [_project(A, u) for u in U[b].tolist()]
+    for b in range(M.shape[0]):
+        W[b] = _weights_one(M[b].tolist(), U[b].tolist())
     return W[0] if single else W
+
+
+def _weights_one(rows: list[list[float]], targets: list[list[float]]) -> list[list[float]]:
+    """The projections of one Gramian (nested lists) for each target, on Python floats."""
+    K = len(rows)
+    scale = max(rows[i][i] for i in range(K))
+    if not scale > 0.0:  # every gradient is zero: C is the whole space
+        return [list(u) for u in targets]
+    A = [[x / scale for x in row] for row in rows]
+    if not _positive_definite(A):
+        A = psd_part(np.array(rows, dtype=np.float64) / scale).tolist()
+    for i in range(K):
+        A[i][i] *= 1.0 + RIDGE
+    return [_project(A, u) for u in targets]
 
 
 def _positive_definite(A: list[list[float]]) -> bool:
