@@ -59,6 +59,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=10, help="a steps.csv row every N steps (default 10)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    parser.add_argument("--distributed", choices=["global", "local", "off"], default="global",
+                        help="under torchrun with several processes: aggregate the global batch's "
+                             "Jacobian (global, default: the same update as one process), each rank's "
+                             "own and average the directions (local), or refuse (off)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/train-<UTC time>)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN",
                         help="continue the run in folder RUN from its last checkpoint (its own options)")
@@ -75,7 +79,7 @@ def config_from_args(args: argparse.Namespace):
         task_weights=args.task_weights, aggregate_at=args.aggregate_at, device=args.device,
         amp=args.amp, amp_dtype=args.amp_dtype, log_every=args.log_every,
         eval_every=args.eval_every, num_workers=args.num_workers,
-        out=None if args.out is None else str(args.out),
+        out=None if args.out is None else str(args.out), distributed=args.distributed,
     )
 
 
