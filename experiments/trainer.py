@@ -508,6 +508,10 @@ def train_steps(run: Run, n_steps: int, *,
                 losses, feats = _losses(run, batch, features=representation)
             if factor != 1.0:  # an uneven shard of the global batch (rank_shard)
                 losses = [loss * factor for loss in losses]
+            if sharded:  # (uneven on one rank is uneven on all: the global batch's size decides)
+                # factored linear layers gather equal row counts from every rank: an uneven
+                # batch takes their Jacobian rows instead (the same numbers, to rounding)
+                mto.factor_linear = factor == 1.0
             M_params = None
             if log_now and K > 1 and (representation or jacobian_free):
                 M_params = task_gramian(losses, run.shared, reduce=reduce_blocks)
