@@ -39,6 +39,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--amp-dtype", choices=["auto", "bfloat16", "float16"], default="auto",
                    help="autocast dtype with --amp (float16 runs without loss scaling)")
+    p.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="train on the first N items of the workload's data (its subset option, e.g. "
+                        "QM9 molecules; same as ':subset=N' in the workload spec)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="validate and checkpoint every N steps (default: every epoch; 0: at the end)")
 
@@ -71,9 +74,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from mtl_opt.experiments.trainer import TrainConfig
+    from mtl_opt.problems.workload import workload_spec_with
 
     return TrainConfig(
-        workload=args.workload, method=args.method, task=args.task, seed=args.seed,
+        workload=workload_spec_with(args.workload, subset=args.subset), method=args.method, task=args.task, seed=args.seed,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         task_weights=args.task_weights, aggregate_at=args.aggregate_at, device=args.device,
