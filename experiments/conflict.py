@@ -56,8 +56,8 @@ def task_gramian(losses: Sequence[Tensor], params: Sequence[Tensor], *,
                       f"{K} separate backward passes instead (same numbers, slower)",
                       BatchedJacobianFallbackWarning, stacklevel=2)
         return looped_task_gramian(losses, params, reduce=reduce)
-    blocks = [(r if r is not None else torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device))
-              for r, p in zip(rows, params)]
+    blocks = [(r.to_dense() if r.is_sparse else r) if r is not None
+              else torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for r, p in zip(rows, params)]
     return _gramian_of_blocks([b.reshape(K, -1) for b in blocks], reduce)
 
 
@@ -66,7 +66,8 @@ def looped_task_gramian(losses: Sequence[Tensor], params: Sequence[Tensor], *,
     """:func:`task_gramian` with one backward pass per task (the reference, and the fallback)."""
     params = list(params)
     grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
-    blocks = [torch.stack([(g[j] if g[j] is not None else torch.zeros_like(p)).reshape(-1) for g in grads])
+    blocks = [torch.stack([(g[j].to_dense() if g[j].is_sparse else g[j]).reshape(-1) if g[j] is not None
+                           else torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for g in grads])
               for j, p in enumerate(params)]
     return _gramian_of_blocks(blocks, reduce)
 
