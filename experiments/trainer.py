@@ -34,9 +34,10 @@ ones). ``aggregate_at="representation"`` aggregates at the shared representation
 
 **Conflict diagnostics** on the shared parameters: a Gramian method's step computes ``G Gᵀ``, so
 every step is measured for free; for methods without a Jacobian, and at the representation level,
-the parameters' Gramian is computed on logged steps only (one more backward pass, batched over
-the K tasks: :func:`mtl_opt.experiments.conflict.task_gramian`), and the statistics count those
-steps.
+the parameters' Gramian is measured on logged steps only, and the statistics count those steps:
+taken from the step itself where it computed one (a loss weighting whose task groups other tasks'
+losses reach takes the Jacobian path), else with one more backward pass, batched over the K tasks
+(:func:`mtl_opt.experiments.conflict.task_gramian`).
 
 **Single-task runs**: ``task="left"`` trains that task alone (its loss only, K = 1): the
 single-task baseline of Δm% (:mod:`mtl_opt.experiments.field_tables`).
@@ -513,7 +514,7 @@ def train_steps(run: Run, n_steps: int, *,
                 # batch takes their Jacobian rows instead (the same numbers, to rounding)
                 mto.factor_linear = factor == 1.0
             M_params = None
-            if log_now and K > 1 and (representation or jacobian_free):
+            if log_now and K > 1 and representation:
                 M_params = task_gramian(losses, run.shared, reduce=reduce_blocks)
             step_losses = [w * l for w, l in zip(run.task_weights, losses)] if scale_losses else losses
             kwargs: dict[str, Any] = {}
@@ -522,7 +523,16 @@ def train_steps(run: Run, n_steps: int, *,
             if representation:
                 kwargs["features"] = feats
             mto.zero_grad()
-            result = mto.step(step_losses, clip_norm=cfg.grad_clip or None, **kwargs)
+            if log_now and K > 1 and jacobian_free and not representation:
+                # Measured on the step's own Gramian where the step takes the Jacobian (a task
+                # group that other tasks' losses reach), else with one more backward pass on the
+                # kept graph, before the optimizer moves the parameters.
+                result = mto.backward(step_losses, retain_graph=True, **kwargs)
+                if result.gramian is None:
+                    M_params = task_gramian(losses, run.shared, reduce=reduce_blocks)
+                mto.step(clip_norm=cfg.grad_clip or None)
+            else:
+                result = mto.step(step_losses, clip_norm=cfg.grad_clip or None, **kwargs)
             if wants_after:  # FAMO: the same batch's losses after the step (one more forward)
                 with torch.no_grad(), _autocast(run):
                     after, _ = _losses(run, batch, features=False)

