@@ -273,6 +273,7 @@ _WORKLOAD_ONLY = (("--epochs", "epochs", None), ("--batch-size", "batch_size", N
                   ("--task-weights", "task_weights", None), ("--aggregate-at", "aggregate_at", "parameters"),
                   ("--amp", "amp", False), ("--amp-dtype", "amp_dtype", "auto"),
                   ("--eval-every", "eval_every", None),
+                  ("--subset", "subset", None),
                   ("--baseline-cache", "baseline_cache", "runs/single-task-cache"))
 
 

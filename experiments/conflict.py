@@ -11,31 +11,74 @@ Gramian (``M_ij = ⟨g_i, g_j⟩``), a training step records
 A run's statistics are the mean cosine over its measured steps and the share of them that
 conflicted. Gramian methods compute ``M`` at every step anyway, so it costs nothing; for methods
 that take no Jacobian (linear scalarization, the loss weightings) :func:`task_gramian` computes
-it with K extra backward passes.
+it with one more (batched) backward pass on the steps it measures.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["ConflictTally", "step_conflict", "task_gramian"]
+__all__ = ["ConflictTally", "looped_task_gramian", "step_conflict", "task_gramian"]
 
 
-def task_gramian(losses: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+def task_gramian(losses: Sequence[Tensor], params: Sequence[Tensor], *,
+                 reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``M = G Gᵀ`` (K × K, float64) of the losses' gradients on ``params``, summed block by
-    block (the K × d Jacobian is never concatenated). Keeps the graph for the step's backward."""
+    block (the K × d Jacobian is never concatenated). Keeps the graph for the step's backward.
+
+    The K rows come from ONE batched backward pass, ``torch.autograd.grad(L, params,
+    grad_outputs=I_K, is_grads_batched=True)`` (as :func:`mtl_opt.mtl_backward` takes them);
+    where the model's operations cannot be batched, from K backward passes
+    (:func:`looped_task_gramian`, with a ``BatchedJacobianFallbackWarning``). ``reduce``: applied
+    to each K × n_j block before its Gramian share (under several ranks, the average over ranks,
+    so that ``M`` is the global batch's)."""
+    import warnings
+
+    from mtl_opt.backward import BatchedJacobianFallbackWarning
+
+    params = list(params)
+    L = torch.stack([loss.reshape(()) for loss in losses])
+    K = L.shape[0]
+    eye = torch.eye(K, dtype=L.dtype, device=L.device)
+    try:
+        rows = torch.autograd.grad(L, params, grad_outputs=eye, is_grads_batched=True,
+                                   retain_graph=True, allow_unused=True)
+    except (RuntimeError, NotImplementedError) as exc:
+        if "second time" in str(exc):
+            raise
+        warnings.warn(f"the batched task gradients for the conflict diagnostics failed "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); computed them with "
+                      f"{K} separate backward passes instead (same numbers, slower)",
+                      BatchedJacobianFallbackWarning, stacklevel=2)
+        return looped_task_gramian(losses, params, reduce=reduce)
+    blocks = [(r.to_dense() if r.is_sparse else r) if r is not None
+              else torch.zeros(K, *p.shape, dtype=p.dtype, device=p.device) for r, p in zip(rows, params)]
+    return _gramian_of_blocks([b.reshape(K, -1) for b in blocks], reduce)
+
+
+def looped_task_gramian(losses: Sequence[Tensor], params: Sequence[Tensor], *,
+                        reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """:func:`task_gramian` with one backward pass per task (the reference, and the fallback)."""
     params = list(params)
     grads = [torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True) for loss in losses]
-    K = len(losses)
+    blocks = [torch.stack([(g[j].to_dense() if g[j].is_sparse else g[j]).reshape(-1) if g[j] is not None
+                           else torch.zeros(p.numel(), dtype=p.dtype, device=p.device) for g in grads])
+              for j, p in enumerate(params)]
+    return _gramian_of_blocks(blocks, reduce)
+
+
+def _gramian_of_blocks(blocks: list[Tensor], reduce: Callable[[Tensor], Tensor] | None) -> Tensor:
+    K = blocks[0].shape[0] if blocks else 0
     M = torch.zeros(K, K, dtype=torch.float64)
-    for j, p in enumerate(params):
-        rows = [(g[j] if g[j] is not None else torch.zeros_like(p)).reshape(-1).double() for g in grads]
-        block = torch.stack(rows)
+    for block in blocks:
+        block = block.detach().double()
+        if reduce is not None:
+            block = reduce(block)
         M += (block @ block.T).cpu()
     return M
 

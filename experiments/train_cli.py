@@ -39,6 +39,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA only)")
     p.add_argument("--amp-dtype", choices=["auto", "bfloat16", "float16"], default="auto",
                    help="autocast dtype with --amp (float16 runs without loss scaling)")
+    p.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="train on the first N items of the workload's data (its subset option, e.g. "
+                        "QM9 molecules; same as ':subset=N' in the workload spec)")
     p.add_argument("--eval-every", type=int, default=None,
                    help="validate and checkpoint every N steps (default: every epoch; 0: at the end)")
 
@@ -59,6 +62,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=10, help="a steps.csv row every N steps (default 10)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     parser.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes (default 0)")
+    parser.add_argument("--distributed", choices=["global", "local", "off"], default="global",
+                        help="under torchrun with several processes: aggregate the global batch's "
+                             "Jacobian (global, default: the same update as one process), each rank's "
+                             "own and average the directions (local), or refuse (off)")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/train-<UTC time>)")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN",
                         help="continue the run in folder RUN from its last checkpoint (its own options)")
@@ -67,15 +74,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace):
     from mtl_opt.experiments.trainer import TrainConfig
+    from mtl_opt.problems.workload import workload_spec_with
 
     return TrainConfig(
-        workload=args.workload, method=args.method, task=args.task, seed=args.seed,
+        workload=workload_spec_with(args.workload, subset=args.subset), method=args.method, task=args.task, seed=args.seed,
         epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         optimizer=args.optimizer, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
         task_weights=args.task_weights, aggregate_at=args.aggregate_at, device=args.device,
         amp=args.amp, amp_dtype=args.amp_dtype, log_every=args.log_every,
         eval_every=args.eval_every, num_workers=args.num_workers,
-        out=None if args.out is None else str(args.out),
+        out=None if args.out is None else str(args.out), distributed=args.distributed,
     )
 
 

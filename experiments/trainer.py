@@ -34,11 +34,17 @@ ones). ``aggregate_at="representation"`` aggregates at the shared representation
 
 **Conflict diagnostics** on the shared parameters: a Gramian method's step computes ``G Gᵀ``, so
 every step is measured for free; for methods without a Jacobian, and at the representation level,
-the parameters' Gramian is computed on logged steps only (K more backward passes), and the
-statistics count those steps.
+the parameters' Gramian is measured on logged steps only, and the statistics count those steps:
+taken from the step itself where it computed one (a loss weighting whose task groups other tasks'
+losses reach takes the Jacobian path), else with one more backward pass, batched over the K tasks
+(:func:`mtl_opt.experiments.conflict.task_gramian`).
 
 **Single-task runs**: ``task="left"`` trains that task alone (its loss only, K = 1): the
 single-task baseline of Δm% (:mod:`mtl_opt.experiments.field_tables`).
+
+**Several processes** (``torchrun --nproc_per_node R ... mtl-opt train``): every global batch is
+split over the ranks, the method aggregates the global batch's Jacobian (``distributed="global"``)
+or each rank's (``"local"``), rank 0 alone writes the run folder; see :func:`train`.
 
 AMP: ``amp=True`` on CUDA runs the forward passes under bfloat16 autocast (float16 on request,
 without loss scaling). Progress: a bar on a terminal with ``verbose=True``.
@@ -46,6 +52,7 @@ without loss scaling). Progress: a bar on a terminal with ``verbose=True``.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import numbers
@@ -116,6 +123,10 @@ class TrainConfig:
         eval_batch_size: batch size of validation and test (default: ``batch_size``).
         num_workers: data-loader worker processes (0: load in the training process).
         out: the run folder (default ``runs/train-<UTC time>``).
+        distributed: under a process group of several ranks (``torchrun``), how the method
+            aggregates: ``"global"`` (the global batch's Jacobian, equal to one process),
+            ``"local"`` (each rank's own, directions averaged) or ``"off"`` (refused with
+            several ranks: they would train independent copies). See :mod:`mtl_opt.distributed`.
     """
 
     workload: str = "multimnist"
@@ -139,6 +150,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     num_workers: int = 0
     out: str | None = None
+    distributed: str = "global"
 
     def validate(self) -> None:
         """Raise one clear error for a bad option, before any work."""
@@ -178,6 +190,8 @@ class TrainConfig:
             raise ValueError(f"amp_dtype must be auto, bfloat16 or float16, got {self.amp_dtype!r}")
         if self.eval_every is not None and (isinstance(self.eval_every, bool) or self.eval_every < 0):
             raise ValueError(f"eval_every must be an integer >= 0, got {self.eval_every!r}")
+        if self.distributed not in ("global", "local", "off"):
+            raise ValueError(f"distributed must be global, local or off, got {self.distributed!r}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         if (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
@@ -270,6 +284,8 @@ class Run:
     steps_per_epoch: int
     state: TrainState
     shuffle_generator: torch.Generator
+    rank: int = 0  # this process's rank and the number of ranks sharing each global batch
+    world: int = 1
 
     @property
     def task_names(self) -> list[str]:
@@ -318,6 +334,8 @@ def prepare(cfg: TrainConfig) -> Run:
 
     cfg.validate()
     device = torch.device(cfg.resolved_device())
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # torchrun: this rank's GPU
     if cfg.amp:
         _amp_dtype(cfg, device)  # raises before any work when the GPU cannot do it
     workload = training_workload_from_spec(cfg.workload)
@@ -342,8 +360,17 @@ def prepare(cfg: TrainConfig) -> Run:
     lr = float(cfg.lr if cfg.lr is not None else d.lr)
     optimizer = _make_optimizer(cfg.optimizer or d.optimizer, list(model.parameters()), lr,
                                 cfg.weight_decay if cfg.weight_decay is not None else d.weight_decay)
+    rank, world = _ranks(cfg)
+    if world > 1:
+        if batch_size < world:
+            raise ValueError(f"batch size {batch_size} is smaller than the {world} processes: each "
+                             "rank needs a share of every global batch")
+        from mtl_opt.distributed import broadcast_parameters
+
+        broadcast_parameters(model)  # every rank starts from rank 0's parameters
     mto = mtl_opt.MultiTaskOptimizer(optimizer, aggregator, shared,
-                                     task_params=[task_groups[i] for i in tasks])
+                                     task_params=[task_groups[i] for i in tasks],
+                                     distributed=cfg.distributed)
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     if cfg.steps is not None:
         total = cfg.steps
@@ -353,14 +380,28 @@ def prepare(cfg: TrainConfig) -> Run:
         total = d.steps if d.steps is not None else d.epochs * steps_per_epoch
     return Run(cfg, workload, device, data, model, name, hyper, aggregator, tasks, weights, mode,
                optimizer, mto, shared, batch_size, cfg.eval_batch_size or batch_size, lr, total,
-               steps_per_epoch, TrainState(), torch.Generator().manual_seed(cfg.seed))
+               steps_per_epoch, TrainState(), torch.Generator().manual_seed(cfg.seed), rank, world)
+
+
+def _ranks(cfg: TrainConfig) -> tuple[int, int]:
+    """``(rank, world)`` of this process: ``(0, 1)`` outside a process group of several ranks.
+    Under one, ``distributed="off"`` is refused: each rank would train its own copy."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return 0, 1
+    if cfg.distributed == "off":
+        raise ValueError(f"distributed='off' under a process group of {dist.get_world_size()} ranks "
+                         "would train that many independent copies into one folder: launch one "
+                         "process, or use distributed='global' (or 'local')")
+    return dist.get_rank(), dist.get_world_size()
 
 
 # ------------------------------------------------------------------------------------------------
 # Batches
 # ------------------------------------------------------------------------------------------------
-def _batches(run: Run, dataset: Any, indices: list[int], batch_size: int, *, seed: int) -> Iterator[Any]:
-    """``dataset``'s items at ``indices``, ``batch_size`` at a time, collated and on the device.
+def _batches(run: Run, dataset: Any, batches: list[list[int]], *, seed: int) -> Iterator[Any]:
+    """``dataset``'s items, one batch per list of indices in ``batches``, collated and on the device.
 
     A ``TensorDataset`` with the default collation is indexed directly (the same batches as a
     ``DataLoader`` gives, without per-item work); anything else goes through a ``DataLoader``
@@ -370,31 +411,54 @@ def _batches(run: Run, dataset: Any, indices: list[int], batch_size: int, *, see
 
     collate = run.data.collate
     if isinstance(dataset, torch.utils.data.TensorDataset) and collate is None and run.cfg.num_workers == 0:
-        idx_all = torch.as_tensor(indices, dtype=torch.long)
-        for start in range(0, len(indices), batch_size):
-            idx = idx_all[start:start + batch_size]
+        for indices in batches:
+            idx = torch.as_tensor(indices, dtype=torch.long)
             yield to_device([t[idx] for t in dataset.tensors], run.device)
         return
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=indices, collate_fn=collate,
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
                         num_workers=run.cfg.num_workers, pin_memory=run.device.type == "cuda",
                         generator=torch.Generator().manual_seed(seed))
     for batch in loader:
         yield to_device(batch, run.device)
 
 
-def _epoch_batches(run: Run) -> Iterator[Any]:
+def _chunks(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def rank_shard(batch: list[int], rank: int, world: int) -> tuple[list[int], float]:
+    """This rank's share of one global batch and the factor ``c_r`` its task losses are scaled by.
+
+    The ``N`` indices are split into ``world`` consecutive shards whose sizes differ by at most
+    one; with ``n_r`` samples, ``c_r = R n_r / N``, so that the ranks' average of the scaled
+    mean losses, ``(1/R) Σ_r c_r L_i^r = (1/N) Σ_samples``, is the global batch's mean loss
+    (``c_r = 1`` exactly when ``R`` divides ``N``). A rank left without samples (``N < R``, an
+    epoch's last batch) takes the batch's first sample with ``c_r = 0``: it contributes nothing."""
+    n = len(batch)
+    lo, hi = rank * n // world, (rank + 1) * n // world
+    if hi == lo:
+        return batch[:1], 0.0
+    if n % world == 0:
+        return batch[lo:hi], 1.0
+    return batch[lo:hi], world * (hi - lo) / n
+
+
+def _epoch_batches(run: Run) -> tuple[Iterator[Any], list[float]]:
     """The rest of the current epoch: its order is drawn from the shuffling generator's state at
-    the epoch's start, and the ``batch_in_epoch`` batches already taken are skipped unloaded."""
+    the epoch's start, and the ``batch_in_epoch`` batches already taken are skipped unloaded.
+    Under several ranks each global batch of ``batch_size`` is sharded (:func:`rank_shard`);
+    returns the batches and their loss factors."""
     state, g = run.state, run.shuffle_generator
     if state.epoch_generator_state is None:
         state.epoch_generator_state = g.get_state()
     g.set_state(state.epoch_generator_state)
     order = torch.randperm(len(run.data.train), generator=g).tolist()
-    rest = order[state.batch_in_epoch * run.batch_size:]
-    return _batches(run, run.data.train, rest, run.batch_size,
-                    seed=run.cfg.seed * 100_003 + state.epoch)
+    rest = _chunks(order[state.batch_in_epoch * run.batch_size:], run.batch_size)
+    shards = [rank_shard(b, run.rank, run.world) for b in rest] if run.world > 1 else [(b, 1.0) for b in rest]
+    return (_batches(run, run.data.train, [b for b, _ in shards], seed=run.cfg.seed * 100_003 + state.epoch),
+            [c for _, c in shards])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,14 +497,25 @@ def train_steps(run: Run, n_steps: int, *,
     model.train()
     end = state.step + n_steps
     t0 = time.perf_counter()
+    sharded = run.world > 1
+    reduce_blocks = None
+    if sharded and cfg.distributed == "global":
+        from mtl_opt.distributed import mean_over_ranks as reduce_blocks
     while state.step < end:
-        for batch in _epoch_batches(run):
+        batches, factors = _epoch_batches(run)
+        for batch, factor in zip(batches, factors):
             log_now = state.step == 0 or (state.step + 1) % cfg.log_every == 0 or state.step + 1 == end
             with _autocast(run):
                 losses, feats = _losses(run, batch, features=representation)
+            if factor != 1.0:  # an uneven shard of the global batch (rank_shard)
+                losses = [loss * factor for loss in losses]
+            if sharded:  # (uneven on one rank is uneven on all: the global batch's size decides)
+                # factored linear layers gather equal row counts from every rank: an uneven
+                # batch takes their Jacobian rows instead (the same numbers, to rounding)
+                mto.factor_linear = factor == 1.0
             M_params = None
-            if log_now and K > 1 and (representation or jacobian_free):
-                M_params = task_gramian(losses, run.shared)
+            if log_now and K > 1 and representation:
+                M_params = task_gramian(losses, run.shared, reduce=reduce_blocks)
             step_losses = [w * l for w, l in zip(run.task_weights, losses)] if scale_losses else losses
             kwargs: dict[str, Any] = {}
             if run.task_weights_mode == "aggregator":
@@ -448,11 +523,22 @@ def train_steps(run: Run, n_steps: int, *,
             if representation:
                 kwargs["features"] = feats
             mto.zero_grad()
-            result = mto.step(step_losses, clip_norm=cfg.grad_clip or None, **kwargs)
+            if log_now and K > 1 and jacobian_free and not representation:
+                # Measured on the step's own Gramian where the step takes the Jacobian (a task
+                # group that other tasks' losses reach), else with one more backward pass on the
+                # kept graph, before the optimizer moves the parameters.
+                result = mto.backward(step_losses, retain_graph=True, **kwargs)
+                if result.gramian is None:
+                    M_params = task_gramian(losses, run.shared, reduce=reduce_blocks)
+                mto.step(clip_norm=cfg.grad_clip or None)
+            else:
+                result = mto.step(step_losses, clip_norm=cfg.grad_clip or None, **kwargs)
             if wants_after:  # FAMO: the same batch's losses after the step (one more forward)
                 with torch.no_grad(), _autocast(run):
                     after, _ = _losses(run, batch, features=False)
-                after_vals = torch.stack([a.detach().double().cpu() for a in after])
+                after_vals = torch.stack([a.detach().double().cpu() for a in after]) * factor
+                if reduce_blocks is not None:
+                    after_vals = reduce_blocks(after_vals)
                 run.aggregator.update(after_vals * w_t if scale_losses else after_vals)
             state.step += 1
             state.batch_in_epoch += 1
@@ -464,7 +550,12 @@ def train_steps(run: Run, n_steps: int, *,
             figures = step_conflict(M) if M is not None else None
             state.tally.add(figures)
             state.interval_tally.add(figures)
-            loss_vals = (result.losses.detach().to("cpu", torch.float64) / (w_t if scale_losses else 1.0)).tolist()
+            step_vals = result.losses.detach().to("cpu", torch.float64)
+            if sharded and cfg.distributed == "local":  # the log shows the global batch's losses
+                from mtl_opt.distributed import mean_over_ranks
+
+                step_vals = mean_over_ranks(step_vals)
+            loss_vals = (step_vals / (w_t if scale_losses else 1.0)).tolist()
             state.interval_steps += 1
             state.interval_loss_sum = (loss_vals if state.interval_loss_sum is None else
                                        [a + b for a, b in zip(state.interval_loss_sum, loss_vals)])
@@ -523,8 +614,8 @@ def evaluate_split(run: Run, split: str) -> dict[str, float]:
     run.model.eval()
     try:
         with _autocast(run):
-            metrics = run.workload.evaluate(run.model, _batches(run, dataset, list(range(len(dataset))),
-                                                                run.eval_batch_size, seed=0))
+            metrics = run.workload.evaluate(run.model, _batches(
+                run, dataset, _chunks(list(range(len(dataset))), run.eval_batch_size), seed=0))
     finally:
         if was_training:
             run.model.train()
@@ -537,9 +628,11 @@ def evaluate_split(run: Run, split: str) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------------
 # Checkpoints
 # ------------------------------------------------------------------------------------------------
-def run_checkpoint(run: Run) -> dict[str, Any]:
-    """Everything a run needs to resume, as tensors and plain data."""
-    return {
+def run_checkpoint(run: Run, rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Everything a run needs to resume, as tensors and plain data (``rng_ranks``: under several
+    ranks, every rank's generators, each rank's restored on a resume with as many ranks)."""
+    extra = {} if rng_ranks is None else {"rng_ranks": rng_ranks}
+    return {**extra,
         "format": CHECKPOINT_FORMAT,
         "config": run.cfg.to_dict(),
         "workload": {"spec": run.workload.spec(), "options": dict(run.workload.options)},
@@ -568,7 +661,22 @@ def restore(run: Run, ckpt: dict[str, Any]) -> None:
     run.mto.load_state_dict(ckpt["optimizer"])
     run.state = TrainState.from_dict(ckpt["train_state"])
     run.shuffle_generator.set_state(ckpt["shuffle_generator"])
-    set_rng_state(ckpt["rng"], run.device)
+    by_rank = ckpt.get("rng_ranks")
+    mine = by_rank[run.rank] if isinstance(by_rank, list) and len(by_rank) == run.world else ckpt["rng"]
+    set_rng_state(mine, run.device)
+
+
+def _save_run_checkpoint(run: Run, out_dir: Path | None) -> None:
+    """Rank 0 writes the checkpoint; under several ranks every rank takes part (its generators
+    are gathered into it)."""
+    rng_ranks = None
+    if run.world > 1:
+        import torch.distributed as dist
+
+        rng_ranks = [None] * run.world
+        dist.all_gather_object(rng_ranks, rng_state(run.device))
+    if out_dir is not None:
+        save_checkpoint(run_checkpoint(run, rng_ranks), out_dir / "checkpoint.pt")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -607,9 +715,16 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     ``checkpoint.pt``): continue that run with its own config (``config`` must be ``None`` or
     equal to it, except ``device`` and ``out``); the finished run has the same parameters as one
     that was never interrupted. The run folder is claimed before any work (a resume takes its own
-    folder back and is refused while another process holds it)."""
-    from mtl_opt._output_folder import claim_output_folder, default_folder_name, reclaim_output_folder
+    folder back and is refused while another process holds it).
 
+    **Several processes** (``torchrun --nproc_per_node R``): when the environment names more than
+    one rank and no process group is initialised, the run initialises one (NCCL on CUDA, gloo
+    otherwise; :data:`GROUP_TIMEOUT`) and destroys it at the end. Each global batch of
+    ``batch_size`` is split into R shards, one per rank (:func:`rank_shard`), and the method
+    aggregates in the ``distributed`` mode of the config (``"global"``: the same update as one
+    process on the whole batch). Rank 0 alone claims the run folder and writes the logs,
+    validations, checkpoints and the test (the other ranks wait for it); every rank returns
+    rank 0's result, calls ``callback`` and, on resume, reads the same checkpoint."""
     ckpt = None
     if resume is not None:
         config, ckpt, ckpt_path = resume_config(resume, config)
@@ -617,12 +732,60 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         raise ValueError("train needs a config or a run to resume")
     cfg = config
     cfg.validate()
-    if ckpt is not None:
-        folder = reclaim_output_folder(cfg.out, command="mtl-opt train --resume")
-    else:
-        folder = claim_output_folder(cfg.out or default_folder_name("train"), command="mtl-opt train",
-                                     unique=cfg.out is None)
-    with folder:  # a run that fails before writing anything gives its fresh folder back
+    launched = _init_process_group(cfg)
+    try:
+        return _train_claimed(cfg, ckpt, ckpt_path if ckpt is not None else None,
+                              callback=callback, verbose=verbose)
+    finally:
+        if launched:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+#: How long a rank waits for the others in one collective (rank 0 validates and tests alone
+#: while the others wait): a rank that died makes the others fail at the latest after this.
+GROUP_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def _init_process_group(cfg: TrainConfig) -> bool:
+    """Initialise the process group from torchrun's environment when it names several ranks and
+    none is initialised; ``True`` when this call did it (the caller then destroys it)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    from mtl_opt.distributed import init_process_group_from_env
+
+    cuda = torch.device(cfg.resolved_device()).type == "cuda"
+    return init_process_group_from_env(backend="nccl" if cuda else "gloo", timeout=GROUP_TIMEOUT)
+
+
+def _train_claimed(cfg: TrainConfig, ckpt: dict | None, ckpt_path: Path | None, *,
+                   callback: Callable[[int, dict[str, float]], None] | None, verbose: bool) -> dict[str, Any]:
+    from mtl_opt._output_folder import claim_output_folder, default_folder_name, reclaim_output_folder
+
+    rank, world = _ranks(cfg)
+    folder, failure = None, None
+    if rank == 0:
+        try:
+            if ckpt is not None:
+                folder = reclaim_output_folder(cfg.out, command="mtl-opt train --resume")
+            else:
+                folder = claim_output_folder(cfg.out or default_folder_name("train"),
+                                             command="mtl-opt train", unique=cfg.out is None)
+        except Exception as exc:  # noqa: BLE001 - told to every rank, then raised as it was
+            failure = exc
+    if world > 1:  # the other ranks learn whether rank 0 holds the folder
+        import torch.distributed as dist
+
+        told = [None if failure is None else f"{type(failure).__name__}: {first_line(str(failure))}"]
+        dist.broadcast_object_list(told, src=0)
+        if rank != 0 and told[0] is not None:
+            raise RuntimeError(f"rank 0 could not claim the run folder: {told[0]}")
+    if failure is not None:
+        raise failure
+    with folder if folder is not None else nullcontext():  # a failed start gives a fresh folder back
         run = prepare(cfg)
         if ckpt is not None:
             try:
@@ -630,20 +793,26 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
             except (KeyError, TypeError, RuntimeError, ValueError) as exc:
                 raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be resumed: "
                                  f"{first_line(str(exc))}") from None
-        return _train_in(run, folder.path, resumed=ckpt is not None, callback=callback, verbose=verbose)
+        return _train_in(run, folder.path if folder is not None else None, resumed=ckpt is not None,
+                         callback=callback, verbose=verbose)
 
 
-def _train_in(run: Run, out_dir: Path, *, resumed: bool,
+def _train_in(run: Run, out_dir: Path | None, *, resumed: bool,
               callback: Callable[[int, dict[str, float]], None] | None, verbose: bool) -> dict[str, Any]:
+    """The run in its folder; ``out_dir`` is ``None`` on the ranks other than 0 (they train, and
+    take part in the checkpoints' and the result's collectives, but write nothing)."""
     cfg, model = run.cfg, run.model
+    lead = out_dir is not None
+    verbose = verbose and lead
     say = print if verbose else (lambda *a, **k: None)
     n_shared = sum(p.numel() for p in run.shared)
     n_total = sum(p.numel() for p in model.parameters())
     period = run.steps_per_epoch if cfg.eval_every is None else cfg.eval_every
     say(f"{run.workload.spec()}: {n_total:,} parameters ({n_shared:,} shared); method "
         f"{run.aggregator!r}; tasks {', '.join(run.task_names)}; {run.total_steps} steps "
-        f"({run.steps_per_epoch} per epoch) on {run.device}")
-    if not resumed:
+        f"({run.steps_per_epoch} per epoch) on {run.device}"
+        + (f", {run.world} processes ({cfg.distributed} aggregation)" if run.world > 1 else ""))
+    if lead and not resumed:
         record = {
             "train": cfg.to_dict(), "workload": run.workload.spec(),
             "workload_options": dict(run.workload.options),
@@ -654,17 +823,19 @@ def _train_in(run: Run, out_dir: Path, *, resumed: bool,
             "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
             "validation_every": period or None, "n_parameters": {"total": n_total, "shared": n_shared},
             "dataset_sizes": run.data.sizes(), "device": str(run.device), "torch": torch.__version__,
+            "processes": run.world,
         }
         (out_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     keep = run.state.step if resumed else None
-    step_log = CSVLog(out_dir / "steps.csv", keep)
-    epoch_log = CSVLog(out_dir / "epochs.csv", keep)
+    step_log = CSVLog(out_dir / "steps.csv", keep) if lead else None
+    epoch_log = CSVLog(out_dir / "epochs.csv", keep) if lead else None
     progress = Progress(run.total_steps, run.state.step, verbose)
     epoch_rows: list[dict[str, Any]] = []
     last_val: dict[str, float] = {}
 
     def on_log(row: dict[str, float]) -> None:
-        step_log.write(row)
+        if step_log is not None:
+            step_log.write(row)
         progress.update(int(row["step"]))
         if callback is not None:
             callback(int(row["step"]), dict(row))
@@ -678,16 +849,17 @@ def _train_in(run: Run, out_dir: Path, *, resumed: bool,
             row["train_conflict_share"] = state.interval_tally.conflict_share()
         state.interval_steps, state.interval_loss_sum = 0, None
         state.interval_tally = ConflictTally()
-        if len(run.data.val) > 0:
+        if len(run.data.val) > 0 and lead:
             t = time.perf_counter()
             val = evaluate_split(run, "val")
             last_val.clear()
             last_val.update(val)
             row.update({f"val_{k}": v for k, v in val.items()})
             row["val_time_s"] = round(time.perf_counter() - t, 3)
-        epoch_log.write(row)
+        if epoch_log is not None:
+            epoch_log.write(row)
         epoch_rows.append(row)
-        save_checkpoint(run_checkpoint(run), out_dir / "checkpoint.pt")
+        _save_run_checkpoint(run, out_dir)
         if verbose:
             progress.message(f"validation at step {state.step} (epoch {row['epoch']:g}): "
                              + " ".join(f"{k}={v:.4f}" for k, v in row.items()
@@ -700,11 +872,14 @@ def _train_in(run: Run, out_dir: Path, *, resumed: bool,
                            boundary_every=period or None)
     finally:
         progress.close()
-        step_log.close()
-        epoch_log.close()
+        for log in (step_log, epoch_log):
+            if log is not None:
+                log.close()
     train_time = time.perf_counter() - t0
-    if remaining == 0 and not (out_dir / "checkpoint.pt").exists():
-        save_checkpoint(run_checkpoint(run), out_dir / "checkpoint.pt")
+    if remaining == 0 and (run.world > 1 or not (out_dir / "checkpoint.pt").exists()):
+        _save_run_checkpoint(run, out_dir)
+    if not lead:  # rank 0 tests and writes; every rank returns its result
+        return _from_rank_0(run, None, rows, epoch_rows)
     t1 = time.perf_counter()
     test = evaluate_split(run, "test")
     tally = run.state.tally
@@ -720,4 +895,15 @@ def _train_in(run: Run, out_dir: Path, *, resumed: bool,
     say("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items())
         + f"; mean cosine {result['cos_mean']:.3f}, conflict share {result['conflict_share']:.3f}")
     say(f"run folder: {out_dir}")
-    return {**result, "run_dir": str(out_dir), "history": rows, "epochs": epoch_rows}
+    return _from_rank_0(run, {**result, "run_dir": str(out_dir)}, rows, epoch_rows)
+
+
+def _from_rank_0(run: Run, result: dict[str, Any] | None, rows: list, epoch_rows: list) -> dict[str, Any]:
+    """Rank 0's result on every rank (with this rank's own logged rows)."""
+    if run.world > 1:
+        import torch.distributed as dist
+
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return {**result, "history": rows, "epochs": epoch_rows}

@@ -110,10 +110,10 @@ def run_workload_compare(args: Any) -> int:
     from mtl_opt.experiments.compare_cli import _parse_seeds
     from mtl_opt.experiments.field_tables import BASELINE
     from mtl_opt.experiments.trainer import TrainConfig
-    from mtl_opt.problems.workload import training_workload_from_spec
+    from mtl_opt.problems.workload import training_workload_from_spec, workload_spec_with
 
     check_workload_args(args)
-    workload = training_workload_from_spec(args.workload)
+    workload = training_workload_from_spec(workload_spec_with(args.workload, subset=args.subset))
     seeds = _parse_seeds(args.seeds)
     specs = list(args.methods) if args.methods else list(DEFAULT_WORKLOAD_METHODS)
     show_baseline = BASELINE in specs

@@ -48,6 +48,7 @@ __all__ = [
     "register_training_workload",
     "to_device",
     "training_workload_from_spec",
+    "workload_spec_with",
 ]
 
 
@@ -319,6 +320,34 @@ def get_training_workload(name: str, /, **options: Any) -> TrainingWorkload:
                         "not a TrainingWorkload")
     workload.check()
     return workload
+
+
+def workload_spec_with(spec: str, /, **flags: Any) -> str:
+    """``spec`` with the options given as command-line flags merged in (``subset=10000`` from
+    ``--subset 10000``; a ``None`` flag was not given). A flag the workload does not take, or one
+    the spec already sets to another value, is refused with one ``ValueError`` naming the
+    workload, the option and both values."""
+    from mtl_opt._spec import format_spec, parse_spec
+
+    flags = {k: v for k, v in flags.items() if v is not None}
+    if not flags:
+        return spec
+    name, options = parse_spec(spec, "workload spec")
+    key = _key(name)
+    factory = _factory(key) if key in _REGISTRY else None
+    for option, value in flags.items():
+        flag = "--" + option.replace("_", "-")
+        if factory is not None:
+            params = inspect.signature(factory).parameters
+            takes = [k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            if option not in takes and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                raise ValueError(f"{flag} {value}: workload {key!r} has no {option!r} option (it takes "
+                                 f"{', '.join(takes) or 'no options'})")
+        if option in options and options[option] != value:
+            raise ValueError(f"{flag} {value} contradicts {option}={options[option]!r} in the workload "
+                             f"spec {spec!r}: give {option} once")
+        options[option] = value
+    return format_spec(name, options)
 
 
 def training_workload_from_spec(spec: str) -> TrainingWorkload:

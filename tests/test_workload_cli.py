@@ -5,6 +5,7 @@ line, and bad options refused in one line before anything is written."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +90,46 @@ def test_bad_options_are_refused_in_one_line_before_anything_is_written(argv, me
     assert main([*argv, "--out", str(out)]) == 2
     assert message in _one_line_error(capsys)
     assert not out.exists()
+
+
+QM9_FIXTURE = Path(__file__).parent / "data" / "qm9"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--workload", "multimnist", "--subset", "100"],
+     "--subset 100: workload 'multimnist' has no 'subset' option (it takes n_train, "),
+    (["compare", "--workload", "multimnist", "--subset", "100"],
+     "--subset 100: workload 'multimnist' has no 'subset' option"),
+    (["train", "--workload", f"qm9:data_dir={QM9_FIXTURE},subset=12", "--subset", "10"],
+     "--subset 10 contradicts subset=12 in the workload spec"),
+    (["compare", "--workload", f"qm9:data_dir={QM9_FIXTURE},subset=12", "--subset", "10"],
+     "--subset 10 contradicts subset=12 in the workload spec"),
+    (["compare", "--subset", "10"], "--subset apply to training workloads; give --workload NAME"),
+])
+def test_subset_flag_errors_name_the_workload_and_the_option(argv, message, tmp_path, capsys):
+    pytest.importorskip("rdkit")
+    out = tmp_path / "out"
+    assert main([*argv, "--out", str(out)]) == 2
+    assert message in _one_line_error(capsys)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("spec", [f"qm9:data_dir={QM9_FIXTURE},width=4",
+                                  f"qm9:data_dir={QM9_FIXTURE},width=4,subset=10"])
+def test_subset_flag_reaches_the_workload_in_train_and_compare(spec, tmp_path, capsys):
+    """--subset 10 of the 13 fixture molecules: the run trains on 10 (8 train, 1 val, 1 test),
+    also when the spec gives the same value."""
+    pytest.importorskip("rdkit")
+    out = tmp_path / "run"
+    assert main(["train", "--workload", spec, "--subset", "10", "--method", "ls", "--steps", "1",
+                 "--batch-size", "4", "--out", str(out), "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["workload_options"]["subset"] == 10
+    assert sum(config["dataset_sizes"].values()) == 10
+    cmp_out = tmp_path / "cmp"
+    assert main(["compare", "--workload", spec, "--subset", "10", "--methods", "ls", "--steps", "1",
+                 "--batch-size", "4", "--baseline-cache", str(tmp_path / "cache"), "--no-figures",
+                 "--out", str(cmp_out)]) == 0
+    run = json.loads((cmp_out / "runs" / "ls-seed0" / "config.json").read_text())
+    assert run["workload_options"]["subset"] == 10 and sum(run["dataset_sizes"].values()) == 10
+    assert json.loads((cmp_out / "config.json").read_text())["workload_options"]["subset"] == 10
