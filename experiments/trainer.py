@@ -64,6 +64,7 @@ from mtl_opt.experiments.checkpoint import (
     set_rng_state,
 )
 from mtl_opt.experiments.conflict import ConflictTally, step_conflict, task_gramian
+from mtl_opt.experiments.environment import environment_stamp
 from mtl_opt.experiments.run_log import CSVLog, Progress
 
 __all__ = [
@@ -75,6 +76,7 @@ __all__ = [
     "load_run_checkpoint",
     "prepare",
     "restore",
+    "resume_config",
     "run_checkpoint",
     "train",
     "train_steps",
@@ -556,7 +558,7 @@ def restore(run: Run, ckpt: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 # The whole run
 # ------------------------------------------------------------------------------------------------
-def _resume_config(resume: str | os.PathLike, config: TrainConfig | None) -> tuple[TrainConfig, dict, Path]:
+def resume_config(resume: str | os.PathLike, config: TrainConfig | None) -> tuple[TrainConfig, dict, Path]:
     path = Path(resume)
     if path.is_dir():
         path = path / "checkpoint.pt"
@@ -590,11 +592,12 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
     equal to it, except ``device`` and ``out``); the finished run has the same parameters as one
     that was never interrupted. The run folder is claimed before any work (a resume takes its own
     folder back and is refused while another process holds it)."""
-    from mtl_opt._output_folder import claim_output_folder, default_folder_name, reclaim_output_folder
+    from mtl_opt._output_folder import reclaim_output_folder
+    from mtl_opt.experiments.shared_args import claim_out
 
     ckpt = None
     if resume is not None:
-        config, ckpt, ckpt_path = _resume_config(resume, config)
+        config, ckpt, ckpt_path = resume_config(resume, config)
     if config is None:
         raise ValueError("train needs a config or a run to resume")
     cfg = config
@@ -607,8 +610,7 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
             raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be resumed: {first_line(str(exc))}") from None
         folder = reclaim_output_folder(cfg.out, command="mtl-opt train --resume")
     else:
-        folder = claim_output_folder(cfg.out or default_folder_name("train"), command="mtl-opt train",
-                                     unique=cfg.out is None)
+        folder = claim_out(cfg.out, prefix="train", command="mtl-opt train")
     with folder:
         return _train_in(run, folder.path, resumed=ckpt is not None, callback=callback, verbose=verbose)
 
@@ -633,7 +635,7 @@ def _train_in(run: Run, out_dir: Path, *, resumed: bool,
             "batch_size": run.batch_size, "lr": run.lr, "optimizer": type(run.optimizer).__name__,
             "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
             "validation_every": period or None, "n_parameters": {"total": n_total, "shared": n_shared},
-            "dataset_sizes": run.data.sizes(), "device": str(run.device), "torch": torch.__version__,
+            "dataset_sizes": run.data.sizes(), "device": str(run.device), "environment": environment_stamp(),
         }
         (out_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     keep = run.state.step if resumed else None
