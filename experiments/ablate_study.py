@@ -48,7 +48,14 @@ from typing import Any
 
 from mtl_opt.experiments.environment import environment_stamp
 from mtl_opt.experiments.html_pages import write_figure
-from mtl_opt.experiments.shared_args import add_out_argument, add_seeds_argument, out_target, parse_seeds
+from mtl_opt.experiments.shared_args import (
+    add_out_argument,
+    add_seeds_argument,
+    add_workload_argument,
+    out_target,
+    parse_seeds,
+    study_target,
+)
 from mtl_opt.experiments.workloads import SyntheticWorkload, TrainingSettings, Workload, get_workload
 
 __all__ = ["INTERACTION", "VARIANTS", "ablate", "configure", "run"]
@@ -379,6 +386,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mtl-opt ablate`` (no heavy imports here)."""
     parser.add_argument("--problem", default="toy",
                         help="problem name, optionally with options: toy, zdt1:n_var=10, quadratic:imbalance=100, rrg:n_train=256, ... (default: toy)")
+    add_workload_argument(parser)
     parser.add_argument("--method", default="came_grad",
                         help="CAME-Grad with the shared hyperparameters, e.g. 'came_grad:kappa=2,rho=0.3'")
     add_seeds_argument(
@@ -420,7 +428,7 @@ def _ablate_cli(args: argparse.Namespace, variants: list[str] | None) -> None:
     if args.config is not None:
         _rerun(args)
         return
-    ablate(args.problem, args.method, seeds=parse_seeds(args.seeds), metric=args.metric,
+    ablate(study_target(args), args.method, seeds=parse_seeds(args.seeds), metric=args.metric,
            mode=args.mode, steps=args.steps, record_every=args.record_every,
            optimizer=args.optimizer, lr=args.lr, device=args.device, variants=variants,
            confidence=args.confidence, **_out(args))
@@ -450,6 +458,11 @@ def _rerun(args: argparse.Namespace) -> None:
         )
         method = format_spec(config["method"], dict(config["method_options"]))
         name = problem["name"]
+        if problem.get("kind") == "training":  # a --workload study: the same workload again
+            from mtl_opt.experiments.workloads import TrainedWorkload
+
+            name = TrainedWorkload(problem["spec"])
+            kwargs["problem_options"] = None
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a config.json written by mtl-opt ablate: {exc!r}") from None
     ablate(name, method, **_out(args), **kwargs)

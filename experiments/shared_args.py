@@ -11,6 +11,8 @@ subcommand):
   (``came_grad:task_weights=[1,4]``). A method listed twice is refused.
 * ``--seeds``: comma-separated integers (``0,4,7``) or a count (``3x`` = ``0,1,2``); a seed
   listed twice is refused.
+* ``--workload``: in ``ablate`` and ``sweep``, beside ``--problem``: a training workload spec
+  (``rrg``, ``multimnist:n_train=2000``) whose runs go through the one trainer.
 * ``--out``: a folder that is new or empty, claimed atomically before any work
   (:mod:`mtl_opt._output_folder`); without it, ``runs/<command>-<UTC timestamp>`` (the next free
   ``-2``, ``-3``, ... when two runs start in the same second).
@@ -30,10 +32,12 @@ __all__ = [
     "add_methods_argument",
     "add_out_argument",
     "add_seeds_argument",
+    "add_workload_argument",
     "claim_out",
     "out_target",
     "parse_methods",
     "parse_seeds",
+    "study_target",
 ]
 
 SEEDS_HELP = "comma-separated seeds (0,4,7) or a count such as '3x' for 0,1,2"
@@ -161,3 +165,27 @@ def claim_out(out: str | os.PathLike | None, *, prefix: str, command: str) -> An
 
     path, unique = out_target(out, prefix=prefix)
     return claim_output_folder(path, command=command, unique=unique)
+
+
+# -------------------------------------------------------------------------------- --workload
+def add_workload_argument(parser: argparse.ArgumentParser) -> None:
+    """``--workload SPEC`` of the studies that also take ``--problem`` (ablate, sweep)."""
+    action = parser.add_argument(
+        "--workload", default=None, metavar="SPEC",
+        help="a training workload instead of --problem, e.g. rrg or 'multimnist:n_train=2000': each "
+        "run is the one trainer's (as mtl-opt train); the default metric is loss_mean (the mean task "
+        "loss); test_<metric> and val_<metric> are reported at the end")
+    action.shared_argument = "workload"  # type: ignore[attr-defined]
+
+
+def study_target(args: argparse.Namespace, *, default_problem: str = "toy") -> Any:
+    """What ``--problem`` / ``--workload`` name: the problem spec, or the training workload trained
+    by the one trainer (:class:`~mtl_opt.experiments.workloads.TrainedWorkload`); not both."""
+    if getattr(args, "workload", None) is None:
+        return args.problem
+    if args.problem != default_problem:
+        raise ValueError(f"give --problem or --workload, not both (got --problem {args.problem} "
+                         f"and --workload {args.workload})")
+    from mtl_opt.experiments.workloads import TrainedWorkload
+
+    return TrainedWorkload(args.workload)

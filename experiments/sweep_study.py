@@ -38,7 +38,14 @@ from typing import Any
 
 from mtl_opt.experiments.html_pages import write_figure
 from mtl_opt.experiments.search_space import Dimension, as_space, space_size
-from mtl_opt.experiments.shared_args import add_out_argument, add_seeds_argument, out_target, parse_seeds
+from mtl_opt.experiments.shared_args import (
+    add_out_argument,
+    add_seeds_argument,
+    add_workload_argument,
+    out_target,
+    parse_seeds,
+    study_target,
+)
 from mtl_opt.experiments.workloads import (
     TrainingSettings,
     Workload,
@@ -648,6 +655,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mtl-opt sweep`` (no heavy imports here)."""
     parser.add_argument("--problem", default="toy",
                         help="problem name, optionally with options: toy, zdt1:n_var=10, quadratic:imbalance=100, rrg:n_train=256, ... (default: toy)")
+    add_workload_argument(parser)
     parser.add_argument("--method", default="came_grad",
                         help="method, optionally with fixed hyperparameters, e.g. "
                         "'came_grad:task_weights=[1,4]' (default: came_grad)")
@@ -688,7 +696,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="continue the interrupted sweep whose output folder is DIR")
 
 
-_SEARCH_OPTIONS = ("problem", "method", "space", "samples", "seeds", "metric", "mode", "scheduler",
+_SEARCH_OPTIONS = ("problem", "workload", "method", "space", "samples", "seeds", "metric", "mode", "scheduler",
                    "steps", "record_every", "optimizer", "lr", "device", "max_failures",
                    "cpus_per_trial", "gpus_per_trial")
 
@@ -726,7 +734,7 @@ def _run(args: argparse.Namespace) -> int:
     else:
         out, unique = out_target(args.out, prefix="sweep")
         table = sweep(
-            args.problem, args.method, args.space, samples=args.samples, seeds=parse_seeds(args.seeds),
+            study_target(args), args.method, args.space, samples=args.samples, seeds=parse_seeds(args.seeds),
             metric=args.metric, mode=args.mode, scheduler=args.scheduler, steps=args.steps,
             record_every=args.record_every, optimizer=args.optimizer, lr=args.lr, device=args.device,
             address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial,
