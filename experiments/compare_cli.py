@@ -133,10 +133,11 @@ def _from_options(args: argparse.Namespace) -> tuple:
     from mtl_opt.problems import problem_from_spec
 
     protocol = PROTOCOLS.get(args.protocol) if args.protocol else None
+    args.optimizer = args.optimizer or "adam"  # None: not given (the workloads' default differs)
     if protocol is not None:
         clashes = [opt for opt, given in (("--problems", args.problems), ("--steps", args.steps),
                                           ("--lr", args.lr), ("--starts", args.starts != "all"),
-                                          ("--optimizer", args.optimizer != "adam"),
+                                          ("--optimizer", args.optimizer not in (None, "adam")),
                                           ("--start-jitter", args.start_jitter != 0.0)) if given]
         if clashes:
             raise ValueError(f"--protocol {args.protocol} fixes {', '.join(clashes)}; drop them or drop --protocol")
@@ -179,7 +180,7 @@ def _from_config(args: argparse.Namespace) -> tuple:
     given = [name for name, value in (("--problems", args.problems), ("--methods", args.methods),
                                       ("--steps", args.steps), ("--lr", args.lr), ("--protocol", args.protocol),
                                       ("--starts", args.starts != "all"), ("--seeds", args.seeds != "0"),
-                                      ("--optimizer", args.optimizer != "adam"), ("--device", args.device != "cpu"),
+                                      ("--optimizer", args.optimizer not in (None, "adam")), ("--device", args.device != "cpu"),
                                       ("--start-jitter", args.start_jitter != 0.0),
                                       ("--dtype", args.dtype is not None))
              if value]
@@ -276,8 +277,6 @@ def run(args: argparse.Namespace) -> int:
     given = [flag for flag, dest, default in _WORKLOAD_ONLY if getattr(args, dest) != default]
     if given:
         raise ValueError(f"{', '.join(given)} apply to training workloads; give --workload NAME")
-    if args.optimizer is None:
-        args.optimizer = "adam"
 
     # ---------------------------------------------------------------- validate everything first
     if args.config is not None:

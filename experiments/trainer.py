@@ -10,7 +10,9 @@ atomically before any work (:mod:`mtl_opt._output_folder`):
 * ``config.json``: the exact :class:`TrainConfig`, the resolved settings, the workload's spec;
 * ``steps.csv``: every ``log_every``-th step: task losses, the method's weights β, the task
   gradient norms, this step's mean cosine between task gradients and whether they conflicted,
-  the running conflict share (:mod:`mtl_opt.experiments.conflict`), time;
+  the running conflict share (:mod:`mtl_opt.experiments.conflict`), ``joint_norm = ‖Σ ω_i g_i‖``,
+  ``update_norm`` (the shared parameters' ``.grad`` the step applied) and their ratio
+  ``diffusion`` (CAME-Grad's diagnostic: below 1 when aggregation shrinks the update), time;
 * ``epochs.csv``: one row per validation: mean training losses, mean cosine and conflict share
   since the previous row, and every validation metric (``val_*``);
 * ``checkpoint.pt``: model, optimizer and aggregator state, the data position and every random
@@ -476,6 +478,11 @@ def train_steps(run: Run, n_steps: int, *,
                 if M is not None:
                     for n, v in zip(run.task_names, M.diagonal().clamp(min=0).sqrt().tolist()):
                         row[f"grad_norm_{n}"] = v
+                    # diffusion (CAME-Grad's diagnostic): ‖applied update‖ / ‖Σ ω_i g_i‖
+                    joint = math.sqrt(max(float(w_t @ M @ w_t), 0.0))
+                    update = _grad_norm(run.shared)
+                    row["joint_norm"], row["update_norm"] = joint, update
+                    row["diffusion"] = update / joint if joint > 0 else float("nan")
                 if figures is not None:
                     row["cos"] = figures[0]
                     row["conflict"] = int(figures[1])
@@ -496,6 +503,13 @@ def train_steps(run: Run, n_steps: int, *,
                 run.aggregator.end_epoch()  # DWA's and STCH's epochs are the data's
             state.epoch_generator_state = run.shuffle_generator.get_state()
     return rows
+
+
+@torch.no_grad()
+def _grad_norm(params: list[torch.nn.Parameter]) -> float:
+    """‖.grad‖ over ``params`` (the update the step applied to the shared parameters)."""
+    total = sum(float(p.grad.double().pow(2).sum()) for p in params if p.grad is not None)
+    return math.sqrt(total)
 
 
 @torch.no_grad()

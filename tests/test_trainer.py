@@ -5,6 +5,7 @@ does, checkpoints load without running code, and bad options fail before any wor
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -49,6 +50,15 @@ def test_every_registered_method_takes_a_finite_step_on_multimnist(method):
     assert any(not torch.equal(before[k], after[k]) for k in encoder), "the shared encoder did not move"
     for row in rows:
         assert row["loss_left"] > 0 and row["loss_right"] > 0
+
+
+def test_diffusion_is_one_for_linear_scalarization_and_the_cosine_matches_the_gradients():
+    run = prepare(_cfg(method="ls", steps=3))
+    rows = train_steps(run, 3)
+    for row in rows:
+        assert row["diffusion"] == pytest.approx(1.0, rel=1e-5)  # the update is Σ g_i itself
+        assert -1 <= row["cos"] <= 1 and row["conflict"] == int(row["cos"] < 0)
+    assert run.state.tally.n == 3
 
 
 def test_a_single_task_run_trains_only_its_own_head():
@@ -184,3 +194,89 @@ def test_bad_options_fail_before_any_work(kw, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train(_cfg(out=str(out), **kw))
     assert not out.exists()
+
+
+# -- a workload of the test's own, through the registry: dropout draws from torch's global generator
+
+
+class _Noisy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3))
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(16, 1) for _ in range(2))
+
+    def forward(self, x):
+        z = self.encoder(x)
+        return z, [h(z).squeeze(-1) for h in self.heads]
+
+    def shared_parameters(self):
+        return list(self.encoder.parameters())
+
+    def task_parameters(self):
+        return [list(h.parameters()) for h in self.heads]
+
+
+from mtl_opt.problems.workload import (  # noqa: E402
+    TaskLosses,
+    TaskMetric,
+    TrainingDefaults,
+    TrainingWorkload,
+    WorkloadData,
+    register_training_workload,
+)
+
+
+class NoisyRegression(TrainingWorkload):
+    """Two regression tasks on 40 seeded points, a dropout encoder (lower MSE is better)."""
+
+    name = "noisy_regression"
+    task_names = ("a", "b")
+    metrics = (TaskMetric("mse_a", "a", False), TaskMetric("mse_b", "b", False))
+    defaults = TrainingDefaults(epochs=2, batch_size=8, lr=1e-2)
+
+    def data(self, seed):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 6, generator=g)
+        ys = (x[:, 0] - x[:, 1], x[:, 0] + x[:, 2])
+        ds = torch.utils.data.TensorDataset(x, *ys)
+        return WorkloadData(ds, torch.utils.data.Subset(ds, range(8)), torch.utils.data.Subset(ds, range(8, 16)))
+
+    def build_model(self, data):
+        return _Noisy()
+
+    def task_losses(self, model, batch, *, features=False):
+        x, ya, yb = batch
+        z, (pa, pb) = model(x)
+        return TaskLosses([((pa - ya) ** 2).mean(), ((pb - yb) ** 2).mean()], z if features else None)
+
+    def evaluate(self, model, batches):
+        err, n = torch.zeros(2), 0
+        for x, ya, yb in batches:
+            _, (pa, pb) = model(x)
+            err += torch.stack([((pa - ya) ** 2).sum(), ((pb - yb) ** 2).sum()])
+            n += len(x)
+        return {"mse_a": float(err[0] / n), "mse_b": float(err[1] / n)}
+
+
+register_training_workload("noisy_regression", NoisyRegression, replace=True)
+
+
+@pytest.mark.parametrize("method, aggregate_at", [("mgda", "parameters"), ("ls", "representation")])
+def test_a_resumed_run_with_dropout_draws_what_an_uninterrupted_one_draws(method, aggregate_at, tmp_path):
+    # 40 points in batches of 8 (the Subset splits go through a DataLoader): 5 steps per epoch
+    cfg = TrainConfig(workload="noisy_regression", method=method, aggregate_at=aggregate_at,
+                      steps=9, eval_every=3, log_every=1)
+    whole = train(dataclasses.replace(cfg, out=str(tmp_path / "whole")))
+
+    def stop_at_5(step, row):
+        if step == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train(dataclasses.replace(cfg, out=str(tmp_path / "cut")), callback=stop_at_5)
+    resumed = train(resume=tmp_path / "cut")
+    a = load_run_checkpoint(tmp_path / "whole" / "checkpoint.pt")["model"]
+    b = load_run_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["test"] == whole["test"] and set(whole["test"]) == {"mse_a", "mse_b"}
+    assert _rows(tmp_path / "whole" / "steps.csv") == _rows(tmp_path / "cut" / "steps.csv")
