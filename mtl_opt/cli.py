@@ -22,6 +22,7 @@ import ast
 import importlib
 import importlib.util
 import pkgutil
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def _declaration(path: Path, module: str) -> Subcommand | None:
         source = path.read_text(encoding="utf-8")
     except OSError:
         return None
-    if "\nCOMMAND = " not in source:  # most modules: no parse needed
+    if not re.search(r"^COMMAND\s*=", source, re.MULTILINE):  # most modules: no parse needed
         return None
     values: dict[str, str] = {}
     for node in ast.parse(source, filename=str(path)).body:

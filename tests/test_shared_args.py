@@ -181,3 +181,25 @@ def test_workload_parses_identically(path):
     assert study_target(_parse(path, ["--problem", "zdt1"])) == "zdt1"
     with pytest.raises(ValueError, match="not both"):
         study_target(_parse(path, ["--problem", "zdt1", "--workload", "rrg"]))
+
+
+def test_another_package_adds_a_subcommand_through_an_entry_point(tmp_path):
+    """A distribution on the path whose entry points name a module in the ``mtl_opt.commands``
+    group adds that module's subcommand (listed by ``--help``, run by name)."""
+    (tmp_path / "hello_command.py").write_text(
+        'COMMAND = "hello"\nCOMMAND_HELP = "say hello from another package"\n\n'
+        "def configure(parser):\n    parser.add_argument('--name', default='world')\n\n"
+        "def run(args):\n    print(f'hello {args.name}')\n    return 0\n")
+    info = tmp_path / "hello_command-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: hello-command\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[mtl_opt.commands]\nhello = hello_command\n")
+    code = ("import sys; from mtl_opt.cli import main, discover_subcommands; "
+            "print(discover_subcommands()['hello'].help); sys.exit(main(['hello', '--name', 'there']))")
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["say hello from another package", "hello there"]
+    (info / "entry_points.txt").write_text("[mtl_opt.commands]\nhello = no_such_module\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode != 0 and "no_such_module" in out.stderr and "names no module" in out.stderr
