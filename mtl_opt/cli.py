@@ -46,23 +46,36 @@ class Subcommand:
     module: str
 
 
+def _string_constant(source: str, name: str) -> str | None:
+    """The string assigned to ``name`` at the start of a line of ``source`` (a literal, possibly
+    parenthesised over several lines), read by parsing that statement alone."""
+    match = re.search(rf"^{name}\s*=", source, re.MULTILINE)
+    if match is None:
+        return None
+    lines = source[match.start():].splitlines()
+    for n in range(1, min(len(lines), 12) + 1):
+        try:
+            node = ast.parse("\n".join(lines[:n])).body[0]
+        except SyntaxError:
+            continue  # the statement goes on
+        value = getattr(node, "value", None)
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            return value.value
+        return None
+    return None
+
+
 def _declaration(path: Path, module: str) -> Subcommand | None:
     """The ``COMMAND`` / ``COMMAND_HELP`` constants of the module at ``path``, read from its source
-    (the module is not imported); ``None`` when it declares no subcommand."""
+    (the module is neither imported nor parsed whole); ``None`` when it declares no subcommand."""
     try:
         source = path.read_text(encoding="utf-8")
     except OSError:
         return None
-    if not re.search(r"^COMMAND\s*=", source, re.MULTILINE):  # most modules: no parse needed
+    name = _string_constant(source, "COMMAND")
+    if name is None:
         return None
-    values: dict[str, str] = {}
-    for node in ast.parse(source, filename=str(path)).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            if node.targets[0].id in ("COMMAND", "COMMAND_HELP") and isinstance(node.value, ast.Constant):
-                values[node.targets[0].id] = str(node.value.value)
-    if "COMMAND" not in values:
-        return None
-    return Subcommand(values["COMMAND"], values.get("COMMAND_HELP", ""), module)
+    return Subcommand(name, _string_constant(source, "COMMAND_HELP") or "", module)
 
 
 def _entry_point_modules() -> list[str]:
@@ -71,27 +84,34 @@ def _entry_point_modules() -> list[str]:
     return [ep.value.split(":", 1)[0].strip() for ep in entry_points(group=ENTRY_POINT_GROUP)]
 
 
+def _add(found: dict[str, Subcommand], command: Subcommand) -> None:
+    if command.name in found and found[command.name].module != command.module:
+        raise RuntimeError(f"two modules declare the subcommand {command.name!r}: "
+                           f"{found[command.name].module} and {command.module}")
+    found[command.name] = command
+
+
 @lru_cache(maxsize=1)
-def discover_subcommands() -> dict[str, Subcommand]:
-    """Every subcommand, by name (sorted): the modules of :mod:`mtl_opt.experiments` that declare
-    one, then the ``mtl_opt.commands`` entry points. Two modules declaring one name are refused."""
+def _library_subcommands() -> dict[str, Subcommand]:
+    """The subcommands the modules of :mod:`mtl_opt.experiments` declare."""
     package = importlib.import_module(COMMAND_PACKAGE)  # light: loads its studies lazily
     found: dict[str, Subcommand] = {}
-
-    def add(command: Subcommand | None) -> None:
-        if command is None:
-            return
-        if command.name in found and found[command.name].module != command.module:
-            raise RuntimeError(f"two modules declare the subcommand {command.name!r}: "
-                               f"{found[command.name].module} and {command.module}")
-        found[command.name] = command
-
     for info in pkgutil.iter_modules(package.__path__):
         if info.ispkg:
             continue
         spec = info.module_finder.find_spec(info.name)  # type: ignore[call-arg]
-        if spec is not None and spec.origin:
-            add(_declaration(Path(spec.origin), f"{COMMAND_PACKAGE}.{info.name}"))
+        command = _declaration(Path(spec.origin), f"{COMMAND_PACKAGE}.{info.name}") \
+            if spec is not None and spec.origin else None
+        if command is not None:
+            _add(found, command)
+    return found
+
+
+@lru_cache(maxsize=1)
+def discover_subcommands() -> dict[str, Subcommand]:
+    """Every subcommand, by name (sorted): the modules of :mod:`mtl_opt.experiments` that declare
+    one, then the ``mtl_opt.commands`` entry points. Two modules declaring one name are refused."""
+    found = dict(_library_subcommands())
     for module in _entry_point_modules():
         spec = importlib.util.find_spec(module)
         if spec is None or not spec.origin:
@@ -99,7 +119,7 @@ def discover_subcommands() -> dict[str, Subcommand]:
         command = _declaration(Path(spec.origin), module)
         if command is None:
             raise RuntimeError(f"the {ENTRY_POINT_GROUP} entry point {module!r} declares no COMMAND")
-        add(command)
+        _add(found, command)
     return dict(sorted(found.items()))
 
 
@@ -116,7 +136,11 @@ def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
         "sweep them, train workloads.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, found in discover_subcommands().items():
+    # A library subcommand named on the command line needs nobody else's declaration (the
+    # installed packages' entry points are not scanned): the parser holds that one alone.
+    library = _library_subcommands()
+    known = {command: library[command]} if command in library else discover_subcommands()
+    for name, found in known.items():
         p = sub.add_parser(name, help=found.help, description=found.help)
         if command in (name, ALL):
             module = importlib.import_module(found.module)
@@ -128,7 +152,9 @@ def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
 def _command(argv: Sequence[str]) -> str | None:
     """The subcommand named in ``argv``: its first word that is not an option, if known."""
     word = next((a for a in argv if not a.startswith("-")), None)
-    return word if word in discover_subcommands() else None
+    if word is None:
+        return None
+    return word if word in _library_subcommands() or word in discover_subcommands() else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

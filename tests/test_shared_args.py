@@ -203,3 +203,7 @@ def test_another_package_adds_a_subcommand_through_an_entry_point(tmp_path):
     (info / "entry_points.txt").write_text("[mtl_opt.commands]\nhello = no_such_module\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode != 0 and "no_such_module" in out.stderr and "names no module" in out.stderr
+    # a library subcommand reads no entry point: another package's broken one does not stop it
+    library = "import sys; from mtl_opt.cli import main; sys.exit(main(['methods', '--format', 'properties']))"
+    out = subprocess.run([sys.executable, "-c", library], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert out.returncode == 0 and "| `ls` |" in out.stdout, out.stderr
