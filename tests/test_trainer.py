@@ -118,6 +118,8 @@ def test_the_run_folder_holds_config_logs_checkpoint_and_result(tmp_path):
     assert set(result["test"]) >= {"acc_left", "acc_right"}
     assert 0.0 <= result["conflict_share"] <= 1.0 and result["conflict_steps"] == 4
     assert -1.0 <= result["cos_mean"] <= 1.0
+    ckpt = load_run_checkpoint(out / "checkpoint.pt")
+    assert ckpt["workload_state"] == {} and ckpt["workload"]["spec"].startswith("multimnist:")
     epochs = (out / "epochs.csv").read_text().splitlines()
     assert epochs[0].startswith("step,epoch,train_loss_left") and "val_acc_left" in epochs[0]
     assert len(epochs) == 1 + 2  # validation after each of the two epochs (3 steps, then 1)
@@ -153,7 +155,7 @@ def test_a_malicious_checkpoint_runs_nothing_and_is_refused_naming_the_file(tmp_
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "a tensor", "no model"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "a tensor", "no model", "wrong weights"])
 def test_a_damaged_checkpoint_gives_one_error_naming_the_file(damage, tmp_path):
     out = tmp_path / "run"
     train(_cfg(steps=1, out=str(out)))
@@ -166,7 +168,10 @@ def test_a_damaged_checkpoint_gives_one_error_naming_the_file(damage, tmp_path):
         torch.save(torch.ones(2), path)
     else:
         ckpt = torch.load(path, weights_only=True)
-        del ckpt["model"]
+        if damage == "no model":
+            del ckpt["model"]
+        else:
+            ckpt["model"][next(iter(ckpt["model"]))] = torch.zeros(1)
         torch.save(ckpt, path)
     with pytest.raises(ValueError, match=re.escape(str(path))):
         train(resume=out)
@@ -249,6 +254,10 @@ class NoisyRegression(TrainingWorkload):
         z, (pa, pb) = model(x)
         return TaskLosses([((pa - ya) ** 2).mean(), ((pb - yb) ** 2).mean()], z if features else None)
 
+    def write_test_outputs(self, folder):
+        (folder / "predictions.txt").write_text("written after the test\n")
+        return ["predictions.txt"]
+
     def evaluate(self, model, batches):
         err, n = torch.zeros(2), 0
         for x, ya, yb in batches:
@@ -279,4 +288,5 @@ def test_a_resumed_run_with_dropout_draws_what_an_uninterrupted_one_draws(method
     b = load_run_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["test"] == whole["test"] and set(whole["test"]) == {"mse_a", "mse_b"}
+    assert whole["test_outputs"] == ["predictions.txt"] and (tmp_path / "whole" / "predictions.txt").is_file()
     assert _rows(tmp_path / "whole" / "steps.csv") == _rows(tmp_path / "cut" / "steps.csv")

@@ -55,6 +55,15 @@ def test_a_baseline_of_other_settings_is_not_reused(tmp_path, capsys):
     assert len(list(cache.iterdir())) == 4
 
 
+def test_compare_with_only_single_task_trains_the_baselines_alone(tmp_path, capsys):
+    argv = ["compare", "--workload", TINY, "--methods", "single_task", "--epochs", "1", "--batch-size", "32",
+            "--baseline-cache", str(tmp_path / "cache"), "--no-figures", "--out", str(tmp_path / "a")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()[1:2]] == ["single_task"]
+    assert "0 runs and 2 single-task baselines" in out
+
+
 def test_train_writes_a_run_and_resume_refuses_other_options(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--workload", TINY, "--method", "cagrad", "--steps", "3", "--batch-size", "32",

