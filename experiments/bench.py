@@ -37,7 +37,6 @@ import ctypes
 import gc
 import json
 import math
-import os
 import statistics
 import sys
 import time

@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import csv
 import json
-import math
 import re
 import sys
 import time
