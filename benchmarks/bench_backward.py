@@ -118,11 +118,9 @@ def main() -> None:
                           args.repeats, args.device))
         rows.append(bench("transformer-2x64", transformer(128), torch.randn(16, 32, 64, device=args.device),
                           K, args.repeats, args.device))
-    cols = list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    from mtl_opt.experiments.markdown_table import to_markdown
+
+    print(to_markdown([{k: f"{v:.2f}" if isinstance(v, float) else v for k, v in r.items()} for r in rows]))
     print(f"\nbackward-only milliseconds (median of {args.repeats}, forward time subtracted), "
           f"device {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 import mtl_opt
+from mtl_opt.experiments.markdown_table import to_markdown
+from mtl_opt.experiments.shared_args import parse_methods
 from mtl_opt.problems.rrg.r2gen import collate_rrg
 from mtl_opt.problems.rrg.synthetic import SyntheticCXR
 from mtl_opt.problems.rrg.tokenizer import ReportTokenizer
@@ -97,7 +99,7 @@ def main() -> None:
         opt.step()
 
     rows.append(("baseline (weighted sum)", _time(baseline, device, args.steps, args.warmup)))
-    for name in args.methods:
+    for name in parse_methods(args.methods):
         agg = mtl_opt.get_aggregator(name)
         tw = weights if agg.accepts_task_weights else None
         scale = [1.0, 1.0] if agg.accepts_task_weights else [1.0, 4.0]
@@ -134,13 +136,13 @@ def main() -> None:
         f"{args.image_size} px, batch {args.batch_size}, {args.views} view(s), device {device}, "
         f"amp {args.amp}, torch threads {torch.get_num_threads()}, {args.steps} timed steps",
         "",
-        "| row | median ms | min ms | max ms | × baseline |",
-        "|---|---|---|---|---|",
     ]
+    table = []
     for label, ts in rows:
         med = statistics.median(ts)
         ratio = f"{med / base:.2f}" if "per study" not in label else "-"
-        lines.append(f"| {label} | {1e3 * med:.1f} | {1e3 * min(ts):.1f} | {1e3 * max(ts):.1f} | {ratio} |")
+        table.append([label, f"{1e3 * med:.1f}", f"{1e3 * min(ts):.1f}", f"{1e3 * max(ts):.1f}", ratio])
+    lines.append(to_markdown(table, columns=["row", "median ms", "min ms", "max ms", "× baseline"]))
     text = "\n".join(lines)
     print(text)
     if args.out:

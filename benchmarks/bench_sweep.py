@@ -46,9 +46,9 @@ def main() -> None:
             rows.append((f"9-trial grid, {args.steps} steps, reuse_actors={reuse}", elapsed))
     finally:
         ray.shutdown()
-    print(f"| what | seconds |\n|---|---|")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds:.1f} |")
+    from mtl_opt.experiments.markdown_table import to_markdown
+
+    print(to_markdown([(name, f"{seconds:.1f}") for name, seconds in rows], columns=["what", "seconds"]))
 
 
 if __name__ == "__main__":

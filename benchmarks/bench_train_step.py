@@ -51,10 +51,10 @@ from torch import Tensor, nn
 import mtl_opt
 from mtl_opt.experiments.bench import (
     _fix_glibc_mmap_threshold,
-    _markdown_table,
     _synchronize,
     measure_peak_memory,
 )
+from mtl_opt.experiments.markdown_table import to_markdown
 
 
 class SharedEncoderTwoHeads(nn.Module):
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             f"shared encoder {_count(model.encoder):,} parameters, batch {args.batch}, "
             f"{args.threads} thread(s), {device}, THP_MEM_ALLOC_ENABLE="
             f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, median of {args.steps} steps.\n\n")
-    (out / "train_step.md").write_text(head + _markdown_table(df) + "\n")
-    print(_markdown_table(df))
+    (out / "train_step.md").write_text(head + to_markdown(df) + "\n")
+    print(to_markdown(df))
     print(f"wrote {out / 'train_step.csv'} and {out / 'train_step.md'}")
     return 0
 

@@ -46,10 +46,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from mtl_opt.experiments.environment import environment_stamp
 from mtl_opt.experiments.html_pages import write_figure
+from mtl_opt.experiments.shared_args import (
+    add_out_argument,
+    add_seeds_argument,
+    add_workload_argument,
+    out_target,
+    parse_seeds,
+    study_target,
+)
 from mtl_opt.experiments.workloads import SyntheticWorkload, TrainingSettings, Workload, get_workload
 
 __all__ = ["INTERACTION", "VARIANTS", "ablate", "configure", "run"]
+
+COMMAND = "ablate"
+COMMAND_HELP = "CAME-Grad stage ablation over seeds, with paired confidence intervals"
 
 # name -> (stage switches, description)
 VARIANTS: dict[str, tuple[dict[str, bool], str]] = {
@@ -195,7 +207,7 @@ def ablate(
     :mod:`mtl_opt._output_folder`) once every option is checked and before any run;
     ``unique_out=True`` moves a taken default name on to ``out-2``, ``out-3``, ..."""
 
-    from mtl_opt.experiments.sweep_study import parse_seeds, parse_spec
+    from mtl_opt.experiments.sweep_study import parse_spec
     from mtl_opt.registry import parse_method_spec
 
     if mode not in ("min", "max"):
@@ -289,7 +301,7 @@ def _ablate(workload: Workload, settings: TrainingSettings, cells: dict[str, dic
             "starts": _starts_note(workload),
             "metric": metric, "mode": mode, "steps": steps, "record_every": record_every,
             "optimizer": optimizer, "lr": lr, "device": device, "confidence": confidence,
-            "elapsed_s": round(elapsed, 2),
+            "elapsed_s": round(elapsed, 2), "environment": environment_stamp(),
         }, verbose)
     if verbose:
         from mtl_opt.experiments.markdown_table import to_markdown
@@ -374,11 +386,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mtl-opt ablate`` (no heavy imports here)."""
     parser.add_argument("--problem", default="toy",
                         help="problem name, optionally with options: toy, zdt1:n_var=10, quadratic:imbalance=100, rrg:n_train=256, ... (default: toy)")
+    add_workload_argument(parser)
     parser.add_argument("--method", default="came_grad",
                         help="CAME-Grad with the shared hyperparameters, e.g. 'came_grad:kappa=2,rho=0.3'")
-    parser.add_argument("--seeds", default="5x",
-                        help="comma-separated seeds, or a count such as '5x' for 0..4; at least 2 "
-                        "(default 5x). A seed is a replicate: on a synthetic problem seed r runs from its "
+    add_seeds_argument(
+        parser, default="5x", more="At least 2. A seed is a replicate: on a synthetic problem seed r runs from its "
                         "own starts, initial_points(S, seed=1000+r), shared by every variant (paired), "
                         "and drives the gradient noise of noisy problems")
     parser.add_argument("--metric", default=None,
@@ -395,7 +407,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of: {', '.join(VARIANTS)} (default: all)")
     parser.add_argument("--confidence", type=float, default=0.95)
-    parser.add_argument("--out", default=None, help="output folder (default runs/ablate-<UTC timestamp>)")
+    add_out_argument(parser, prefix="ablate")
     parser.add_argument("--config", default=None, metavar="CONFIG_JSON",
                         help="rerun the study a config.json written by mtl-opt ablate describes "
                         "(only --out may be given with it)")
@@ -413,22 +425,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ablate_cli(args: argparse.Namespace, variants: list[str] | None) -> None:
-    from mtl_opt._output_folder import default_folder_name
-    from mtl_opt.experiments.sweep_study import parse_seeds
-
     if args.config is not None:
         _rerun(args)
         return
-    ablate(args.problem, args.method, seeds=parse_seeds(args.seeds), metric=args.metric,
+    ablate(study_target(args), args.method, seeds=parse_seeds(args.seeds), metric=args.metric,
            mode=args.mode, steps=args.steps, record_every=args.record_every,
            optimizer=args.optimizer, lr=args.lr, device=args.device, variants=variants,
-           confidence=args.confidence, out=args.out or default_folder_name("ablate"),
-           unique_out=args.out is None)
+           confidence=args.confidence, **_out(args))
 
 
 def _rerun(args: argparse.Namespace) -> None:
     """``mtl-opt ablate --config CONFIG_JSON``: the study that config.json describes, again."""
-    from mtl_opt._output_folder import default_folder_name
     from mtl_opt._spec import format_spec
 
     defaults = argparse.ArgumentParser()
@@ -451,6 +458,17 @@ def _rerun(args: argparse.Namespace) -> None:
         )
         method = format_spec(config["method"], dict(config["method_options"]))
         name = problem["name"]
+        if problem.get("kind") == "training":  # a --workload study: the same workload again
+            from mtl_opt.experiments.workloads import TrainedWorkload
+
+            name = TrainedWorkload(problem["spec"])
+            kwargs["problem_options"] = None
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not a config.json written by mtl-opt ablate: {exc!r}") from None
-    ablate(name, method, out=args.out or default_folder_name("ablate"), unique_out=args.out is None, **kwargs)
+    ablate(name, method, **_out(args), **kwargs)
+
+
+def _out(args: argparse.Namespace) -> dict[str, Any]:
+    """``out`` and ``unique_out`` of :func:`ablate` from ``--out`` (the shared policy)."""
+    out, unique = out_target(args.out, prefix="ablate")
+    return {"out": out, "unique_out": unique}

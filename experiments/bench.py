@@ -37,8 +37,6 @@ import ctypes
 import gc
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -51,7 +49,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mtl_opt.experiments.environment import environment_stamp
 from mtl_opt.experiments.html_pages import write_figure
+from mtl_opt.experiments.markdown_table import to_markdown
+from mtl_opt.experiments.shared_args import add_methods_argument, add_out_argument, claim_out, parse_methods
+
+COMMAND = "bench"
+COMMAND_HELP = "time every method against the G Gᵀ + wᵀG floor (and TorchJD)"
 
 __all__ = [
     "COLUMNS",
@@ -581,7 +585,7 @@ def write_outputs(rows: list[dict[str, Any]], out_dir: str | Path, config: dict[
     header = (f"Produced by `mtl-opt bench` ({config.get('command', '')}); "
               f"{config.get('threads')} thread(s), {config.get('repeats')} timed calls each, "
               f"medians in ms. Floor = `G @ G.T` + `w @ G` on the same G in the same run.\n\n")
-    paths["md"].write_text(header + _markdown_table(shown) + "\n")
+    paths["md"].write_text(header + to_markdown(shown) + "\n")
     fig, fig2 = bench_figures(df)
     write_figure(fig, paths["ratio_html"], height=int(fig.layout.height))
     write_figure(fig2, paths["time_html"], height=int(fig2.layout.height))
@@ -626,37 +630,6 @@ def _power_of_ten(v: float) -> str:
     return power if mantissa == "1" else f"{mantissa}·{power}"
 
 
-def _markdown_table(df: Any) -> str:
-    """A pipe table of ``df`` (numbers to 4 significant digits, missing values blank)."""
-
-    def cell(v: Any) -> str:
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in rec) + " |" for rec in df.itertuples(index=False)]
-    return "\n".join(lines)
-
-
-def _environment() -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "platform": platform.platform(), "cpu_count": os.cpu_count(),
-                           "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    try:
-        import torchjd
-
-        from importlib.metadata import version
-
-        env["torchjd"] = version("torchjd")
-        del torchjd
-    except Exception:
-        env["torchjd"] = None
-    return env
-
-
 # --------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------
@@ -672,8 +645,7 @@ def _size(text: str) -> int:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mtl-opt bench``."""
-    parser.add_argument("--methods", nargs="+", default=None, metavar="SPEC",
-                        help="method specs (e.g. cagrad nash_mtl:solver=cvxpy); default: every registered method")
+    add_methods_argument(parser, default_text="every registered method")
     parser.add_argument("--K", nargs="+", type=_size, default=list(DEFAULT_K), help="numbers of tasks (default 2 4 8 16)")
     parser.add_argument("--d", nargs="+", type=_size, default=list(DEFAULT_D),
                         help="numbers of parameters (default 1e4 1e6 1e7)")
@@ -691,8 +663,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sequential", action="store_true",
                         help="time each implementation's calls back to back instead of interleaving "
                              "one call of each per round (warm caches; less robust to load)")
-    parser.add_argument("--out", default=None,
-                        help="output folder, new or empty (default runs/bench-<UTC timestamp>)")
+    add_out_argument(parser, prefix="bench")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -706,7 +677,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             devices.append(dev)
     devices = list(dict.fromkeys(devices))
-    methods = args.methods or mtl_opt.available_aggregators()
+    methods = parse_methods(args.methods) or mtl_opt.available_aggregators()
     mb = args.max_jacobian_mb
     if mb is not None and not (math.isfinite(mb) and mb > 0):
         raise ValueError(f"--max-jacobian-mb must be a finite number > 0, got {mb}")
@@ -717,11 +688,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{option} must be >= {low}, got {value}")
     check_options(methods, Ks=args.K, ds=args.d, devices=devices, repeats=args.repeats,
                   warmup=args.warmup, threads=args.threads, max_jacobian_bytes=max_bytes, seed=args.seed)
-    from mtl_opt._output_folder import claim_output_folder, default_folder_name
-
     # claimed once every option is checked, before the timings
-    with claim_output_folder(args.out or default_folder_name("bench"), command="mtl-opt bench",
-                             unique=args.out is None) as folder:
+    with claim_out(args.out, prefix="bench", command="mtl-opt bench") as folder:
         return _bench(args, methods, devices, max_bytes, folder.path)
 
 
@@ -736,7 +704,7 @@ def _bench(args: argparse.Namespace, methods: list[str], devices: list[str], max
         "methods": methods, "K": args.K, "d": args.d, "devices": devices, "repeats": args.repeats,
         "warmup": args.warmup, "threads": args.threads, "torchjd": not args.no_torchjd,
         "memory": not args.no_memory, "seed": args.seed, "interleave": not args.sequential,
-        "environment": _environment(),
+        "environment": environment_stamp(),
         "floor": "G @ G.T plus w @ G on the same G (float32), same run",
     }
     paths = write_outputs(rows, out, config)

@@ -30,6 +30,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+from mtl_opt.experiments.shared_args import (
+    add_methods_argument,
+    add_out_argument,
+    add_seeds_argument,
+    claim_out,
+    parse_methods,
+    parse_seeds,
+)
+
+COMMAND = "compare"
+COMMAND_HELP = ("compare methods on synthetic Pareto problems with known fronts, or on a training "
+                "workload (--workload)")
+
 DEFAULT_PROBLEMS = ("toy", "zdt1", "dtlz2", "quadratic")
 
 #: Per-problem defaults of the default suite (``--steps``/``--lr`` override them for all problems).
@@ -58,16 +71,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--problems", nargs="+", metavar="PROBLEM", default=None,
                         help="problem specs, e.g. toy zdt1 'quadratic:imbalance=1000' "
                         f"(default: {' '.join(DEFAULT_PROBLEMS)})")
-    parser.add_argument("--methods", nargs="+", metavar="METHOD", default=None,
-                        help="method specs with hyperparameters, e.g. mgda cagrad:c=0.5 "
-                        "came_grad:kappa=2,nu=0.5 (default: every registered method that does not "
-                        "require the task losses)")
+    add_methods_argument(parser, default_text="every registered method that does not require "
+                         "the task losses")
     parser.add_argument("--starts", default="all",
                         help="which starts: 'all' (each problem's protocol list), indices into "
                         "that list such as '0,2,4', or 'random:N' for N seeded uniform starts")
-    parser.add_argument("--seeds", default="0",
-                        help="comma-separated seeds, or a count such as '3x' for seeds 0,1,2 (default 0). "
-                        "A seed is a replicate: it drives a noisy problem's gradient noise, PCGrad's random "
+    add_seeds_argument(
+        parser, more="A seed is a replicate: it drives a noisy problem's gradient noise, PCGrad's random "
                         "projection orders and, with --start-jitter, its own perturbation of every start. On problems without "
                         "gradient noise (toy, zdt*, dtlz2, quadratic) several seeds need --start-jitter, "
                         "else they would be identical copies and the command stops before any work")
@@ -88,8 +98,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="precision of x, the losses, the Jacobians, the direction and Adam's state "
                         "(the KxK solves stay in float64). Default float64; --protocol nash-toy defaults "
                         "to float32, the precision of the published code")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default runs/compare-<UTC timestamp>)")
+    add_out_argument(parser, prefix="compare")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes to spread the batches over (default 1); results do not depend "
                         "on it; pays off only for long studies on idle cores")
@@ -133,7 +142,7 @@ def _from_options(args: argparse.Namespace) -> tuple:
         if clashes:
             raise ValueError(f"--protocol {args.protocol} fixes {', '.join(clashes)}; drop them or drop --protocol")
     problem_specs = protocol["problems"] if protocol else (args.problems or list(DEFAULT_PROBLEMS))
-    method_specs = list(args.methods) if args.methods else default_methods()[0]
+    method_specs = parse_methods(args.methods) or default_methods()[0]
     labels = [method_from_spec(m)[0] for m in method_specs]  # raises on unknown names / bad values
     problems = {}
     for spec in problem_specs:
@@ -147,7 +156,7 @@ def _from_options(args: argparse.Namespace) -> tuple:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.lr is not None and not (args.lr > 0 and args.lr < float("inf")):
         raise ValueError(f"--lr must be a finite number > 0, got {args.lr}")
-    seeds = _parse_seeds(args.seeds)
+    seeds = list(parse_seeds(args.seeds))
     starts, start_labels = _resolve_starts(args.starts, problems)
     steps, lrs, record_every = {}, {}, None
     for name, prob in problems.items():
@@ -202,22 +211,6 @@ def _from_config(args: argparse.Namespace) -> tuple:
         raise ValueError(f"{args.config} is not a config.json written by mtl-opt compare: {exc!r}") from None
     labels = [method_from_spec(m)[0] for m in method_specs]
     return problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every
-
-
-def _parse_seeds(text: str) -> list[int]:
-    text = str(text).strip()
-    if text.endswith("x") and text[:-1].isdigit():
-        n = int(text[:-1])
-        if n < 1:
-            raise ValueError(f"--seeds {text!r}: the count must be >= 1")
-        return list(range(n))
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers or a count like '3x', got {text!r}") from None
-    if not seeds:
-        raise ValueError("--seeds is empty")
-    return seeds
 
 
 def _resolve_starts(text: str, problems: dict[str, Any]) -> tuple[dict[str, Any], dict[str, list[int]]]:
@@ -293,16 +286,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         problems, method_specs, labels, seeds, starts, start_labels, steps, lrs, record_every = \
             _from_options(args)
-    from mtl_opt._output_folder import claim_output_folder, default_folder_name
-
     workers = args.workers
     if workers < 1:
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if not (args.start_jitter >= 0 and args.start_jitter < float("inf")):
         raise ValueError(f"--start-jitter must be a finite number >= 0, got {args.start_jitter}")
     # claimed before any work: a second run aimed at the same folder is refused now
-    with claim_output_folder(args.out or default_folder_name("compare"), command="mtl-opt compare",
-                             unique=args.out is None) as folder:
+    with claim_out(args.out, prefix="compare", command="mtl-opt compare") as folder:
         return _run_and_write(args, folder.path, problems, method_specs, labels, seeds, starts,
                               start_labels, steps, lrs, record_every)
 
@@ -310,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_and_write(args: argparse.Namespace, out: Path, problems: dict, method_specs: list, labels: list,
                    seeds: list, starts: dict, start_labels: dict, steps: dict, lrs: dict,
                    record_every: Any) -> int:
+    from mtl_opt.experiments.environment import environment_stamp
+    from mtl_opt.experiments.markdown_table import to_markdown
     from mtl_opt.experiments.study import run_comparison, summary_display
 
     progress = None if args.quiet else _Progress(steps, live=True if args.progress else None)
@@ -333,18 +325,18 @@ def _run_and_write(args: argparse.Namespace, out: Path, problems: dict, method_s
         "device": args.device,
         "dtype": args.dtype,
         "elapsed_seconds": round(elapsed, 3),
-        "versions": _versions(),
+        "environment": environment_stamp(),
         "rerun": _rerun_command(args, list(problems), labels, seeds, steps, lrs),
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     comp.final.to_csv(out / "final.csv", index=False)
     comp.summary.to_csv(out / "summary.csv", index=False)
     md = ["# mtl-opt compare", "", f"Produced by `{config['rerun']}` in {elapsed:.1f} s "
-          f"(mtl_opt {config['versions']['mtl_opt']}, torch {config['versions']['torch']}).", "",
+          f"(mtl_opt {config['environment']['mtl_opt']}, torch {config['environment']['torch']}).", "",
           "## Mean rank per method (over hypervolume, IGD and front distance; lower is better)", "",
-          markdown_table(summary_display(comp.overall, list(comp.overall.columns), 3)), "",
+          to_markdown(summary_display(comp.overall, list(comp.overall.columns), 3)), "",
           "## Per problem", "",
-          markdown_table(summary_display(comp.summary, [c for c in comp.summary.columns
+          to_markdown(summary_display(comp.summary, [c for c in comp.summary.columns
                                                         if not c.endswith("_ci")])), "",
           _TABLE_NOTE, ""]
     (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
@@ -379,18 +371,6 @@ _TABLE_NOTE = (
     "that problem over hypervolume, IGD and mean front distance; values within 0.1 % of the "
     "largest magnitude (at least 1e-5) tie and share a rank."
 )
-
-
-def markdown_table(df: Any, floatfmt: str = ".4g") -> str:
-    """A pandas DataFrame as a GitHub Markdown table (no extra dependency)."""
-    def cell(v: Any) -> str:
-        if isinstance(v, float):
-            return format(v, floatfmt)
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 class _Progress:
@@ -435,23 +415,6 @@ class _Progress:
     def done(self) -> None:
         self._finish()
         self.current = None
-
-
-def _versions() -> dict[str, str]:
-    import numpy
-    import torch
-
-    import mtl_opt
-
-    out = {"mtl_opt": mtl_opt.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-           "python": sys.version.split()[0]}
-    try:
-        import pymoo
-
-        out["pymoo"] = pymoo.__version__
-    except Exception:  # pragma: no cover
-        pass
-    return out
 
 
 def _rerun_command(args: argparse.Namespace, problems: list[str], labels: list[str], seeds: list[int],

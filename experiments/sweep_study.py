@@ -38,6 +38,14 @@ from typing import Any
 
 from mtl_opt.experiments.html_pages import write_figure
 from mtl_opt.experiments.search_space import Dimension, as_space, space_size
+from mtl_opt.experiments.shared_args import (
+    add_out_argument,
+    add_seeds_argument,
+    add_workload_argument,
+    out_target,
+    parse_seeds,
+    study_target,
+)
 from mtl_opt.experiments.workloads import (
     TrainingSettings,
     Workload,
@@ -45,7 +53,10 @@ from mtl_opt.experiments.workloads import (
     normalise_metrics,
 )
 
-__all__ = ["check_trial_methods", "configure", "parse_seeds", "parse_spec", "run", "sweep"]
+__all__ = ["check_trial_methods", "configure", "parse_spec", "run", "sweep"]
+
+COMMAND = "sweep"
+COMMAND_HELP = "Ray Tune search over a method's hyperparameters on any problem"
 
 EXPERIMENT_NAME = "sweep"
 
@@ -100,34 +111,6 @@ def sweep_trial(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------
 # Small parsers shared with the CLI
 # ------------------------------------------------------------------------------------------------
-def parse_seeds(text: str | int | Sequence[int]) -> tuple[int, ...]:
-    """Seeds as ``mtl-opt compare`` reads them: ``"0,4,7"`` -> (0, 4, 7); ``"3"`` -> (3,);
-    a count ``"3x"`` -> (0, 1, 2). From Python an ``int`` is a count and a list is used as is."""
-    if isinstance(text, bool):
-        raise ValueError(f"seeds must be a count or a list of integers, got {text!r}")
-    if isinstance(text, int):
-        if text < 1:
-            raise ValueError(f"the number of seeds must be >= 1, got {text}")
-        return tuple(range(text))
-    if isinstance(text, str):
-        raw = text.strip()
-        try:
-            if raw.lower().endswith("x"):
-                return parse_seeds(int(raw[:-1]))
-            seeds = tuple(int(p) for p in raw.split(",") if p.strip())
-        except ValueError:
-            raise ValueError(
-                f"--seeds takes comma-separated seeds (0,1,2) or a count (3x), got {text!r}"
-            ) from None
-    else:
-        seeds = tuple(int(s) for s in text)
-    if not seeds:
-        raise ValueError("at least one seed is needed")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds repeat: {list(seeds)}")
-    return seeds
-
-
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """``"quadratic:dim=10,noise=0.1"`` -> ``("quadratic", {"dim": 10, "noise": 0.1})`` (problem specs)."""
     from mtl_opt._spec import parse_spec as parse_name_and_options
@@ -486,6 +469,8 @@ def sweep(
             raise FileExistsError(f"{Path(out).expanduser().resolve()} already holds a sweep; "
                                   f"use --resume {out} or another --out")
         out_dir = None
+        from mtl_opt.experiments.environment import environment_stamp
+
         saved = {
             "problem": workload.name, "problem_options": getattr(workload, "options", {}),
             "workload": workload.describe(),
@@ -496,7 +481,7 @@ def sweep(
             "scheduler": scheduler, "grace_period": grace_period, "max_failures": max_failures,
             "cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial,
             "address": address or os.environ.get("RAY_ADDRESS") or "local",
-            "versions": _versions(),
+            "environment": environment_stamp(),
         }
 
     if num_cpus is not None and (isinstance(num_cpus, bool) or not isinstance(num_cpus, int) or num_cpus < 1):
@@ -663,17 +648,6 @@ def _load_saved(out_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _versions() -> dict[str, str]:
-    import platform
-
-    import mtl_opt
-    import ray
-    import torch
-
-    return {"mtl_opt": mtl_opt.__version__, "ray": ray.__version__, "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
 # ------------------------------------------------------------------------------------------------
 # Command line
 # ------------------------------------------------------------------------------------------------
@@ -681,6 +655,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``mtl-opt sweep`` (no heavy imports here)."""
     parser.add_argument("--problem", default="toy",
                         help="problem name, optionally with options: toy, zdt1:n_var=10, quadratic:imbalance=100, rrg:n_train=256, ... (default: toy)")
+    add_workload_argument(parser)
     parser.add_argument("--method", default="came_grad",
                         help="method, optionally with fixed hyperparameters, e.g. "
                         "'came_grad:task_weights=[1,4]' (default: came_grad)")
@@ -690,9 +665,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "--space nu=grid:0,0.2,0.5,1 --space rho=uniform:0,0.9")
     parser.add_argument("--samples", type=int, default=1,
                         help="repeats of the grid, each with fresh random draws (default: 1)")
-    parser.add_argument("--seeds", default="0",
-                        help="seeds per configuration, comma-separated, or a count such as '3x' for "
-                        "0,1,2; the metric is their mean (default 0)")
+    add_seeds_argument(parser, more="Seeds per configuration; the metric is their mean")
     parser.add_argument("--metric", default=None,
                         help="metric to optimise (default: front_distance where the front is known, "
                         "else loss_mean)")
@@ -718,13 +691,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="GPUs per trial; fractions share one GPU (0.25: four trials per GPU)")
     parser.add_argument("--max-failures", type=int, default=2,
                         help="retries of a trial that raises before it is reported as failed")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default runs/sweep-<UTC timestamp>)")
+    add_out_argument(parser, prefix="sweep")
     parser.add_argument("--resume", default=None, metavar="DIR",
                         help="continue the interrupted sweep whose output folder is DIR")
 
 
-_SEARCH_OPTIONS = ("problem", "method", "space", "samples", "seeds", "metric", "mode", "scheduler",
+_SEARCH_OPTIONS = ("problem", "workload", "method", "space", "samples", "seeds", "metric", "mode", "scheduler",
                    "steps", "record_every", "optimizer", "lr", "device", "max_failures",
                    "cpus_per_trial", "gpus_per_trial")
 
@@ -750,8 +722,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mtl_opt._output_folder import default_folder_name
-
     if args.resume is not None:
         defaults = argparse.ArgumentParser()
         configure(defaults)
@@ -762,14 +732,14 @@ def _run(args: argparse.Namespace) -> int:
             raise ValueError(f"--resume continues a saved sweep with its own settings; drop {', '.join(changed)}")
         table = sweep(resume=args.resume, address=args.address, num_cpus=args.num_cpus)
     else:
+        out, unique = out_target(args.out, prefix="sweep")
         table = sweep(
-            args.problem, args.method, args.space, samples=args.samples, seeds=parse_seeds(args.seeds),
+            study_target(args), args.method, args.space, samples=args.samples, seeds=parse_seeds(args.seeds),
             metric=args.metric, mode=args.mode, scheduler=args.scheduler, steps=args.steps,
             record_every=args.record_every, optimizer=args.optimizer, lr=args.lr, device=args.device,
             address=args.address, num_cpus=args.num_cpus, cpus_per_trial=args.cpus_per_trial,
             gpus_per_trial=args.gpus_per_trial,
-            max_failures=args.max_failures, out=args.out or default_folder_name("sweep"),
-            unique_out=args.out is None,
+            max_failures=args.max_failures, out=out, unique_out=unique,
         )
     if table.attrs.get("interrupted"):
         return INTERRUPTED_EXIT.get(table.attrs["interrupted"], 1)

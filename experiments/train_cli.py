@@ -11,6 +11,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mtl_opt.experiments.shared_args import add_out_argument
+
+COMMAND = "train"
+COMMAND_HELP = "train any training workload (multimnist, rrg, ...) with any method"
+
 
 def task_weights_arg(text: str) -> list[float]:
     """``"1,4"`` (or ``"[1,4]"``) -> ``[1.0, 4.0]``."""
@@ -66,7 +71,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="under torchrun with several processes: aggregate the global batch's "
                              "Jacobian (global, default: the same update as one process), each rank's "
                              "own and average the directions (local), or refuse (off)")
-    parser.add_argument("--out", type=Path, default=None, help="run folder (default runs/train-<UTC time>)")
+    add_out_argument(parser, prefix="train", what="run folder")
     parser.add_argument("--resume", type=Path, default=None, metavar="RUN",
                         help="continue the run in folder RUN from its last checkpoint (its own options)")
     parser.add_argument("--quiet", action="store_true", help="no progress or summary lines")

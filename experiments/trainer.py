@@ -75,6 +75,7 @@ from mtl_opt.experiments.checkpoint import (
     set_rng_state,
 )
 from mtl_opt.experiments.conflict import ConflictTally, step_conflict, task_gramian
+from mtl_opt.experiments.environment import environment_stamp
 from mtl_opt.experiments.run_log import CSVLog, Progress
 
 __all__ = [
@@ -763,7 +764,8 @@ def _init_process_group(cfg: TrainConfig) -> bool:
 
 def _train_claimed(cfg: TrainConfig, ckpt: dict | None, ckpt_path: Path | None, *,
                    callback: Callable[[int, dict[str, float]], None] | None, verbose: bool) -> dict[str, Any]:
-    from mtl_opt._output_folder import claim_output_folder, default_folder_name, reclaim_output_folder
+    from mtl_opt._output_folder import reclaim_output_folder
+    from mtl_opt.experiments.shared_args import claim_out
 
     rank, world = _ranks(cfg)
     folder, failure = None, None
@@ -772,8 +774,7 @@ def _train_claimed(cfg: TrainConfig, ckpt: dict | None, ckpt_path: Path | None, 
             if ckpt is not None:
                 folder = reclaim_output_folder(cfg.out, command="mtl-opt train --resume")
             else:
-                folder = claim_output_folder(cfg.out or default_folder_name("train"),
-                                             command="mtl-opt train", unique=cfg.out is None)
+                folder = claim_out(cfg.out, prefix="train", command="mtl-opt train")
         except Exception as exc:  # noqa: BLE001 - told to every rank, then raised as it was
             failure = exc
     if world > 1:  # the other ranks learn whether rank 0 holds the folder
@@ -822,7 +823,7 @@ def _train_in(run: Run, out_dir: Path | None, *, resumed: bool,
             "batch_size": run.batch_size, "lr": run.lr, "optimizer": type(run.optimizer).__name__,
             "total_steps": run.total_steps, "steps_per_epoch": run.steps_per_epoch,
             "validation_every": period or None, "n_parameters": {"total": n_total, "shared": n_shared},
-            "dataset_sizes": run.data.sizes(), "device": str(run.device), "torch": torch.__version__,
+            "dataset_sizes": run.data.sizes(), "device": str(run.device), "environment": environment_stamp(),
             "processes": run.world,
         }
         (out_dir / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -106,16 +106,15 @@ def check_workload_args(args: Any) -> None:
 
 def run_workload_compare(args: Any) -> int:
     import mtl_opt
-    from mtl_opt._output_folder import claim_output_folder, default_folder_name
-    from mtl_opt.experiments.compare_cli import _parse_seeds
+    from mtl_opt.experiments.shared_args import claim_out, parse_methods, parse_seeds
     from mtl_opt.experiments.field_tables import BASELINE
     from mtl_opt.experiments.trainer import TrainConfig
     from mtl_opt.problems.workload import training_workload_from_spec, workload_spec_with
 
     check_workload_args(args)
     workload = training_workload_from_spec(workload_spec_with(args.workload, subset=args.subset))
-    seeds = _parse_seeds(args.seeds)
-    specs = list(args.methods) if args.methods else list(DEFAULT_WORKLOAD_METHODS)
+    seeds = list(parse_seeds(args.seeds))
+    specs = parse_methods(args.methods) or list(DEFAULT_WORKLOAD_METHODS)
     show_baseline = BASELINE in specs
     methods = [s for s in specs if s != BASELINE]  # only single_task: the baselines alone
     if len(set(specs)) != len(specs):
@@ -134,8 +133,7 @@ def run_workload_compare(args: Any) -> int:
     for seed in seeds:
         dataclasses.replace(base, seed=seed).validate()
     cache = Path(args.baseline_cache)
-    with claim_output_folder(args.out or default_folder_name("compare"), command="mtl-opt compare",
-                             unique=args.out is None) as folder:
+    with claim_out(args.out, prefix="compare", command="mtl-opt compare") as folder:
         return _run_and_write(args, folder.path, workload, base, methods, seeds, cache, show_baseline)
 
 
@@ -143,7 +141,7 @@ def _run_and_write(args: Any, out: Path, workload: Any, base: Any, methods: list
                    cache: Path, show_baseline: bool) -> int:
     import pandas as pd
 
-    from mtl_opt.experiments.compare_cli import _versions
+    from mtl_opt.experiments.environment import environment_stamp
     from mtl_opt.experiments.field_tables import (
         BASELINE,
         delta_m,
@@ -204,7 +202,7 @@ def _run_and_write(args: Any, out: Path, workload: Any, base: Any, methods: list
         "methods": methods, "show_single_task": show_baseline, "seeds": seeds,
         "training": {k: v for k, v in base.to_dict().items() if k not in ("method", "seed", "task", "out")},
         "baseline_cache": str(cache), "baseline_runs": baseline_runs,
-        "elapsed_seconds": round(elapsed, 3), "versions": _versions(), "rerun": rerun,
+        "elapsed_seconds": round(elapsed, 3), "environment": environment_stamp(), "rerun": rerun,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     runs.to_csv(out / "runs.csv", index=False)
@@ -212,8 +210,8 @@ def _run_and_write(args: Any, out: Path, workload: Any, base: Any, methods: list
     summary.to_csv(out / "summary.csv", index=False)
     note = _table_note(workload, len(seeds))
     md = [f"# mtl-opt compare --workload {workload.name}", "",
-          f"Produced by `{rerun}` in {elapsed:.1f} s (mtl_opt {config['versions']['mtl_opt']}, "
-          f"torch {config['versions']['torch']}).", "", to_markdown(shown), "", note, ""]
+          f"Produced by `{rerun}` in {elapsed:.1f} s (mtl_opt {config['environment']['mtl_opt']}, "
+          f"torch {config['environment']['torch']}).", "", to_markdown(shown), "", note, ""]
     (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
     if not args.no_figures:
         field_figure(summary, workload.metrics, out / "field.html")

@@ -10,7 +10,11 @@ calls as training goes (metrics: a flat mapping of names to numbers, e.g. ``loss
 * :class:`~mtl_opt.experiments.rrg_workload.RRGWorkload` — ``--problem rrg``, the radiology
   report generation workload (``train_rrg(config, callback=...)``);
 * :class:`FunctionWorkload` — any function ``fn(config, callback=...)`` whose ``config`` is a plain
-  dict: a user's own training loop.
+  dict: a user's own training loop;
+* :class:`TrainedWorkload` — ``--workload NAME``: any training workload
+  (:mod:`mtl_opt.problems.workload`: Multi-MNIST, RRG, ...) trained by the one trainer
+  (:mod:`mtl_opt.experiments.trainer`). This is how a study reaches a training workload; the
+  workload itself stays data, model, losses and metrics.
 
 :func:`get_workload` maps a ``--problem`` name to a workload; :func:`register_workload` adds a name
 (the extension point the radiology workload plugs into: ``register_workload("rrg", factory)``).
@@ -28,6 +32,7 @@ from typing import Any
 
 __all__ = [
     "FunctionWorkload",
+    "TrainedWorkload",
     "SyntheticWorkload",
     "TrainingSettings",
     "Workload",
@@ -299,6 +304,102 @@ class FunctionWorkload(Workload):
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "kind": "function", "options": self.options}
+
+
+class TrainedWorkload(Workload):
+    """A training workload (``"multimnist"``, ``"rrg:n_train=256"``) trained by
+    :func:`mtl_opt.experiments.trainer.train`, one run per seed.
+
+    Reported as training goes: every logged trainer row (``loss_<task>``, ``beta_<task>``,
+    ``cos``, ``conflict_share``, ...) plus ``loss_mean``, the mean of the task losses; at the end
+    the last validation's and the test split's metrics (``val_<metric>``, ``test_<metric>``) and
+    the run's ``cos_mean``. With several seeds the runs go one after the other and their rows are
+    averaged step by step. Each run writes its folder under ``run_root`` (``<out>/runs`` in sweeps
+    and ablations; a temporary folder otherwise, removed at the end).
+    """
+
+    def __init__(self, spec: str):
+        from mtl_opt.problems.workload import training_workload_from_spec
+
+        workload = training_workload_from_spec(spec)  # unknown names and bad options fail now
+        self.spec = workload.spec()
+        self.name = workload.name
+        self.options = dict(workload.options)
+        self.run_root = None
+
+    def _workload(self) -> Any:
+        from mtl_opt.problems.workload import training_workload_from_spec
+
+        return training_workload_from_spec(self.spec)
+
+    def default_metric(self) -> str:
+        return "loss_mean"
+
+    def default_budget(self) -> dict[str, float]:
+        """The workload's own training defaults (epochs turned into steps on seed 0's data)."""
+        workload = self._workload()
+        d = workload.defaults
+        steps = d.steps if d.steps is not None else d.epochs * math.ceil(len(workload.data(0).train) / d.batch_size)
+        return {"steps": int(steps), "lr": float(d.lr)}
+
+    def final_only(self, metric: str) -> bool:
+        return metric.startswith(("test_", "val_")) or metric == "cos_mean"
+
+    def _train_one(self, settings: TrainingSettings, hyper: Mapping[str, Any], seed: int, root: str,
+                   on_row: Callback | None) -> tuple[list[tuple[int, dict[str, float]]], dict[str, float]]:
+        import hashlib
+        import json
+        import os
+
+        from mtl_opt._spec import format_spec
+        from mtl_opt.experiments.trainer import TrainConfig, train
+
+        key = json.dumps({"hyper": dict(hyper), "lr": settings.lr, "optimizer": settings.optimizer,
+                          "steps": settings.steps}, sort_keys=True, default=str)
+        tag = hashlib.sha1(key.encode()).hexdigest()[:10]
+        cfg = TrainConfig(workload=self.spec, method=format_spec(settings.method, dict(hyper)),
+                          seed=int(seed), steps=settings.steps, lr=float(settings.lr),
+                          optimizer=settings.optimizer, log_every=settings.record_every,
+                          device=settings.device, out=os.path.join(root, f"{settings.method}-{tag}-seed{seed}"))
+        rows: list[tuple[int, dict[str, float]]] = []
+
+        def collect(step: int, row: Mapping[str, Any]) -> None:
+            values = {k: float(v) for k, v in row.items() if k not in ("step", "epoch", "time_s")}
+            losses = [v for k, v in values.items() if k.startswith("loss_")]
+            values["loss_mean"] = sum(losses) / len(losses)
+            rows.append((int(step), values))
+            if on_row is not None:
+                on_row(int(step), values)
+
+        result = train(cfg, callback=collect)
+        final = {f"test_{k}": float(v) for k, v in result["test"].items()}
+        final.update({f"val_{k}": float(v) for k, v in result["val"].items()})
+        final["cos_mean"] = float(result["cos_mean"])
+        return rows, final
+
+    def run(self, settings: TrainingSettings, hyperparameters: Mapping[str, Any],
+            callback: Callback) -> None:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="mtl-opt-runs-") as scratch:
+            root = self.run_root or scratch
+            seeds = list(settings.seeds)
+            if len(seeds) == 1:
+                rows, final = self._train_one(settings, hyperparameters, seeds[0], root, callback)
+                callback(rows[-1][0], {**rows[-1][1], **final})
+                return
+            runs = [self._train_one(settings, hyperparameters, s, root, None) for s in seeds]
+        steps = [step for step, _ in runs[0][0]]
+        if any([step for step, _ in rows] != steps for rows, _ in runs[1:]):
+            raise RuntimeError("the seeds' runs logged different steps; cannot average them")
+        for i, step in enumerate(steps):
+            callback(step, {k: sum(r[0][i][1][k] for r in runs) / len(runs) for k in runs[0][0][i][1]})
+        final = {k: sum(r[1][k] for r in runs) / len(runs) for k in runs[0][1]}
+        callback(steps[-1], {**{k: sum(r[0][-1][1][k] for r in runs) / len(runs)
+                                for k in runs[0][0][-1][1]}, **final})
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": "training", "spec": self.spec, "options": self.options}
 
 
 _WORKLOADS: dict[str, Callable[..., Workload]] = {}

@@ -1,94 +1,126 @@
-"""``mtl-opt``: the one command.
+"""``mtl-opt``: the one command; its subcommands are discovered, not listed here.
 
-Each subcommand lives in its own module exposing ``configure(parser)`` (adds the arguments; must
-import nothing heavy) and ``run(args) -> int``. The module is imported only to build the parser;
-its heavy dependencies (pandas, plotly, Ray) are imported inside ``run``.
+A module declares a subcommand with two module-level string constants and two functions::
+
+    COMMAND = "compare"                      # the subcommand's name
+    COMMAND_HELP = "compare methods on ..."  # its one-line help
+    def configure(parser): ...               # adds its arguments; imports nothing heavy
+    def run(args) -> int: ...                # does the work; heavy imports go in here
+
+Two places are searched: the modules of :mod:`mtl_opt.experiments` (where the library's studies
+live), and the ``mtl_opt.commands`` entry points of installed packages
+(``[project.entry-points."mtl_opt.commands"] mine = "my_package.my_command"``), which lets
+another package add a subcommand. The declarations are read from the modules' source without
+importing them, so ``mtl-opt --help`` lists every subcommand without importing torch; only the
+subcommand that runs is imported (to add its arguments and run).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
+import pkgutil
+import re
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
 
-# name -> (module, one-line help)
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "methods": ("mtl_opt.cli", "list every registered method with its hyperparameters and defaults"),
-    "compare": ("mtl_opt.experiments.compare_cli", "compare methods on synthetic Pareto problems with known fronts, or on a training workload (--workload)"),
-    "ablate": ("mtl_opt.experiments.ablate_study", "CAME-Grad stage ablation over seeds, with paired confidence intervals"),
-    "sweep": ("mtl_opt.experiments.sweep_study", "Ray Tune search over a method's hyperparameters on any problem"),
-    "train": ("mtl_opt.experiments.train_cli", "train any training workload (multimnist, ...) with any method"),
-    "rrg": ("mtl_opt.problems.rrg.cli", "radiology report generation: train, eval, conflict"),
-    "bench": ("mtl_opt.experiments.bench", "time every method against the G Gᵀ + wᵀG floor (and TorchJD)"),
-}
+__all__ = ["Subcommand", "build_parser", "discover_subcommands", "main"]
 
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``mtl-opt methods``."""
-    parser.add_argument("--format", choices=["table", "markdown", "properties"], default="table",
-                        help="plain table (default), a Markdown table, or the Markdown table of "
-                        "each method's kind, state and properties that the README shows")
+#: Entry-point group through which other packages add subcommands.
+ENTRY_POINT_GROUP = "mtl_opt.commands"
+#: Package whose modules are searched for ``COMMAND`` declarations.
+COMMAND_PACKAGE = "mtl_opt.experiments"
 
 
-KIND_LABELS = {"gramian": "Gramian weighting", "loss": "loss weighting", "general": "general"}
-PROPERTY_LABELS = {
-    "non_conflicting": "non-conflicting", "permutation_invariant": "permutation invariant",
-    "linear_under_scaling": "linear under scaling",
-    "stationary_at_pareto_stationary": "stationary at Pareto-stationary points",
-}
+@dataclass(frozen=True)
+class Subcommand:
+    """A discovered subcommand: its name, help line and the module that implements it."""
+
+    name: str
+    help: str
+    module: str
 
 
-def properties_table() -> list[str]:
-    """The Markdown table of every method's declared kind, state and properties (the README's
-    table under "Methods"; tests/test_method_properties.py checks both)."""
-    import mtl_opt
-    from mtl_opt.aggregator import PROPERTIES
+def _string_constant(source: str, name: str) -> str | None:
+    """The string assigned to ``name`` at the start of a line of ``source`` (a literal, possibly
+    parenthesised over several lines), read by parsing that statement alone."""
+    match = re.search(rf"^{name}\s*=", source, re.MULTILINE)
+    if match is None:
+        return None
+    lines = source[match.start():].splitlines()
+    for n in range(1, min(len(lines), 12) + 1):
+        try:
+            node = ast.parse("\n".join(lines[:n])).body[0]
+        except SyntaxError:
+            continue  # the statement goes on
+        value = getattr(node, "value", None)
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            return value.value
+        return None
+    return None
 
-    lines = [
-        "| name | kind | state | " + " | ".join(PROPERTY_LABELS[p] for p in PROPERTIES) + " |",
-        "|" + "---|" * (3 + len(PROPERTIES)),
-    ]
-    for info in mtl_opt.describe_aggregators():
-        cls = info.cls
-        marks = " | ".join("yes" if p in cls.properties else "" for p in PROPERTIES)
-        lines.append(f"| `{info.name}` | {KIND_LABELS[cls.kind]} | {cls.state} | {marks} |")
-    return lines
+
+def _declaration(path: Path, module: str) -> Subcommand | None:
+    """The ``COMMAND`` / ``COMMAND_HELP`` constants of the module at ``path``, read from its source
+    (the module is neither imported nor parsed whole); ``None`` when it declares no subcommand."""
+    try:
+        source = path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+    name = _string_constant(source, "COMMAND")
+    if name is None:
+        return None
+    return Subcommand(name, _string_constant(source, "COMMAND_HELP") or "", module)
 
 
-def run(args: argparse.Namespace) -> int:
-    """``mtl-opt methods``: print the registered methods with their kind, state, properties."""
-    import mtl_opt
-    from mtl_opt.aggregator import PROPERTIES
+def _entry_point_modules() -> list[str]:
+    from importlib.metadata import entry_points
 
-    if args.format == "properties":
-        print("\n".join(properties_table()))
-        return 0
-    rows = [
-        (
-            info.name,
-            info.cls.__name__,
-            KIND_LABELS[info.cls.kind],
-            info.cls.state,
-            ", ".join(PROPERTY_LABELS[p] for p in PROPERTIES if p in info.cls.properties) or "-",
-            ", ".join(f"{k}={v!r}" for k, v in info.defaults.items()) or "-",
-            info.summary,
-        )
-        for info in mtl_opt.describe_aggregators()
-    ]
-    header = ("name", "class", "kind", "state", "properties", "hyperparameters (defaults)",
-              "summary")
-    if args.format == "markdown":
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for row in rows:
-            print("| " + " | ".join(f"`{c}`" if i < 2 else c for i, c in enumerate(row)) + " |")
-        return 0
-    n = len(header) - 1
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(n)]
-    for row in [header, *rows]:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row[:n], widths)) + "  " + row[n])
-    return 0
+    return [ep.value.split(":", 1)[0].strip() for ep in entry_points(group=ENTRY_POINT_GROUP)]
+
+
+def _add(found: dict[str, Subcommand], command: Subcommand) -> None:
+    if command.name in found and found[command.name].module != command.module:
+        raise RuntimeError(f"two modules declare the subcommand {command.name!r}: "
+                           f"{found[command.name].module} and {command.module}")
+    found[command.name] = command
+
+
+@lru_cache(maxsize=1)
+def _library_subcommands() -> dict[str, Subcommand]:
+    """The subcommands the modules of :mod:`mtl_opt.experiments` declare."""
+    package = importlib.import_module(COMMAND_PACKAGE)  # light: loads its studies lazily
+    found: dict[str, Subcommand] = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.ispkg:
+            continue
+        spec = info.module_finder.find_spec(info.name)  # type: ignore[call-arg]
+        command = _declaration(Path(spec.origin), f"{COMMAND_PACKAGE}.{info.name}") \
+            if spec is not None and spec.origin else None
+        if command is not None:
+            _add(found, command)
+    return found
+
+
+@lru_cache(maxsize=1)
+def discover_subcommands() -> dict[str, Subcommand]:
+    """Every subcommand, by name (sorted): the modules of :mod:`mtl_opt.experiments` that declare
+    one, then the ``mtl_opt.commands`` entry points. Two modules declaring one name are refused."""
+    found = dict(_library_subcommands())
+    for module in _entry_point_modules():
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.origin:
+            raise RuntimeError(f"the {ENTRY_POINT_GROUP} entry point {module!r} names no module")
+        command = _declaration(Path(spec.origin), module)
+        if command is None:
+            raise RuntimeError(f"the {ENTRY_POINT_GROUP} entry point {module!r} declares no COMMAND")
+        _add(found, command)
+    return dict(sorted(found.items()))
 
 
 ALL = "*"
@@ -101,13 +133,17 @@ def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtl-opt",
         description="Multi-task gradient aggregation: list methods, compare them, ablate and "
-        "sweep CAME-Grad, train the radiology report generation workload.",
+        "sweep them, train workloads.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    # A library subcommand named on the command line needs nobody else's declaration (the
+    # installed packages' entry points are not scanned): the parser holds that one alone.
+    library = _library_subcommands()
+    known = {command: library[command]} if command in library else discover_subcommands()
+    for name, found in known.items():
+        p = sub.add_parser(name, help=found.help, description=found.help)
         if command in (name, ALL):
-            module = importlib.import_module(module_name)
+            module = importlib.import_module(found.module)
             module.configure(p)
             p.set_defaults(_run=module.run)
     return parser
@@ -116,7 +152,9 @@ def build_parser(command: str | None = ALL) -> argparse.ArgumentParser:
 def _command(argv: Sequence[str]) -> str | None:
     """The subcommand named in ``argv``: its first word that is not an option, if known."""
     word = next((a for a in argv if not a.startswith("-")), None)
-    return word if word in SUBCOMMANDS else None
+    if word is None:
+        return None
+    return word if word in _library_subcommands() or word in discover_subcommands() else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -260,6 +260,7 @@ Factory = Callable[..., TrainingWorkload]
 #: name -> factory, or "module:attribute" of a built-in (imported on first use)
 _REGISTRY: dict[str, Factory | str] = {
     "multimnist": "mtl_opt.problems.multimnist.workload:MultiMNIST",
+    "rrg": "mtl_opt.problems.rrg.workload:RRGTrainingWorkload",
 }
 
 

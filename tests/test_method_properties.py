@@ -153,7 +153,7 @@ def test_readme_table_is_the_declarations():
     properties`` prints from the declarations (so the two cannot drift)."""
     from pathlib import Path
 
-    from mtl_opt.cli import properties_table
+    from mtl_opt.experiments.methods_cli import properties_table
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     start, end = "<!-- methods-properties:start -->\n", "<!-- methods-properties:end -->"
@@ -163,7 +163,8 @@ def test_readme_table_is_the_declarations():
 
 
 def test_cli_methods_prints_kind_state_and_properties(capsys):
-    from mtl_opt.cli import main, properties_table
+    from mtl_opt.cli import main
+    from mtl_opt.experiments.methods_cli import properties_table
 
     assert main(["methods"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}

@@ -177,7 +177,7 @@ def test_compare_end_to_end_without_java(tmp_path, monkeypatch, capsys):
 def test_majority_labels_pick_the_most_frequent_state():
     import numpy as np
 
-    from mtl_opt.problems.rrg.compare import _majority_labels
+    from mtl_opt.experiments.rrg_compare import _majority_labels
 
     nan = float("nan")
     labels = np.array([[1, nan, -1], [1, 0, -1], [0, nan, 1]], dtype=float)
@@ -188,7 +188,7 @@ def test_majority_labels_pick_the_most_frequent_state():
 def test_majority_classifier_by_hand():
     import numpy as np
 
-    from mtl_opt.problems.rrg.compare import _majority_classifier
+    from mtl_opt.experiments.rrg_compare import _majority_classifier
 
     nan = float("nan")
     pad = lambda a: np.pad(np.asarray(a, dtype=float), ((0, 0), (0, 12)), constant_values=nan)
@@ -204,10 +204,10 @@ def test_majority_classifier_by_hand():
 
 
 def test_method_specs_split_on_commas_between_methods_only():
-    from mtl_opt.problems.rrg.cli import _split_specs
+    from mtl_opt.experiments.shared_args import parse_methods
 
-    assert _split_specs("ls,came_grad:kappa=2,nu=0.1,mgda") == ["ls", "came_grad:kappa=2,nu=0.1", "mgda"]
-    assert _split_specs("ls, pcgrad") == ["ls", "pcgrad"]
+    assert parse_methods(["ls,came_grad:kappa=2,nu=0.1,mgda"]) == ["ls", "came_grad:kappa=2,nu=0.1", "mgda"]
+    assert parse_methods(["ls, pcgrad"]) == ["ls", "pcgrad"]
 
 
 @pytest.mark.parametrize("argv, message", [

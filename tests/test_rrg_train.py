@@ -279,7 +279,7 @@ def test_training_module_imports_without_pandas_plotly_or_ray():
     import subprocess
     import sys
 
-    code = ("import sys, mtl_opt.problems.rrg.train, mtl_opt.problems.rrg.cli, mtl_opt.cli; "
+    code = ("import sys, mtl_opt.problems.rrg.train, mtl_opt.experiments.rrg_cli, mtl_opt.cli; "
             "mtl_opt.cli.build_parser(); "
             "print(','.join(m for m in ('pandas', 'plotly', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

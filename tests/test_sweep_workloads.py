@@ -5,7 +5,8 @@ import math
 import pytest
 
 from mtl_opt.cli import main
-from mtl_opt.experiments.sweep_study import parse_seeds, parse_spec
+from mtl_opt.experiments.shared_args import parse_seeds
+from mtl_opt.experiments.sweep_study import parse_spec
 from mtl_opt.experiments.workloads import (
     SyntheticWorkload,
     TrainingSettings,

@@ -1078,22 +1078,14 @@ def _write_samples(path: Path, samples: list[dict[str, str]], n: int) -> None:
 @torch.no_grad()
 def evaluate_rrg(model: RRGModel, tokenizer: Any, dataset: Any, cfg: RRGConfig, *,
                  split: str = "test") -> dict[str, Any]:
-    """Generate a report per study and score it.
+    """Generate a report per study of ``dataset`` and score it (:func:`score_batches`).
 
-    References are the tokenizer's view of the ground truth (cleaned, truncated to its maximum
-    length, as R2Gen scores them). Returns ``{"split", "n", "metrics", "samples"}`` where metrics
-    hold the NLG scores, the clinical-efficacy scores of the generated reports (``CE_*``, the
-    whole grid of :func:`~.metrics.clinical_efficacy`; ``CEtrue_*`` against the generator's true
-    labels when the dataset has them), the
-    classification head's accuracy over the 14 × 4 states and positive-class F1 (``cls_*``), and
-    the mean evaluation losses (``eval_loss_*``).
+    Returns ``{"split", "n", "metrics", "samples"}``; ``CEtrue_*`` (the generated reports
+    against the generator's true labels) is added when the dataset has them.
     """
-    from .metrics import clinical_efficacy, nlg_metrics
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    base = dataset
     if cfg.eval_max_samples is not None and cfg.eval_max_samples < len(dataset):
         from torch.utils.data import Subset
 
@@ -1101,17 +1093,58 @@ def evaluate_rrg(model: RRGModel, tokenizer: Any, dataset: Any, cfg: RRGConfig, 
     if len(dataset) == 0:
         raise ValueError(f"the {split} split is empty: nothing to evaluate")
     loader = make_loader(dataset, tokenizer, cfg, shuffle=False)
-    max_len = cfg.max_gen_length or (tokenizer.max_length - 1)
+    try:
+        with torch.no_grad():
+            scored = score_batches(model, tokenizer, (to_device(b, device) for b in loader),
+                                   max_length=cfg.max_gen_length, beam_size=cfg.beam_size,
+                                   meteor=cfg.meteor, autocast=lambda: _autocast(cfg, device),
+                                   truth=dataset_true_labels(dataset))
+    finally:
+        if was_training:
+            model.train()
+    return {"split": split, **scored}
+
+
+def dataset_true_labels(dataset: Any) -> Callable[[int], Any] | None:
+    """``true_labels(i)`` of a (synthetic) dataset, through a ``Subset``; ``None`` without."""
+    base = getattr(dataset, "dataset", dataset)
+    truth = getattr(base, "true_labels", None)
+    return truth if callable(truth) else None
+
+
+def score_batches(model: RRGModel, tokenizer: Any, batches: Any, *, max_length: int | None = None,
+                  beam_size: int = 1, meteor: bool = False, autocast: Callable[[], Any] = nullcontext,
+                  truth: Callable[[int], Any] | None = None,
+                  max_samples: int | None = None) -> dict[str, Any]:
+    """Generate a report for every study of ``batches`` (collated, on the model's device; the
+    model in eval mode, gradients off) and score it.
+
+    References are the tokenizer's view of the ground truth (cleaned, truncated to its maximum
+    length, as R2Gen scores them). Returns ``{"n", "metrics", "samples"}`` where metrics hold the
+    NLG scores, the clinical-efficacy scores of the generated reports (``CE_*``, the whole grid
+    of :func:`~.metrics.clinical_efficacy`; ``CEtrue_*`` against ``truth(i)``, the generator's
+    true labels of the i-th study, when given), the classification head's accuracy over the
+    14 × 4 states and positive-class F1 (``cls_*``), and the mean evaluation losses
+    (``eval_loss_*``). ``max_samples``: score at most this many studies.
+    """
+    from .metrics import clinical_efficacy, nlg_metrics
+
+    max_len = max_length or (tokenizer.max_length - 1)
     refs, hyps, ids = [], [], []
     tp = fp = fn = correct = total = 0
     loss_sums = {n: 0.0 for n in model.task_names}
     n_studies = 0
-    for batch in loader:
-        batch = to_device(batch, device)
-        with _autocast(cfg, device):
+    for batch in batches:
+        if max_samples is not None:
+            room = max_samples - n_studies
+            if room <= 0:
+                break
+            if batch["tokens"].shape[0] > room:  # the last batch: only the studies still wanted
+                batch = {k: v[:room] for k, v in batch.items()}
+        with autocast():
             out = model(batch["images"], batch["tokens"], batch["classes"])
             pred = model.class_logits(out["memory"]).argmax(-1)
-            gen = model.generate(batch["images"], max_length=max_len, beam_size=cfg.beam_size)
+            gen = model.generate(batch["images"], max_length=max_len, beam_size=beam_size)
         B = batch["tokens"].shape[0]
         n_studies += B
         for n in model.task_names:
@@ -1125,25 +1158,24 @@ def evaluate_rrg(model: RRGModel, tokenizer: Any, dataset: Any, cfg: RRGConfig, 
         tp += int(((pred == 1) & (true == 1)).sum())
         fp += int(((pred == 1) & (true != 1)).sum())
         fn += int(((pred != 1) & (true == 1)).sum())
+    if n_studies == 0:
+        raise ValueError("no study to evaluate")
     metrics: dict[str, float] = {}
-    metrics.update(nlg_metrics(refs, hyps, meteor=cfg.meteor))
+    metrics.update(nlg_metrics(refs, hyps, meteor=meteor))
     metrics.update({f"CE_{k}": v for k, v in clinical_efficacy(refs, hyps).items()})
-    true_labels = getattr(base, "true_labels", None)
-    if callable(true_labels):
+    if truth is not None:
         # Synthetic data: the generated reports against the generator's noise-free labels.
         import numpy as np
 
-        truth = np.stack([true_labels(i) for i in range(len(refs))])
-        metrics.update({f"CEtrue_{k}": v for k, v in clinical_efficacy(truth, hyps).items()
+        labels = np.stack([truth(i) for i in range(len(refs))])
+        metrics.update({f"CEtrue_{k}": v for k, v in clinical_efficacy(labels, hyps).items()
                         if "/" not in k})
     metrics["cls_accuracy"] = correct / total
     metrics["cls_f1_positive"] = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 0.0
     for n, s in loss_sums.items():
         metrics[f"eval_loss_{n}"] = s / n_studies
-    if was_training:
-        model.train()
     samples = [{"id": str(i), "reference": r, "generated": h} for i, r, h in zip(ids, refs, hyps)]
-    return {"split": split, "n": len(refs), "metrics": metrics, "samples": samples}
+    return {"n": len(refs), "metrics": metrics, "samples": samples}
 
 
 def load_run(checkpoint: str | os.PathLike, *, device: str = "cpu") -> tuple[RRGModel, Any, RRGConfig, dict]:

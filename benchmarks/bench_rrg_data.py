@@ -1,4 +1,4 @@
-"""Speed of the RRG data half: ``python -m mtl_opt.problems.rrg.bench_data [--reports N] [--meteor]``.
+"""Speed of the RRG data half: ``python benchmarks/bench_rrg_data.py [--reports N] [--meteor]``.
 
 Times the rule labeler on N synthetic reports (default 10⁴), report generation, image rendering at
 32 and 224 px, batch collation, and the coco-caption metrics on 1000 report pairs. Prints one line
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meteor", action="store_true", help="include METEOR (starts a JVM)")
     args = parser.parse_args(argv)
 
-    from . import CheXpertLabeler, ReportTokenizer, SyntheticCXR, clinical_efficacy, collate_rrg, nlg_metrics
+    from mtl_opt.problems.rrg import CheXpertLabeler, ReportTokenizer, SyntheticCXR, clinical_efficacy, collate_rrg, nlg_metrics
 
     ds = SyntheticCXR(args.reports, seed=0)
     reports: list[str] = []

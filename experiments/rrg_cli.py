@@ -22,6 +22,18 @@ import json
 import sys
 from typing import Any
 
+from mtl_opt.experiments.shared_args import (
+    add_methods_argument,
+    add_out_argument,
+    add_seeds_argument,
+    claim_out,
+    parse_methods,
+    parse_seeds,
+)
+
+COMMAND = "rrg"
+COMMAND_HELP = "radiology report generation: train, eval, compare, conflict"
+
 
 def _task_weights(text: str) -> list[float]:
     try:
@@ -137,7 +149,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     t.add_argument("--max-gen-length", type=int, default=None)
     t.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
     t.add_argument("--samples", type=int, default=5, help="generated reports written to samples.md")
-    t.add_argument("--out", default=None, help="run folder (default runs/rrg-<time>)")
+    add_out_argument(t, prefix="rrg", what="run folder")
     t.add_argument("--quiet", action="store_true")
 
     e = sub.add_parser("eval", help="re-evaluate a saved run",
@@ -164,10 +176,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                    "CIDEr, CE under the PromptMRG and CAME-Grad conventions, each "
                                    "method's CE gain over linear scalarization (ls), and a "
                                    "majority-class and a copy-the-most-common-report baseline.")
-    m.add_argument("--methods", required=True,
-                   help="comma-separated method specs, e.g. ls,came_grad or ls,came_grad:kappa=2 "
-                        "(the CE gain is taken over 'ls')")
-    m.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    add_methods_argument(m, required=True)  # the CE gain is taken over 'ls'
+    add_seeds_argument(m)
     _add_run_options(m, steps_default=None, one_run=False)
     m.add_argument("--eval-every", type=int, default=None,
                    help="validate and checkpoint every N steps (default: every epoch; 0: at the end)")
@@ -175,7 +185,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--eval-max-samples", type=int, default=None)
     m.add_argument("--beam-size", type=int, default=1)
     m.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
-    m.add_argument("--out", default=None, help="output folder (default runs/rrg-compare-<time>)")
+    add_out_argument(m, prefix="rrg-compare")
     m.add_argument("--quiet", action="store_true", help="print only the table and the folder")
 
     c = sub.add_parser("conflict", help="measure report/classification gradient conflict",
@@ -198,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config_from_args(args: argparse.Namespace):
-    from .train import RRGConfig
+    from mtl_opt.problems.rrg.train import RRGConfig
 
     synthetic = dict(args.synthetic)
     cfg = RRGConfig(
@@ -257,7 +267,7 @@ def _resume_conflicts(args: argparse.Namespace, saved: Any, run_dir: Any) -> lis
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .train import RRGConfig, load_checkpoint, train_rrg
+    from mtl_opt.problems.rrg.train import RRGConfig, load_checkpoint, train_rrg
 
     if args.resume is not None:
         from pathlib import Path
@@ -282,10 +292,7 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     cfg = _train_config_from_args(args)
     cfg.validate()  # every option checked before the run folder is claimed
-    from mtl_opt._output_folder import claim_output_folder, default_folder_name
-
-    with claim_output_folder(args.out or default_folder_name("rrg"), command="mtl-opt rrg train",
-                             unique=args.out is None) as folder:
+    with claim_out(args.out, prefix="rrg", command="mtl-opt rrg train") as folder:
         cfg.out = str(folder.path)
         result = train_rrg(cfg, verbose=not args.quiet)
     if args.quiet:
@@ -298,8 +305,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .metrics import format_metric, metrics_summary
-    from .train import _write_samples, build_datasets, evaluate_rrg, load_run, write_samples_csv
+    from mtl_opt.problems.rrg.metrics import format_metric, metrics_summary
+    from mtl_opt.problems.rrg.train import _write_samples, build_datasets, evaluate_rrg, load_run, write_samples_csv
 
     if args.ckpt is not None and args.checkpoint is not None and args.ckpt != args.checkpoint:
         raise ValueError(f"two checkpoints given: {args.ckpt!r} and --checkpoint {args.checkpoint!r}")
@@ -360,42 +367,23 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .compare import compare_rrg
+    from mtl_opt.experiments.rrg_compare import compare_rrg
 
-    methods = [m.strip() for m in _split_specs(args.methods) if m.strip()]
-    try:
-        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    methods = parse_methods(args.methods)
+    seeds = list(parse_seeds(args.seeds))
     cfg = _config_from_args(args)
     cfg.eval_every = args.eval_every
     cfg.eval_split = args.eval_split
     cfg.eval_max_samples = args.eval_max_samples
     cfg.beam_size = args.beam_size
     cfg.meteor = not args.no_meteor
-    from mtl_opt._output_folder import claim_output_folder, default_folder_name
-
-    with claim_output_folder(args.out or default_folder_name("rrg-compare"), command="mtl-opt rrg compare",
-                             unique=args.out is None) as folder:
+    with claim_out(args.out, prefix="rrg-compare", command="mtl-opt rrg compare") as folder:
         compare_rrg(methods, cfg, seeds=seeds, out=str(folder.path), verbose=not args.quiet)
     return 0
 
 
-def _split_specs(text: str) -> list[str]:
-    """Split ``ls,came_grad:kappa=2,nu=0.1,mgda`` into method specs: a comma followed by
-    ``key=value`` continues the previous spec's hyperparameters."""
-    specs: list[str] = []
-    for part in text.split(","):
-        part = part.strip()
-        if specs and "=" in part and ":" not in part and ":" in specs[-1]:
-            specs[-1] += "," + part
-        else:
-            specs.append(part)
-    return specs
-
-
 def _run_conflict(args: argparse.Namespace) -> int:
-    from .train import conflict_study
+    from mtl_opt.problems.rrg.train import conflict_study
 
     cfg = _config_from_args(args)
     if args.batches < 1:

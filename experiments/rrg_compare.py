@@ -1,13 +1,13 @@
 """``mtl-opt rrg compare``: several methods trained on the same data and seeds, one table.
 
-:func:`compare_rrg` trains every method once per seed with :func:`~.train.train_rrg` (same data,
+:func:`compare_rrg` trains every method once per seed with :func:`~mtl_opt.problems.rrg.train.train_rrg` (same data,
 same initialisation, same batch order per seed: only the method differs), then tabulates the
 test reports the way report generation papers do:
 
-* NLG: BLEU-1..4, METEOR, ROUGE-L, CIDEr (coco-caption scorers, :func:`~.metrics.nlg_metrics`);
+* NLG: BLEU-1..4, METEOR, ROUGE-L, CIDEr (coco-caption scorers, :func:`~mtl_opt.problems.rrg.metrics.nlg_metrics`);
   METEOR reads ``n/a (no Java)`` where no Java runtime is found;
 * CE precision/recall/F1 under the two conventions the field reports under the same name
-  (:data:`~.metrics.CE_PRESETS`): ``PromptMRG`` (example-based, positive only) and ``CAME-Grad``
+  (:data:`~mtl_opt.problems.rrg.metrics.CE_PRESETS`): ``PromptMRG`` (example-based, positive only) and ``CAME-Grad``
   (macro over the 14 observations, uncertain counted positive);
 * each method's CE F1 gain over linear scalarization (``ls``; paired by seed, in F1 points ×100);
 * the running share of training steps whose two task gradients had a negative inner product;
@@ -29,7 +29,6 @@ from __future__ import annotations
 import collections
 import csv
 import json
-import math
 import re
 import sys
 import time
@@ -39,8 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import CE_PRESETS, NLG_KEYS, ce_preset_keys, clinical_efficacy, format_metric, nlg_metrics
-from .train import RRGConfig, build_datasets, dataset_reports, train_rrg
+from mtl_opt.experiments.environment import environment_stamp
+from mtl_opt.experiments.markdown_table import to_markdown
+from mtl_opt.problems.rrg.metrics import (
+    CE_PRESETS,
+    NLG_KEYS,
+    ce_preset_keys,
+    clinical_efficacy,
+    format_metric,
+    nlg_metrics,
+)
+from mtl_opt.problems.rrg.train import RRGConfig, build_datasets, dataset_reports, train_rrg
 
 __all__ = ["PRESET_TITLES", "baseline_rows", "compare_rrg", "format_table"]
 
@@ -104,7 +112,7 @@ def _majority_classifier(train: np.ndarray, test: np.ndarray) -> dict[str, float
     """Accuracy and positive-class F1 (micro over studies × observations, as the head's
     ``cls_accuracy`` / ``cls_f1_positive``) of predicting, for every observation, its most
     frequent training class among blank/positive/negative/uncertain."""
-    from .observations import labels_to_classes
+    from mtl_opt.problems.rrg.observations import labels_to_classes
 
     tr = labels_to_classes(train).numpy()
     te = labels_to_classes(test).numpy()
@@ -123,8 +131,8 @@ def baseline_rows(cfg: RRGConfig, references: list[str], *, seed: int) -> list[d
     ``references`` are the evaluated references as the runs scored them (the tokenizer's view
     of the first ``len(references)`` studies of the evaluation split).
     """
-    from .labeler import CheXpertLabeler
-    from .tokenizer import ReportTokenizer
+    from mtl_opt.problems.rrg.labeler import CheXpertLabeler
+    from mtl_opt.problems.rrg.tokenizer import ReportTokenizer
 
     datasets = build_datasets(cfg)
     train_reports = dataset_reports(datasets["train"])
@@ -205,7 +213,7 @@ def compare_rrg(methods: list[str], base: RRGConfig, *, seeds: list[int] = (0,),
                                                        for p, (a, c) in CE_PRESETS.items()},
               "gain_over": "ls" if any(mtl_opt.parse_method_spec(m)[0] == "ls" and
                                        not mtl_opt.parse_method_spec(m)[1] for m in methods) else None,
-              "command": " ".join(sys.argv)}
+              "command": " ".join(sys.argv), "environment": environment_stamp()}
     (out_dir / "config.json").write_text(json.dumps(record, indent=2, default=str))
     t0 = time.perf_counter()
     runs: list[dict[str, Any]] = []
@@ -312,12 +320,11 @@ def format_table(table: list[dict[str, Any]], cfg: RRGConfig, *, seeds: list[int
                  wall_time_s: float | None = None) -> str:
     """The Markdown table with a caption that says how it was produced."""
     present = [(k, t) for k, t in _COLUMNS if any(k in r for r in table) or k == "METEOR" and cfg.meteor]
-    lines = ["| method | " + " | ".join(t for _, t in present) + " |",
-             "| --- | " + " | ".join("---:" for _ in present) + " |"]
-    for row in table:
-        lines.append(f"| {row['method']} | " + " | ".join(_cell(row, k, cfg.meteor) for k, _ in present) + " |")
+    lines = to_markdown([[row["method"], *(_cell(row, k, cfg.meteor) for k, _ in present)] for row in table],
+                        columns=["method", *(t for _, t in present)],
+                        align=[None, *("right" for _ in present)]).splitlines()
     data = "synthetic" if cfg.data == "synthetic" else f"{cfg.dataset} ({cfg.data})"
-    from .train import DEFAULT_STEPS_BY_SIZE
+    from mtl_opt.problems.rrg.train import DEFAULT_STEPS_BY_SIZE
 
     n_steps = f"{cfg.epochs} epochs" if cfg.epochs is not None else \
         f"{cfg.steps if cfg.steps is not None else DEFAULT_STEPS_BY_SIZE[cfg.model_size]} steps"
