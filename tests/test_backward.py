@@ -657,3 +657,25 @@ def test_blocked_result_repr_does_not_assemble_the_direction():
     text = repr(result.aggregation)  # no error although the pieces were modified
     assert "blocked" in text and "weights" in text
     assert repr(result).startswith("MTLBackwardResult(level='parameters'")
+
+
+def test_features_auto_takes_one_pass_per_task_through_the_heads():
+    """At the features, parallel="auto" runs one backward pass per task that stops at z (each
+    through its own head only) instead of the batched call, which runs every head K times;
+    same result as the batched call, no fallback warning."""
+    results = {}
+    for parallel in ("auto", True):
+        net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+        z = net.features(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            r = mtl_backward(net.losses_from(z, y), net.trunk, MGDA(), features=z,
+                             task_params=[net.head_a, net.head_b], parallel=parallel)
+        results[parallel] = (r, grads_of(net))
+    auto, batched = results["auto"][0], results[True][0]
+    assert auto.batched is False and auto.fallback_reason is None
+    assert batched.batched is True
+    torch.testing.assert_close(auto.weights, batched.weights)
+    torch.testing.assert_close(auto.gramian, batched.gramian)
+    for n, g in results["auto"][1].items():
+        torch.testing.assert_close(g, results[True][1][n], msg=n)
