@@ -119,7 +119,8 @@ Stages
    everything written, the accumulation into ``.grad`` and the result.
 
 The blocks cross from stage 2 to stage 3 as one object, so that a step between them (an
-all-reduce of the blocks over a process group) is one call on it.
+all-reduce of the per-task gradients over a process group) is one call on it,
+``jac.map_rows(fn)``.
 
 Limits
 ------

@@ -12,6 +12,7 @@ call and the path of the representation level. Heads (task groups, other paramet
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +93,24 @@ class _TaskGrads:
     deltas: list[Tensor] | None = None
     # How many shared linear weights take their share from (X, Δ) instead of rows.
     n_factored: int = 0
+
+    def map_rows(self, fn: Callable[[Tensor], Tensor]) -> None:
+        """Replace every per-task gradient this call holds (the Jacobian's rows, as blocks or
+        ``G``, and the heads' combined updates) by ``fn`` of it: the one step between the
+        Jacobian and the Gramian stages, e.g. a sum over processes (every quantity here is
+        additive over the batch). Factored linear layers are not: their Gramian share
+        ``Σ (Δ_i Δ_jᵀ) ⊙ (X Xᵀ)`` of a global batch is not the sum of the local ones, so a plan
+        with factored layers refuses (``RuntimeError``); use ``factor_linear=False`` there."""
+        if self.n_factored:
+            raise RuntimeError(
+                "the factored linear layers' Gramian is not additive over batches; compute "
+                "the Jacobian with factor_linear=False to combine it across processes"
+            )
+        if self.blocks is not None:
+            self.blocks = [fn(b) for b in self.blocks]
+        if self.G is not None:
+            self.G = fn(self.G)
+        self.head = [None if g is None else fn(g) for g in self.head]
 
     def flat(self) -> Tensor:
         """``G`` (K, d), concatenating the blocks on first use (one copy of the Jacobian)."""
