@@ -5,7 +5,9 @@
 
 The model is an MLP encoder (``--width``/``--depth``; the defaults give ≈ 10⁷ shared
 parameters) with a classification head (cross-entropy over 10 classes) and a regression head
-(mean squared error). One step is forward, backward and ``torch.optim.SGD.step``:
+(mean squared error); ``--model conv`` replaces the MLP by a small convolutional encoder
+(three 3 × 3 convolutions with batch norm on 3 × 32 × 32 inputs, then a linear layer to the
+representation). One step is forward, backward and ``torch.optim.SGD.step``:
 
 * ``baseline``: ``(L_1 + L_2).backward()``, the step every ratio is quoted against, and
   ``(w * losses).sum().backward()`` with a constant ``w`` (``ratio_to_weighted_sum``, the median
@@ -78,6 +80,22 @@ class SharedEncoderTwoHeads(nn.Module):
         ]
 
 
+class SharedConvEncoderTwoHeads(SharedEncoderTwoHeads):
+    """Convolutional encoder ``3 × 32 × 32 → 32 → 64 → 64 channels → rep`` with the same heads."""
+
+    def __init__(self, rep: int = 256, n_classes: int = 10, channels: int = 64) -> None:
+        nn.Module.__init__(self)
+        c = channels
+        self.encoder = nn.Sequential(
+            nn.Conv2d(3, c // 2, 3, padding=1), nn.BatchNorm2d(c // 2), nn.ReLU(),
+            nn.Conv2d(c // 2, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+            nn.Conv2d(c, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.ReLU(),
+            nn.Flatten(), nn.Linear(c * 8 * 8, rep),
+        )
+        self.head_cls = nn.Linear(rep, n_classes)
+        self.head_reg = nn.Linear(rep, 1)
+
+
 def _count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -132,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=2048)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--model", choices=["mlp", "conv"], default="mlp",
+                   help="mlp: the MLP encoder (--width, --depth); conv: the convolutional one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--parallel", choices=["auto", "batched", "loop"], default="auto",
                    help="mtl_backward's Jacobian: auto (batched with fallback), batched or loop")
@@ -146,14 +166,16 @@ def main(argv: list[str] | None = None) -> int:
     # memory pass below) serves every allocation above 64 KiB from a fresh mapping, whose page
     # faults would be timed as well (they doubled the cost of large fresh tensors here).
     parallel = {"auto": "auto", "batched": True, "loop": False}[args.parallel]
-    model = SharedEncoderTwoHeads(width=args.width, depth=args.depth).to(device)
+    model = (SharedEncoderTwoHeads(width=args.width, depth=args.depth) if args.model == "mlp"
+             else SharedConvEncoderTwoHeads()).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(args.batch, 512, generator=g).to(device),
+    x_shape = (512,) if args.model == "mlp" else (3, 32, 32)
+    batch = (torch.randn(args.batch, *x_shape, generator=g).to(device),
              torch.randint(0, 10, (args.batch,), generator=g).to(device),
              torch.randn(args.batch, generator=g).to(device))
     methods = args.methods or mtl_opt.available_aggregators()
-    print(f"shared encoder: {_count(model.encoder):,} parameters; heads: "
+    print(f"{args.model} shared encoder: {_count(model.encoder):,} parameters; heads: "
           f"{_count(model.head_cls) + _count(model.head_reg):,}; batch {args.batch}; "
           f"{args.threads} thread(s); {device}; THP_MEM_ALLOC_ENABLE="
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}", flush=True)
@@ -207,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.DataFrame(rows)
     df.to_csv(out / "train_step.csv", index=False)
     head = (f"Produced by `python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}`: "
-            f"shared encoder {_count(model.encoder):,} parameters, batch {args.batch}, "
+            f"{args.model} shared encoder {_count(model.encoder):,} parameters, batch {args.batch}, "
             f"{args.threads} thread(s), {device}, THP_MEM_ALLOC_ENABLE="
             f"{os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}, median of {args.steps} steps.\n\n")
     (out / "train_step.md").write_text(head + to_markdown(df) + "\n")

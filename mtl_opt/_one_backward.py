@@ -31,13 +31,8 @@ from torch import Tensor
 
 from mtl_opt._validation import _non_finite
 from mtl_opt.aggregator import GradientAggregator
-from mtl_opt.backward import (
-    MTLBackwardResult,
-    _BlockedAggregationResult,
-    _per_task_roots,
-    _reachable_leaves,
-    _unreached_targets,
-)
+from mtl_opt._backward.graph import _per_task_roots, _reachable_leaves, _unreached_targets
+from mtl_opt._backward.result import MTLBackwardResult, _BlockedAggregationResult
 
 __all__ = ["weighted_sum_backward"]
 

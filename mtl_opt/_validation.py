@@ -10,6 +10,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_opt._gramian import (  # noqa: F401  (the Gramian's home; names kept importable here)
+    GRAMIAN_BLOCK,
+    GRAMIAN_WIDE,
+    _diagonal_in_range,
+    _gram,
+    _needs_float64,
+    check_finite_rows,
+    gramian_of,
+    underflow_threshold,
+)
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -33,77 +44,6 @@ def check_jacobian(G: object) -> None:
             "the Jacobian is on the 'meta' device (a shape without values): materialise it on a "
             "real device (e.g. .to_empty(device='cpu') and fill it) before aggregating"
         )
-
-
-def check_finite_rows(G: Tensor) -> None:
-    """Raise naming the first task row of ``G`` that holds a NaN or an infinity (one host sync)."""
-    finite_rows = torch.isfinite(G).all(dim=1)
-    if not bool(finite_rows.all()):
-        bad = [i for i, ok in enumerate(finite_rows.tolist()) if not ok]
-        raise ValueError(f"the Jacobian is not finite: task row(s) {bad} contain NaN or inf")
-
-
-def gramian_of(G: Tensor) -> Tensor:
-    """``M = G Gᵀ`` as a float64 CPU tensor, checked finite.
-
-    The product runs on ``G``'s device in ``G``'s dtype (float16/bfloat16 are upcast to float32),
-    and the K × K result is the call's one device-to-host transfer. A non-finite entry anywhere in
-    row ``i`` makes ``M_ii`` non-finite, so checking ``M`` checks ``G`` without another pass.
-    ``M`` is formed from ``G.detach()``: the weights ``β`` are constants of the graph.
-
-    float32 range: squared norms of rows below ~1e-19 underflow and rows above ~1e19 overflow
-    although ``G`` itself is representable. When a diagonal entry is non-finite or below
-    :func:`underflow_threshold`, ``M`` is recomputed from ``G`` in float64 (a rare path; the
-    common case costs nothing extra). Only a ``G`` that is itself non-finite, or whose squared
-    norms overflow float64 too, raises.
-
-    The K × K post-processing runs on Python floats for K ≤ 8 (one ``tolist``, the checks and
-    the symmetrisation in the interpreter, one array at the end) and in NumPy beyond: each tiny
-    torch or NumPy operation costs a few µs, and 10–20 µs right after the product has streamed
-    ``G`` through the caches; the float path cut the post-processing from ~190 to ~70 µs in that
-    state.
-    """
-    if G.requires_grad:
-        G = G.detach()
-    work = G if G.dtype in (torch.float32, torch.float64) else G.float()
-    M = _gram(work)
-    if M.shape[0] <= _FLOAT_PATH_MAX_K:
-        rows = M.tolist()  # the one device-to-host transfer
-        symmetric = _checked_symmetric(rows, 0.0 if work.dtype == torch.float64 else underflow_threshold(G.shape[1]))
-        if symmetric is not None:
-            return torch.from_numpy(np.array(symmetric, dtype=np.float64))
-        a = np.array(rows, dtype=np.float32 if work.dtype != torch.float64 else np.float64)
-    else:
-        if M.device.type != "cpu":
-            M = M.cpu()  # the one device-to-host transfer
-        a = M.numpy()
-    if work.dtype != torch.float64:
-        a = a.astype(np.float64)
-        # Common case: every squared norm finite and far above the underflow range (a K-long
-        # comparison in Python; NaN fails it too).
-        if not _diagonal_in_range(a, underflow_threshold(G.shape[1])) and _needs_float64(
-            np.diagonal(a), G, G.shape[1]
-        ):
-            a = _gram(G.double()).cpu().numpy()
-    if not np.isfinite(a).all():
-        _raise_non_finite_gramian(torch.from_numpy(a), G)
-    return torch.from_numpy((a + a.T) * 0.5)  # exactly symmetric
-
-
-_FLOAT_PATH_MAX_K = 8
-
-
-def _checked_symmetric(rows: list[list[float]], low: float) -> list[list[float]] | None:
-    """``(M + Mᵀ)/2`` of a K × K Gramian given as nested lists, or ``None`` when an entry is
-    not finite or a diagonal entry is below ``low`` (the caller's rare path decides then)."""
-    K = len(rows)
-    for i in range(K):
-        if not low <= rows[i][i] <= _F64_MAX:  # NaN fails too
-            return None
-    for row in rows:
-        if not all(map(math.isfinite, row)):
-            return None
-    return [[(ri[j] + rows[j][i]) * 0.5 for j in range(K)] for i, ri in enumerate(rows)]
 
 
 def gramian_rtol(dtype: torch.dtype, d: int) -> float:
@@ -137,101 +77,6 @@ def gramian_rtol(dtype: torch.dtype, d: int) -> float:
 
 
 _F32_EPS = float(torch.finfo(torch.float32).eps)
-
-
-def underflow_threshold(d: int) -> float:
-    """Smallest float32 squared row norm trusted without a float64 recomputation.
-
-    Each product ``g_k²`` that falls below float32's smallest normal number (``tiny = 2⁻¹²⁶``)
-    is rounded with an absolute error up to ``2⁻¹⁵⁰ = tiny·2⁻²⁴``, so a sum of ``d`` of them
-    is off by at most ``d·tiny·2⁻²⁴``. Above ``tiny·2²⁴·d`` that error is below ``2⁻⁴⁸`` of
-    the norm, far below float32 rounding; the same bound holds for off-diagonal entries
-    (``|M_ij| ≤ √(M_ii M_jj)``).
-    """
-    return _F32_TINY_2_24 * max(d, 1)
-
-
-_F32_TINY_2_24 = float(torch.finfo(torch.float32).tiny) * 2.0**24
-_F64_MAX = float(np.finfo(np.float64).max)
-
-
-def _diagonal_in_range(a: np.ndarray, low: float) -> bool:
-    """Every diagonal entry of the square ``a`` in ``[low, float64 max]`` (NaN fails)."""
-    for x in a.ravel()[:: a.shape[0] + 1].tolist():
-        if not low <= x <= _F64_MAX:
-            return False
-    return True
-
-
-def _needs_float64(diag: np.ndarray, G: Tensor, d: int) -> bool:
-    """Whether a float32 Gramian with diagonal ``diag`` lost range (overflow or underflow).
-
-    Exactly-zero rows of ``G`` (a task with no gradient) are fine in float32; a zero diagonal
-    entry is checked against its row (one pass over that row only) before recomputing.
-    ``diag`` has shape (K,) for ``G`` (K, d) or (B, K) for ``G`` (B, K, d).
-    """
-    suspect = ~np.isfinite(diag) | (diag < underflow_threshold(d))
-    if not suspect.any():
-        return False
-    if (~np.isfinite(diag)).any():
-        return True
-    for index in zip(*np.nonzero(suspect)):
-        if diag[index] != 0.0 or bool(G[index].any()):
-            return True  # a nonzero row whose squared norm underflowed
-    return False
-
-
-#: Column block of the CPU Gramian (see :func:`_gram`).
-GRAMIAN_BLOCK = 1 << 16
-#: From this width on, K < 4 Jacobians get the blocked Gramian too.
-GRAMIAN_WIDE = 1 << 22
-
-
-def _gram(work: Tensor) -> Tensor:
-    """``work @ work.T``; on the CPU for wide ``work``, summed over 65 536-column blocks.
-
-    MKL's single-call product of a (K × d)·(d × K) pair with d ≥ 10⁶ picks a slow kernel for some
-    K and accumulates each entry in one float32 run. The blocked form is one batched product of
-    the (K × 65 536) blocks (``torch.bmm`` over a strided view: no copy) and a sum of the K × K
-    partial Gramians. Measured on one thread of a 2-core x86 machine: K = 8, d = 10⁶ in 4.3 ms
-    instead of 6.8 ms; K = 2 and 4, d = 10⁷ in 6.3 and 12.4 ms instead of 7.3 and 21 ms; K = 4,
-    d = 10⁶ on par. It is also more accurate: the largest relative error of a float32 Gramian
-    (against float64) at d = 10⁷ drops from ~1e-3 to ~1e-6. Rows or columns of unit stride (a row slice, a transposed array) are both
-    blocked through views. K < 4 below ``GRAMIAN_WIDE`` columns (where the single product was up
-    to 5 % faster), narrow Jacobians, other layouts and GPUs get the single product.
-    """
-    K, d = work.shape
-    if (
-        work.device.type != "cpu"
-        or d <= 2 * GRAMIAN_BLOCK
-        or (K < 4 and d < GRAMIAN_WIDE)
-        or (work.stride(1) != 1 and work.stride(0) != 1)
-    ):
-        return work @ work.T
-    n_blocks = d // GRAMIAN_BLOCK
-    covered = n_blocks * GRAMIAN_BLOCK
-    if work.stride(1) == 1:  # rows of unit stride: blocks (n_blocks, K, BLOCK)
-        blocks = work[:, :covered].view(K, n_blocks, GRAMIAN_BLOCK).transpose(0, 1)
-    else:  # columns of unit stride (a transposed (d, K) array): the same blocks, transposed
-        blocks = work.T[:covered].view(n_blocks, GRAMIAN_BLOCK, K).transpose(1, 2)
-    M = torch.bmm(blocks, blocks.transpose(1, 2)).sum(dim=0)
-    if covered < d:
-        tail = work[:, covered:]
-        M.addmm_(tail, tail.T)
-    return M
-
-
-def _raise_non_finite_gramian(M: Tensor, G: Tensor) -> None:
-    """``M`` (float64, from float64 arithmetic) is not finite: name the rows and the cause."""
-    check_finite_rows(G)  # a NaN or inf in G itself
-    diag = torch.diagonal(M)
-    bad = [i for i, ok in enumerate(torch.isfinite(diag).tolist()) if not ok]
-    if bad:
-        raise ValueError(
-            f"the squared norm of task row(s) {bad} of the Jacobian overflows float64; "
-            "rescale the losses"
-        )
-    raise ValueError("the Gramian G Gᵀ overflows float64; rescale the losses")
 
 
 def all_finite(t: Tensor) -> bool:

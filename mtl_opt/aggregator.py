@@ -25,12 +25,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from mtl_opt._gramian import gramians_of_batch
 from mtl_opt._validation import (
-    _needs_float64,
     check_direction,
     check_finite_rows,
     check_gramian,
@@ -364,25 +363,7 @@ class GramianAggregator(GradientAggregator, protocol=True):
     def _aggregate_batch(
         self, G: Tensor, *, losses: Tensor | None, task_weights: Tensor | None
     ) -> Tensor:
-        Gd = G.detach()
-        work = Gd if Gd.dtype in (torch.float32, torch.float64) else Gd.float()
-        a = (work @ work.transpose(1, 2)).cpu().numpy().astype(np.float64)
-        if work.dtype != torch.float64 and _needs_float64(
-            np.diagonal(a, axis1=1, axis2=2), Gd, Gd.shape[2]
-        ):
-            G64 = Gd.double()  # float32 squared norms out of range: the rare float64 path
-            a = (G64 @ G64.transpose(1, 2)).cpu().numpy()
-        if not np.isfinite(a).all():
-            diag = np.diagonal(a, axis1=1, axis2=2)
-            bad = np.argwhere(~np.isfinite(diag)).tolist()
-            if bool(torch.isfinite(G).all()):
-                where = f"(batch, task) entries {bad[:10]}" if bad else "an off-diagonal entry"
-                raise ValueError(f"the Gramians overflow float64 at {where}; rescale the losses")
-            bad = torch.nonzero(~torch.isfinite(G).all(dim=2)).tolist()
-            raise ValueError(
-                f"the Jacobians are not finite: (batch, task) entries {bad[:10]} contain NaN or inf"
-            )
-        M = torch.from_numpy(0.5 * (a + a.transpose(0, 2, 1)))
+        M = gramians_of_batch(G)
         rtol = gramian_rtol(G.dtype, G.shape[2])
         beta = self._checked_batch_weights(M, losses, task_weights, rtol=rtol)
         return combine_rows_batch(beta, G)

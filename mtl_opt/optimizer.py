@@ -102,7 +102,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
         parallel: passed to :func:`mtl_opt.mtl_backward`. ``"auto"`` settles on the first
             multi-task step: if the batched Jacobian worked it is used from then on without
             keeping the graph alive for a fallback (no extra memory); if it failed, the per-task
-            loop is used from then on (no failed attempt per step).
+            loop is used from then on (no failed attempt per step). Steps with ``features=``
+            (representation level) take one pass per task under ``"auto"`` and settle nothing.
         factor_linear: passed to :func:`mtl_opt.mtl_backward`: shared linear layers take their
             Gramian share and update from their inputs and output gradients (no Jacobian rows).
         distributed: passed to :func:`mtl_opt.mtl_backward` (``"global"``, ``"local"`` or
@@ -260,7 +261,8 @@ class MultiTaskOptimizer(torch.optim.Optimizer):
                 scale = float(grad_scaler.get_scale())
                 aggregator = _LossScaled(aggregator, scale)
         parallel: Parallel = self.parallel
-        if parallel == "auto" and self._resolved is not None:
+        if parallel == "auto" and self._resolved is not None and features is None:
+            # (the features level takes per-task passes under "auto": nothing to settle)
             parallel = self._resolved
         try:
             result = mtl_backward(

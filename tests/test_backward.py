@@ -657,3 +657,70 @@ def test_blocked_result_repr_does_not_assemble_the_direction():
     text = repr(result.aggregation)  # no error although the pieces were modified
     assert "blocked" in text and "weights" in text
     assert repr(result).startswith("MTLBackwardResult(level='parameters'")
+
+
+def test_features_auto_takes_one_pass_per_task_through_the_heads():
+    """At the features, parallel="auto" runs one backward pass per task that stops at z (each
+    through its own head only) instead of the batched call, which runs every head K times;
+    same result as the batched call, no fallback warning."""
+    results = {}
+    for parallel in ("auto", True):
+        net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+        z = net.features(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            r = mtl_backward(net.losses_from(z, y), net.trunk, MGDA(), features=z,
+                             task_params=[net.head_a, net.head_b], parallel=parallel)
+        results[parallel] = (r, grads_of(net))
+    auto, batched = results["auto"][0], results[True][0]
+    assert auto.batched is False and auto.fallback_reason is None
+    assert batched.batched is True
+    torch.testing.assert_close(auto.weights, batched.weights)
+    torch.testing.assert_close(auto.gramian, batched.gramian)
+    for n, g in results["auto"][1].items():
+        torch.testing.assert_close(g, results[True][1][n], msg=n)
+
+
+def test_jacobian_stage_rows_are_replaced_in_one_call_between_the_stages():
+    """The Jacobian stage hands every per-task gradient to the Gramian stage in one object;
+    ``map_rows`` replaces them all (the step a sum over processes takes): doubling every row
+    doubles the Gramian and every head's update; factored layers refuse (not additive)."""
+    from mtl_opt._backward.inputs import heads_of, prepare_call
+    from mtl_opt._backward.jacobian import jacobian_blocks
+    from mtl_opt._backward.weights import gramian
+    from mtl_opt._gramian import gramian_of
+
+    def gramian_of_stage(call, jac):  # the flat path's aggregator forms M from G
+        M = gramian(call, jac)
+        return gramian_of(jac.flat()) if M is None else M
+
+    def stage_two(parallel):
+        net, (x, y) = TwoHeadNet(dtype=torch.float64), batch(dtype=torch.float64)
+        call = prepare_call(
+            net.losses(x, y), net.trunk, MGDA(), task_params=[net.head_a, net.head_b],
+            task_weights=None, features=None, retain_graph=False, parallel=parallel,
+            factor_linear=False,
+        )
+        heads = heads_of(call)
+        return call, jacobian_blocks(call, heads)
+
+    for parallel in (True, False):
+        call, jac = stage_two(parallel)
+        M, heads = gramian_of_stage(call, jac), [g.clone() for g in jac.head]
+        call, jac = stage_two(parallel)
+        jac.map_rows(lambda t: 2 * t)
+        torch.testing.assert_close(gramian_of_stage(call, jac), 4 * M)
+        for g, h in zip(jac.head, heads):
+            torch.testing.assert_close(g, 2 * h)
+    torch.manual_seed(0)
+    trunk, head_a, head_b = nn.Linear(64, 64), nn.Linear(64, 1), nn.Linear(64, 1)
+    z = trunk(torch.randn(4, 64))
+    call = prepare_call(
+        [head_a(z).pow(2).mean(), head_b(z).pow(2).mean()], trunk, MGDA(),
+        task_params=[head_a, head_b], task_weights=None, features=None, retain_graph=False,
+        parallel=True, factor_linear=True,
+    )
+    jac = jacobian_blocks(call, heads_of(call))
+    assert jac.n_factored == 1
+    with pytest.raises(RuntimeError, match="not additive"):
+        jac.map_rows(lambda t: t)

@@ -283,3 +283,20 @@ def test_rejected_aggregator_state_leaves_the_optimizer_untouched():
     for key, value in before["optimizer"]["state"].items():
         for name, t in value.items():
             assert torch.equal(torch.as_tensor(after["optimizer"]["state"][key][name]), torch.as_tensor(t))
+
+
+def test_features_steps_take_per_task_passes_after_a_batched_parameter_step():
+    """parallel="auto" settles on the batched call at the parameters; a later step at the
+    features still takes one backward pass per task through the heads (not the batched call,
+    which runs every head K times)."""
+    net, opt = make(UnitNormSum(), opt_cls=torch.optim.SGD, lr=0.1)
+    x, y = batch()
+    opt.zero_grad()
+    assert opt.step(net.losses(x, y)).batched is True
+    z = net.features(x)
+    opt.zero_grad()
+    info = opt.step(net.losses_from(z, y), features=z)
+    assert info.level == "features" and info.batched is False and info.fallback_reason is None
+    z = net.features(x)
+    opt.zero_grad()
+    assert opt.step(net.losses(x, y)).batched is True
