@@ -21,12 +21,17 @@ gradient computations", 2015) and TorchJD's ``autogram`` engine, applied to task
 batched backward pass then stops at each layer's output (a ``GradientEdge``): autograd skips the
 K weight-gradient products, and no K × d Jacobian is held for these parameters.
 
+Convolutions (1-D and 2-D, not transposed) are the same product over their unfolded input, one
+row per (example, output position), per group (:mod:`mtl_opt._conv_rows`): their weight is
+factored when every edge into its accumulator is the weight input of a ``ConvolutionBackward0``
+node, their bias is checked like a linear layer's.
+
 Which weights qualify is read off the autograd graph, not assumed: a weight qualifies only when
 every edge into its gradient accumulator is ``TBackward0`` under the ``mat2`` input of an
 ``AddmmBackward0`` (with ``alpha = 1``) or ``MmBackward0`` node, whose saved first factor is
 ``X``; a bias is checked only when every edge into its accumulator is the ``self`` input
 (``beta = 1``) of such a node. A weight that is also used any other way (a tied embedding, a cast
-under autocast, a convolution), whose saved input cannot be read without running saved-tensor
+under autocast, a transposed or 3-D convolution), whose saved input cannot be read without running saved-tensor
 hooks (activation checkpointing, CPU offloading) or is empty, that has tensor hooks of its own
 (``register_hook``, which see the gradient a factored weight never gets), or for which the N × N
 products would cost more than its Jacobian rows, keeps its Jacobian rows.
@@ -45,22 +50,33 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from mtl_opt._conv_rows import ConvGeometry, conv_geometry, unfold_rows
+
 __all__ = ["LayerPlan", "plan_linear_layers"]
 
 # The factored Gramian runs in float64: its N × N products are cheap next to the K rows it
 # replaces. It is used when 2 · (N² in + K² N² out) ≤ K · N · in · out (float64 counted twice).
 _FLOAT64_COST = 2.0
+# Convolutions are factored too (mtl_opt._conv_rows); benchmarks/bench_rrg.py turns this off
+# for its "linear layers only" rows.
+_FACTOR_CONV = True
 # Above this many stacked task rows (K · N) the cross products are formed pair by pair.
 _MAX_STACKED_ROWS = 4096
 
 
 @dataclass
 class _Use:
-    """One ``Y = X Wᵀ (+ b)`` node of the graph: its autograd node and its saved input X."""
+    """One ``Y = X Wᵀ (+ b)`` node of the graph: its autograd node and its saved input X.
+
+    A convolution is the same product over the unfolded input (:mod:`mtl_opt._conv_rows`):
+    ``X`` then holds one row per (example, output position), ``groups`` column blocks of
+    ``in/groups`` columns each, and ``Δ`` (K, N, out, *spatial) is read as (K, rows, out)."""
 
     node: Any
     X: Tensor
     out: int  # the weight's output size: the width of Y
+    groups: int = 1
+    conv: ConvGeometry | None = None  # set while X is still the raw convolution input
 
 
 @dataclass
@@ -166,18 +182,27 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
     factored: list[_ParamUses] = []
     for j, W in enumerate(shared):
         node = acc.get(id(W))
-        if W.dim() != 2 or node is None or not parents.get(id(node)) or _has_hooks(W):
+        if W.dim() not in (2, 3, 4) or node is None or not parents.get(id(node)) or _has_hooks(W):
             continue
-        found = _linear_uses(W, parents[id(node)], parents, use_of)
+        if W.dim() == 2:
+            found = _linear_uses(W, parents[id(node)], parents, use_of)
+        elif not _FACTOR_CONV:
+            continue
+        else:
+            found = _conv_uses(W, parents[id(node)], use_of)
         if not found:
             continue
-        out, inp = W.shape
-        N = sum(u.X.shape[0] for u in found)
+        out = W.shape[0]
+        groups = found[0].groups
+        inp = W[0].numel() * groups  # columns of X (of all groups)
+        N = sum(u.conv.rows if u.conv is not None else u.X.shape[0] for u in found)
         factored_cost = _FLOAT64_COST * (N * N * inp + K * K * N * N * out)
-        if factored_cost > K * N * inp * out:
+        if factored_cost > K * N * inp * out / groups:
             continue
         positions = []
         for u in found:
+            if u.conv is not None:
+                u.X, u.conv = unfold_rows(u.X, u.conv), None
             use_of[id(u.node)] = len(uses)
             positions.append(len(uses))
             uses.append(u)
@@ -193,8 +218,10 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
             continue
         into_b = parents[id(node)]
         if all(
-            slot == 0 and op.name() == "AddmmBackward0" and id(op) in use_of
-            and op._saved_beta == 1 and uses[use_of[id(op)]].out == b.shape[0]
+            id(op) in use_of and uses[use_of[id(op)]].out == b.shape[0] and (
+                (slot == 0 and op.name() == "AddmmBackward0" and op._saved_beta == 1)
+                or (slot == 2 and op.name() == "ConvolutionBackward0")
+            )
             for op, slot in into_b
         ):
             checks.append(_ParamUses(j, [use_of[id(op)] for op, _ in into_b]))
@@ -222,6 +249,35 @@ def _linear_uses(
     return found
 
 
+def _conv_uses(W: Tensor, into_W: list[tuple[Any, int]], use_of: dict[int, int]) -> list[_Use]:
+    """Every use of ``W`` as the weight of a convolution, or [] when any edge into ``W``'s
+    accumulator is not one that :func:`mtl_opt._conv_rows.conv_geometry` accepts."""
+    found: list[_Use] = []
+    for op, slot in into_W:
+        if slot != 1 or id(op) in use_of:
+            return []
+        read = conv_geometry(op, W)
+        if read is None or (found and read[1].groups != found[0].groups):
+            return []
+        X, geometry = read
+        found.append(_Use(op, X, W.shape[0], geometry.groups, geometry))
+    return found
+
+
+def _delta_rows(D: Tensor) -> Tensor:
+    """``Δ`` as (K, rows, out): a convolution's (K, N, out, *spatial) gets one row per
+    (example, position), in the order of :func:`mtl_opt._conv_rows.unfold_rows`."""
+    if D.dim() == 3:
+        return D
+    return D.movedim(2, -1).reshape(D.shape[0], -1, D.shape[2])
+
+
+def _blocks(groups: int, out: int, inp: int) -> list[tuple[slice, slice]]:
+    """The (Δ columns, X columns) of each group: a grouped weight is block-diagonal."""
+    o, i = out // groups, inp // groups
+    return [(slice(g * o, (g + 1) * o), slice(g * i, (g + 1) * i)) for g in range(groups)]
+
+
 def _cross(Ds: Tensor, Xs: Tensor) -> Tensor:
     """``M_ij = Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` for ``Ds`` (K, N, out) and ``Xs`` (N, in), float64."""
     K, N, _ = Ds.shape
@@ -247,8 +303,13 @@ def factored_gramian(plan: LayerPlan, deltas: list[Tensor]) -> Tensor:
     M = torch.zeros(K, K, dtype=torch.float64, device=deltas[0].device)
     for f in plan.factored:
         Xs = torch.cat([plan.uses[u].X for u in f.uses]).double()
-        Ds = torch.cat([deltas[u] for u in f.uses], dim=1).double()
-        M += _cross(Ds, Xs)
+        Ds = torch.cat([_delta_rows(deltas[u]) for u in f.uses], dim=1).double()
+        groups = plan.uses[f.uses[0]].groups
+        if groups == 1:
+            M += _cross(Ds, Xs)
+            continue
+        for d_cols, x_cols in _blocks(groups, Ds.shape[2], Xs.shape[1]):
+            M += _cross(Ds[..., d_cols], Xs[:, x_cols])
     return M
 
 
@@ -257,9 +318,20 @@ def factored_rows(plan: LayerPlan, deltas: list[Tensor]) -> list[Tensor]:
     """Each factored weight's Jacobian rows (K, n), materialised: for error messages only."""
     rows = []
     for f in plan.factored:
-        g = sum(torch.matmul(deltas[u].transpose(1, 2), plan.uses[u].X) for u in f.uses)
+        g = sum(_grouped_product(_delta_rows(deltas[u]), plan.uses[u]) for u in f.uses)
         rows.append(g.reshape(deltas[0].shape[0], -1))  # type: ignore[union-attr]
     return rows
+
+
+def _grouped_product(D: Tensor, use: _Use) -> Tensor:
+    """``Dᵀ X`` per group, stacked by output channel: (..., out, in/groups) for ``D``
+    (..., rows, out)."""
+    if use.groups == 1:
+        return torch.matmul(D.transpose(-1, -2), use.X)
+    return torch.cat([
+        torch.matmul(D[..., d_cols].transpose(-1, -2), use.X[:, x_cols])
+        for d_cols, x_cols in _blocks(use.groups, D.shape[-1], use.X.shape[1])
+    ], dim=-2)
 
 
 @torch.no_grad()
@@ -276,8 +348,8 @@ def hooked_layers(plan: LayerPlan, deltas: list[Tensor], rest_rows: dict[int, Te
         return []
     ratios = []
     for c in plan.checks:
-        sums = sum(deltas[u].sum(dim=1) for u in c.uses)
-        scale = sum(deltas[u].abs().sum(dim=1) for u in c.uses)
+        sums = sum(_delta_rows(deltas[u]).sum(dim=1) for u in c.uses)
+        scale = sum(_delta_rows(deltas[u]).abs().sum(dim=1) for u in c.uses)
         err = (rest_rows[c.index] - sums).abs()  # type: ignore[operator]
         ratios.append((err / (scale + torch.finfo(err.dtype).tiny)).max())  # type: ignore[operator]
     tol = 1e-3 if deltas[0].dtype == torch.float32 else 1e-9
@@ -294,8 +366,13 @@ def factored_updates(
     updates: dict[int, Tensor] = {}
     for f in plan.factored:
         first, *more = f.uses
-        g = torch.mm(torch.tensordot(beta_row, deltas[first], dims=1).T, plan.uses[first].X)
-        for u in more:
-            g.addmm_(torch.tensordot(beta_row, deltas[u], dims=1).T, plan.uses[u].X)
-        updates[f.index] = g.view(shared[f.index].shape)
+        if plan.uses[first].groups == 1:
+            g = torch.mm(torch.tensordot(beta_row, _delta_rows(deltas[first]), dims=1).T,
+                         plan.uses[first].X)
+            for u in more:
+                g.addmm_(torch.tensordot(beta_row, _delta_rows(deltas[u]), dims=1).T, plan.uses[u].X)
+        else:
+            g = sum(_grouped_product(torch.tensordot(beta_row, _delta_rows(deltas[u]), dims=1),
+                                     plan.uses[u]) for u in f.uses)
+        updates[f.index] = g.reshape(shared[f.index].shape)
     return updates
