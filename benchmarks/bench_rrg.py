@@ -9,26 +9,42 @@ of the synthetic set, the task losses and ``MultiTaskOptimizer.step`` (AdamW). R
 * ``baseline``: ``(L_report + 4 L_cls).backward()`` and ``AdamW.step()``: the single-loss step
   every ratio is quoted against;
 * ``<method>/parameters``: the Jacobian over the encoder's parameters, aggregated by the method
-  (linear layers factored where they qualify: no Jacobian rows for them, see
+  (linear layers and convolutions factored where they qualify: no Jacobian rows for them, see
   :func:`mtl_opt.mtl_backward`'s ``factor_linear``; the row says how many parameters were);
+* ``<method>/parameters-linear``: the same with linear layers factored, convolutions not;
 * ``<method>/rows``: the same with ``factor_linear=False`` (every Jacobian row);
 * ``<method>/representation``: the Jacobian over the encoder's output (MGDA-UB);
+* ``<method>/autogram (TorchJD)`` (``--autogram``, Gramian weightings): TorchJD's
+  ``torchjd.autogram.Engine`` over the encoder computes the Gramian of the two losses, the same
+  method's weights ``β`` come from it, and ``(β · losses).backward()`` gives the update (run on a
+  copy of the model with the same weights, since the engine hooks every module it is given);
 * ``greedy`` / ``beam3``: decoding the batch (per study).
 
-Reports median, min and max over ``--steps`` timed repetitions after ``--warmup`` (CUDA timings
-synchronise). Prints a Markdown table; ``--out`` also writes it to a file.
+Reports median, min and max over ``--steps`` timed rounds after ``--warmup``; within a round every
+row takes one step in turn (interleaved, so that a loaded machine slows all rows alike). CUDA
+timings synchronise; ``--clock cpu`` times the process's CPU time instead of the wall clock
+(steadier on a shared CPU). ``--memory`` adds each step's extra peak memory over the baseline
+step: on CUDA ``max_memory_allocated``; on the CPU the peak resident set of a fresh process that
+runs only that row, minus the baseline's. Prints a Markdown table; ``--out`` also writes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import mtl_opt
+import mtl_opt._layerwise as layerwise
+from mtl_opt.aggregator import is_gramian_weighting
 from mtl_opt.problems.rrg.r2gen import collate_rrg
 from mtl_opt.problems.rrg.synthetic import SyntheticCXR
 from mtl_opt.problems.rrg.tokenizer import ReportTokenizer
@@ -40,17 +56,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, steps: int, warmup: int) -> list[float]:
+def _interleaved(rows: list[tuple[str, object]], device: torch.device, steps: int, warmup: int,
+                 clock=time.perf_counter) -> list[tuple[str, list[float]]]:
+    """Times of each row's step over ``steps`` rounds; every round runs each row once in turn."""
     for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
+        for _, fn in rows:
+            fn()
+    times: list[list[float]] = [[] for _ in rows]
     for _ in range(steps):
-        t = time.perf_counter()
+        for k, (_, fn) in enumerate(rows):
+            _sync(device)
+            t = clock()
+            fn()
+            _sync(device)
+            times[k].append(clock() - t)
+    return [(label, ts) for (label, _), ts in zip(rows, times)]
+
+
+def _time(fn, device: torch.device, steps: int, warmup: int) -> list[float]:
+    return _interleaved([("", fn)], device, steps, warmup)[0][1]
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_mb(fn, device: torch.device) -> float:
+    """Peak memory (MB) of three steps above the memory held before them: allocated on CUDA;
+    on the CPU the resident set of this process (which runs nothing else), its high-water mark
+    reset before the steps (Linux ``/proc/self/clear_refs``)."""
+    fn()  # first step: optimizer state, caches
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    before = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    for _ in range(3):
         fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return times
+    return _status_mb("VmHWM") - before
 
 
 def main() -> None:
@@ -66,6 +119,14 @@ def main() -> None:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None)
+    p.add_argument("--autogram", action="store_true",
+                   help="add TorchJD autogram rows (Gramian weightings; needs torchjd)")
+    p.add_argument("--levels", nargs="+", default=["parameters", "rows", "representation"],
+                   choices=["parameters", "parameters-linear", "rows", "representation"])
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    p.add_argument("--memory", action="store_true", help="add each row's extra peak memory")
+    p.add_argument("--no-decode", action="store_true", help="skip the decoding rows")
+    p.add_argument("--memory-row", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -87,7 +148,7 @@ def main() -> None:
         with amp:
             return model(images, tokens, classes)
 
-    rows: list[tuple[str, list[float]]] = []
+    steps: list[tuple[str, object]] = []
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def baseline():
@@ -96,31 +157,73 @@ def main() -> None:
         (out["report"] + 4.0 * out["classification"]).backward()
         opt.step()
 
-    rows.append(("baseline (weighted sum)", _time(baseline, device, args.steps, args.warmup)))
+    steps.append(("baseline (weighted sum)", baseline))
+    jd_model = jd_engine = None
+    if args.autogram:
+        from torchjd.autogram import Engine
+
+        jd_model = copy.deepcopy(model)  # the engine hooks its modules: a copy, same weights
+        jd_engine = Engine(jd_model.encoder, batch_dim=None)
+        jd_opt = torch.optim.AdamW(jd_model.parameters(), lr=1e-4)
+    factored_of: dict[str, object] = {}
     for name in args.methods:
         agg = mtl_opt.get_aggregator(name)
         tw = weights if agg.accepts_task_weights else None
         scale = [1.0, 1.0] if agg.accepts_task_weights else [1.0, 4.0]
-        for level in ("parameters", "rows", "representation"):
+        for level in args.levels:
             mto = mtl_opt.MultiTaskOptimizer(
                 torch.optim.AdamW(model.parameters(), lr=1e-4), agg, model.shared_parameters(),
                 task_params=model.task_parameters(), factor_linear=level != "rows",
             )
 
-            def step(level=level, mto=mto):
+            def step(level=level, mto=mto, tw=tw, scale=scale):
                 out = forward()
                 losses = [scale[0] * out["report"], scale[1] * out["classification"]]
                 mto.zero_grad()
-                mto.step(losses, task_weights=tw,
-                         features=out["memory"] if level == "representation" else None)
-            ts = _time(step, device, args.steps, args.warmup)
+                layerwise._FACTOR_CONV = level != "parameters-linear"  # linear layers only
+                try:
+                    mto.step(losses, task_weights=tw,
+                             features=out["memory"] if level == "representation" else None)
+                finally:
+                    layerwise._FACTOR_CONV = True
+            label = f"{name}/{level}"
+            steps.append((label, step))
+            if level.startswith("parameters"):
+                factored_of[label] = mto
+        if args.autogram and is_gramian_weighting(agg):
+            def autogram_step(agg=agg, tw=tw, scale=scale):
+                with amp:
+                    out = jd_model(images, tokens, classes)
+                L = torch.stack([scale[0] * out["report"], scale[1] * out["classification"]])
+                M = jd_engine.compute_gramian(L)
+                beta = agg.weights(M.double().cpu(), losses=L.detach().double().cpu(),
+                                   task_weights=tw)
+                jd_opt.zero_grad()
+                L.backward(beta.to(dtype=L.dtype, device=L.device))
+                jd_opt.step()
+            steps.append((f"{name}/autogram (TorchJD)", autogram_step))
+
+    if args.memory_row is not None:  # a fresh process measuring one row's peak memory
+        print(f"PEAK_MB {_peak_mb(steps[args.memory_row][1], device):.1f}")
+        return
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    rows = _interleaved(steps, device, args.steps, args.warmup, clock)
+    for k, (label, ts) in enumerate(rows):
+        mto = factored_of.get(label)
+        if mto is not None:
             factored = mto.last_result.factored_params if mto.last_result is not None else 0
-            label = f"{name}/{level}" + (f" ({factored} factored)" if level == "parameters" else "")
-            rows.append((label, ts))
+            rows[k] = (f"{label} ({factored} factored)", ts)
+    peaks: list[float | None] = [None] * len(rows)
+    if args.memory:
+        for k in range(len(steps)):
+            argv = [a for a in sys.argv[1:] if a not in ("--memory",)]
+            done = subprocess.run([sys.executable, __file__, *argv, "--memory-row", str(k)],
+                                  capture_output=True, text=True, check=True, env=os.environ)
+            peaks[k] = float(done.stdout.split("PEAK_MB")[-1].split()[0])
 
     model.eval()
     B = images.shape[0]
-    for label, beam in (("greedy (per study)", 1), ("beam3 (per study)", 3)):
+    for label, beam in () if args.no_decode else (("greedy (per study)", 1), ("beam3 (per study)", 3)):
         def dec(beam=beam):
             with amp:
                 model.generate(images, max_length=tok.max_length - 1, beam_size=beam)
@@ -132,15 +235,18 @@ def main() -> None:
     lines = [
         f"RRG step times: size {args.size} ({n['total']:,} parameters, {n['encoder']:,} shared), "
         f"{args.image_size} px, batch {args.batch_size}, {args.views} view(s), device {device}, "
-        f"amp {args.amp}, torch threads {torch.get_num_threads()}, {args.steps} timed steps",
+        f"amp {args.amp}, torch threads {torch.get_num_threads()}, {args.steps} timed steps, "
+        f"clock {args.clock}, rounds interleaved",
         "",
-        "| row | median ms | min ms | max ms | × baseline |",
-        "|---|---|---|---|---|",
+        "| row | median ms | min ms | max ms | × baseline | extra peak MB |",
+        "|---|---|---|---|---|---|",
     ]
-    for label, ts in rows:
+    for k, (label, ts) in enumerate(rows):
         med = statistics.median(ts)
         ratio = f"{med / base:.2f}" if "per study" not in label else "-"
-        lines.append(f"| {label} | {1e3 * med:.1f} | {1e3 * min(ts):.1f} | {1e3 * max(ts):.1f} | {ratio} |")
+        extra = (f"{peaks[k] - peaks[0]:.0f}" if k < len(peaks) and peaks[k] is not None
+                 and peaks[0] is not None else "-")
+        lines.append(f"| {label} | {1e3 * med:.1f} | {1e3 * min(ts):.1f} | {1e3 * max(ts):.1f} | {ratio} | {extra} |")
     text = "\n".join(lines)
     print(text)
     if args.out:
