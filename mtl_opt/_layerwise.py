@@ -26,6 +26,12 @@ row per (example, output position), per group (:mod:`mtl_opt._conv_rows`): their
 factored when every edge into its accumulator is the weight input of a ``ConvolutionBackward0``
 node, their bias is checked like a linear layer's.
 
+An embedding table ``E`` (vocabulary × width) looked up at ids ``t_1..t_N`` (``nn.Embedding``,
+``F.embedding``; dense, not ``scale_grad_by_freq``) receives ``∇_E L_k = Σ_n e_{t_n} Δ_k[n]ᵀ``:
+the rows of the same id add up, so with ``S_k[u] = Σ_{n: t_n = u} Δ_k[n]`` over the U distinct
+ids (the padding id left out) its Gramian share is ``⟨S_i, S_j⟩`` and its update scatters
+``Σ_k β_k S_k`` into the table, K × U × width values instead of K × vocabulary × width rows.
+
 Which weights qualify is read off the autograd graph, not assumed: a weight qualifies only when
 every edge into its gradient accumulator is ``TBackward0`` under the ``mat2`` input of an
 ``AddmmBackward0`` (with ``alpha = 1``) or ``MmBackward0`` node, whose saved first factor is
@@ -77,6 +83,8 @@ class _Use:
     out: int  # the weight's output size: the width of Y
     groups: int = 1
     conv: ConvGeometry | None = None  # set while X is still the raw convolution input
+    table: int = 0  # an embedding lookup: X holds the N token ids, ``table`` the vocabulary size
+    padding_idx: int | None = None  # an embedding's id that receives no gradient
 
 
 @dataclass
@@ -186,6 +194,16 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
             continue
         if W.dim() == 2:
             found = _linear_uses(W, parents[id(node)], parents, use_of)
+            if not found:
+                found = _embedding_uses(W, parents[id(node)], use_of)
+                if found:
+                    positions = []
+                    for u in found:
+                        use_of[id(u.node)] = len(uses)
+                        positions.append(len(uses))
+                        uses.append(u)
+                    factored.append(_ParamUses(j, positions))
+                    continue
         elif not _FACTOR_CONV:
             continue
         else:
@@ -264,11 +282,60 @@ def _conv_uses(W: Tensor, into_W: list[tuple[Any, int]], use_of: dict[int, int])
     return found
 
 
-def _delta_rows(D: Tensor) -> Tensor:
+def _embedding_uses(W: Tensor, into_W: list[tuple[Any, int]], use_of: dict[int, int]) -> list[_Use]:
+    """Every use of ``W`` (vocabulary × width) as a dense embedding table (``nn.Embedding``,
+    ``F.embedding``; not sparse, not ``scale_grad_by_freq``), or [] when any edge into ``W``'s
+    accumulator is not one. Its factored share costs K·N·width, never more than its K rows
+    (K·vocabulary·width) for N ≤ vocabulary lookups, so no cost rule applies beyond that."""
+    found: list[_Use] = []
+    for op, slot in into_W:
+        if slot != 0 or op.name() != "EmbeddingBackward0" or id(op) in use_of:
+            return []
+        try:
+            if op._saved_sparse or op._saved_scale_grad_by_freq:
+                return []
+            raw = op._raw_saved_indices
+            if getattr(raw, "unpack_hook", True) is not None:
+                return []
+            ids = raw.unpack()
+            padding_idx = int(op._saved_padding_idx)
+        except (AttributeError, RuntimeError, TypeError):
+            return []
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.device != W.device:
+            return []
+        found.append(_Use(op, ids.detach().reshape(-1, 1), W.shape[1], table=W.shape[0],
+                          padding_idx=padding_idx if 0 <= padding_idx < W.shape[0] else None))
+    if sum(u.X.shape[0] for u in found) > W.shape[0]:
+        return []  # more lookups than rows in the table: its Jacobian rows are cheaper
+    return found
+
+
+def _table_rows(D: Tensor, uses: list[_Use]) -> tuple[Tensor, Tensor]:
+    """Task gradients of an embedding table on the ids it looked up: ``(ids (U,), S (..., U,
+    width))`` with ``S[.., u] = Σ_{n: id_n = ids[u]} Δ[.., n]``, the padding id's lookups left
+    out. ``D`` (..., N, width) stacks the uses' output gradients in the order of ``uses``."""
+    ids = torch.cat([u.X.reshape(-1) for u in uses])
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    offset = 0
+    for u in uses:
+        n = u.X.shape[0]
+        if u.padding_idx is not None:
+            keep[offset: offset + n] &= ids[offset: offset + n] != u.padding_idx
+        offset += n
+    unique, inverse = torch.unique(ids[keep], return_inverse=True)
+    S = D.new_zeros((*D.shape[:-2], unique.shape[0], D.shape[-1]))
+    S.index_add_(-2, inverse, D[..., keep, :])
+    return unique, S
+
+
+def _delta_rows(D: Tensor, use: _Use) -> Tensor:
     """``Δ`` as (K, rows, out): a convolution's (K, N, out, *spatial) gets one row per
-    (example, position), in the order of :func:`mtl_opt._conv_rows.unfold_rows`."""
+    (example, position), in the order of :func:`mtl_opt._conv_rows.unfold_rows`; an
+    embedding's (K, *ids, width) one row per looked-up id."""
     if D.dim() == 3:
         return D
+    if use.table:
+        return D.reshape(D.shape[0], -1, D.shape[-1])
     return D.movedim(2, -1).reshape(D.shape[0], -1, D.shape[2])
 
 
@@ -302,9 +369,15 @@ def factored_gramian(plan: LayerPlan, deltas: list[Tensor]) -> Tensor:
     K = deltas[0].shape[0]
     M = torch.zeros(K, K, dtype=torch.float64, device=deltas[0].device)
     for f in plan.factored:
-        Xs = torch.cat([plan.uses[u].X for u in f.uses]).double()
-        Ds = torch.cat([_delta_rows(deltas[u]) for u in f.uses], dim=1).double()
+        Ds = torch.cat([_delta_rows(deltas[u], plan.uses[u]) for u in f.uses], dim=1).double()
+        Xs = torch.cat([plan.uses[u].X for u in f.uses])
+        Xs = Xs if plan.uses[f.uses[0]].table else Xs.double()
         groups = plan.uses[f.uses[0]].groups
+        if plan.uses[f.uses[0]].table:
+            _, S = _table_rows(Ds, [plan.uses[u] for u in f.uses])
+            flat = S.reshape(K, -1)
+            M += flat @ flat.T
+            continue
         if groups == 1:
             M += _cross(Ds, Xs)
             continue
@@ -318,9 +391,23 @@ def factored_rows(plan: LayerPlan, deltas: list[Tensor]) -> list[Tensor]:
     """Each factored weight's Jacobian rows (K, n), materialised: for error messages only."""
     rows = []
     for f in plan.factored:
-        g = sum(_grouped_product(_delta_rows(deltas[u]), plan.uses[u]) for u in f.uses)
+        first = plan.uses[f.uses[0]]
+        if first.table:
+            Ds = torch.cat([_delta_rows(deltas[u], plan.uses[u]) for u in f.uses], dim=1)
+            g = _table_update(Ds, [plan.uses[u] for u in f.uses])
+        else:
+            g = sum(_grouped_product(_delta_rows(deltas[u], plan.uses[u]), plan.uses[u]) for u in f.uses)
         rows.append(g.reshape(deltas[0].shape[0], -1))  # type: ignore[union-attr]
     return rows
+
+
+def _table_update(D: Tensor, uses: list[_Use]) -> Tensor:
+    """The dense gradient of an embedding table, (..., vocabulary, width), from ``D`` (..., N,
+    width), as the embedding's own backward pass forms it."""
+    ids, S = _table_rows(D, uses)
+    out = D.new_zeros((*D.shape[:-2], uses[0].table, D.shape[-1]))
+    out.index_copy_(-2, ids, S)
+    return out
 
 
 def _grouped_product(D: Tensor, use: _Use) -> Tensor:
@@ -348,8 +435,8 @@ def hooked_layers(plan: LayerPlan, deltas: list[Tensor], rest_rows: dict[int, Te
         return []
     ratios = []
     for c in plan.checks:
-        sums = sum(_delta_rows(deltas[u]).sum(dim=1) for u in c.uses)
-        scale = sum(_delta_rows(deltas[u]).abs().sum(dim=1) for u in c.uses)
+        sums = sum(_delta_rows(deltas[u], plan.uses[u]).sum(dim=1) for u in c.uses)
+        scale = sum(_delta_rows(deltas[u], plan.uses[u]).abs().sum(dim=1) for u in c.uses)
         err = (rest_rows[c.index] - sums).abs()  # type: ignore[operator]
         ratios.append((err / (scale + torch.finfo(err.dtype).tiny)).max())  # type: ignore[operator]
     tol = 1e-3 if deltas[0].dtype == torch.float32 else 1e-9
@@ -366,13 +453,17 @@ def factored_updates(
     updates: dict[int, Tensor] = {}
     for f in plan.factored:
         first, *more = f.uses
-        if plan.uses[first].groups == 1:
-            g = torch.mm(torch.tensordot(beta_row, _delta_rows(deltas[first]), dims=1).T,
+        if plan.uses[first].table:
+            Ds = torch.cat([_delta_rows(deltas[u], plan.uses[u]) for u in f.uses], dim=1)
+            g = _table_update(torch.tensordot(beta_row, Ds, dims=1), [plan.uses[u] for u in f.uses])
+        elif plan.uses[first].groups == 1:
+            g = torch.mm(torch.tensordot(beta_row, _delta_rows(deltas[first], plan.uses[first]), dims=1).T,
                          plan.uses[first].X)
             for u in more:
-                g.addmm_(torch.tensordot(beta_row, _delta_rows(deltas[u]), dims=1).T, plan.uses[u].X)
+                g.addmm_(torch.tensordot(beta_row, _delta_rows(deltas[u], plan.uses[u]), dims=1).T,
+                         plan.uses[u].X)
         else:
-            g = sum(_grouped_product(torch.tensordot(beta_row, _delta_rows(deltas[u]), dims=1),
+            g = sum(_grouped_product(torch.tensordot(beta_row, _delta_rows(deltas[u], plan.uses[u]), dims=1),
                                      plan.uses[u]) for u in f.uses)
         updates[f.index] = g.reshape(shared[f.index].shape)
     return updates

@@ -80,7 +80,8 @@ weight-gradient products; ``∇_W L_k = Δ_kᵀ X``, so the weight's share of th
 ``⟨Δ_iᵀX, Δ_jᵀX⟩ = Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` (float64) and its update one product
 ``(Σ_k β_k Δ_k)ᵀ X``. A layer used several times stacks its uses' rows. Biases keep their rows.
 1-D and 2-D convolutions (any stride, padding, dilation, groups) are the same product over their
-unfolded input, one row per example and output position (:mod:`mtl_opt._conv_rows`).
+unfolded input, one row per example and output position (:mod:`mtl_opt._conv_rows`); embedding
+tables sum the output gradients of the lookups that share an id.
 Which weights qualify is read off the graph (:mod:`mtl_opt._layerwise`): every edge into the
 weight's accumulator must come from such a product, so a weight also used any other way (tied to
 an embedding, cast under autocast) keeps its Jacobian rows, and so do layers whose
@@ -185,7 +186,7 @@ class MTLBackwardResult:
         batched: whether the per-task gradients came from one batched autograd call.
         fallback_reason: why the batched call was abandoned (``parallel="auto"``), else None.
         level: ``"parameters"`` or ``"features"`` (representation-level, MGDA-UB).
-        factored_params: how many shared linear and convolution weights took their Gramian share and update
+        factored_params: how many shared linear, convolution and embedding weights took their Gramian share and update
             from their layer's inputs and output gradients instead of Jacobian rows
             (``factor_linear``); 0 when none did.
     """
