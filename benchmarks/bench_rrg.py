@@ -12,6 +12,8 @@ of the synthetic set, the task losses and ``MultiTaskOptimizer.step`` (AdamW). R
   (linear layers and convolutions factored where they qualify: no Jacobian rows for them, see
   :func:`mtl_opt.mtl_backward`'s ``factor_linear``; the row says how many parameters were);
 * ``<method>/parameters-linear``: the same with linear layers factored, convolutions not;
+* ``<method>/parameters-unsplit``: the same with the batched pass run through every task's head
+  too (as before :mod:`mtl_opt._task_split`);
 * ``<method>/rows``: the same with ``factor_linear=False`` (every Jacobian row);
 * ``<method>/representation``: the Jacobian over the encoder's output (MGDA-UB);
 * ``<method>/autogram (TorchJD)`` (``--autogram``, Gramian weightings): TorchJD's
@@ -44,6 +46,7 @@ import torch
 
 import mtl_opt
 import mtl_opt._layerwise as layerwise
+import mtl_opt._task_split as task_split
 from mtl_opt.aggregator import is_gramian_weighting
 from mtl_opt.problems.rrg.r2gen import collate_rrg
 from mtl_opt.problems.rrg.synthetic import SyntheticCXR
@@ -122,7 +125,8 @@ def main() -> None:
     p.add_argument("--autogram", action="store_true",
                    help="add TorchJD autogram rows (Gramian weightings; needs torchjd)")
     p.add_argument("--levels", nargs="+", default=["parameters", "rows", "representation"],
-                   choices=["parameters", "parameters-linear", "rows", "representation"])
+                   choices=["parameters", "parameters-linear", "parameters-unsplit", "rows",
+                            "representation"])
     p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
     p.add_argument("--memory", action="store_true", help="add each row's extra peak memory")
     p.add_argument("--no-decode", action="store_true", help="skip the decoding rows")
@@ -181,11 +185,12 @@ def main() -> None:
                 losses = [scale[0] * out["report"], scale[1] * out["classification"]]
                 mto.zero_grad()
                 layerwise._FACTOR_CONV = level != "parameters-linear"  # linear layers only
+                task_split._SPLIT_HEADS = level != "parameters-unsplit"  # batched through heads
                 try:
                     mto.step(losses, task_weights=tw,
                              features=out["memory"] if level == "representation" else None)
                 finally:
-                    layerwise._FACTOR_CONV = True
+                    layerwise._FACTOR_CONV = task_split._SPLIT_HEADS = True
             label = f"{name}/{level}"
             steps.append((label, step))
             if level.startswith("parameters"):

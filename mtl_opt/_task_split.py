@@ -40,6 +40,9 @@ from torch.autograd.graph import GradientEdge
 
 __all__ = ["TaskRows", "split_task_rows"]
 
+# benchmarks/bench_rrg.py turns this off for its "every task through every head" rows.
+_SPLIT_HEADS = True
+
 
 @dataclass
 class TaskRows:
@@ -116,6 +119,8 @@ def split_task_rows(
     Returns None when the split does not apply or saves nothing (no task has a subgraph of its
     own, or two tasks share a root): the caller then runs the plain batched call.
     """
+    if not _SPLIT_HEADS:
+        return None
     stack = L.grad_fn
     K = L.shape[0] if L.dim() == 1 else 0
     if stack is None or stack.name() != "StackBackward0" or K < 2:
