@@ -159,7 +159,8 @@ def split_task_rows(
     for t in inputs:
         at = _input_node(t, acc)
         mask = masks.get(id(at[0]), 0) if at is not None else 0
-        where.append(None if not mask else (_single_task(mask) if _single_task(mask) is not None else -1))
+        task = _single_task(mask)
+        where.append(None if not mask else task if task is not None else -1)
 
     rows: list[Tensor | None] = [None] * len(inputs)
     single: list[int | None] = [None] * len(inputs)
@@ -193,8 +194,9 @@ def split_task_rows(
                 allow_unused=True,
             )
             for e in edges:
-                parts = sent.get(e)
-                frontier_grads[e][i] = None if not parts else torch.stack(parts).sum(0) if len(parts) > 1 else parts[0]
+                parts = sent.get(e)  # what each of the head's nodes sent into edge e
+                if parts:
+                    frontier_grads[e][i] = parts[0] if len(parts) == 1 else torch.stack(parts).sum(0)
             for j, g in zip(own, got[len(edges):]):
                 rows[j], single[j] = g, i
             del got
