@@ -9,35 +9,47 @@ of the synthetic set, the task losses and ``MultiTaskOptimizer.step`` (AdamW). R
 * ``baseline``: ``(L_report + 4 L_cls).backward()`` and ``AdamW.step()``: the single-loss step
   every ratio is quoted against;
 * ``<method>/parameters``: the Jacobian over the encoder's parameters, aggregated by the method
-  (linear layers factored where they qualify: no Jacobian rows for them, see
+  (linear layers and convolutions factored where they qualify: no Jacobian rows for them, see
   :func:`mtl_opt.mtl_backward`'s ``factor_linear``; the row says how many parameters were);
+* ``<method>/parameters-linear``: the same with linear layers factored, convolutions not;
+* ``<method>/parameters-unsplit``: the same with the batched pass run through every task's head
+  too (as before :mod:`mtl_opt._task_split`);
 * ``<method>/rows``: the same with ``factor_linear=False`` (every Jacobian row);
 * ``<method>/representation``: the Jacobian over the encoder's output (MGDA-UB), one backward
   pass per task through the heads; ``representation-batched`` (``--levels``) the same with the
   batched call (``parallel=True``), which runs every head K times;
+* ``<method>/autogram (TorchJD)`` (``--autogram``, Gramian weightings): TorchJD's
+  ``torchjd.autogram.Engine`` over the encoder computes the Gramian of the two losses, the same
+  method's weights ``β`` come from it, and ``(β · losses).backward()`` gives the update (run on a
+  copy of the model with the same weights, since the engine hooks every module it is given);
 * ``greedy`` / ``beam3``: decoding the batch (per study).
 
-The training-step rows are timed in interleaved rounds (each round runs every row once, so
-a load change on a shared machine hits all rows alike): median, min and max over ``--steps``
-rounds after ``--warmup`` calls of each row (CUDA timings synchronise); ``--clock cpu`` times
-the process's CPU time (all threads) instead of the wall clock, steadier on a loaded machine
-with ``--threads 1``. ``--levels`` picks the levels. Each step row also gets its peak memory
-above the state before the call (:func:`mtl_opt.experiments.bench.measure_peak_memory`: CUDA
-``max_memory_allocated``; Linux CPU: growth of the resident set) and that peak minus the
-baseline's. Prints a Markdown table; ``--out`` also writes it to a file.
+Reports median, min and max over ``--steps`` timed rounds after ``--warmup``; within a round every
+row takes one step in turn (interleaved, so that a loaded machine slows all rows alike). CUDA
+timings synchronise; ``--clock cpu`` times the process's CPU time instead of the wall clock
+(steadier on a shared CPU). ``--memory`` adds each step's extra peak memory over the baseline
+step: on CUDA ``max_memory_allocated``; on the CPU the peak resident set of a fresh process that
+runs only that row, minus the baseline's. Prints a Markdown table; ``--out`` also writes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 import mtl_opt
-from mtl_opt.experiments.bench import measure_peak_memory
+import mtl_opt._layerwise as layerwise
+import mtl_opt._task_split as task_split
+from mtl_opt.aggregator import is_gramian_weighting
 from mtl_opt.problems.rrg.r2gen import collate_rrg
 from mtl_opt.problems.rrg.synthetic import SyntheticCXR
 from mtl_opt.problems.rrg.tokenizer import ReportTokenizer
@@ -49,25 +61,54 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(fn, device: torch.device, steps: int, warmup: int) -> list[float]:
-    return _time_rounds([fn], device, steps, warmup)[0]
-
-
-def _time_rounds(fns, device: torch.device, rounds: int, warmup: int,
-                 clock=time.perf_counter) -> list[list[float]]:
-    """Times of each of ``fns`` over ``rounds`` interleaved rounds (every fn once per round)."""
-    for fn in fns:
-        for _ in range(warmup):
+def _interleaved(rows: list[tuple[str, object]], device: torch.device, steps: int, warmup: int,
+                 clock=time.perf_counter) -> list[tuple[str, list[float]]]:
+    """Times of each row's step over ``steps`` rounds; every round runs each row once in turn."""
+    for _ in range(warmup):
+        for _, fn in rows:
             fn()
-    _sync(device)
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for fn, ts in zip(fns, times):
+    times: list[list[float]] = [[] for _ in rows]
+    for _ in range(steps):
+        for k, (_, fn) in enumerate(rows):
+            _sync(device)
             t = clock()
             fn()
             _sync(device)
-            ts.append(clock() - t)
-    return times
+            times[k].append(clock() - t)
+    return [(label, ts) for (label, _), ts in zip(rows, times)]
+
+
+def _time(fn, device: torch.device, steps: int, warmup: int) -> list[float]:
+    return _interleaved([("", fn)], device, steps, warmup)[0][1]
+
+
+def _status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _peak_mb(fn, device: torch.device) -> float:
+    """Peak memory (MB) of three steps above the memory held before them: allocated on CUDA;
+    on the CPU the resident set of this process (which runs nothing else), its high-water mark
+    reset before the steps (Linux ``/proc/self/clear_refs``)."""
+    fn()  # first step: optimizer state, caches
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    before = _status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set
+    for _ in range(3):
+        fn()
+    return _status_mb("VmHWM") - before
 
 
 def main() -> None:
@@ -77,19 +118,23 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--views", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=["ls", "came_grad", "mgda", "pcgrad", "cagrad"])
-    p.add_argument("--levels", nargs="+", default=["parameters", "rows", "representation"],
-                   choices=["parameters", "rows", "representation", "representation-batched"],
-                   help="representation-batched: the representation level with parallel=True "
-                        "(the batched call through the heads), for comparison")
-    p.add_argument("--steps", type=int, default=10, help="timed rounds")
-    p.add_argument("--clock", default="wall", choices=["wall", "cpu"],
-                   help="wall clock or the process's CPU time (all threads)")
-    p.add_argument("--no-decode", action="store_true", help="skip the decoding rows")
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out", default=None)
+    p.add_argument("--autogram", action="store_true",
+                   help="add TorchJD autogram rows (Gramian weightings; needs torchjd)")
+    p.add_argument("--levels", nargs="+", default=["parameters", "rows", "representation"],
+                   choices=["parameters", "parameters-linear", "parameters-unsplit", "rows",
+                            "representation", "representation-batched"],
+                   help="representation-batched: the representation level with parallel=True "
+                   "(the batched call through every head)")
+    p.add_argument("--clock", default="wall", choices=["wall", "cpu"])
+    p.add_argument("--memory", action="store_true", help="add each row's extra peak memory")
+    p.add_argument("--no-decode", action="store_true", help="skip the decoding rows")
+    p.add_argument("--memory-row", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,7 +156,7 @@ def main() -> None:
         with amp:
             return model(images, tokens, classes)
 
-    rows: list[tuple[str, list[float]]] = []
+    steps: list[tuple[str, object]] = []
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def baseline():
@@ -120,7 +165,15 @@ def main() -> None:
         (out["report"] + 4.0 * out["classification"]).backward()
         opt.step()
 
-    steps: list[tuple[str, object, object]] = [("baseline (weighted sum)", baseline, None)]
+    steps.append(("baseline (weighted sum)", baseline))
+    jd_model = jd_engine = None
+    if args.autogram:
+        from torchjd.autogram import Engine
+
+        jd_model = copy.deepcopy(model)  # the engine hooks its modules: a copy, same weights
+        jd_engine = Engine(jd_model.encoder, batch_dim=None)
+        jd_opt = torch.optim.AdamW(jd_model.parameters(), lr=1e-4)
+    factored_of: dict[str, object] = {}
     for name in args.methods:
         agg = mtl_opt.get_aggregator(name)
         tw = weights if agg.accepts_task_weights else None
@@ -136,17 +189,47 @@ def main() -> None:
                 out = forward()
                 losses = [scale[0] * out["report"], scale[1] * out["classification"]]
                 mto.zero_grad()
-                mto.step(losses, task_weights=tw,
-                         features=out["memory"] if level.startswith("representation") else None)
-            steps.append((f"{name}/{level}", step, mto))
-    clock = time.perf_counter if args.clock == "wall" else time.process_time
-    times = _time_rounds([fn for _, fn, _ in steps], device, args.steps, args.warmup, clock)
-    peaks = [measure_peak_memory(fn, device) for _, fn, _ in steps]
-    for (label, _, mto), ts in zip(steps, times):
-        if label.endswith("/parameters"):
-            res = mto.last_result
-            label += f" ({res.factored_params if res is not None else 0} factored)"
-        rows.append((label, ts))
+                layerwise._FACTOR_CONV = level != "parameters-linear"  # linear layers only
+                task_split._SPLIT_HEADS = level != "parameters-unsplit"  # batched through heads
+                try:
+                    mto.step(losses, task_weights=tw,
+                             features=out["memory"] if level.startswith("representation") else None)
+                finally:
+                    layerwise._FACTOR_CONV = task_split._SPLIT_HEADS = True
+            label = f"{name}/{level}"
+            steps.append((label, step))
+            if level.startswith("parameters"):
+                factored_of[label] = mto
+        if args.autogram and is_gramian_weighting(agg):
+            def autogram_step(agg=agg, tw=tw, scale=scale):
+                with amp:
+                    out = jd_model(images, tokens, classes)
+                L = torch.stack([scale[0] * out["report"], scale[1] * out["classification"]])
+                M = jd_engine.compute_gramian(L)
+                beta = agg.weights(M.double().cpu(), losses=L.detach().double().cpu(),
+                                   task_weights=tw)
+                jd_opt.zero_grad()
+                L.backward(beta.to(dtype=L.dtype, device=L.device))
+                jd_opt.step()
+            steps.append((f"{name}/autogram (TorchJD)", autogram_step))
+
+    if args.memory_row is not None:  # a fresh process measuring one row's peak memory
+        print(f"PEAK_MB {_peak_mb(steps[args.memory_row][1], device):.1f}")
+        return
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    rows = _interleaved(steps, device, args.steps, args.warmup, clock)
+    for k, (label, ts) in enumerate(rows):
+        mto = factored_of.get(label)
+        if mto is not None:
+            factored = mto.last_result.factored_params if mto.last_result is not None else 0
+            rows[k] = (f"{label} ({factored} factored)", ts)
+    peaks: list[float | None] = [None] * len(rows)
+    if args.memory:
+        for k in range(len(steps)):
+            argv = [a for a in sys.argv[1:] if a not in ("--memory",)]
+            done = subprocess.run([sys.executable, __file__, *argv, "--memory-row", str(k)],
+                                  capture_output=True, text=True, check=True, env=os.environ)
+            peaks[k] = float(done.stdout.split("PEAK_MB")[-1].split()[0])
 
     model.eval()
     B = images.shape[0]
@@ -159,26 +242,21 @@ def main() -> None:
 
     n = model.n_parameters()
     base = statistics.median(rows[0][1])
-    mib = 1 << 20
-    base_peak = peaks[0]
     lines = [
         f"RRG step times: size {args.size} ({n['total']:,} parameters, {n['encoder']:,} shared), "
         f"{args.image_size} px, batch {args.batch_size}, {args.views} view(s), device {device}, "
-        f"amp {args.amp}, torch threads {torch.get_num_threads()}, {args.steps} interleaved "
-        f"rounds, {args.clock} clock; peak memory: "
-        + ("CUDA max_memory_allocated" if device.type == "cuda" else "resident-set growth"),
+        f"amp {args.amp}, torch threads {torch.get_num_threads()}, {args.steps} timed steps, "
+        f"clock {args.clock}, rounds interleaved",
         "",
-        "| row | median ms | min ms | max ms | × baseline | peak MiB | extra peak MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| row | median ms | min ms | max ms | × baseline | extra peak MB |",
+        "|---|---|---|---|---|---|",
     ]
-    for i, (label, ts) in enumerate(rows):
+    for k, (label, ts) in enumerate(rows):
         med = statistics.median(ts)
         ratio = f"{med / base:.2f}" if "per study" not in label else "-"
-        peak = peaks[i] if i < len(peaks) else None
-        pk = "-" if peak is None else f"{peak / mib:.1f}"
-        extra = "-" if peak is None or base_peak is None else f"{(peak - base_peak) / mib:+.1f}"
-        lines.append(f"| {label} | {1e3 * med:.1f} | {1e3 * min(ts):.1f} | {1e3 * max(ts):.1f} "
-                     f"| {ratio} | {pk} | {extra} |")
+        extra = (f"{peaks[k] - peaks[0]:.0f}" if k < len(peaks) and peaks[k] is not None
+                 and peaks[0] is not None else "-")
+        lines.append(f"| {label} | {1e3 * med:.1f} | {1e3 * min(ts):.1f} | {1e3 * max(ts):.1f} | {ratio} | {extra} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -21,12 +21,23 @@ gradient computations", 2015) and TorchJD's ``autogram`` engine, applied to task
 batched backward pass then stops at each layer's output (a ``GradientEdge``): autograd skips the
 K weight-gradient products, and no K × d Jacobian is held for these parameters.
 
+Convolutions (1-D and 2-D, not transposed) are the same product over their unfolded input, one
+row per (example, output position), per group (:mod:`mtl_opt._conv_rows`): their weight is
+factored when every edge into its accumulator is the weight input of a ``ConvolutionBackward0``
+node, their bias is checked like a linear layer's.
+
+An embedding table ``E`` (vocabulary × width) looked up at ids ``t_1..t_N`` (``nn.Embedding``,
+``F.embedding``; dense, not ``scale_grad_by_freq``) receives ``∇_E L_k = Σ_n e_{t_n} Δ_k[n]ᵀ``:
+the rows of the same id add up, so with ``S_k[u] = Σ_{n: t_n = u} Δ_k[n]`` over the U distinct
+ids (the padding id left out) its Gramian share is ``⟨S_i, S_j⟩`` and its update scatters
+``Σ_k β_k S_k`` into the table, K × U × width values instead of K × vocabulary × width rows.
+
 Which weights qualify is read off the autograd graph, not assumed: a weight qualifies only when
 every edge into its gradient accumulator is ``TBackward0`` under the ``mat2`` input of an
 ``AddmmBackward0`` (with ``alpha = 1``) or ``MmBackward0`` node, whose saved first factor is
 ``X``; a bias is checked only when every edge into its accumulator is the ``self`` input
 (``beta = 1``) of such a node. A weight that is also used any other way (a tied embedding, a cast
-under autocast, a convolution), whose saved input cannot be read without running saved-tensor
+under autocast, a transposed or 3-D convolution), whose saved input cannot be read without running saved-tensor
 hooks (activation checkpointing, CPU offloading) or is empty, that has tensor hooks of its own
 (``register_hook``, which see the gradient a factored weight never gets), or for which the N × N
 products would cost more than its Jacobian rows, keeps its Jacobian rows.
@@ -45,22 +56,35 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
+from mtl_opt._conv_rows import ConvGeometry, conv_geometry, unfold_rows
+
 __all__ = ["LayerPlan", "plan_linear_layers"]
 
 # The factored Gramian runs in float64: its N × N products are cheap next to the K rows it
 # replaces. It is used when 2 · (N² in + K² N² out) ≤ K · N · in · out (float64 counted twice).
 _FLOAT64_COST = 2.0
+# Convolutions are factored too (mtl_opt._conv_rows); benchmarks/bench_rrg.py turns this off
+# for its "linear layers only" rows.
+_FACTOR_CONV = True
 # Above this many stacked task rows (K · N) the cross products are formed pair by pair.
 _MAX_STACKED_ROWS = 4096
 
 
 @dataclass
 class _Use:
-    """One ``Y = X Wᵀ (+ b)`` node of the graph: its autograd node and its saved input X."""
+    """One ``Y = X Wᵀ (+ b)`` node of the graph: its autograd node and its saved input X.
+
+    A convolution is the same product over the unfolded input (:mod:`mtl_opt._conv_rows`):
+    ``X`` then holds one row per (example, output position), ``groups`` column blocks of
+    ``in/groups`` columns each, and ``Δ`` (K, N, out, *spatial) is read as (K, rows, out)."""
 
     node: Any
     X: Tensor
     out: int  # the weight's output size: the width of Y
+    groups: int = 1
+    conv: ConvGeometry | None = None  # set while X is still the raw convolution input
+    table: int = 0  # an embedding lookup: X holds the N token ids, ``table`` the vocabulary size
+    padding_idx: int | None = None  # an embedding's id that receives no gradient
 
 
 @dataclass
@@ -166,18 +190,37 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
     factored: list[_ParamUses] = []
     for j, W in enumerate(shared):
         node = acc.get(id(W))
-        if W.dim() != 2 or node is None or not parents.get(id(node)) or _has_hooks(W):
+        if W.dim() not in (2, 3, 4) or node is None or not parents.get(id(node)) or _has_hooks(W):
             continue
-        found = _linear_uses(W, parents[id(node)], parents, use_of)
+        if W.dim() == 2:
+            found = _linear_uses(W, parents[id(node)], parents, use_of)
+            if not found:
+                found = _embedding_uses(W, parents[id(node)], use_of)
+                if found:
+                    positions = []
+                    for u in found:
+                        use_of[id(u.node)] = len(uses)
+                        positions.append(len(uses))
+                        uses.append(u)
+                    factored.append(_ParamUses(j, positions))
+                    continue
+        elif not _FACTOR_CONV:
+            continue
+        else:
+            found = _conv_uses(W, parents[id(node)], use_of)
         if not found:
             continue
-        out, inp = W.shape
-        N = sum(u.X.shape[0] for u in found)
+        out = W.shape[0]
+        groups = found[0].groups
+        inp = W[0].numel() * groups  # columns of X (of all groups)
+        N = sum(u.conv.rows if u.conv is not None else u.X.shape[0] for u in found)
         factored_cost = _FLOAT64_COST * (N * N * inp + K * K * N * N * out)
-        if factored_cost > K * N * inp * out:
+        if factored_cost > K * N * inp * out / groups:
             continue
         positions = []
         for u in found:
+            if u.conv is not None:
+                u.X, u.conv = unfold_rows(u.X, u.conv), None
             use_of[id(u.node)] = len(uses)
             positions.append(len(uses))
             uses.append(u)
@@ -193,8 +236,10 @@ def plan_linear_layers(L: Tensor, shared: list[Tensor], n_tasks: int) -> LayerPl
             continue
         into_b = parents[id(node)]
         if all(
-            slot == 0 and op.name() == "AddmmBackward0" and id(op) in use_of
-            and op._saved_beta == 1 and uses[use_of[id(op)]].out == b.shape[0]
+            id(op) in use_of and uses[use_of[id(op)]].out == b.shape[0] and (
+                (slot == 0 and op.name() == "AddmmBackward0" and op._saved_beta == 1)
+                or (slot == 2 and op.name() == "ConvolutionBackward0")
+            )
             for op, slot in into_b
         ):
             checks.append(_ParamUses(j, [use_of[id(op)] for op, _ in into_b]))
@@ -222,6 +267,84 @@ def _linear_uses(
     return found
 
 
+def _conv_uses(W: Tensor, into_W: list[tuple[Any, int]], use_of: dict[int, int]) -> list[_Use]:
+    """Every use of ``W`` as the weight of a convolution, or [] when any edge into ``W``'s
+    accumulator is not one that :func:`mtl_opt._conv_rows.conv_geometry` accepts."""
+    found: list[_Use] = []
+    for op, slot in into_W:
+        if slot != 1 or id(op) in use_of:
+            return []
+        read = conv_geometry(op, W)
+        if read is None or (found and read[1].groups != found[0].groups):
+            return []
+        X, geometry = read
+        found.append(_Use(op, X, W.shape[0], geometry.groups, geometry))
+    return found
+
+
+def _embedding_uses(W: Tensor, into_W: list[tuple[Any, int]], use_of: dict[int, int]) -> list[_Use]:
+    """Every use of ``W`` (vocabulary × width) as a dense embedding table (``nn.Embedding``,
+    ``F.embedding``; not sparse, not ``scale_grad_by_freq``), or [] when any edge into ``W``'s
+    accumulator is not one. Its factored share costs K·N·width, never more than its K rows
+    (K·vocabulary·width) for N ≤ vocabulary lookups, so no cost rule applies beyond that."""
+    found: list[_Use] = []
+    for op, slot in into_W:
+        if slot != 0 or op.name() != "EmbeddingBackward0" or id(op) in use_of:
+            return []
+        try:
+            if op._saved_sparse or op._saved_scale_grad_by_freq:
+                return []
+            raw = op._raw_saved_indices
+            if getattr(raw, "unpack_hook", True) is not None:
+                return []
+            ids = raw.unpack()
+            padding_idx = int(op._saved_padding_idx)
+        except (AttributeError, RuntimeError, TypeError):
+            return []
+        if not isinstance(ids, Tensor) or ids.is_floating_point() or ids.device != W.device:
+            return []
+        found.append(_Use(op, ids.detach().reshape(-1, 1), W.shape[1], table=W.shape[0],
+                          padding_idx=padding_idx if 0 <= padding_idx < W.shape[0] else None))
+    if sum(u.X.shape[0] for u in found) > W.shape[0]:
+        return []  # more lookups than rows in the table: its Jacobian rows are cheaper
+    return found
+
+
+def _table_rows(D: Tensor, uses: list[_Use]) -> tuple[Tensor, Tensor]:
+    """Task gradients of an embedding table on the ids it looked up: ``(ids (U,), S (..., U,
+    width))`` with ``S[.., u] = Σ_{n: id_n = ids[u]} Δ[.., n]``, the padding id's lookups left
+    out. ``D`` (..., N, width) stacks the uses' output gradients in the order of ``uses``."""
+    ids = torch.cat([u.X.reshape(-1) for u in uses])
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    offset = 0
+    for u in uses:
+        n = u.X.shape[0]
+        if u.padding_idx is not None:
+            keep[offset: offset + n] &= ids[offset: offset + n] != u.padding_idx
+        offset += n
+    unique, inverse = torch.unique(ids[keep], return_inverse=True)
+    S = D.new_zeros((*D.shape[:-2], unique.shape[0], D.shape[-1]))
+    S.index_add_(-2, inverse, D[..., keep, :])
+    return unique, S
+
+
+def _delta_rows(D: Tensor, use: _Use) -> Tensor:
+    """``Δ`` as (K, rows, out): a convolution's (K, N, out, *spatial) gets one row per
+    (example, position), in the order of :func:`mtl_opt._conv_rows.unfold_rows`; an
+    embedding's (K, *ids, width) one row per looked-up id."""
+    if D.dim() == 3:
+        return D
+    if use.table:
+        return D.reshape(D.shape[0], -1, D.shape[-1])
+    return D.movedim(2, -1).reshape(D.shape[0], -1, D.shape[2])
+
+
+def _blocks(groups: int, out: int, inp: int) -> list[tuple[slice, slice]]:
+    """The (Δ columns, X columns) of each group: a grouped weight is block-diagonal."""
+    o, i = out // groups, inp // groups
+    return [(slice(g * o, (g + 1) * o), slice(g * i, (g + 1) * i)) for g in range(groups)]
+
+
 def _cross(Ds: Tensor, Xs: Tensor) -> Tensor:
     """``M_ij = Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` for ``Ds`` (K, N, out) and ``Xs`` (N, in), float64."""
     K, N, _ = Ds.shape
@@ -246,9 +369,20 @@ def factored_gramian(plan: LayerPlan, deltas: list[Tensor]) -> Tensor:
     K = deltas[0].shape[0]
     M = torch.zeros(K, K, dtype=torch.float64, device=deltas[0].device)
     for f in plan.factored:
-        Xs = torch.cat([plan.uses[u].X for u in f.uses]).double()
-        Ds = torch.cat([deltas[u] for u in f.uses], dim=1).double()
-        M += _cross(Ds, Xs)
+        Ds = torch.cat([_delta_rows(deltas[u], plan.uses[u]) for u in f.uses], dim=1).double()
+        Xs = torch.cat([plan.uses[u].X for u in f.uses])
+        Xs = Xs if plan.uses[f.uses[0]].table else Xs.double()
+        groups = plan.uses[f.uses[0]].groups
+        if plan.uses[f.uses[0]].table:
+            _, S = _table_rows(Ds, [plan.uses[u] for u in f.uses])
+            flat = S.reshape(K, -1)
+            M += flat @ flat.T
+            continue
+        if groups == 1:
+            M += _cross(Ds, Xs)
+            continue
+        for d_cols, x_cols in _blocks(groups, Ds.shape[2], Xs.shape[1]):
+            M += _cross(Ds[..., d_cols], Xs[:, x_cols])
     return M
 
 
@@ -257,9 +391,34 @@ def factored_rows(plan: LayerPlan, deltas: list[Tensor]) -> list[Tensor]:
     """Each factored weight's Jacobian rows (K, n), materialised: for error messages only."""
     rows = []
     for f in plan.factored:
-        g = sum(torch.matmul(deltas[u].transpose(1, 2), plan.uses[u].X) for u in f.uses)
+        first = plan.uses[f.uses[0]]
+        if first.table:
+            Ds = torch.cat([_delta_rows(deltas[u], plan.uses[u]) for u in f.uses], dim=1)
+            g = _table_update(Ds, [plan.uses[u] for u in f.uses])
+        else:
+            g = sum(_grouped_product(_delta_rows(deltas[u], plan.uses[u]), plan.uses[u]) for u in f.uses)
         rows.append(g.reshape(deltas[0].shape[0], -1))  # type: ignore[union-attr]
     return rows
+
+
+def _table_update(D: Tensor, uses: list[_Use]) -> Tensor:
+    """The dense gradient of an embedding table, (..., vocabulary, width), from ``D`` (..., N,
+    width), as the embedding's own backward pass forms it."""
+    ids, S = _table_rows(D, uses)
+    out = D.new_zeros((*D.shape[:-2], uses[0].table, D.shape[-1]))
+    out.index_copy_(-2, ids, S)
+    return out
+
+
+def _grouped_product(D: Tensor, use: _Use) -> Tensor:
+    """``Dᵀ X`` per group, stacked by output channel: (..., out, in/groups) for ``D``
+    (..., rows, out)."""
+    if use.groups == 1:
+        return torch.matmul(D.transpose(-1, -2), use.X)
+    return torch.cat([
+        torch.matmul(D[..., d_cols].transpose(-1, -2), use.X[:, x_cols])
+        for d_cols, x_cols in _blocks(use.groups, D.shape[-1], use.X.shape[1])
+    ], dim=-2)
 
 
 @torch.no_grad()
@@ -276,8 +435,8 @@ def hooked_layers(plan: LayerPlan, deltas: list[Tensor], rest_rows: dict[int, Te
         return []
     ratios = []
     for c in plan.checks:
-        sums = sum(deltas[u].sum(dim=1) for u in c.uses)
-        scale = sum(deltas[u].abs().sum(dim=1) for u in c.uses)
+        sums = sum(_delta_rows(deltas[u], plan.uses[u]).sum(dim=1) for u in c.uses)
+        scale = sum(_delta_rows(deltas[u], plan.uses[u]).abs().sum(dim=1) for u in c.uses)
         err = (rest_rows[c.index] - sums).abs()  # type: ignore[operator]
         ratios.append((err / (scale + torch.finfo(err.dtype).tiny)).max())  # type: ignore[operator]
     tol = 1e-3 if deltas[0].dtype == torch.float32 else 1e-9
@@ -294,8 +453,17 @@ def factored_updates(
     updates: dict[int, Tensor] = {}
     for f in plan.factored:
         first, *more = f.uses
-        g = torch.mm(torch.tensordot(beta_row, deltas[first], dims=1).T, plan.uses[first].X)
-        for u in more:
-            g.addmm_(torch.tensordot(beta_row, deltas[u], dims=1).T, plan.uses[u].X)
-        updates[f.index] = g.view(shared[f.index].shape)
+        if plan.uses[first].table:
+            Ds = torch.cat([_delta_rows(deltas[u], plan.uses[u]) for u in f.uses], dim=1)
+            g = _table_update(torch.tensordot(beta_row, Ds, dims=1), [plan.uses[u] for u in f.uses])
+        elif plan.uses[first].groups == 1:
+            g = torch.mm(torch.tensordot(beta_row, _delta_rows(deltas[first], plan.uses[first]), dims=1).T,
+                         plan.uses[first].X)
+            for u in more:
+                g.addmm_(torch.tensordot(beta_row, _delta_rows(deltas[u], plan.uses[u]), dims=1).T,
+                         plan.uses[u].X)
+        else:
+            g = sum(_grouped_product(torch.tensordot(beta_row, _delta_rows(deltas[u], plan.uses[u]), dims=1),
+                                     plan.uses[u]) for u in f.uses)
+        updates[f.index] = g.reshape(shared[f.index].shape)
     return updates

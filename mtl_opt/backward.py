@@ -39,7 +39,10 @@ One backward pass
 All per-task gradients (shared, task and other parameters) come from ONE batched autograd call,
 ``torch.autograd.grad(L, inputs, grad_outputs=I_K, is_grads_batched=True)``, which vectorises the
 K vector-Jacobian products with ``vmap``; task and other parameters then combine their K rows
-with ``h``. The batched call holds K rows of every input's gradient, the blocks
+with ``h``. The call is split by the graph (:mod:`mtl_opt._task_split`): each task's own subgraph
+(its head) runs once, unbatched, and only the part several losses share runs batched, started
+where the heads feed it (same result to rounding). The batched call holds K rows of every
+input's gradient, the blocks
 ``G_j`` (K × n_j) of ``G = [G_1 | ... | G_n]``; the per-task loop copies each task's gradients
 straight into ``G`` (peak: one task's gradients plus ``G``).
 
@@ -77,9 +80,12 @@ Jacobian rows (``factor_linear=True``, the default). The batched call stops at t
 weight-gradient products; ``∇_W L_k = Δ_kᵀ X``, so the weight's share of the Gramian is
 ``⟨Δ_iᵀX, Δ_jᵀX⟩ = Σ_ab (Δ_i Δ_jᵀ)_ab (X Xᵀ)_ab`` (float64) and its update one product
 ``(Σ_k β_k Δ_k)ᵀ X``. A layer used several times stacks its uses' rows. Biases keep their rows.
+1-D and 2-D convolutions (any stride, padding, dilation, groups) are the same product over their
+unfolded input, one row per example and output position (:mod:`mtl_opt._conv_rows`); embedding
+tables sum the output gradients of the lookups that share an id.
 Which weights qualify is read off the graph (:mod:`mtl_opt._layerwise`): every edge into the
 weight's accumulator must come from such a product, so a weight also used any other way (tied to
-an embedding, cast under autocast, a convolution) keeps its Jacobian rows, and so do layers whose
+an embedding, cast under autocast) keeps its Jacobian rows, and so do layers whose
 saved input sits behind saved-tensor hooks (checkpointing, offloading) and layers whose N × N
 products would cost more than their rows (long sequences). The result is the same to rounding;
 ``result.factored_params`` counts the factored weights. The per-task loop (``parallel=False`` or

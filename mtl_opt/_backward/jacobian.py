@@ -21,6 +21,7 @@ from torch import Tensor
 
 from mtl_opt._backward.inputs import BackwardCall, Heads, Parallel
 from mtl_opt._layerwise import LayerPlan, hooked_layers, plan_linear_layers
+from mtl_opt._task_split import split_task_rows
 from mtl_opt.aggregator import is_gramian_weighting
 
 __all__ = ["BatchedJacobianFallbackWarning", "jacobian_blocks"]
@@ -125,11 +126,16 @@ class _TaskGrads:
         return self.G
 
 
-def _combine_head_rows(rows: list[Tensor | None], owners: list[int | None], h: Tensor) -> list[Tensor | None]:
+def _combine_head_rows(
+    rows: list[Tensor | None], owners: list[int | None], h: Tensor, single: list[int | None] | None = None,
+) -> list[Tensor | None]:
     out: list[Tensor | None] = []
-    for row, owner in zip(rows, owners):
+    for row, owner, task in zip(rows, owners, single or [None] * len(rows)):
         if row is None:
             out.append(None)
+        elif task is not None:  # task `task`'s gradient alone (mtl_opt._task_split)
+            out.append(row * h[task].to(dtype=row.dtype, device=row.device) if owner in (None, task)
+                       else torch.zeros_like(row))
         elif owner is None:
             out.append(torch.tensordot(h.to(dtype=row.dtype, device=row.device), row, dims=1))
         else:
@@ -149,10 +155,16 @@ def _batched_grads(
     K = L.shape[0]
     eye = torch.eye(K, dtype=L.dtype, device=L.device)
     firsts: list[Any] = first if plan is None else plan.inputs(first)
-    rows = torch.autograd.grad(
-        L, firsts + heads, grad_outputs=eye, is_grads_batched=True,
-        retain_graph=retain_graph, allow_unused=True,
-    )
+    split = split_task_rows(L, firsts + heads, retain_graph)  # each task's head once, unbatched
+    if split is None:
+        rows = torch.autograd.grad(
+            L, firsts + heads, grad_outputs=eye, is_grads_batched=True,
+            retain_graph=retain_graph, allow_unused=True,
+        )
+        single = None
+    else:
+        rows = [*split.as_rows(len(firsts), K), *split.rows[len(firsts):]]
+        single = split.single[len(firsts):]
     rows = [g.to_dense() if g is not None and g.is_sparse else g for g in rows]
     first_rows, head_rows = rows[: len(firsts)], rows[len(firsts):]
     if plan is not None:
@@ -170,7 +182,7 @@ def _batched_grads(
             reached[j] = r is not None
         blocks = [r.reshape(K, -1) for r in rest_rows] if all(reached) else None  # type: ignore[union-attr]
         return _TaskGrads(
-            None, reached, _combine_head_rows(head_rows, owners, h), True, None, blocks,
+            None, reached, _combine_head_rows(head_rows, owners, h, single), True, None, blocks,
             plan, deltas,  # type: ignore[arg-type]
         )
     reached = [r is not None for r in first_rows]
@@ -178,7 +190,7 @@ def _batched_grads(
     if all(reached):
         # Kept as blocks: a GramianAggregator never needs the concatenated G (see mtl_backward).
         blocks = [r.reshape(K, -1) for r in first_rows]  # type: ignore[union-attr]
-    return _TaskGrads(None, reached, _combine_head_rows(head_rows, owners, h), True, None, blocks)
+    return _TaskGrads(None, reached, _combine_head_rows(head_rows, owners, h, single), True, None, blocks)
 
 
 def _looped_grads(

@@ -31,7 +31,7 @@ class MTLBackwardResult:
         batched: whether the per-task gradients came from one batched autograd call.
         fallback_reason: why the batched call was abandoned (``parallel="auto"``), else None.
         level: ``"parameters"`` or ``"features"`` (representation-level, MGDA-UB).
-        factored_params: how many shared linear weights took their Gramian share and update
+        factored_params: how many shared linear, convolution and embedding weights took their Gramian share and update
             from their layer's inputs and output gradients instead of Jacobian rows
             (``factor_linear``); 0 when none did.
     """
