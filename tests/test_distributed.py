@@ -53,7 +53,7 @@ def _run(scenario: str, tmp_path: Path, timeout: float) -> list[dict]:
     results = []
     for r, out in enumerate(outs):
         assert out.exists(), f"rank {r} wrote nothing:\n{logs[r][-3000:]}"
-        results.append(torch.load(out, weights_only=False))
+        results.append(torch.load(out, weights_only=True))
     return results
 
 
@@ -196,7 +196,7 @@ def test_a_rank_that_never_arrives_times_out(tmp_path):
         procs[1].kill()
         procs[1].communicate()
     assert outs[0].exists(), log[-3000:]
-    res = torch.load(outs[0], weights_only=False)
+    res = torch.load(outs[0], weights_only=True)
     assert "crashed" not in res, res.get("crashed")
     assert res["error"] is not None and "did not reach this step" in res["error"]
 
